@@ -1,0 +1,89 @@
+/* upstream.h — HTTP(S) transfers to model instances: one libcurl multi per worker, on its event loop. */
+#ifndef SLUICE_UPSTREAM_H
+#define SLUICE_UPSTREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <curl/curl.h>
+
+struct event_base;
+struct event;
+struct evbuffer;
+struct upstream;
+
+enum upstream_result {
+	UPSTREAM_OK,
+	UPSTREAM_CONNECT_ERROR, /* refused, unreachable, DNS, TLS handshake */
+	UPSTREAM_TIMEOUT,       /* connect, first_byte, idle or total: see detail */
+	UPSTREAM_ERROR,         /* reset, truncated, protocol error */
+	UPSTREAM_ABORTED,       /* the owner stopped it from on_head/on_body */
+};
+
+/* Returned by on_body to hold the transfer until upstream_resume(). */
+#define UPSTREAM_PAUSE CURL_WRITEFUNC_PAUSE
+
+struct upstream_ops {
+	/* The response head is complete. Return false to abort the transfer. */
+	bool (*on_head)(void *arg, long status);
+	/* Body bytes: return len when consumed, UPSTREAM_PAUSE to be called again
+	 * with the same bytes after upstream_resume(), 0 to abort. */
+	size_t (*on_body)(void *arg, const char *data, size_t len);
+	/* The transfer is over and its handle is back in the pool. Called from the
+	 * event loop, never from inside libcurl: the owner may start another. */
+	void (*on_done)(void *arg, enum upstream_result res, const char *detail);
+};
+
+struct upstream_timeouts {
+	uint64_t connect, first_byte, idle, total; /* ms */
+};
+
+/*
+ * One transfer, embedded in its owner (the request). Fields marked "out" are
+ * filled while it runs; the rest is private.
+ */
+struct upstream_xfer {
+	/* out */
+	long status;
+	bool head_done;
+	bool body_started;
+	char content_type[128];
+	struct evbuffer *headers; /* passed-through response header lines "Name: value\r\n" */
+	uint64_t start_us, head_us, first_body_us;
+	/* private */
+	struct upstream *up;
+	CURL *easy;
+	struct curl_slist *req_headers;
+	const struct upstream_ops *ops;
+	void *arg;
+	struct event *timer;
+	struct upstream_timeouts to;
+	uint64_t last_activity_us;
+	bool running;
+	bool paused;
+	bool in_check;
+	char errbuf[CURL_ERROR_SIZE];
+};
+
+struct upstream *upstream_new(struct event_base *base);
+/* Cap on cached connections (sum of the instances' keepalive pools). */
+void upstream_set_maxconnects(struct upstream *up, long n);
+void upstream_free(struct upstream *up);
+
+void upstream_xfer_init(struct upstream_xfer *x, struct upstream *up, const struct upstream_ops *ops,
+                        void *arg);
+/* Add a request header ("Name: value"); before upstream_xfer_start. */
+bool upstream_xfer_header(struct upstream_xfer *x, const char *line);
+/* POST body (not copied: it must outlive the transfer) to url. */
+bool upstream_xfer_start(struct upstream_xfer *x, const char *url, const char *body, size_t len,
+                         const struct upstream_timeouts *to, bool tls_verify, long keepalive_idle_s);
+void upstream_xfer_resume(struct upstream_xfer *x);
+/* Stop a running transfer; on_done is not called. Not from inside on_head/on_body. */
+void upstream_xfer_cancel(struct upstream_xfer *x);
+/* Release what the transfer holds (after on_done or cancel); it can be started again. */
+void upstream_xfer_cleanup(struct upstream_xfer *x);
+
+const char *upstream_result_name(enum upstream_result r);
+
+#endif

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# deps.sh — install the Debian packages Sluice builds, tests and runs with (idempotent).
+# Usage: scripts/deps.sh [extra-package ...]
+set -euo pipefail
+
+PKGS=(build-essential cmake pkg-config
+      libevent-dev libcurl4-openssl-dev libjansson-dev libssl-dev libhiredis-dev
+      libyaml-dev libpcre2-dev libcmocka-dev
+      python3 curl redis-server "$@")
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "deps: installing ${missing[*]}" >&2
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
