@@ -1,0 +1,154 @@
+/* router.c — match a request (path, model) to a configured route; list the models served. */
+#include "sluice/router.h"
+
+#include <string.h>
+
+static size_t router_path_len(const char *path, size_t len);
+static bool router_serves_path(const struct config_route *r, const char *path, size_t len);
+static bool router_lists_model(const struct config_route *r, const char *model);
+static bool router_add_model(json_t *data, json_t *seen, const char *id);
+
+/* ---------------------------------------------------------------------------
+ * Matching
+ * ------------------------------------------------------------------------- */
+
+/*
+ * One pass over the routes in configuration order, comparing in place: no
+ * copy of the path is made and nothing is allocated. The first route naming
+ * the model returns at once; the first catch-all is only remembered, because a
+ * route naming the model may still follow it.
+ */
+enum router_result router_match(const struct config *c, const char *path, const char *model,
+                                const struct config_route **out)
+{
+	const struct config_route *catch_all = NULL;
+	bool path_served = false;
+
+	if (out)
+		*out = NULL;
+	if (!path)
+		return ROUTER_NO_PATH;
+
+	/* The caller strips the query, but a '?' that slips through must not
+	 * turn a known path into a 404. */
+	size_t len = router_path_len(path, strcspn(path, "?"));
+
+	for (size_t i = 0; i < c->n_routes; i++) {
+		const struct config_route *r = &c->routes[i];
+
+		if (!router_serves_path(r, path, len))
+			continue;
+		path_served = true;
+		if (r->n_models == 0) {
+			if (!catch_all)
+				catch_all = r;
+		} else if (router_lists_model(r, model)) {
+			if (out)
+				*out = r;
+			return ROUTER_OK;
+		}
+	}
+	if (catch_all) {
+		if (out)
+			*out = catch_all;
+		return ROUTER_OK;
+	}
+	return path_served ? ROUTER_NO_MODEL : ROUTER_NO_PATH;
+}
+
+/* Length of path without one trailing '/', which is not significant; "/" itself
+ * stays as it is. */
+static size_t router_path_len(const char *path, size_t len)
+{
+	if (len > 1 && path[len - 1] == '/')
+		len--;
+	return len;
+}
+
+static bool router_serves_path(const struct config_route *r, const char *path, size_t len)
+{
+	for (size_t i = 0; i < r->n_paths; i++) {
+		const char *p = r->paths[i];
+		/* Configured paths are normalised the same way, so "/v1/x/" in the
+		 * file and "/v1/x" on the wire (or the reverse) match. */
+		if (router_path_len(p, strlen(p)) == len && memcmp(p, path, len) == 0)
+			return true;
+	}
+	return false;
+}
+
+static bool router_lists_model(const struct config_route *r, const char *model)
+{
+	if (!model)
+		return false;
+	for (size_t i = 0; i < r->n_models; i++)
+		if (strcmp(r->models[i], model) == 0)
+			return true;
+	return false;
+}
+
+/* ---------------------------------------------------------------------------
+ * GET /v1/models
+ * ------------------------------------------------------------------------- */
+
+/*
+ * Built per call rather than cached: it is rare, and a snapshot is immutable
+ * so the answer would only change with a reload anyway. "seen" is a set of ids
+ * (object keys) so that deduplication stays linear; "data" keeps the order in
+ * which ids first appear in the configuration, so the list is stable across
+ * calls and reloads of the same file.
+ */
+json_t *router_models_json(const struct config *c)
+{
+	json_t *data = json_array();
+	json_t *seen = json_object();
+	json_t *list = NULL;
+
+	if (!data || !seen)
+		goto fail;
+
+	for (size_t i = 0; i < c->n_routes; i++) {
+		const struct config_route *r = &c->routes[i];
+
+		for (size_t m = 0; m < r->n_models; m++)
+			if (!router_add_model(data, seen, r->models[m]))
+				goto fail;
+		if (r->n_models > 0)
+			continue;
+		/* A catch-all route serves whatever model its instances pin. */
+		for (size_t t = 0; t < r->n_targets; t++) {
+			const struct config_instance *inst = r->targets[t].instance;
+			if (inst && inst->model && !router_add_model(data, seen, inst->model))
+				goto fail;
+		}
+	}
+
+	list = json_object();
+	if (!list || json_object_set_new(list, "object", json_string("list")) != 0)
+		goto fail;
+	/* json_object_set_new takes the reference to data even when it fails. */
+	int rc = json_object_set_new(list, "data", data);
+	data = NULL;
+	if (rc != 0)
+		goto fail;
+	json_decref(seen);
+	return list;
+
+fail:
+	log_error("router: cannot build the model list (out of memory, or a model id not UTF-8)");
+	json_decref(list);
+	json_decref(data);
+	json_decref(seen);
+	return NULL;
+}
+
+static bool router_add_model(json_t *data, json_t *seen, const char *id)
+{
+	if (json_object_get(seen, id))
+		return true;
+	if (json_object_set_new(seen, id, json_true()) != 0)
+		return false;
+	json_t *m = json_pack("{s:s, s:s, s:i, s:s}", "id", id, "object", "model", "created", 0,
+	                      "owned_by", "sluice");
+	return m && json_array_append_new(data, m) == 0;
+}
