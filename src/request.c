@@ -334,7 +334,7 @@ static bool attempt_start(struct request *r)
 	};
 	log_debug("[%s] %s %s → instance %s (attempt %d)", r->id, r->route->name,
 	          r->model ? r->model : "-", in->name, r->attempts);
-	if (!upstream_xfer_start(&r->xfer, in->url, body, len, &to, in->tls_verify,
+	if (!upstream_xfer_start(&r->xfer, NULL, in->url, body, len, &to, in->tls_verify,
 	                         (long)(in->keepalive.idle / 1000))) {
 		upstream_xfer_cleanup(&r->xfer);
 		reply_error(r, 500, "server_error", "internal_error", "cannot start the upstream transfer");

@@ -290,8 +290,9 @@ bool upstream_xfer_header(struct upstream_xfer *x, const char *line)
 	return true;
 }
 
-bool upstream_xfer_start(struct upstream_xfer *x, const char *url, const char *body, size_t len,
-                         const struct upstream_timeouts *to, bool tls_verify, long keepalive_idle_s)
+bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char *url,
+                         const char *body, size_t len, const struct upstream_timeouts *to,
+                         bool tls_verify, long keepalive_idle_s)
 {
 	struct upstream *up = x->up;
 
@@ -314,13 +315,24 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *url, const char *b
 	/* libcurl sends "Expect: 100-continue" for large bodies and would wait a
 	 * second for it; an empty Expect: turns that off. */
 	upstream_xfer_header(x, "Expect:");
-	upstream_xfer_header(x, "Content-Type: application/json");
+	if (body != NULL)
+		upstream_xfer_header(x, "Content-Type: application/json");
 
 	CURL *e = x->easy;
 	curl_easy_setopt(e, CURLOPT_URL, url);
-	curl_easy_setopt(e, CURLOPT_POST, 1L);
-	curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
-	curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+	/* NOBODY first: clearing it turns a handle back into GET. */
+	curl_easy_setopt(e, CURLOPT_NOBODY, method && strcmp(method, "HEAD") == 0 ? 1L : 0L);
+	if (method == NULL || strcmp(method, "POST") == 0 || body != NULL) {
+		curl_easy_setopt(e, CURLOPT_POST, 1L);
+		curl_easy_setopt(e, CURLOPT_POSTFIELDS, body ? body : "");
+		curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)(body ? len : 0));
+	} else {
+		curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
+	}
+	/* A reused handle keeps its last custom method: always set it. */
+	curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST,
+	                 method && strcmp(method, "POST") != 0 && strcmp(method, "GET") != 0 ? method
+	                                                                                   : NULL);
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->req_headers);
 	curl_easy_setopt(e, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
 	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);

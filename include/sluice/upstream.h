@@ -75,9 +75,11 @@ void upstream_xfer_init(struct upstream_xfer *x, struct upstream *up, const stru
                         void *arg);
 /* Add a request header ("Name: value"); before upstream_xfer_start. */
 bool upstream_xfer_header(struct upstream_xfer *x, const char *line);
-/* POST body (not copied: it must outlive the transfer) to url. */
-bool upstream_xfer_start(struct upstream_xfer *x, const char *url, const char *body, size_t len,
-                         const struct upstream_timeouts *to, bool tls_verify, long keepalive_idle_s);
+/* Send method (NULL: POST) with body (not copied: it must outlive the transfer;
+ * NULL: none) to url. */
+bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char *url,
+                         const char *body, size_t len, const struct upstream_timeouts *to,
+                         bool tls_verify, long keepalive_idle_s);
 void upstream_xfer_resume(struct upstream_xfer *x);
 /* Stop a running transfer; on_done is not called. Not from inside on_head/on_body. */
 void upstream_xfer_cancel(struct upstream_xfer *x);

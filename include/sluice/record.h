@@ -1,0 +1,58 @@
+/* record.h — what one request did: filled by request.c, read by the access log and the metrics. */
+#ifndef SLUICE_RECORD_H
+#define SLUICE_RECORD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define RECORD_MAX_ATTEMPTS 8
+
+/* One try at one instance. outcome is a fixed string: "ok", "http_<status>"
+ * (an upstream status that was passed through or failed over), "timeout",
+ * "connect_error", "upstream_error", "unhealthy" (skipped), "quota" (skipped),
+ * "client_gone". */
+struct record_attempt {
+	const char *instance;
+	const char *outcome;
+	int status;          /* upstream HTTP status, 0 when none */
+	uint64_t latency_us; /* start of the attempt to its end */
+};
+
+struct record_usage {
+	bool present;   /* any usage known */
+	bool estimated; /* the upstream reported none: Sluice estimated it */
+	uint64_t prompt, completion, total, cached, reasoning;
+};
+
+/* Strings point into the request or its config snapshot and are valid only
+ * during the call that receives the record. NULL means "none". */
+struct request_record {
+	const char *request_id;
+	uint64_t start_unix_us;  /* wall clock when the request arrived */
+	const char *method;
+	const char *path;
+	const char *client_ip;
+	const char *route;
+	const char *consumer;
+	const char *key_fingerprint; /* never the key itself */
+	const char *model_requested;
+	const char *model_upstream;
+	const char *instance;    /* the instance that answered (last attempt) */
+	bool stream;
+	int status;              /* sent to the client */
+	int upstream_status;     /* 0 when no upstream answered */
+	const char *error_code;  /* the gateway's error code, when it made the error */
+	const char *limit_id;    /* the limit that rejected the request, if any */
+	struct record_attempt attempts[RECORD_MAX_ATTEMPTS];
+	int n_attempts;
+	uint64_t bytes_in, bytes_out;
+	uint64_t ttft_us;        /* arrival to the first byte sent to the client */
+	uint64_t total_us;       /* arrival to the last byte */
+	uint64_t upstream_us;    /* time spent waiting on upstreams */
+	uint64_t overhead_us;    /* total - upstream: the gateway's own time */
+	struct record_usage usage;
+	const char *prompt_payload; /* only with log.payloads: true */
+	const char *output_payload;
+};
+
+#endif
