@@ -55,7 +55,7 @@ struct request {
 	struct config *config;      /* the snapshot this request runs on: one reference */
 	struct http_request *http;  /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
-	char id[40];
+	char id[128];
 
 	/* what the client asked */
 	json_t *body;               /* the parsed client body (never modified) */

@@ -7,8 +7,8 @@
 
 #define RECORD_MAX_ATTEMPTS 8
 
-/* One try at one instance. outcome is a fixed string: "ok", "http_<status>"
- * (an upstream status that was passed through or failed over), "timeout",
+/* One try at one instance. outcome is a fixed string: "ok", "http_429",
+ * "http_4xx", "http_5xx" (an upstream status passed through or failed over), "timeout",
  * "connect_error", "upstream_error", "unhealthy" (skipped), "quota" (skipped),
  * "client_gone". */
 struct record_attempt {
