@@ -32,6 +32,8 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <openssl/ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
 
@@ -75,9 +77,15 @@ struct http_conn {
 
 TAILQ_HEAD(conn_list, http_conn);
 
+struct http_listener {
+	struct http_server *srv;
+	struct evconnlistener *l;
+	SSL_CTX *tls; /* one reference, or NULL */
+};
+
 struct http_server {
 	struct event_base *base;
-	struct evconnlistener **listeners;
+	struct http_listener *listeners;
 	size_t n_listeners;
 	struct http_limits limits;
 	http_handler_fn handler;
@@ -121,7 +129,8 @@ static void conn_arm_timer(struct http_conn *c, uint64_t ms)
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen,
                       void *arg)
 {
-	struct http_server *srv = arg;
+	struct http_listener *hl = arg;
+	struct http_server *srv = hl->srv;
 	struct http_conn *c;
 	int one = 1;
 
@@ -144,7 +153,20 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 		return;
 	}
 	c->srv = srv;
-	c->bev = bufferevent_socket_new(srv->base, fd, BEV_OPT_CLOSE_ON_FREE);
+	if (hl->tls) {
+		SSL *ssl = SSL_new(hl->tls);
+		c->bev = ssl ? bufferevent_openssl_socket_new(srv->base, fd, ssl,
+		                                              BUFFEREVENT_SSL_ACCEPTING,
+		                                              BEV_OPT_CLOSE_ON_FREE)
+		             : NULL;
+		if (c->bev == NULL && ssl)
+			SSL_free(ssl);
+		if (c->bev)
+			/* A peer that just closes is a normal end, not an error. */
+			bufferevent_openssl_set_allow_dirty_shutdown(c->bev, 1);
+	} else {
+		c->bev = bufferevent_socket_new(srv->base, fd, BEV_OPT_CLOSE_ON_FREE);
+	}
 	c->timer = evtimer_new(srv->base, conn_timer_cb, c);
 	if (c->bev == NULL || c->timer == NULL) {
 		if (c->bev)
@@ -192,9 +214,10 @@ struct http_server *http_server_new(struct event_base *base, const int *fds, siz
 	if (srv->listeners == NULL)
 		goto fail;
 	for (size_t i = 0; i < n_fds; i++) {
-		srv->listeners[i] = evconnlistener_new(base, accept_cb, srv, LEV_OPT_CLOSE_ON_FREE,
-		                                       -1, fds[i]);
-		if (srv->listeners[i] == NULL)
+		struct http_listener *hl = &srv->listeners[i];
+		hl->srv = srv;
+		hl->l = evconnlistener_new(base, accept_cb, hl, LEV_OPT_CLOSE_ON_FREE, -1, fds[i]);
+		if (hl->l == NULL)
 			goto fail;
 		srv->n_listeners++;
 	}
@@ -207,6 +230,27 @@ fail:
 void http_server_set_limits(struct http_server *srv, const struct http_limits *limits)
 {
 	srv->limits = *limits;
+}
+
+void http_server_set_tls(struct http_server *srv, size_t i, SSL_CTX *ctx)
+{
+	if (i >= srv->n_listeners)
+		return;
+	if (ctx)
+		SSL_CTX_up_ref(ctx);
+	if (srv->listeners[i].tls)
+		SSL_CTX_free(srv->listeners[i].tls);
+	srv->listeners[i].tls = ctx;
+}
+
+static void listeners_close(struct http_server *srv)
+{
+	for (size_t i = 0; i < srv->n_listeners; i++) {
+		evconnlistener_free(srv->listeners[i].l);
+		if (srv->listeners[i].tls)
+			SSL_CTX_free(srv->listeners[i].tls);
+	}
+	srv->n_listeners = 0;
 }
 
 size_t http_server_connections(const struct http_server *srv)
@@ -224,9 +268,7 @@ void http_server_drain(struct http_server *srv)
 	struct http_conn *c, *next;
 
 	srv->draining = true;
-	for (size_t i = 0; i < srv->n_listeners; i++)
-		evconnlistener_free(srv->listeners[i]);
-	srv->n_listeners = 0;
+	listeners_close(srv);
 	/* Idle connections go now; busy ones close after their response. */
 	for (c = TAILQ_FIRST(&srv->conns); c != NULL; c = next) {
 		next = TAILQ_NEXT(c, link);
@@ -242,8 +284,8 @@ void http_server_free(struct http_server *srv)
 
 	if (srv == NULL)
 		return;
-	for (size_t i = 0; i < srv->n_listeners; i++)
-		evconnlistener_free(srv->listeners[i]);
+	if (srv->listeners)
+		listeners_close(srv);
 	free(srv->listeners);
 	/* Connections still owned by a handler are the handler's to finish; the
 	 * caller frees the server only when no request is active. */

@@ -54,6 +54,11 @@ struct http_server *http_server_new(struct event_base *base, const int *fds, siz
                                     const struct http_limits *limits, http_handler_fn handler,
                                     void *arg);
 void http_server_set_limits(struct http_server *srv, const struct http_limits *limits);
+/* Serve TLS on listener i (its index in fds) with ctx from now on; NULL = plain.
+ * The server takes a reference (SSL_CTX_up_ref); connections already open keep
+ * theirs, so certificates can be replaced on reload. */
+typedef struct ssl_ctx_st SSL_CTX;
+void http_server_set_tls(struct http_server *srv, size_t i, SSL_CTX *ctx);
 /* Stop accepting, close idle connections, and close the others once their
  * current response is done. */
 void http_server_drain(struct http_server *srv);
