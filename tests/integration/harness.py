@@ -874,9 +874,9 @@ class Tap:
             conns = list(self.conns)
         for rec in conns:
             with rec.lock:
-                up, down = bytes(rec.up), bytes(rec.down)
+                up, down, closed = bytes(rec.up), bytes(rec.down), rec.closed
             reqs = _parse_messages(up, is_request=True)
-            resps = _parse_messages(down, is_request=False)
+            resps = _parse_messages(down, is_request=False, closed=closed)
             out.extend(zip(reqs, resps))
         return out
 
@@ -905,9 +905,10 @@ class Tap:
                 pass
 
 
-def _parse_messages(data, is_request):
+def _parse_messages(data, is_request, closed=False):
     """Complete HTTP/1.1 messages in data (requests or responses); an incomplete trailing
-    message is ignored."""
+    message is ignored. closed: the connection has ended, so a response framed by the
+    connection's close is complete."""
     pos = {"i": 0}
 
     def recv(n):
@@ -918,7 +919,6 @@ def _parse_messages(data, is_request):
 
     reader = _Reader(recv)
     out = []
-    methods = []
     while True:
         try:
             if not reader.buf and not reader.fill():
@@ -944,13 +944,11 @@ def _parse_messages(data, is_request):
         body = b"".join(_body_chunks(reader, headers, False, state))
         if not state.get("complete"):
             break
-        if not is_request and "content-length" not in hmap and \
+        if not is_request and not closed and "content-length" not in hmap and \
                 "chunked" not in hmap.get("transfer-encoding", ""):
-            # read-until-close: only complete once the relay saw the connection end
-            pass
+            break  # read-until-close: complete only once the relay saw the connection end
         msg.body = body
         out.append(msg)
-        methods.append(start)
     return out
 
 
