@@ -76,7 +76,7 @@ struct config_store {
 		char *address; /* default 127.0.0.1:6379 */
 		char *host;
 		int port;
-		char *password; /* NULL: none */
+		char *password; /* NULL: none (also when it expands to "") */
 		int db;
 		char *prefix;   /* default "sluice:" */
 		uint64_t timeout; /* ms, default 100ms */
@@ -115,8 +115,10 @@ struct config_limit {
 	struct config_window window;
 	enum limit_type type;         /* default fixed */
 	char *id;                     /* stable name for counters and metrics, built by the loader:
-	                                 "instance:<name>:<strategy>:<window>" or
-	                                 "consumer:<name>:<instance|*>:<strategy|requests>:<window>" */
+	                                 "instance:<name>:<strategy|requests>:<window>" or
+	                                 "consumer:<name>:<instance|*>:<strategy|requests>:<window>",
+	                                 window in canonical form (config_format_window: "1h",
+	                                 "90s", "1mo"); unique per owner */
 };
 
 enum provider {
@@ -133,10 +135,10 @@ enum check_type { CHECK_HTTP, CHECK_HTTPS, CHECK_TCP };
 
 struct config_active_check {
 	bool enabled;          /* false when checks.active is absent */
-	enum check_type type;  /* default http */
+	enum check_type type;  /* default: the endpoint's scheme (http, or https for https://) */
 	char *http_method;     /* default GET */
 	char *http_path;       /* default "/" */
-	char *host;            /* host:port to probe; default the endpoint's */
+	char *host;            /* host:port to probe; filled with the endpoint's when absent */
 	char *http_req_body;   /* NULL: none */
 	char **req_headers;    /* "Name: value" lines */
 	size_t n_req_headers;
@@ -147,7 +149,7 @@ struct config_active_check {
 		uint64_t interval; /* ms, default 1s */
 		int *http_statuses; /* default 200, 302 */
 		size_t n_http_statuses;
-		int successes;     /* default 2 */
+		int successes;     /* default 2 (1..254) */
 	} healthy;
 	struct {
 		uint64_t interval; /* ms, default 1s */
@@ -163,9 +165,9 @@ struct config_passive_check {
 	bool enabled;          /* default true */
 	int *http_statuses;    /* default 500 502 503 504 */
 	size_t n_http_statuses;
-	int http_failures;     /* default 3 */
-	int tcp_failures;      /* default 2 */
-	int timeouts;          /* default 2 */
+	int http_failures;     /* default 3; 0: these never mark the instance unhealthy */
+	int tcp_failures;      /* default 2; 0: idem */
+	int timeouts;          /* default 2; 0: idem */
 	uint64_t cooldown;     /* ms, default 10s */
 };
 
@@ -182,7 +184,7 @@ struct config_instance {
 	struct config_kv *auth_query;
 	size_t n_auth_query;
 	struct {
-		uint64_t connect;    /* default 2s... see config.c */
+		uint64_t connect;    /* default 5s */
 		uint64_t first_byte; /* default 60s */
 		uint64_t idle;       /* default 60s */
 		uint64_t total;      /* default 10m */
@@ -233,7 +235,7 @@ enum balancer_algorithm {
 };
 enum hash_on { HASH_ON_CONSUMER, HASH_ON_HEADER, HASH_ON_CLIENT_IP };
 
-/* Bits of config_route.fallback.on */
+/* Bits of config_route.fallback.on; bit i is named config_fallback_trigger_name(1u << i). */
 enum fallback_trigger {
 	FALLBACK_UNHEALTHY = 1u << 0,
 	FALLBACK_QUOTA = 1u << 1,
@@ -242,6 +244,7 @@ enum fallback_trigger {
 	FALLBACK_TIMEOUT = 1u << 4,
 	FALLBACK_CONNECT_ERROR = 1u << 5,
 };
+#define FALLBACK_ALL 0x3fu /* every trigger above: the default */
 
 struct config_target {
 	struct config_instance *instance;
@@ -251,7 +254,10 @@ struct config_target {
 
 /* One plugin entry of a route, in configured order. The conf is validated
  * (known plugin name, known keys, regexes compile) at load; modules that
- * implement a plugin compile their own state from conf. */
+ * implement a plugin compile their own state from conf. Every key the plugin
+ * knows is present in conf: omitted ones are filled with their defaults
+ * (docs/configuration.md), so modules need no defaults of their own. Regexes
+ * were checked with pcre2_compile(..., PCRE2_UTF, ...). */
 struct config_plugin {
 	char *name;   /* prompt_guard | prompt_decorator | request_override | response_guard | loop_guard */
 	json_t *conf; /* the plugin's mapping, as JSON */
@@ -260,9 +266,11 @@ struct config_plugin {
 struct config_route {
 	char *name;
 	size_t index;
-	char **paths;
+	char **paths;         /* each starts with "/"; no query */
 	size_t n_paths;
-	char **models;        /* empty: any model */
+	char **models;        /* empty: any model. For one path, a route listing the requested
+	                         model wins over a route with no models (the loader refuses two
+	                         routes that could both claim a path and model) */
 	size_t n_models;
 	enum route_auth auth; /* default key-auth when consumers exist, else none */
 	char **key_headers;   /* lower-case; default authorization, apikey, x-api-key */
@@ -311,7 +319,9 @@ struct config_errors {
 };
 
 /* Load and validate FILE. Returns a snapshot with refs == 1, or NULL with every
- * error in *errs (the caller frees them with config_errors_free). */
+ * error in *errs (the caller frees them with config_errors_free). *errs is
+ * (re)initialised by the call and is empty on success; errs may be NULL.
+ * Errors come sorted by line and column. */
 struct config *config_load(const char *path, struct config_errors *errs);
 /* Same from a string; name is used in error messages in place of the file. */
 struct config *config_load_string(const char *yaml, size_t len, const char *name,
@@ -322,12 +332,26 @@ struct config *config_ref(struct config *c);
 void config_unref(struct config *c);
 
 /* Value parsers, public for the unit tests and the admin API. */
+/* All three accept "DIGITS[.DIGITS]UNIT" with no sign or spaces; a fraction only where the
+ * result is whole ("1.5s" yes, "0.0001s" no); results above INT64_MAX are refused. Zero is
+ * accepted by the duration and size parsers (each key decides whether it means anything),
+ * never by the window parser. */
 bool config_parse_duration(const char *s, uint64_t *ms);        /* "250ms" "30s" "5m" "1h" "1d" "1w"; bare number = seconds */
-bool config_parse_window(const char *s, struct config_window *w); /* durations plus "1mo", "3mo" */
-bool config_parse_size(const char *s, uint64_t *bytes);          /* "512", "512KiB", "16MiB", "1GiB", also KB/MB/GB as powers of 1000 */
+bool config_parse_window(const char *s, struct config_window *w); /* durations plus "1mo".."120mo" (whole calendar months) */
+bool config_parse_size(const char *s, uint64_t *bytes);          /* "512", "512B", "512KiB", "16MiB", "1GiB", "1TiB", also KB/MB/GB/TB as powers of 1000 */
 
 const char *config_provider_name(enum provider p);
 const char *config_strategy_name(enum limit_strategy s);
+const char *config_limit_type_name(enum limit_type t);
+const char *config_balancer_name(enum balancer_algorithm a);
+const char *config_hash_on_name(enum hash_on h);
+const char *config_check_type_name(enum check_type t);
+const char *config_fallback_trigger_name(enum fallback_trigger t); /* one bit; NULL otherwise */
+
+/* Canonical text of a duration / window: the largest unit that divides it exactly
+ * ("3600000" ms -> "1h", 1500 -> "1500ms", months -> "3mo"). Returns what snprintf does. */
+size_t config_format_duration(uint64_t ms, char *buf, size_t len);
+size_t config_format_window(const struct config_window *w, char *buf, size_t len);
 
 /* Lookups by name; NULL when absent. */
 struct config_instance *config_find_instance(const struct config *c, const char *name);
