@@ -101,6 +101,7 @@ enum limit_strategy { LIMIT_TOTAL_TOKENS, LIMIT_PROMPT_TOKENS, LIMIT_COMPLETION_
 enum limit_type { LIMIT_FIXED, LIMIT_SLIDING };
 
 struct config_instance;
+struct instance_state;
 
 /*
  * One limit. Exactly one of tokens/requests is non-zero. On an instance it is
@@ -198,6 +199,10 @@ struct config_instance {
 	size_t n_limits;
 	struct config_active_check active;
 	struct config_passive_check passive;
+	/* Runtime state kept across reloads by name (health, in-flight): attached by
+	 * the main thread (health_state) before the snapshot is published; the
+	 * snapshot never owns it. */
+	struct instance_state *state;
 	struct {
 		char *metrics_url;     /* NULL: not configured */
 		uint64_t interval;     /* ms, default 250ms */
