@@ -1,19 +1,21 @@
 /* request.c — one client request through the gateway, top to bottom.
  *
- *   request_handle          accept: snapshot, request id, built-in endpoints
- *   → read_body             content type, JSON, the fields we route on
- *   → route                 path, then the requested model
- *   → choose_target         the instance that serves this attempt
- *   → attempt_start         shape the body for the instance, send it upstream
- *   → on_upstream_head      status known: stream to the client, or buffer
- *   → on_upstream_body      forward SSE events (with back-pressure) or buffer
- *   → on_upstream_done      finish the reply, or turn the failure into an error
- *   → request_finish        release everything
+ *   request_handle        accept: snapshot, request id, built-in endpoints
+ *   → read_body           content type, JSON, the fields we route on
+ *   → route               path, then the requested model
+ *   → authenticate        key-auth → consumer; allow-list; concurrency cap
+ *   → next_attempt        the fallback loop: balancer pick → health gate → quota
+ *                         reservation (maybe asynchronous, Redis) → attempt_start
+ *   → attempt_start       shape the body for the instance, send it upstream
+ *   → on_upstream_head    status known: stream to the client, or buffer
+ *   → on_upstream_body    forward whole SSE events (back-pressure), or buffer
+ *   → on_upstream_done    deliver, or fail over to the next candidate, or fail
+ *   → request_finish      settle tokens, log, count, release everything
  *
- * Nothing reaches the client before an upstream has answered with a status we
- * pass through: that is what lets a later attempt replace a failed one unseen.
- * After the first byte of a stream, a failure ends the stream with an SSE
- * "error" event, never with a silent truncation.
+ * Nothing reaches the client before an upstream has answered with something we
+ * pass through — for a stream, its first complete event. That is what lets a
+ * later attempt replace a failed one unseen. After the first byte, a failure
+ * ends the stream with an SSE "error" event, never with a silent truncation.
  */
 #include "sluice/request.h"
 
@@ -23,18 +25,27 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/time.h>
 
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "sluice/accesslog.h"
+#include "sluice/auth.h"
+#include "sluice/balancer.h"
 #include "sluice/config.h"
+#include "sluice/health.h"
 #include "sluice/http.h"
 #include "sluice/log.h"
+#include "sluice/metrics.h"
+#include "sluice/quota.h"
+#include "sluice/record.h"
 #include "sluice/router.h"
 #include "sluice/server.h"
 #include "sluice/sse.h"
 #include "sluice/upstream.h"
+#include "sluice/usage.h"
 
 /* Above this many bytes queued for a slow client, the upstream transfer is
  * paused until the client has taken them all (back-pressure). */
@@ -43,9 +54,13 @@
 #define MAX_RESPONSE_BODY (64u * 1024 * 1024)
 /* One SSE event larger than this is a broken stream. */
 #define MAX_SSE_EVENT (4u * 1024 * 1024)
+/* Completion tokens reserved when the client sets no max_tokens (docs/quotas.md). */
+#define DEFAULT_COMPLETION_BUDGET 1024
+/* Targets tracked without allocation; larger routes allocate. */
+#define SMALL_TARGETS 32
 
 enum reply_mode {
-	REPLY_NONE,     /* nothing sent to the client yet */
+	REPLY_NONE,     /* no upstream answer yet */
 	REPLY_BUFFERED, /* collecting a whole upstream answer */
 	REPLY_STREAM,   /* forwarding SSE events as they come */
 };
@@ -56,27 +71,56 @@ struct request {
 	struct http_request *http;  /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
 	char id[128];
+	struct request_record rec;
 
 	/* what the client asked */
 	json_t *body;               /* the parsed client body (never modified) */
 	const char *model;          /* requested model, inside body; NULL if absent */
 	bool stream;
+	uint64_t start_us;          /* monotonic: the request's first byte */
+	bool hide_usage_chunk;      /* we asked for include_usage; the client did not */
+	uint64_t est_prompt, est_completion;
 
-	/* where it goes */
+	/* who asks */
+	const struct config_consumer *consumer;
+	char key_fp[13];
+	bool concurrency_held;
+
+	/* where it goes: the fallback loop */
 	const struct config_route *route;
-	const struct config_instance *instance;
-	int attempts;
+	struct balancer *own_balancer; /* when the worker's belong to another snapshot */
+	bool *excluded;                /* per route target: not a candidate any more */
+	bool excluded_small[SMALL_TARGETS];
+	const struct config_instance *instance; /* the current attempt's */
+	struct instance_state *state;
+	bool inflight_held;
+	bool trial;                    /* this attempt is a half-open health trial */
+	int attempts;                  /* started upstream transfers */
+	uint64_t attempt_start_us;
 
-	/* the current attempt */
-	char *upstream_body;        /* shaped body, or NULL when the client's bytes go as they are */
+	/* quota: the current attempt's reservation */
+	struct quota_ticket ticket;
+	bool ticket_held;              /* admitted and not yet settled or released */
+	bool quota_pending;            /* waiting on the store */
+	bool quota_denied;             /* some candidate was refused by a quota */
+	struct quota_ticket denial;    /* the first refusal, for the 429 */
+
+	/* the last failure, for the answer when every candidate failed */
+	enum upstream_result last_res;
+	int last_status;
+	char last_detail[320];
+
+	/* the current attempt's answer */
+	char *upstream_body;           /* shaped body, or NULL when the client's bytes go as they are */
 	struct upstream_xfer xfer;
 	enum reply_mode mode;
-	struct evbuffer *buffered;  /* REPLY_BUFFERED */
-	struct sse_parser sse;      /* REPLY_STREAM */
+	struct evbuffer *buffered;     /* REPLY_BUFFERED */
+	struct sse_parser sse;         /* REPLY_STREAM */
 	bool sse_ready;
-	bool client_paused;         /* the transfer waits for the client to drain */
-	bool aborted_by_client;
-	uint64_t start_us;
+	bool stream_started;           /* the client has the stream's head */
+	bool client_paused;            /* the transfer waits for the client to drain */
+	struct record_usage usage;
+	size_t output_text_bytes;      /* for an estimate when no usage comes */
 };
 
 static void request_finish(struct request *r);
@@ -127,12 +171,14 @@ static void assign_request_id(struct request *r)
 static void handle_models(struct request *r)
 {
 	json_t *list = router_models_json(r->config);
-	char *text = json_dumps(list, JSON_COMPACT);
+	char *text = list ? json_dumps(list, JSON_COMPACT) : NULL;
 	json_decref(list);
 	if (text == NULL) {
 		reply_error(r, 500, "server_error", "internal_error", "cannot list models");
 		return;
 	}
+	r->rec.status = 200;
+	r->rec.bytes_out = strlen(text);
 	http_reply(r->http, 200, "application/json", text, strlen(text));
 	r->http = NULL;
 	free(text);
@@ -142,13 +188,14 @@ static void handle_models(struct request *r)
 static void on_client_abort(void *arg);
 static bool read_body(struct request *r);
 static bool route(struct request *r);
-static bool choose_target(struct request *r);
-static bool attempt_start(struct request *r);
+static bool authenticate(struct request *r);
+static void next_attempt(struct request *r);
 
 void request_handle(struct http_request *hr, void *arg)
 {
 	struct worker *w = arg;
 	struct request *r = calloc(1, sizeof(*r));
+	struct timeval now;
 
 	if (r == NULL) {
 		http_reply_error(hr, 503, "server_error", "out_of_memory", "out of memory");
@@ -157,12 +204,21 @@ void request_handle(struct http_request *hr, void *arg)
 	r->w = w;
 	r->http = hr;
 	r->config = config_ref(w->config);
-	r->start_us = hr->start_us ? hr->start_us : http_now_us();
 	w->n_requests++;
 	TAILQ_INSERT_TAIL(&w->requests, r, link);
 	assign_request_id(r);
 	http_response_header(hr, "x-request-id", r->id);
 	http_request_on_abort(hr, on_client_abort, r);
+
+	r->start_us = hr->start_us ? hr->start_us : http_now_us();
+	gettimeofday(&now, NULL);
+	r->rec.request_id = r->id;
+	r->rec.start_unix_us = (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_usec -
+	                       (http_now_us() - r->start_us);
+	r->rec.method = hr->method;
+	r->rec.path = hr->path;
+	r->rec.client_ip = hr->client_ip;
+	r->rec.bytes_in = hr->body_len;
 
 	if (strcmp(hr->path, "/v1/models") == 0 || strcmp(hr->path, "/models") == 0) {
 		if (strcmp(hr->method, "GET") == 0 || strcmp(hr->method, "HEAD") == 0) {
@@ -170,7 +226,6 @@ void request_handle(struct http_request *hr, void *arg)
 			return;
 		}
 	}
-
 	const struct config_route *any;
 	if (router_match(r->config, hr->path, NULL, &any) == ROUTER_NO_PATH) {
 		reply_error(r, 404, "invalid_request_error", "not_found", "no route serves %s %s",
@@ -183,12 +238,21 @@ void request_handle(struct http_request *hr, void *arg)
 		            "%s is not allowed on %s; use POST", hr->method, hr->path);
 		return;
 	}
-	if (!read_body(r) || !route(r) || !choose_target(r))
+	if (!read_body(r) || !route(r) || !authenticate(r))
 		return;
-	attempt_start(r);
+
+	size_t n = r->route->n_targets;
+	r->excluded = n <= SMALL_TARGETS ? r->excluded_small : calloc(n, sizeof(bool));
+	if (r->excluded == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return;
+	}
+	r->est_prompt = usage_estimate_prompt(r->body);
+	r->est_completion = usage_completion_budget(r->body, DEFAULT_COMPLETION_BUDGET);
+	next_attempt(r);
 }
 
-/* ---------------------------------------------------------------- read and route */
+/* ---------------------------------------------------------------- read, route, authenticate */
 
 static bool read_body(struct request *r)
 {
@@ -226,6 +290,7 @@ static bool read_body(struct request *r)
 		return false;
 	}
 	r->model = model ? json_string_value(model) : NULL;
+	r->rec.model_requested = r->model;
 	json_t *stream = json_object_get(r->body, "stream");
 	if (stream != NULL && !json_is_boolean(stream) && !json_is_null(stream)) {
 		reply_error(r, 400, "invalid_request_error", "invalid_stream",
@@ -233,6 +298,7 @@ static bool read_body(struct request *r)
 		return false;
 	}
 	r->stream = json_is_true(stream);
+	r->rec.stream = r->stream;
 	return true;
 }
 
@@ -240,6 +306,7 @@ static bool route(struct request *r)
 {
 	switch (router_match(r->config, r->http->path, r->model, &r->route)) {
 	case ROUTER_OK:
+		r->rec.route = r->route->name;
 		return true;
 	case ROUTER_NO_MODEL:
 		reply_error(r, 404, "invalid_request_error", "model_not_found",
@@ -254,38 +321,274 @@ static bool route(struct request *r)
 	}
 }
 
-/* Until the balancer lands, a route is served by its highest-priority target
- * that is not drained (weight 0); targets are sorted by priority. */
-static bool choose_target(struct request *r)
+static const char *get_client_header(void *arg, const char *name)
 {
-	for (size_t i = 0; i < r->route->n_targets; i++) {
-		if (r->route->targets[i].weight > 0) {
-			r->instance = r->route->targets[i].instance;
-			return true;
+	return http_request_header(arg, name);
+}
+
+static bool authenticate(struct request *r)
+{
+	enum auth_result res =
+	        auth_check(r->config, r->route, get_client_header, r->http, &r->consumer, r->key_fp);
+
+	switch (res) {
+	case AUTH_NONE_REQUIRED:
+		break;
+	case AUTH_OK:
+		r->rec.consumer = r->consumer->name;
+		r->rec.key_fingerprint = r->key_fp;
+		break;
+	case AUTH_MISSING:
+		reply_error(r, 401, "authentication_error", "missing_api_key",
+		            "no API key: send it as Authorization: Bearer <key>");
+		return false;
+	case AUTH_UNKNOWN:
+		r->rec.key_fingerprint = r->key_fp;
+		reply_error(r, 401, "authentication_error", "invalid_api_key",
+		            "invalid API key (fingerprint %s)", r->key_fp);
+		return false;
+	case AUTH_FORBIDDEN:
+		r->rec.consumer = r->consumer->name;
+		reply_error(r, 403, "permission_error", "route_not_allowed",
+		            "consumer '%s' may not use route '%s'", r->consumer->name,
+		            r->route->name);
+		return false;
+	}
+	if (r->consumer && r->consumer->max_concurrent > 0) {
+		if (!quota_concurrency_acquire(r->consumer)) {
+			r->rec.limit_id = "max_concurrent";
+			reply_error(r, 429, "rate_limit_error", "too_many_concurrent_requests",
+			            "consumer '%s' has %d requests in flight already",
+			            r->consumer->name, r->consumer->max_concurrent);
+			return false;
 		}
+		r->concurrency_held = true;
+	}
+	return true;
+}
+
+/* ---------------------------------------------------------------- the fallback loop */
+
+static struct balancer *route_balancer(struct request *r)
+{
+	struct worker *w = r->w;
+	if (w->balancers_config == r->config)
+		return w->balancers[r->route->index];
+	/* A request that outlived a reload keeps its snapshot's routes: it
+	 * balances on its own until it ends (rare, and only for that request). */
+	if (r->own_balancer == NULL)
+		r->own_balancer = balancer_new(r->route);
+	return r->own_balancer;
+}
+
+static uint64_t balancer_rand(void *arg)
+{
+	return next_random(arg);
+}
+
+static int balancer_inflight(void *arg, const struct config_instance *in)
+{
+	return health_inflight(in->state);
+}
+
+static int pick_target(struct request *r)
+{
+	struct balancer_input in = {
+		.rand = balancer_rand,
+		.rand_arg = r->w,
+		.inflight = balancer_inflight,
+		.excluded = r->excluded,
+	};
+	switch (r->route->balancer.hash_on) {
+	case HASH_ON_CONSUMER:
+		in.hash_key = r->consumer ? r->consumer->name : NULL;
+		break;
+	case HASH_ON_HEADER:
+		in.hash_key = r->route->balancer.key
+		                      ? http_request_header(r->http, r->route->balancer.key)
+		                      : NULL;
+		break;
+	case HASH_ON_CLIENT_IP:
+		in.hash_key = r->http->client_ip;
+		break;
+	}
+	in.hash_key_len = in.hash_key ? strlen(in.hash_key) : 0;
+	struct balancer *b = route_balancer(r);
+	return b ? balancer_pick(b, &in) : -1;
+}
+
+static void record_attempt(struct request *r, const struct config_instance *in, const char *outcome,
+                           int status, uint64_t latency_us)
+{
+	if (r->rec.n_attempts < RECORD_MAX_ATTEMPTS) {
+		struct record_attempt *a = &r->rec.attempts[r->rec.n_attempts++];
+		a->instance = in->name;
+		a->outcome = outcome;
+		a->status = status;
+		a->latency_us = latency_us;
+	}
+}
+
+static void fail_all(struct request *r);
+static void after_quota(struct request *r);
+static bool attempt_start(struct request *r);
+
+static void on_quota(void *arg, struct quota_ticket *t)
+{
+	struct request *r = arg;
+	r->quota_pending = false;
+	after_quota(r);
+}
+
+/*
+ * Choose the next candidate and start it. Candidates are skipped — without
+ * counting as an attempt — when unhealthy, cooling down after a 429, or out of
+ * quota, as the route's fallback.on allows. Ends in attempt_start, a pending
+ * quota answer, or fail_all.
+ */
+static void next_attempt(struct request *r)
+{
+	const struct config_route *rt = r->route;
+	uint64_t now = http_now_us();
+
+	while (r->attempts < rt->fallback.max_attempts) {
+		int idx = pick_target(r);
+		if (idx < 0)
+			break;
+		const struct config_instance *in = rt->targets[idx].instance;
+		r->excluded[idx] = true; /* whatever happens, not again for this request */
+		enum health_gate gate = health_admit(in->state, in, now);
+		if ((gate == HEALTH_DOWN || gate == HEALTH_COOLING) && (rt->fallback.on & FALLBACK_UNHEALTHY)) {
+			record_attempt(r, in, "unhealthy", 0, 0);
+			continue;
+		}
+		r->instance = in;
+		r->state = in->state;
+		r->trial = gate == HEALTH_TRIAL;
+		memset(&r->ticket, 0, sizeof(r->ticket));
+		if (quota_admit(r->w->quota, &r->ticket, r->config, r->consumer, in, r->est_prompt,
+		                r->est_completion, on_quota, r) == QUOTA_PENDING) {
+			r->quota_pending = true;
+			return;
+		}
+		after_quota(r);
+		return;
+	}
+	fail_all(r);
+}
+
+static void reply_quota_rejection(struct request *r, const struct quota_ticket *t);
+
+static void after_quota(struct request *r)
+{
+	struct quota_ticket *t = &r->ticket;
+	const struct config_instance *in = r->instance;
+
+	if (t->store_error && t->deny_on_error) {
+		if (r->trial)
+			health_trial_abandon(r->state);
+		reply_error(r, 503, "service_unavailable", "quota_store_unavailable",
+		            "the quota store is unreachable and store.on_error is deny");
+		return;
+	}
+	if (!t->admitted) {
+		if (r->trial)
+			health_trial_abandon(r->state);
+		record_attempt(r, in, "quota", 0, 0);
+		if (!r->quota_denied) {
+			r->quota_denied = true;
+			r->denial = *t;
+		}
+		if (r->route->fallback.on & FALLBACK_QUOTA) {
+			next_attempt(r);
+			return;
+		}
+		reply_quota_rejection(r, t);
+		return;
+	}
+	r->ticket_held = true;
+	attempt_start(r);
+}
+
+/* Every candidate is gone: say why, with the most useful status. */
+static void fail_all(struct request *r)
+{
+	if (r->attempts > 0) {
+		int status = r->last_res == UPSTREAM_TIMEOUT ? 504 : 502;
+		if (r->last_res == UPSTREAM_OK)
+			reply_error(r, status, "upstream_error", "all_instances_failed",
+			            "every instance failed; the last answered HTTP %d: %s",
+			            r->last_status, r->last_detail);
+		else
+			reply_error(r, status,
+			            r->last_res == UPSTREAM_TIMEOUT ? "timeout_error" : "upstream_error",
+			            r->last_res == UPSTREAM_TIMEOUT          ? "upstream_timeout"
+			            : r->last_res == UPSTREAM_CONNECT_ERROR ? "upstream_connect_error"
+			                                                    : "upstream_error",
+			            "%s", r->last_detail);
+		return;
+	}
+	if (r->quota_denied) {
+		reply_quota_rejection(r, &r->denial);
+		return;
 	}
 	reply_error(r, 503, "service_unavailable", "no_available_instance",
-	            "route '%s' has no instance available", r->route->name);
-	return false;
+	            "route '%s' has no healthy instance available", r->route->name);
+}
+
+static void add_ratelimit_headers(struct request *r, const struct quota_ticket *t)
+{
+	char v[32];
+	if (!t->have_headers || r->http == NULL)
+		return;
+	snprintf(v, sizeof(v), "%" PRIu64, t->hdr_limit);
+	http_response_header(r->http, "x-ratelimit-limit-tokens", v);
+	snprintf(v, sizeof(v), "%" PRIu64, t->hdr_remaining);
+	http_response_header(r->http, "x-ratelimit-remaining-tokens", v);
+	snprintf(v, sizeof(v), "%" PRIu64 "s", t->hdr_reset_s);
+	http_response_header(r->http, "x-ratelimit-reset-tokens", v);
+}
+
+static void reply_quota_rejection(struct request *r, const struct quota_ticket *t)
+{
+	const struct config_consumer *c = r->consumer;
+	int status = c ? c->rejected_code : 429;
+	char v[32];
+
+	r->rec.limit_id = t->denied_by ? t->denied_by->id : NULL;
+	snprintf(v, sizeof(v), "%" PRIu64, t->retry_after_s ? t->retry_after_s : 1);
+	http_response_header(r->http, "Retry-After", v);
+	add_ratelimit_headers(r, t);
+	if (c && c->rejected_msg)
+		reply_error(r, status, "rate_limit_error", "quota_exceeded", "%s", c->rejected_msg);
+	else
+		reply_error(r, status, "rate_limit_error", "quota_exceeded",
+		            "token quota exhausted (%s); retry in %" PRIu64 " s",
+		            t->denied_by ? t->denied_by->id : "limit", t->retry_after_s);
 }
 
 /* ---------------------------------------------------------------- upstream attempt */
 
 /*
  * The body an instance receives: the client's, with the instance's model and
- * options applied (the instance wins). Each attempt starts from the client's
- * original body, so one instance's options never leak into the next. When
- * nothing changes, the client's bytes go as they are (no re-serialisation).
+ * options applied (the instance wins), and usage requested for streams. Each
+ * attempt starts from the client's original body, so one instance's options
+ * never leak into the next. When nothing changes, the client's bytes go as
+ * they are (no re-serialisation).
  */
 static bool shape_body(struct request *r)
 {
 	const struct config_instance *in = r->instance;
 	bool drop_model = in->provider == PROVIDER_AZURE_OPENAI;
 	bool same_model = in->model == NULL || (r->model && strcmp(in->model, r->model) == 0);
+	json_t *so = json_object_get(r->body, "stream_options");
+	bool want_usage = r->stream && !json_is_true(json_object_get(so, "include_usage"));
 
 	free(r->upstream_body);
 	r->upstream_body = NULL;
-	if (same_model && !drop_model && (in->options == NULL || json_object_size(in->options) == 0))
+	r->hide_usage_chunk = want_usage;
+	if (same_model && !drop_model && !want_usage &&
+	    (in->options == NULL || json_object_size(in->options) == 0))
 		return true;
 
 	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
@@ -297,9 +600,31 @@ static bool shape_body(struct request *r)
 		json_object_set_new(b, "model", json_string(in->model));
 	if (in->options)
 		json_object_update(b, in->options);
+	if (want_usage) {
+		/* Usage is what quotas are charged from: ask for it, and hide the
+		 * extra chunk from a client that did not (on_stream_event). */
+		json_t *nso = json_is_object(so) ? json_copy(so) : json_object();
+		json_object_set_new(nso, "include_usage", json_true());
+		json_object_set_new(b, "stream_options", nso);
+	}
 	r->upstream_body = json_dumps(b, JSON_COMPACT);
 	json_decref(b);
 	return r->upstream_body != NULL;
+}
+
+static void attempt_reset(struct request *r)
+{
+	upstream_xfer_cleanup(&r->xfer);
+	if (r->buffered)
+		evbuffer_drain(r->buffered, evbuffer_get_length(r->buffered));
+	if (r->sse_ready) {
+		sse_parser_free(&r->sse);
+		r->sse_ready = false;
+	}
+	r->mode = REPLY_NONE;
+	r->client_paused = false;
+	memset(&r->usage, 0, sizeof(r->usage));
+	r->output_text_bytes = 0;
 }
 
 static bool attempt_start(struct request *r)
@@ -307,7 +632,11 @@ static bool attempt_start(struct request *r)
 	const struct config_instance *in = r->instance;
 	char line[8192];
 
+	attempt_reset(r);
 	r->attempts++;
+	r->attempt_start_us = http_now_us();
+	r->rec.instance = in->name;
+	r->rec.model_upstream = in->model ? in->model : r->model;
 	if (!shape_body(r)) {
 		reply_error(r, 500, "server_error", "internal_error", "cannot build the upstream body");
 		return false;
@@ -332,11 +661,12 @@ static bool attempt_start(struct request *r)
 		.idle = in->timeouts.idle,
 		.total = in->timeouts.total,
 	};
-	log_debug("[%s] %s %s → instance %s (attempt %d)", r->id, r->route->name,
-	          r->model ? r->model : "-", in->name, r->attempts);
+	log_debug("[%s] %s %s → instance %s (attempt %d%s)", r->id, r->route->name,
+	          r->model ? r->model : "-", in->name, r->attempts, r->trial ? ", health trial" : "");
+	health_inflight_add(r->state, 1);
+	r->inflight_held = true;
 	if (!upstream_xfer_start(&r->xfer, NULL, in->url, body, len, &to, in->tls_verify,
 	                         (long)(in->keepalive.idle / 1000))) {
-		upstream_xfer_cleanup(&r->xfer);
 		reply_error(r, 500, "server_error", "internal_error", "cannot start the upstream transfer");
 		return false;
 	}
@@ -363,10 +693,13 @@ static void add_response_headers(struct request *r)
 				break;
 			*colon = '\0';
 			*eol = '\0';
-			http_response_header(hr, p, colon + 2 <= eol ? colon + 2 : eol);
+			/* Our quota headers win over an upstream's of the same name. */
+			if (!(r->ticket.have_headers && strncasecmp(p, "x-ratelimit-", 12) == 0))
+				http_response_header(hr, p, colon + 2 <= eol ? colon + 2 : eol);
 			p = eol + 2;
 		}
 	}
+	add_ratelimit_headers(r, &r->ticket);
 	if (r->config->server.expose_instance_header)
 		http_response_header(hr, "x-sluice-instance", r->instance->name);
 }
@@ -386,10 +719,7 @@ static bool on_upstream_head(void *arg, long status)
 		r->mode = REPLY_STREAM;
 		sse_parser_init(&r->sse, MAX_SSE_EVENT);
 		r->sse_ready = true;
-		add_response_headers(r);
-		http_response_header(r->http, "Cache-Control", "no-cache");
-		http_reply_start(r->http, (int)status, r->xfer.content_type);
-		return true;
+		return true; /* the client's head goes with the first whole event */
 	}
 	r->mode = REPLY_BUFFERED;
 	if (r->buffered == NULL)
@@ -406,9 +736,47 @@ static void on_client_drained(void *arg)
 	}
 }
 
-static bool forward_event(void *arg, const struct sse_event *ev)
+/* Length of the text in "content":"..." fields of one chunk: for an estimate
+ * when the upstream reports no usage. A scan, not a parse. */
+static size_t content_bytes(const char *data, size_t len)
+{
+	static const char key[] = "\"content\":\"";
+	size_t total = 0;
+	const char *p = data, *end = data + len;
+	while ((p = memmem(p, (size_t)(end - p), key, sizeof(key) - 1)) != NULL) {
+		p += sizeof(key) - 1;
+		const char *q = p;
+		while (q < end && *q != '"')
+			q += (*q == '\\') ? 2 : 1;
+		total += (size_t)(q - p);
+		p = q;
+	}
+	return total;
+}
+
+static bool on_stream_event(void *arg, const struct sse_event *ev)
 {
 	struct request *r = arg;
+
+	if (ev->has_data && ev->data_len > 0 && ev->data[0] == '{') {
+		bool usage_only = false;
+		struct record_usage u;
+		if (usage_from_sse_data(ev->data, ev->data_len, &u, &usage_only)) {
+			r->usage = u;
+			if (usage_only && r->hide_usage_chunk)
+				return true; /* asked for by us, not by the client */
+		} else {
+			r->output_text_bytes += content_bytes(ev->data, ev->data_len);
+		}
+	}
+	if (!r->stream_started) {
+		r->stream_started = true;
+		r->rec.ttft_us = http_now_us() - r->start_us;
+		add_response_headers(r);
+		http_response_header(r->http, "Cache-Control", "no-cache");
+		http_reply_start(r->http, (int)r->xfer.status, r->xfer.content_type);
+	}
+	r->rec.bytes_out += ev->raw_len;
 	http_reply_chunk(r->http, ev->raw, ev->raw_len);
 	return true;
 }
@@ -427,7 +795,7 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 			return UPSTREAM_PAUSE;
 		}
 		/* Whole events only, so an error event can always follow cleanly. */
-		if (!sse_feed(&r->sse, data, len, forward_event, r))
+		if (!sse_feed(&r->sse, data, len, on_stream_event, r))
 			return 0;
 		return len;
 	}
@@ -437,9 +805,52 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 	return len;
 }
 
-static int status_for_failure(enum upstream_result res)
+static unsigned trigger_for_status(const struct config_route *rt, int status)
 {
-	return res == UPSTREAM_TIMEOUT ? 504 : 502;
+	for (size_t i = 0; i < rt->fallback.n_http_statuses; i++)
+		if (rt->fallback.http_statuses[i] == status)
+			return ~0u; /* listed explicitly: always a trigger */
+	if (status == 429)
+		return FALLBACK_HTTP_429;
+	if (status >= 500)
+		return FALLBACK_HTTP_5XX;
+	return 0;
+}
+
+static unsigned trigger_for_result(enum upstream_result res)
+{
+	switch (res) {
+	case UPSTREAM_TIMEOUT: return FALLBACK_TIMEOUT;
+	case UPSTREAM_CONNECT_ERROR: return FALLBACK_CONNECT_ERROR;
+	/* A reset before any answer is the instance failing, like a 5xx. */
+	case UPSTREAM_ERROR: return FALLBACK_CONNECT_ERROR | FALLBACK_HTTP_5XX;
+	default: return 0;
+	}
+}
+
+/* The attempt is over: passive health, in-flight, the record. */
+static void attempt_end(struct request *r, enum upstream_result res, int status, const char *outcome)
+{
+	uint64_t now = http_now_us();
+	enum health_outcome ho = HEALTH_OK;
+
+	if (r->inflight_held) {
+		health_inflight_add(r->state, -1);
+		r->inflight_held = false;
+	}
+	if (res == UPSTREAM_TIMEOUT)
+		ho = HEALTH_TIMEOUT;
+	else if (res == UPSTREAM_CONNECT_ERROR || res == UPSTREAM_ERROR)
+		ho = HEALTH_CONNECT_ERROR;
+	else if (status >= 400)
+		ho = HEALTH_HTTP_STATUS;
+	if (res != UPSTREAM_ABORTED)
+		health_report(r->state, r->instance, ho, status, now);
+	r->trial = false;
+	if (res == UPSTREAM_OK && status < 400 && r->xfer.head_us)
+		health_observe_latency(r->state, r->xfer.head_us - r->xfer.start_us, now - r->xfer.start_us);
+	r->rec.upstream_us += now - r->attempt_start_us;
+	record_attempt(r, r->instance, outcome, status, now - r->attempt_start_us);
 }
 
 static void stream_error_event(struct request *r, const char *code, const char *msg)
@@ -454,52 +865,120 @@ static void stream_error_event(struct request *r, const char *code, const char *
 	evbuffer_free(b);
 }
 
+/* Give this attempt up and try the next candidate. */
+static void fail_over(struct request *r, enum upstream_result res, int status, const char *detail)
+{
+	r->last_res = res;
+	r->last_status = status;
+	snprintf(r->last_detail, sizeof(r->last_detail), "%s", detail);
+	if (r->ticket_held) {
+		quota_release(r->w->quota, &r->ticket);
+		r->ticket_held = false;
+	}
+	attempt_reset(r);
+	next_attempt(r);
+}
+
+/* The attempt's outcome for the record and the metrics: a fixed string. */
+static const char *outcome_name(enum upstream_result res, int status)
+{
+	switch (res) {
+	case UPSTREAM_OK:
+		return status < 400 ? "ok" : status == 429 ? "http_429" : status < 500 ? "http_4xx" : "http_5xx";
+	case UPSTREAM_TIMEOUT: return "timeout";
+	case UPSTREAM_CONNECT_ERROR: return "connect_error";
+	case UPSTREAM_ERROR: return "upstream_error";
+	case UPSTREAM_ABORTED: return "client_gone";
+	}
+	return "unknown";
+}
+
 static void on_upstream_done(void *arg, enum upstream_result res, const char *detail)
 {
 	struct request *r = arg;
 	const struct config_instance *in = r->instance;
+	int status = (int)r->xfer.status;
+	const char *outcome = outcome_name(res, status);
 
 	if (r->http == NULL) { /* the client left; nothing to tell */
+		attempt_end(r, UPSTREAM_ABORTED, status, "client_gone");
 		request_finish(r);
 		return;
 	}
-	if (r->mode == REPLY_STREAM) {
-		if (res == UPSTREAM_OK && sse_pending(&r->sse) == 0) {
-			http_reply_end(r->http);
-		} else {
+	r->rec.upstream_status = status;
+
+	/* A stream the client has seen: finish it, cleanly or with an error event. */
+	if (r->mode == REPLY_STREAM && r->stream_started) {
+		attempt_end(r, res, status, outcome);
+		if (res != UPSTREAM_OK || sse_pending(&r->sse) != 0) {
 			const char *why = res == UPSTREAM_OK ? "the stream ended inside an event" : detail;
 			log_warn("[%s] instance %s: stream failed after the first byte: %s", r->id,
 			         in->name, why);
 			stream_error_event(r, res == UPSTREAM_TIMEOUT ? "upstream_timeout"
 			                                              : "upstream_stream_error",
 			                   why);
-			http_reply_end(r->http);
+			r->rec.error_code = "upstream_stream_error";
 		}
+		r->rec.status = status;
+		http_reply_end(r->http);
 		r->http = NULL;
 		request_finish(r);
 		return;
 	}
-	if (res == UPSTREAM_OK) {
-		size_t n = evbuffer_get_length(r->buffered);
-		add_response_headers(r);
-		http_reply(r->http, (int)r->xfer.status,
-		           r->xfer.content_type[0] ? r->xfer.content_type : "application/json",
-		           (const char *)evbuffer_pullup(r->buffered, (ev_ssize_t)n), n);
-		r->http = NULL;
-		request_finish(r);
+
+	/* Nothing sent yet: fail over when the route says so. */
+	unsigned trigger = res == UPSTREAM_OK ? trigger_for_status(r->route, status)
+	                                      : trigger_for_result(res);
+	if (res == UPSTREAM_OK && r->mode == REPLY_STREAM) /* 2xx, but no whole event came */
+		trigger = FALLBACK_HTTP_5XX, res = UPSTREAM_ERROR, detail = "the stream ended before its first event";
+	attempt_end(r, res, status, outcome);
+	if (res == UPSTREAM_OK && status == 429) {
+		const char *ra = NULL;
+		size_t n = evbuffer_get_length(r->xfer.headers);
+		char *h = n ? (char *)evbuffer_pullup(r->xfer.headers, (ev_ssize_t)n) : NULL;
+		if (h && (ra = strcasestr(h, "retry-after: ")) != NULL)
+			health_retry_after(r->state, in, strtoull(ra + 13, NULL, 10), http_now_us());
+	}
+	if (trigger & r->route->fallback.on) {
+		char why[300];
+		if (res == UPSTREAM_OK)
+			snprintf(why, sizeof(why), "%s answered HTTP %d", in->name, status);
+		else
+			snprintf(why, sizeof(why), "%s: %s", in->name, detail);
+		log_info("[%s] failing over from %s: %s", r->id, in->name, why);
+		fail_over(r, res, status, why);
 		return;
 	}
-	int status = status_for_failure(res);
-	log_warn("[%s] instance %s: %s: %s", r->id, in->name, upstream_result_name(res), detail);
-	if (res == UPSTREAM_TIMEOUT)
-		reply_error(r, status, "timeout_error", "upstream_timeout",
-		            "instance '%s' timed out: %s", in->name, detail);
-	else if (res == UPSTREAM_CONNECT_ERROR)
-		reply_error(r, status, "upstream_error", "upstream_connect_error",
-		            "cannot connect to instance '%s': %s", in->name, detail);
-	else
-		reply_error(r, status, "upstream_error", "upstream_error",
-		            "instance '%s' failed: %s", in->name, detail);
+	if (res != UPSTREAM_OK) {
+		int code = res == UPSTREAM_TIMEOUT ? 504 : 502;
+		log_warn("[%s] instance %s: %s: %s", r->id, in->name, upstream_result_name(res), detail);
+		if (res == UPSTREAM_TIMEOUT)
+			reply_error(r, code, "timeout_error", "upstream_timeout",
+			            "instance '%s' timed out: %s", in->name, detail);
+		else if (res == UPSTREAM_CONNECT_ERROR)
+			reply_error(r, code, "upstream_error", "upstream_connect_error",
+			            "cannot connect to instance '%s': %s", in->name, detail);
+		else
+			reply_error(r, code, "upstream_error", "upstream_error",
+			            "instance '%s' failed: %s", in->name, detail);
+		return;
+	}
+
+	/* Deliver the whole answer as the upstream gave it. */
+	size_t n = evbuffer_get_length(r->buffered);
+	const char *body = (const char *)evbuffer_pullup(r->buffered, (ev_ssize_t)n);
+	if (status >= 200 && status < 300) {
+		if (!usage_from_body(body, n, &r->usage))
+			r->output_text_bytes = n;
+	}
+	add_response_headers(r);
+	r->rec.status = status;
+	r->rec.bytes_out = n;
+	r->rec.ttft_us = http_now_us() - r->start_us;
+	http_reply(r->http, status, r->xfer.content_type[0] ? r->xfer.content_type : "application/json",
+	           body, n);
+	r->http = NULL;
+	request_finish(r);
 }
 
 /* ---------------------------------------------------------------- the end */
@@ -509,8 +988,17 @@ static void on_client_abort(void *arg)
 	struct request *r = arg;
 
 	log_debug("[%s] client went away; cancelling the upstream transfer", r->id);
-	r->aborted_by_client = true;
-	upstream_xfer_cancel(&r->xfer);
+	if (r->xfer.running) {
+		upstream_xfer_cancel(&r->xfer);
+		attempt_end(r, UPSTREAM_ABORTED, (int)r->xfer.status, "client_gone");
+	}
+	if (r->quota_pending) {
+		quota_cancel(r->w->quota, &r->ticket);
+		r->quota_pending = false;
+		if (r->trial)
+			health_trial_abandon(r->state);
+	}
+	r->rec.status = 499; /* nginx's "client closed request" */
 	http_request_abandon(r->http);
 	r->http = NULL;
 	request_finish(r);
@@ -527,9 +1015,30 @@ static void reply_error(struct request *r, int status, const char *type, const c
 	va_end(ap);
 	if (status < 500)
 		log_info("[%s] %d %s: %s", r->id, status, code, msg);
+	r->rec.status = status;
+	r->rec.error_code = code;
 	http_reply_error(r->http, status, type, code, "%s", msg);
 	r->http = NULL;
 	request_finish(r);
+}
+
+/* Charge what the answer used: the upstream's usage, or our estimate. */
+static void settle(struct request *r)
+{
+	struct record_usage *u = &r->usage;
+
+	if (!u->present && (r->ticket_held || r->output_text_bytes > 0)) {
+		u->present = true;
+		u->estimated = true;
+		u->prompt = r->est_prompt;
+		u->completion = usage_estimate_text(r->output_text_bytes);
+		u->total = u->prompt + u->completion;
+	}
+	if (r->ticket_held) {
+		quota_settle(r->w->quota, &r->ticket, u->prompt, u->completion);
+		r->ticket_held = false;
+	}
+	r->rec.usage = *u;
 }
 
 /*
@@ -538,16 +1047,41 @@ static void reply_error(struct request *r, int status, const char *type, const c
  */
 static void request_finish(struct request *r)
 {
+	struct worker *w = r->w;
+
 	if (r->http != NULL) {
 		http_request_abandon(r->http);
 		r->http = NULL;
 	}
+	if (r->xfer.running) {
+		upstream_xfer_cancel(&r->xfer);
+		attempt_end(r, UPSTREAM_ABORTED, 0, "client_gone");
+	}
+	if (r->inflight_held) {
+		health_inflight_add(r->state, -1);
+		r->inflight_held = false;
+	}
+	if (r->quota_pending)
+		quota_cancel(w->quota, &r->ticket);
+	settle(r);
+	if (r->concurrency_held)
+		quota_concurrency_release(r->consumer);
+
+	r->rec.total_us = http_now_us() - r->start_us;
+	r->rec.overhead_us = r->rec.total_us > r->rec.upstream_us ? r->rec.total_us - r->rec.upstream_us : 0;
+	metrics_record_request(w->metrics, &r->rec);
+	accesslog_write(&r->rec);
+
 	upstream_xfer_cleanup(&r->xfer);
-	TAILQ_REMOVE(&r->w->requests, r, link);
+	TAILQ_REMOVE(&w->requests, r, link);
 	if (r->sse_ready)
 		sse_parser_free(&r->sse);
 	if (r->buffered)
 		evbuffer_free(r->buffered);
+	if (r->own_balancer)
+		balancer_free(r->own_balancer);
+	if (r->excluded != r->excluded_small)
+		free(r->excluded);
 	free(r->upstream_body);
 	json_decref(r->body);
 	config_unref(r->config);

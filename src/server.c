@@ -23,9 +23,19 @@
 #include <curl/curl.h>
 #include <event2/event.h>
 #include <event2/thread.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
+#include "sluice/accesslog.h"
+#include "sluice/admin.h"
+#include "sluice/alerts.h"
+#include "sluice/balancer.h"
+#include "sluice/health.h"
 #include "sluice/http.h"
 #include "sluice/log.h"
+#include "sluice/metrics.h"
+#include "sluice/notify.h"
+#include "sluice/quota.h"
 #include "sluice/request.h"
 #include "sluice/upstream.h"
 
@@ -42,7 +52,11 @@ struct server {
 	struct event *drain_ev;
 	uint64_t drain_deadline_us;
 	bool draining;
+	bool ready;
 	uint64_t generation;
+	uint64_t started_unix;
+	struct health_checker *checker;
+	struct admin *admin;
 };
 
 /* ---------------------------------------------------------------- listeners */
@@ -102,7 +116,56 @@ static long maxconnects_from(const struct config *c)
 	return n;
 }
 
+/* A TLS context for one listener, or NULL with the reason logged. */
+static SSL_CTX *tls_context(const struct config_listen *l)
+{
+	SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+	char err[256] = "out of memory";
+
+	if (ctx == NULL)
+		goto fail;
+	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
+	if (SSL_CTX_use_certificate_chain_file(ctx, l->tls_cert) != 1 ||
+	    SSL_CTX_use_PrivateKey_file(ctx, l->tls_key, SSL_FILETYPE_PEM) != 1 ||
+	    SSL_CTX_check_private_key(ctx) != 1) {
+		ERR_error_string_n(ERR_get_error(), err, sizeof(err));
+		goto fail;
+	}
+	return ctx;
+fail:
+	log_error("listen %s: TLS certificate %s / key %s: %s", l->address, l->tls_cert, l->tls_key,
+	          err);
+	ERR_clear_error();
+	SSL_CTX_free(ctx);
+	return NULL;
+}
+
+/* Load every listener's certificate: false when one fails (a reload is refused). */
+static bool tls_check(const struct config *c)
+{
+	for (size_t i = 0; i < c->server.n_listen; i++) {
+		if (c->server.listen[i].tls_cert == NULL)
+			continue;
+		SSL_CTX *ctx = tls_context(&c->server.listen[i]);
+		if (ctx == NULL)
+			return false;
+		SSL_CTX_free(ctx);
+	}
+	return true;
+}
+
 /* ---------------------------------------------------------------- workers */
+
+static void worker_free_balancers(struct worker *w)
+{
+	if (w->balancers_config)
+		for (size_t i = 0; i < w->balancers_config->n_routes; i++)
+			balancer_free(w->balancers[i]);
+	free(w->balancers);
+	w->balancers = NULL;
+	w->balancers_config = NULL;
+}
 
 static void worker_apply_config(struct worker *w, struct config *c)
 {
@@ -111,6 +174,29 @@ static void worker_apply_config(struct worker *w, struct config *c)
 	if (w->http)
 		http_server_set_limits(w->http, &lim);
 	upstream_set_maxconnects(w->upstream, maxconnects_from(c));
+	/* Balancer state is per worker and per snapshot: a reload starts the
+	 * weighted rotation afresh (requests still on the old snapshot balance
+	 * on their own, see request.c). */
+	worker_free_balancers(w);
+	w->balancers = calloc(c->n_routes ? c->n_routes : 1, sizeof(*w->balancers));
+	if (w->balancers) {
+		for (size_t i = 0; i < c->n_routes; i++)
+			w->balancers[i] = balancer_new(&c->routes[i]);
+		w->balancers_config = c;
+	}
+	if (w->quota)
+		quota_configure(w->quota, c);
+	/* Certificates are re-read on every reload (renewed files take effect);
+	 * open connections keep the context they started with. */
+	for (size_t i = 0; w->http && i < c->server.n_listen; i++) {
+		if (c->server.listen[i].tls_cert == NULL)
+			continue;
+		SSL_CTX *ctx = tls_context(&c->server.listen[i]);
+		if (ctx) {
+			http_server_set_tls(w->http, i, ctx);
+			SSL_CTX_free(ctx);
+		}
+	}
 }
 
 static void worker_drain_check(evutil_socket_t fd, short what, void *arg)
@@ -180,9 +266,11 @@ static bool worker_init(struct server *s, struct worker *w, int id)
 	if (w->base == NULL)
 		return false;
 	w->upstream = upstream_new(w->base);
+	w->quota = quota_new(w->base, c);
+	w->metrics = metrics_shard(id);
 	w->wake_ev = event_new(w->base, -1, 0, worker_wake, w);
 	w->drain_check_ev = evtimer_new(w->base, worker_drain_check, w);
-	if (w->upstream == NULL || w->wake_ev == NULL || w->drain_check_ev == NULL)
+	if (w->upstream == NULL || w->quota == NULL || w->wake_ev == NULL || w->drain_check_ev == NULL)
 		return false;
 	for (size_t i = 0; i < c->server.n_listen && n_fds < 16; i++) {
 		int fd = listen_socket(&c->server.listen[i]);
@@ -206,6 +294,9 @@ static void worker_destroy(struct worker *w)
 {
 	if (w->http)
 		http_server_free(w->http);
+	worker_free_balancers(w);
+	if (w->quota)
+		quota_free(w->quota);
 	if (w->upstream)
 		upstream_free(w->upstream);
 	if (w->wake_ev)
@@ -235,7 +326,23 @@ static void worker_post(struct worker *w, struct config *next, bool drain, bool 
 	event_active(w->wake_ev, 0, 0);
 }
 
-/* ---------------------------------------------------------------- reload */
+/* ---------------------------------------------------------------- publish and reload */
+
+/*
+ * Prepare a snapshot on the main thread before any worker sees it: attach the
+ * runtime state that outlives snapshots (health, in-flight) by instance name,
+ * and bring probes, alerts and the access log in line with it.
+ */
+static void server_prepare(struct server *s, struct config *c)
+{
+	for (size_t i = 0; i < c->n_instances; i++)
+		c->instances[i].state = health_state(c->instances[i].name);
+	health_checker_sync(s->checker, c);
+	alerts_configure(c);
+	accesslog_open(c->log.access_log);
+	if (s->admin)
+		admin_configure(s->admin, c);
+}
 
 static bool same_listeners(const struct config *a, const struct config *b)
 {
@@ -253,27 +360,45 @@ static void apply_logging(const struct config *c)
 	log_open(c->log.error_log);
 }
 
-static void server_reload(struct server *s)
+static bool server_reload(struct server *s, json_t **errors_out)
 {
 	struct config_errors errs = {0};
 	struct config *c = config_load(s->config_path, &errs);
 
 	if (c == NULL) {
-		for (size_t i = 0; i < errs.n; i++)
+		json_t *list = json_array();
+		for (size_t i = 0; i < errs.n; i++) {
 			log_error("reload rejected: %s", errs.msgs[i]);
+			json_array_append_new(list, json_string(errs.msgs[i]));
+		}
+		if (errors_out)
+			*errors_out = json_incref(list);
+		alerts_emit("config_reload_failed", json_pack("{s:s, s:o}", "file", s->config_path,
+		                                              "errors", list));
+		metrics_reload(false);
 		if (errs.dropped)
 			log_error("reload rejected: ... and %zu more errors", errs.dropped);
 		log_error("reload of %s failed with %zu error(s); still serving generation %llu",
 		          s->config_path, errs.n + errs.dropped, (unsigned long long)s->generation);
 		config_errors_free(&errs);
-		return;
+		return false;
+	}
+	if (!tls_check(c)) {
+		log_error("reload of %s refused: a TLS certificate does not load", s->config_path);
+		if (errors_out)
+			*errors_out = json_pack("[s]", "a TLS certificate or key does not load (see the log)");
+		config_unref(c);
+		metrics_reload(false);
+		return false;
 	}
 	if (!same_listeners(s->config, c))
 		log_warn("reload: server.listen changed; listeners change only on restart");
 	if (c->server.workers != s->config->server.workers)
 		log_warn("reload: server.workers changed; the worker count changes only on restart");
+	notify_reloading();
 	c->generation = ++s->generation;
 	apply_logging(c);
+	server_prepare(s, c);
 	for (int i = 0; i < s->n_workers; i++)
 		worker_post(&s->workers[i], c, false, false);
 	config_unref(s->config);
@@ -281,6 +406,9 @@ static void server_reload(struct server *s)
 	log_info("reloaded %s: generation %llu, sha256 %.12s, %zu instances, %zu routes",
 	         s->config_path, (unsigned long long)c->generation, c->sha256_hex, c->n_instances,
 	         c->n_routes);
+	metrics_reload(true);
+	notify_ready();
+	return true;
 }
 
 /* ---------------------------------------------------------------- signals and drain */
@@ -313,7 +441,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 	switch (sig) {
 	case SIGHUP:
 		log_info("SIGHUP: reloading %s", s->config_path);
-		server_reload(s);
+		server_reload(s, NULL);
 		break;
 	case SIGUSR1:
 		log_reopen();
@@ -327,6 +455,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 			break;
 		}
 		s->draining = true;
+		notify_stopping();
 		log_info("%s: draining (up to %llu ms for in-flight requests)",
 		         sig == SIGTERM ? "SIGTERM" : "SIGINT",
 		         (unsigned long long)s->config->server.drain_timeout);
@@ -338,6 +467,132 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 	}
 }
 
+/* ---------------------------------------------------------------- admin hooks (main thread) */
+
+static json_t *limits_json(const struct quota_limit_state *st, size_t n);
+
+static json_t *hook_status(void *arg)
+{
+	struct server *s = arg;
+	size_t conns = 0, active = 0;
+	for (int i = 0; i < s->n_workers; i++) {
+		/* Racy reads of other threads' counters: fine for a status figure. */
+		conns += http_server_connections(s->workers[i].http);
+		active += http_server_active(s->workers[i].http);
+	}
+	return json_pack("{s:s, s:I, s:I, s:s, s:s, s:i, s:I, s:I, s:b}", "version", SLUICE_VERSION,
+	                 "uptime_s", (json_int_t)((uint64_t)time(NULL) - s->started_unix),
+	                 "config_generation", (json_int_t)s->generation, "config_file",
+	                 s->config_path, "config_sha256", s->config->sha256_hex, "workers",
+	                 s->n_workers, "open_connections", (json_int_t)conns, "active_requests",
+	                 (json_int_t)active, "draining", s->draining);
+}
+
+static json_t *hook_instances(void *arg)
+{
+	struct server *s = arg;
+	const struct config *c = s->config;
+	json_t *list = json_array();
+
+	for (size_t i = 0; i < c->n_instances; i++) {
+		const struct config_instance *in = &c->instances[i];
+		struct health_snapshot h;
+		health_snapshot(in->state, &h);
+		json_t *o = json_pack(
+		        "{s:s, s:s, s:s?, s:b, s:s, s:s?, s:I, s:I, s:i, s:f, s:f, s:I, s:I, s:I}",
+		        "name", in->name, "provider", config_provider_name(in->provider), "model",
+		        in->model, "healthy", h.healthy, "last_reason", h.last_reason, "last_source",
+		        h.source, "last_transition_unix_ms", (json_int_t)h.last_transition_unix_ms,
+		        "transitions", (json_int_t)h.transitions, "inflight", h.inflight,
+		        "ewma_ttft_ms", h.ewma_ttft_us / 1000.0, "ewma_total_ms",
+		        h.ewma_total_us / 1000.0, "retry_after_until_unix_ms",
+		        (json_int_t)h.retry_after_until_unix_ms, "probes_ok", (json_int_t)h.probes_ok,
+		        "probes_failed", (json_int_t)h.probes_failed);
+		json_object_set_new(o, "active_checks", json_boolean(in->active.enabled));
+		struct quota_limit_state st[16];
+		size_t n = quota_peek_memory(NULL, in, st, 16);
+		json_object_set_new(o, "limits", limits_json(st, n));
+		json_array_append_new(list, o);
+	}
+	return list;
+}
+
+static json_t *hook_routes(void *arg)
+{
+	struct server *s = arg;
+	const struct config *c = s->config;
+	json_t *list = json_array();
+
+	for (size_t i = 0; i < c->n_routes; i++) {
+		const struct config_route *rt = &c->routes[i];
+		json_t *paths = json_array(), *models = json_array(), *targets = json_array();
+		for (size_t j = 0; j < rt->n_paths; j++)
+			json_array_append_new(paths, json_string(rt->paths[j]));
+		for (size_t j = 0; j < rt->n_models; j++)
+			json_array_append_new(models, json_string(rt->models[j]));
+		for (size_t j = 0; j < rt->n_targets; j++)
+			json_array_append_new(targets, json_pack("{s:s, s:i, s:i}", "instance",
+			                                         rt->targets[j].instance->name, "priority",
+			                                         rt->targets[j].priority, "weight",
+			                                         (int)rt->targets[j].weight));
+		json_array_append_new(list, json_pack("{s:s, s:o, s:o, s:o}", "name", rt->name, "paths",
+		                                      paths, "models", models, "targets", targets));
+	}
+	return list;
+}
+
+static json_t *limits_json(const struct quota_limit_state *st, size_t n)
+{
+	json_t *list = json_array();
+	for (size_t i = 0; i < n; i++) {
+		const struct config_limit *l = st[i].limit;
+		json_t *o = json_pack("{s:s, s:s?, s:s, s:I, s:I, s:I, s:I, s:s}", "id", l->id,
+		                      "instance", l->instance ? l->instance->name : NULL, "kind",
+		                      l->requests ? "requests" : config_strategy_name(l->strategy),
+		                      "limit", (json_int_t)(l->requests ? l->requests : l->tokens), "used",
+		                      (json_int_t)st[i].used, "remaining", (json_int_t)st[i].remaining,
+		                      "reset_s", (json_int_t)st[i].reset_s, "window_type",
+		                      config_limit_type_name(l->type));
+		json_array_append_new(list, o);
+	}
+	return list;
+}
+
+/* Quota use as this node counts it (with Redis: what it counted itself). */
+static json_t *hook_consumers(void *arg)
+{
+	struct server *s = arg;
+	const struct config *c = s->config;
+	json_t *list = json_array();
+	struct quota_limit_state st[64];
+
+	for (size_t i = 0; i < c->n_consumers; i++) {
+		const struct config_consumer *co = &c->consumers[i];
+		size_t n = quota_peek_memory(co, NULL, st, 64);
+		json_array_append_new(list, json_pack("{s:s, s:i, s:i, s:o}", "name", co->name,
+		                                      "max_concurrent", co->max_concurrent, "in_flight",
+		                                      quota_concurrency_current(co->name), "limits",
+		                                      limits_json(st, n)));
+	}
+	return list;
+}
+
+static json_t *hook_reload(void *arg, bool *ok)
+{
+	struct server *s = arg;
+	json_t *errors = NULL;
+	*ok = server_reload(s, &errors);
+	if (*ok)
+		return json_pack("{s:b, s:I}", "ok", 1, "generation", (json_int_t)s->generation);
+	return json_pack("{s:b, s:o}", "ok", 0, "errors", errors ? errors : json_array());
+}
+
+static bool hook_ready(void *arg)
+{
+	struct server *s = arg;
+	return s->ready && !s->draining;
+}
+
 /* ---------------------------------------------------------------- run */
 
 int server_run(struct config *cfg, const char *config_path)
@@ -345,6 +600,10 @@ int server_run(struct config *cfg, const char *config_path)
 	struct server s = {0};
 	int rc = 1, started = 0;
 
+	if (!tls_check(cfg)) {
+		config_unref(cfg);
+		return 1;
+	}
 	signal(SIGPIPE, SIG_IGN);
 	evthread_use_pthreads();
 	curl_global_init(CURL_GLOBAL_DEFAULT);
@@ -352,12 +611,33 @@ int server_run(struct config *cfg, const char *config_path)
 	s.config = cfg;
 	s.config_path = config_path;
 	s.generation = cfg->generation = 1;
+	s.started_unix = (uint64_t)time(NULL);
 	apply_logging(cfg);
 	s.base = event_base_new();
 	s.n_workers = cfg->server.workers;
 	s.workers = calloc((size_t)s.n_workers, sizeof(*s.workers));
 	if (s.base == NULL || s.workers == NULL)
 		goto out;
+
+	health_registry_init();
+	metrics_init(s.n_workers);
+	if (!alerts_init(s.base))
+		goto out;
+	s.checker = health_checker_new(s.base);
+	static const struct admin_hooks hooks = {
+		.status = hook_status,
+		.instances = hook_instances,
+		.consumers = hook_consumers,
+		.routes = hook_routes,
+		.reload = hook_reload,
+		.ready = hook_ready,
+	};
+	struct admin_hooks h = hooks;
+	h.arg = &s;
+	s.admin = admin_new(s.base, cfg, &h);
+	if (s.checker == NULL || (cfg->admin.address && s.admin == NULL))
+		goto out;
+	server_prepare(&s, cfg);
 
 	for (int i = 0; i < s.n_workers; i++)
 		if (!worker_init(&s, &s.workers[i], i))
@@ -384,6 +664,8 @@ int server_run(struct config *cfg, const char *config_path)
 	log_info("sluice %s ready: %d workers, %zu instances, %zu routes, config sha256 %.12s",
 	         SLUICE_VERSION, s.n_workers, cfg->n_instances, cfg->n_routes, cfg->sha256_hex);
 
+	s.ready = true;
+	notify_ready();
 	event_base_dispatch(s.base);
 	rc = 0;
 out:
@@ -399,9 +681,16 @@ out:
 	for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
 		if (evs[i])
 			event_free(evs[i]);
+	admin_free(s.admin);
+	health_checker_free(s.checker);
+	alerts_shutdown();
 	if (s.base)
 		event_base_free(s.base);
 	config_unref(s.config);
+	accesslog_close();
+	metrics_free();
+	quota_global_free();
+	health_registry_free();
 	curl_global_cleanup();
 	if (rc == 0)
 		log_info("stopped");

@@ -16,6 +16,9 @@ struct http_server;
 struct upstream;
 struct server;
 struct request;
+struct balancer;
+struct quota;
+struct metrics_shard;
 
 TAILQ_HEAD(request_list, request);
 
@@ -32,6 +35,10 @@ struct worker {
 	struct http_server *http;
 	struct upstream *upstream;
 	struct config *config; /* this worker's current snapshot: one reference */
+	struct balancer **balancers;     /* per route of balancers_config (== config) */
+	struct config *balancers_config;
+	struct quota *quota;             /* this worker's quota client (memory / Redis) */
+	struct metrics_shard *metrics;   /* this worker's metric counters */
 	struct request_list requests; /* live requests (for shutdown) */
 	uint64_t n_requests;          /* accepted so far: request-id sequence */
 	uint64_t rng;                 /* xorshift state for ids and balancing */
