@@ -401,8 +401,10 @@ static bool parse_head(struct http_conn *c, const char **why)
 
 const char *http_request_header(const struct http_request *req, const char *lower_name)
 {
+	/* Names are stored lower-cased; the lookup name may come from configuration
+	 * as the user wrote it (X-Session-Id), hence strcasecmp. */
 	for (size_t i = 0; i < req->n_headers; i++)
-		if (strcmp(req->headers[i].name, lower_name) == 0)
+		if (strcasecmp(req->headers[i].name, lower_name) == 0)
 			return req->headers[i].value;
 	return NULL;
 }

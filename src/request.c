@@ -71,6 +71,9 @@ struct request {
 	struct http_request *http;  /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
 	char id[128];
+	/* Copies for the record: the client's buffers are recycled once the reply
+	 * is finished, before the record is written. */
+	char method[16], path[256], client_ip[48];
 	struct request_record rec;
 
 	/* what the client asked */
@@ -215,9 +218,12 @@ void request_handle(struct http_request *hr, void *arg)
 	r->rec.request_id = r->id;
 	r->rec.start_unix_us = (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_usec -
 	                       (http_now_us() - r->start_us);
-	r->rec.method = hr->method;
-	r->rec.path = hr->path;
-	r->rec.client_ip = hr->client_ip;
+	snprintf(r->method, sizeof(r->method), "%s", hr->method);
+	snprintf(r->path, sizeof(r->path), "%s", hr->path);
+	snprintf(r->client_ip, sizeof(r->client_ip), "%s", hr->client_ip);
+	r->rec.method = r->method;
+	r->rec.path = r->path;
+	r->rec.client_ip = r->client_ip;
 	r->rec.bytes_in = hr->body_len;
 
 	if (strcmp(hr->path, "/v1/models") == 0 || strcmp(hr->path, "/models") == 0) {

@@ -262,7 +262,14 @@ static bool worker_init(struct server *s, struct worker *w, int id)
 	pthread_mutex_init(&w->lock, NULL);
 	if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || w->rng == 0)
 		w->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)time(NULL) ^ (uint64_t)id;
-	w->base = event_base_new();
+	/* Precise timers: libevent's default coarse clock moves in ~4 ms steps,
+	 * too coarse for first_byte/idle timeouts and latency figures. */
+	struct event_config *ec = event_config_new();
+	if (ec == NULL)
+		return false;
+	event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
+	w->base = event_base_new_with_config(ec);
+	event_config_free(ec);
 	if (w->base == NULL)
 		return false;
 	w->upstream = upstream_new(w->base);
