@@ -474,6 +474,12 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 	}
 }
 
+/* Health transitions (any thread) feed the metrics and the status page. */
+static void on_health_transition(const char *instance, bool healthy, const char *reason, void *arg)
+{
+	metrics_health_event(instance, healthy, reason);
+}
+
 /* ---------------------------------------------------------------- admin hooks (main thread) */
 
 static json_t *limits_json(const struct quota_limit_state *st, size_t n);
@@ -628,6 +634,7 @@ int server_run(struct config *cfg, const char *config_path)
 
 	health_registry_init();
 	metrics_init(s.n_workers);
+	health_set_transition_hook(on_health_transition, NULL);
 	if (!alerts_init(s.base))
 		goto out;
 	s.checker = health_checker_new(s.base);

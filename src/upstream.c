@@ -315,7 +315,10 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	/* libcurl sends "Expect: 100-continue" for large bodies and would wait a
 	 * second for it; an empty Expect: turns that off. */
 	upstream_xfer_header(x, "Expect:");
-	if (body != NULL)
+	bool has_ct = false;
+	for (struct curl_slist *h = x->req_headers; h && !has_ct; h = h->next)
+		has_ct = strncasecmp(h->data, "content-type:", 13) == 0;
+	if (body != NULL && !has_ct)
 		upstream_xfer_header(x, "Content-Type: application/json");
 
 	CURL *e = x->easy;
@@ -330,9 +333,9 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 		curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
 	}
 	/* A reused handle keeps its last custom method: always set it. */
-	curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST,
-	                 method && strcmp(method, "POST") != 0 && strcmp(method, "GET") != 0 ? method
-	                                                                                   : NULL);
+	bool plain = method == NULL || strcmp(method, "POST") == 0 ||
+	             (strcmp(method, "GET") == 0 && body == NULL);
+	curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, plain ? NULL : method);
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, x->req_headers);
 	curl_easy_setopt(e, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
 	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
