@@ -480,6 +480,29 @@ static void on_health_transition(const char *instance, bool healthy, const char 
 	metrics_health_event(instance, healthy, reason);
 }
 
+/* Scrape-time gauges: read where they live (health registry, workers' servers). */
+static void gauge_source(void *arg, struct evbuffer *out)
+{
+	struct server *s = arg;
+	const struct config *c = s->config;
+	struct metrics_upstream_state *v = calloc(c->n_instances ? c->n_instances : 1, sizeof(*v));
+	unsigned long long conns = 0;
+
+	if (v != NULL) {
+		for (size_t i = 0; i < c->n_instances; i++) {
+			v[i].name = c->instances[i].name;
+			v[i].healthy = health_is_healthy(c->instances[i].state);
+			int n = health_inflight(c->instances[i].state);
+			v[i].inflight = n > 0 ? (unsigned long long)n : 0;
+		}
+		metrics_write_upstreams(out, v, c->n_instances);
+		free(v);
+	}
+	for (int i = 0; i < s->n_workers; i++)
+		conns += http_server_connections(s->workers[i].http);
+	metrics_write_connections(out, conns);
+}
+
 /* ---------------------------------------------------------------- admin hooks (main thread) */
 
 static json_t *limits_json(const struct quota_limit_state *st, size_t n);
@@ -635,6 +658,7 @@ int server_run(struct config *cfg, const char *config_path)
 	health_registry_init();
 	metrics_init(s.n_workers);
 	health_set_transition_hook(on_health_transition, NULL);
+	metrics_add_gauge_source(gauge_source, &s);
 	if (!alerts_init(s.base))
 		goto out;
 	s.checker = health_checker_new(s.base);
