@@ -452,6 +452,7 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
 		break;
 	case SIGUSR1:
 		log_reopen();
+		accesslog_reopen();
 		log_info("SIGUSR1: log files reopened");
 		break;
 	case SIGTERM:
