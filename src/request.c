@@ -1033,6 +1033,14 @@ static void settle(struct request *r)
 {
 	struct record_usage *u = &r->usage;
 
+	/* An upstream that refused (4xx/5xx passed through) or never answered did
+	 * no work for us: give the reservation back rather than guess. */
+	if (r->ticket_held && !u->present && (r->rec.upstream_status == 0 || r->rec.upstream_status >= 400) &&
+	    r->output_text_bytes == 0) {
+		quota_release(r->w->quota, &r->ticket);
+		r->ticket_held = false;
+	}
+
 	if (!u->present && (r->ticket_held || r->output_text_bytes > 0)) {
 		u->present = true;
 		u->estimated = true;
