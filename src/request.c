@@ -124,6 +124,8 @@ struct request {
 	bool client_paused;            /* the transfer waits for the client to drain */
 	struct record_usage usage;
 	size_t output_text_bytes;      /* for an estimate when no usage comes */
+	char *prompt_payload;            /* log.payloads: the client's body */
+	struct evbuffer *output_payload; /* log.payloads: the answer's text */
 };
 
 static void request_finish(struct request *r);
@@ -252,6 +254,10 @@ void request_handle(struct http_request *hr, void *arg)
 	if (r->excluded == NULL) {
 		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
 		return;
+	}
+	if (r->config->log.payloads) {
+		r->prompt_payload = strndup(hr->body, hr->body_len);
+		r->output_payload = evbuffer_new();
 	}
 	r->est_prompt = usage_estimate_prompt(r->body);
 	r->est_completion = usage_completion_budget(r->body, DEFAULT_COMPLETION_BUDGET);
@@ -744,7 +750,7 @@ static void on_client_drained(void *arg)
 
 /* Length of the text in "content":"..." fields of one chunk: for an estimate
  * when the upstream reports no usage. A scan, not a parse. */
-static size_t content_bytes(const char *data, size_t len)
+static size_t content_bytes(const char *data, size_t len, struct evbuffer *keep)
 {
 	static const char key[] = "\"content\":\"";
 	size_t total = 0;
@@ -755,6 +761,8 @@ static size_t content_bytes(const char *data, size_t len)
 		while (q < end && *q != '"')
 			q += (*q == '\\') ? 2 : 1;
 		total += (size_t)(q - p);
+		if (keep)
+			evbuffer_add(keep, p, (size_t)(q - p)); /* still JSON-escaped: fine for a log */
 		p = q;
 	}
 	return total;
@@ -772,7 +780,7 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 			if (usage_only && r->hide_usage_chunk)
 				return true; /* asked for by us, not by the client */
 		} else {
-			r->output_text_bytes += content_bytes(ev->data, ev->data_len);
+			r->output_text_bytes += content_bytes(ev->data, ev->data_len, r->output_payload);
 		}
 	}
 	if (!r->stream_started) {
@@ -1081,6 +1089,15 @@ static void request_finish(struct request *r)
 	if (r->concurrency_held)
 		quota_concurrency_release(r->consumer);
 
+	if (r->prompt_payload)
+		r->rec.prompt_payload = r->prompt_payload;
+	if (r->output_payload) {
+		if (r->mode == REPLY_BUFFERED && r->buffered && evbuffer_get_length(r->output_payload) == 0)
+			evbuffer_add(r->output_payload, evbuffer_pullup(r->buffered, -1),
+			             evbuffer_get_length(r->buffered));
+		evbuffer_add(r->output_payload, "", 1);
+		r->rec.output_payload = (const char *)evbuffer_pullup(r->output_payload, -1);
+	}
 	r->rec.total_us = http_now_us() - r->start_us;
 	r->rec.overhead_us = r->rec.total_us > r->rec.upstream_us ? r->rec.total_us - r->rec.upstream_us : 0;
 	metrics_record_request(w->metrics, &r->rec);
@@ -1097,6 +1114,9 @@ static void request_finish(struct request *r)
 	if (r->excluded != r->excluded_small)
 		free(r->excluded);
 	free(r->upstream_body);
+	free(r->prompt_payload);
+	if (r->output_payload)
+		evbuffer_free(r->output_payload);
 	json_decref(r->body);
 	config_unref(r->config);
 	free(r);

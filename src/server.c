@@ -705,6 +705,8 @@ int server_run(struct config *cfg, const char *config_path)
 
 	s.ready = true;
 	notify_ready();
+	notify_status("serving generation %llu with %d workers", (unsigned long long)s.generation,
+	              s.n_workers);
 	event_base_dispatch(s.base);
 	rc = 0;
 out:
