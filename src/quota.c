@@ -1,0 +1,987 @@
+/* quota.c — admission with reservation, settlement and release; concurrency caps. */
+#include "sluice/quota.h"
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/event.h>
+
+#include "sluice/log.h"
+#include "store.h"
+
+/*
+ * The admission rule, and why (docs/quotas.md has the proof):
+ *
+ *   a counter admits while  used + reserved < limit,  and then reserves the amount.
+ *
+ * used + reserved is what the counter holds: every in-flight request's estimate plus the
+ * real usage of the settled ones. Refusing only an exhausted counter (rather than one
+ * the estimate would overflow) lets a consumer spend its whole quota even when the last
+ * request's estimate is generous, and still bounds the overshoot: the last request
+ * admitted saw the counter below the limit, every earlier one is in the counter at no
+ * less than its real use (when estimates are not low), so the total ends below
+ * limit + that last request's real tokens — however many requests raced for it,
+ * because the check and the reservation happen in one critical section (a shard lock
+ * or one Lua script).
+ */
+
+struct quota {
+	struct event_base *base;
+	struct redis_store *redis; /* NULL with the memory store */
+	bool freeing;
+};
+
+/* A Redis admission in flight. Owns its keys, so a cancelled one can still be released. */
+struct quota_pending {
+	struct quota *q;
+	struct quota_ticket *t; /* NULL once cancelled */
+	unsigned n;
+	uint64_t amounts[QUOTA_MAX_COUNTERS];
+	int argc; /* 2 keys then 4 arguments per counter */
+	const char **argv;
+	size_t *lens;
+};
+
+/* A fire-and-forget adjustment (settle, release). */
+struct quota_adjust {
+	int argc;
+	const char **argv;
+	size_t *lens;
+};
+
+/* ---------------------------------------------------------------- clock and windows */
+
+static uint64_t wall_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static uint64_t (*_Atomic clock_fn)(void) = wall_ms;
+
+void quota_set_clock_for_tests(uint64_t (*now_ms)(void))
+{
+	clock_fn = now_ms != NULL ? now_ms : wall_ms;
+}
+
+static uint64_t now_ms(void)
+{
+	return clock_fn();
+}
+
+/* Start of the index-th month since January 1970, in ms. */
+static uint64_t month_start_ms(int64_t index)
+{
+	struct tm tm;
+
+	memset(&tm, 0, sizeof(tm));
+	if (index < 0)
+		index = 0;
+	tm.tm_year = 70 + (int)(index / 12);
+	tm.tm_mon = (int)(index % 12);
+	tm.tm_mday = 1;
+	return (uint64_t)timegm(&tm) * 1000;
+}
+
+void quota_window_bounds(const struct config_window *w, uint64_t now, uint64_t *start,
+                         uint64_t *end, uint64_t *prev_start)
+{
+	if (w->months > 0) {
+		time_t secs = (time_t)(now / 1000);
+		struct tm tm;
+		int64_t idx, first;
+
+		gmtime_r(&secs, &tm);
+		idx = (int64_t)(tm.tm_year - 70) * 12 + tm.tm_mon;
+		first = idx - idx % (int64_t)w->months;
+		*start = month_start_ms(first);
+		*end = month_start_ms(first + (int64_t)w->months);
+		*prev_start = month_start_ms(first - (int64_t)w->months);
+		return;
+	}
+	uint64_t len = w->ms > 0 ? w->ms : 1;
+	*start = now - now % len;
+	*end = *start + len;
+	*prev_start = *start >= len ? *start - len : 0;
+}
+
+/* ---------------------------------------------------------------- the plan */
+
+static uint64_t limit_value(const struct config_limit *l)
+{
+	return l->requests > 0 ? l->requests : l->tokens;
+}
+
+static bool is_token_limit(const struct config_limit *l)
+{
+	return l->requests == 0;
+}
+
+static uint64_t amount_for(const struct config_limit *l, uint64_t prompt, uint64_t completion)
+{
+	if (l->requests > 0)
+		return 1;
+	switch (l->strategy) {
+	case LIMIT_PROMPT_TOKENS:
+		return prompt;
+	case LIMIT_COMPLETION_TOKENS:
+		return completion;
+	default:
+		return prompt + completion;
+	}
+}
+
+static bool plan_add(struct quota_ticket *t, const struct config_limit *l, bool is_consumer,
+                     uint64_t prompt, uint64_t completion, uint64_t now)
+{
+	static atomic_bool warned;
+	struct quota_reservation *r;
+
+	if (t->n_res >= QUOTA_MAX_COUNTERS) {
+		if (!atomic_exchange(&warned, true))
+			log_error("quota: more than %d limits apply to one request; limit %s and "
+			          "later "
+			          "ones are not enforced",
+			          QUOTA_MAX_COUNTERS, l->id ? l->id : "?");
+		return false;
+	}
+	r = &t->res[t->n_res++];
+	memset(r, 0, sizeof(*r));
+	r->limit = l;
+	r->is_consumer = is_consumer;
+	r->amount = amount_for(l, prompt, completion);
+	quota_window_bounds(&l->window, now, &r->start, &r->end, &r->prev_start);
+	if (l->type == LIMIT_SLIDING && r->end > r->start) {
+		/* The previous bucket counts for the part of it the sliding window still covers. */
+		r->prev_weight = (uint32_t)((unsigned __int128)(r->end - now) * 1000000u /
+		                            (r->end - r->start));
+		if (r->prev_weight == 0)
+			r->prev_weight =
+			        1; /* still sliding: keep reading it until the bucket turns */
+	}
+	return true;
+}
+
+/* The applicable limits in check order: the consumer's for this instance, the consumer's
+ * for all instances, the consumer's request rates, then the instance's own. */
+static void plan_build(struct quota_ticket *t, const struct config_consumer *cons,
+                       const struct config_instance *in, uint64_t prompt, uint64_t completion,
+                       uint64_t now)
+{
+	t->consumer_name = cons != NULL ? cons->name : "*";
+	if (cons != NULL) {
+		for (size_t i = 0; i < cons->n_limits; i++) {
+			const struct config_limit *l = &cons->limits[i];
+			if (is_token_limit(l) && l->instance != NULL && l->instance == in)
+				plan_add(t, l, true, prompt, completion, now);
+		}
+		for (size_t i = 0; i < cons->n_limits; i++) {
+			const struct config_limit *l = &cons->limits[i];
+			if (is_token_limit(l) && l->instance == NULL)
+				plan_add(t, l, true, prompt, completion, now);
+		}
+		for (size_t i = 0; i < cons->n_limits; i++) {
+			const struct config_limit *l = &cons->limits[i];
+			if (!is_token_limit(l) && (l->instance == NULL || l->instance == in))
+				plan_add(t, l, true, prompt, completion, now);
+		}
+	}
+	if (in != NULL)
+		for (size_t i = 0; i < in->n_limits; i++)
+			plan_add(t, &in->limits[i], false, prompt, completion, now);
+}
+
+static const char *series_consumer(const struct quota_ticket *t, const struct quota_reservation *r)
+{
+	return r->is_consumer ? t->consumer_name : "*";
+}
+
+/* "<limit id>:<consumer|*>" */
+static size_t series_len(const struct config_limit *l, const char *consumer)
+{
+	return strlen(l->id ? l->id : "") + 1 + strlen(consumer);
+}
+
+static size_t series_write(char *p, const struct config_limit *l, const char *consumer)
+{
+	size_t a = strlen(l->id ? l->id : ""), b = strlen(consumer);
+	memcpy(p, l->id ? l->id : "", a);
+	p[a] = ':';
+	memcpy(p + a + 1, consumer, b);
+	return a + 1 + b;
+}
+
+/* ---------------------------------------------------------------- results */
+
+static uint64_t ceil_s(uint64_t ms)
+{
+	uint64_t s = ms / 1000 + (ms % 1000 != 0);
+	return s > 0 ? s : 1;
+}
+
+/* When a refusing counter would admit again, assuming nothing more is charged. */
+static uint64_t retry_ms(const struct quota_reservation *r, uint64_t limit, uint64_t now)
+{
+	uint64_t w = r->end - r->start;
+
+	if (r->end <= now)
+		return 1;
+	if (r->limit->type != LIMIT_SLIDING)
+		return r->end - now;
+	if (r->cur >= limit) {
+		/* In the next bucket this one weighs (1 - f): below the limit once
+		 * f > (cur - limit) / cur. */
+		return r->end - now + (uint64_t)((unsigned __int128)w * (r->cur - limit) / r->cur) +
+		       1;
+	}
+	if (r->prev == 0)
+		return 1;
+	/* cur + prev × (end - t) / w < limit  ⇔  t > end - (limit - cur) × w / prev */
+	uint64_t keep = (uint64_t)((unsigned __int128)(limit - r->cur) * w / r->prev);
+	uint64_t when = keep >= r->end ? 0 : r->end - keep;
+	return when > now ? when - now + 1 : 1;
+}
+
+/* Fill the public part of t from the values read (res[].cur/prev) and the verdict. */
+static void compute_result(struct quota_ticket *t, bool admitted, uint64_t now)
+{
+	uint64_t retry = 0;
+	bool have = false;
+	uint64_t best_remaining = 0, best_limit = 0, best_reset = 0;
+
+	t->admitted = admitted;
+	t->denied_by = NULL;
+	t->denied_is_consumer = false;
+	for (unsigned i = 0; i < t->n_res; i++) {
+		const struct quota_reservation *r = &t->res[i];
+		uint64_t limit = limit_value(r->limit);
+		uint64_t used = store_weighted(r->cur, r->prev, r->prev_weight);
+
+		if (!admitted && used >= limit) {
+			uint64_t ms = retry_ms(r, limit, now);
+			if (t->denied_by == NULL) {
+				t->denied_by = r->limit;
+				t->denied_is_consumer = r->is_consumer;
+			}
+			/* The request needs every refusing limit to admit again. */
+			if (ms > retry)
+				retry = ms;
+		}
+		if (is_token_limit(r->limit)) {
+			uint64_t after = admitted ? used + r->amount : used;
+			uint64_t remaining = limit > after ? limit - after : 0;
+			uint64_t reset = r->end > now ? r->end - now : 0;
+			if (r->limit->type == LIMIT_SLIDING)
+				reset += r->end - r->start; /* fully replenished one window later */
+			if (!have || remaining < best_remaining ||
+			    (remaining == best_remaining && limit < best_limit)) {
+				have = true;
+				best_remaining = remaining;
+				best_limit = limit;
+				best_reset = reset;
+			}
+		}
+	}
+	t->retry_after_s = admitted ? 0 : ceil_s(retry);
+	t->have_headers = have;
+	t->hdr_limit = best_limit;
+	t->hdr_remaining = best_remaining;
+	t->hdr_reset_s = have ? ceil_s(best_reset) : 0;
+	t->holds = admitted && t->n_res > 0;
+}
+
+/* ---------------------------------------------------------------- memory store */
+
+/* Builds the memory-store view of t's counters. names must hold every series. */
+static void mem_counters(const struct quota_ticket *t, struct mem_counter *cs, char *names)
+{
+	char *p = names;
+
+	for (unsigned i = 0; i < t->n_res; i++) {
+		const struct quota_reservation *r = &t->res[i];
+		struct mem_counter *c = &cs[i];
+		c->series = p;
+		c->len = series_write(p, r->limit, series_consumer(t, r));
+		p += c->len;
+		c->hash = store_hash(c->series, c->len);
+		c->start = r->start;
+		c->prev_start = r->prev_start;
+		c->prev_weight = r->prev_weight;
+		/* The bucket is read until the end of the window after it (sliding). */
+		c->expire_at = r->end + (r->end - r->start);
+		c->limit = limit_value(r->limit);
+		c->amount = r->amount;
+	}
+}
+
+static size_t names_size(const struct quota_ticket *t)
+{
+	size_t n = 1;
+	for (unsigned i = 0; i < t->n_res; i++)
+		n += series_len(t->res[i].limit, series_consumer(t, &t->res[i]));
+	return n;
+}
+
+/* Returns false only when out of memory (then the request is admitted uncounted). */
+static bool memory_admit(struct quota_ticket *t)
+{
+	struct mem_counter cs[QUOTA_MAX_COUNTERS];
+	char small[2048], *names = small;
+	size_t need = names_size(t);
+	uint64_t now = now_ms();
+	bool ok;
+
+	if (need > sizeof(small) && (names = malloc(need)) == NULL) {
+		compute_result(t, true, now);
+		t->holds = false;
+		return false;
+	}
+	memset(cs, 0, sizeof(cs));
+	mem_counters(t, cs, names);
+	ok = store_memory_admit(cs, t->n_res, now);
+	for (unsigned i = 0; i < t->n_res; i++) {
+		t->res[i].cur = cs[i].cur;
+		t->res[i].prev = cs[i].prev;
+	}
+	if (names != small)
+		free(names);
+	t->backend = QUOTA_BACKEND_MEMORY;
+	compute_result(t, ok, now);
+	return true;
+}
+
+static void memory_adjust(const struct quota_ticket *t, const int64_t *deltas)
+{
+	char small[2048], *names = small;
+	size_t need = names_size(t);
+	uint64_t now = now_ms();
+
+	if (need > sizeof(small) && (names = malloc(need)) == NULL)
+		return;
+	for (unsigned i = 0; i < t->n_res; i++) {
+		const struct quota_reservation *r = &t->res[i];
+		size_t len = series_write(names, r->limit, series_consumer(t, r));
+		store_memory_adjust(names, len, store_hash(names, len), r->start, deltas[i], now);
+	}
+	if (names != small)
+		free(names);
+}
+
+/* ---------------------------------------------------------------- redis store */
+
+/* One allocation holding argv, lens and the text they point to. */
+static bool argv_alloc(size_t argc, size_t text, const char ***argv, size_t **lens, char **buf,
+                       void **block, size_t head)
+{
+	size_t a = head, b, c;
+	char *p;
+
+	a = (a + 15) & ~(size_t)15;
+	b = a + argc * sizeof(char *);
+	c = b + argc * sizeof(size_t);
+	p = malloc(c + text);
+	if (p == NULL)
+		return false;
+	*block = p;
+	*argv = (const char **)(void *)(p + a);
+	*lens = (size_t *)(void *)(p + b);
+	*buf = p + c;
+	return true;
+}
+
+/* Appends "<prefix><series>:<start>" at *bufp as argv[i]. */
+static void put_key(const struct quota_ticket *t, const struct quota_reservation *r, uint64_t start,
+                    const char *prefix, const char **argv, size_t *lens, int i, char **bufp)
+{
+	char *p = *bufp;
+	size_t n = strlen(prefix);
+
+	memcpy(p, prefix, n);
+	n += series_write(p + n, r->limit, series_consumer(t, r));
+	n += (size_t)sprintf(p + n, ":%" PRIu64, start);
+	argv[i] = p;
+	lens[i] = n;
+	*bufp = p + n + 1;
+}
+
+static void put_num(uint64_t v, const char **argv, size_t *lens, int i, char **bufp)
+{
+	int n = sprintf(*bufp, "%" PRIu64, v);
+	argv[i] = *bufp;
+	lens[i] = (size_t)n;
+	*bufp += n + 1;
+}
+
+static void put_signed(int64_t v, const char **argv, size_t *lens, int i, char **bufp)
+{
+	int n = sprintf(*bufp, "%" PRId64, v);
+	argv[i] = *bufp;
+	lens[i] = (size_t)n;
+	*bufp += n + 1;
+}
+
+static size_t key_room(const struct quota_ticket *t, const struct quota_reservation *r,
+                       const char *prefix)
+{
+	return strlen(prefix) + series_len(r->limit, series_consumer(t, r)) + 1 + 20 + 1;
+}
+
+static void adjust_done(void *ctx, struct redisReply *reply)
+{
+	if (reply == NULL || reply->type == REDIS_REPLY_ERROR)
+		log_debug("quota: redis adjustment lost (%s)", reply ? reply->str : "no reply");
+	free(ctx);
+}
+
+/* Sends ADJUST for the non-zero deltas; keys built from t's reservations. */
+static void redis_adjust(struct quota *q, const struct quota_ticket *t, const int64_t *deltas)
+{
+	const char *prefix;
+	const char **argv;
+	size_t *lens, text = 0;
+	char *buf;
+	void *block;
+	int n = 0, k = 0;
+
+	if (q->redis == NULL || !redis_store_usable(q->redis) ||
+	    t->epoch != redis_store_epoch(q->redis)) {
+		log_debug("quota: redis unavailable, adjustment of %u counters dropped", t->n_res);
+		return;
+	}
+	prefix = redis_store_prefix(q->redis);
+	for (unsigned i = 0; i < t->n_res; i++)
+		if (deltas[i] != 0) {
+			n++;
+			text += key_room(t, &t->res[i], prefix) + 22;
+		}
+	if (n == 0)
+		return;
+	if (!argv_alloc((size_t)(2 * n), text, &argv, &lens, &buf, &block, 0))
+		return;
+	for (unsigned i = 0; i < t->n_res; i++)
+		if (deltas[i] != 0) {
+			put_key(t, &t->res[i], t->res[i].start, prefix, argv, lens, k, &buf);
+			put_signed(deltas[i], argv, lens, n + k, &buf);
+			k++;
+		}
+	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADJUST, n, 2 * n, argv, lens, adjust_done,
+	                      block))
+		free(block);
+}
+
+/* Gives back what a cancelled admission reserved: its keys are still in its argv. */
+static void redis_release_pending(struct quota_pending *p)
+{
+	const char **argv;
+	size_t *lens, text = 0;
+	char *buf;
+	void *block;
+	int n = (int)p->n;
+
+	if (p->q->redis == NULL || !redis_store_usable(p->q->redis))
+		return;
+	for (int i = 0; i < n; i++)
+		text += p->lens[2 * i] + 1 + 22;
+	if (!argv_alloc((size_t)(2 * n), text, &argv, &lens, &buf, &block, 0))
+		return;
+	for (int i = 0; i < n; i++) {
+		memcpy(buf, p->argv[2 * i], p->lens[2 * i]);
+		buf[p->lens[2 * i]] = '\0';
+		argv[i] = buf;
+		lens[i] = p->lens[2 * i];
+		buf += p->lens[2 * i] + 1;
+		put_signed(-(int64_t)p->amounts[i], argv, lens, n + i, &buf);
+	}
+	if (!redis_store_eval(p->q->redis, REDIS_SCRIPT_ADJUST, n, 2 * n, argv, lens, adjust_done,
+	                      block))
+		free(block);
+}
+
+/* The store failed for t: on_error decides. */
+static void store_failed(struct quota *q, struct quota_ticket *t)
+{
+	t->store_error = true;
+	if (q->redis != NULL && redis_store_on_error(q->redis) == STORE_ON_ERROR_DENY) {
+		t->admitted = false;
+		t->deny_on_error = true;
+		t->holds = false;
+		t->backend = QUOTA_BACKEND_NONE;
+		return;
+	}
+	/* Count on this node alone until Redis is back (the outage was logged once). */
+	memory_admit(t);
+}
+
+static bool parse_admit_reply(const redisReply *reply, struct quota_ticket *t, bool *admitted)
+{
+	if (reply == NULL || reply->type != REDIS_REPLY_ARRAY ||
+	    reply->elements != 1 + 2 * (size_t)t->n_res)
+		return false;
+	for (size_t i = 0; i < reply->elements; i++)
+		if (reply->element[i]->type != REDIS_REPLY_INTEGER)
+			return false;
+	*admitted = reply->element[0]->integer == 1;
+	for (unsigned i = 0; i < t->n_res; i++) {
+		long long cur = reply->element[1 + 2 * i]->integer,
+		          prev = reply->element[2 + 2 * i]->integer;
+		t->res[i].cur = cur > 0 ? (uint64_t)cur : 0;
+		t->res[i].prev = prev > 0 ? (uint64_t)prev : 0;
+	}
+	return true;
+}
+
+static void admit_done(void *ctx, struct redisReply *reply)
+{
+	struct quota_pending *p = ctx;
+	struct quota_ticket *t = p->t;
+	bool admitted = false;
+
+	if (p->q->freeing) {
+		free(p);
+		return;
+	}
+	if (t == NULL) {
+		/* Cancelled: give back what the script reserved, if it did. */
+		if (reply != NULL && reply->type == REDIS_REPLY_ARRAY && reply->elements > 0 &&
+		    reply->element[0]->type == REDIS_REPLY_INTEGER &&
+		    reply->element[0]->integer == 1)
+			redis_release_pending(p);
+		free(p);
+		return;
+	}
+	t->pending = NULL;
+	if (parse_admit_reply(reply, t, &admitted)) {
+		t->backend = QUOTA_BACKEND_REDIS;
+		compute_result(t, admitted, now_ms());
+	} else {
+		if (reply != NULL) {
+			char why[160];
+			snprintf(why, sizeof(why), "unexpected reply to the admission script: %s",
+			         reply->type == REDIS_REPLY_ERROR && reply->str ? reply->str
+			                                                        : "wrong shape");
+			redis_store_report_failure(p->q->redis, why);
+		}
+		store_failed(p->q, t);
+	}
+	free(p);
+	if (t->cb != NULL)
+		t->cb(t->cb_arg, t);
+}
+
+/* Queues the admission script; false when it could not be sent. */
+static bool redis_admit(struct quota *q, struct quota_ticket *t)
+{
+	const char *prefix = redis_store_prefix(q->redis);
+	struct quota_pending *p;
+	const char **argv;
+	size_t *lens, text = 0;
+	char *buf;
+	void *block;
+	int n = (int)t->n_res;
+
+	for (int i = 0; i < n; i++)
+		text += 2 * key_room(t, &t->res[i], prefix) + 4 * 21;
+	if (!argv_alloc((size_t)(6 * n), text, &argv, &lens, &buf, &block, sizeof(*p)))
+		return false;
+	p = block;
+	memset(p, 0, sizeof(*p));
+	p->q = q;
+	p->t = t;
+	p->n = t->n_res;
+	p->argc = 6 * n;
+	p->argv = argv;
+	p->lens = lens;
+	for (int i = 0; i < n; i++) {
+		const struct quota_reservation *r = &t->res[i];
+		p->amounts[i] = r->amount;
+		put_key(t, r, r->start, prefix, argv, lens, 2 * i, &buf);
+		put_key(t, r, r->prev_start, prefix, argv, lens, 2 * i + 1, &buf);
+		put_num(limit_value(r->limit), argv, lens, 2 * n + 4 * i, &buf);
+		put_num(r->amount, argv, lens, 2 * n + 4 * i + 1, &buf);
+		put_num(r->prev_weight, argv, lens, 2 * n + 4 * i + 2, &buf);
+		put_num(2 * (r->end - r->start), argv, lens, 2 * n + 4 * i + 3, &buf);
+	}
+	t->epoch = redis_store_epoch(q->redis);
+	t->pending = p;
+	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADMIT, 2 * n, 6 * n, argv, lens, admit_done,
+	                      p)) {
+		t->pending = NULL;
+		free(p);
+		return false;
+	}
+	return true;
+}
+
+/* ---------------------------------------------------------------- public: lifecycle */
+
+struct quota *quota_new(struct event_base *base, const struct config *c)
+{
+	struct quota *q = calloc(1, sizeof(*q));
+
+	if (q == NULL)
+		return NULL;
+	q->base = base;
+	quota_configure(q, c);
+	return q;
+}
+
+void quota_configure(struct quota *q, const struct config *c)
+{
+	if (c->store.type == STORE_REDIS) {
+		if (q->redis == NULL)
+			q->redis = redis_store_new(q->base);
+		if (q->redis == NULL) {
+			log_error("quota: cannot create the redis store; counting locally");
+			return;
+		}
+		redis_store_configure(q->redis, &c->store);
+	} else if (q->redis != NULL) {
+		redis_store_free(q->redis);
+		q->redis = NULL;
+	}
+}
+
+void quota_free(struct quota *q)
+{
+	if (q == NULL)
+		return;
+	q->freeing = true;
+	redis_store_free(q->redis);
+	free(q);
+}
+
+size_t quota_inflight(const struct quota *q)
+{
+	return q->redis != NULL ? redis_store_inflight(q->redis) : 0;
+}
+
+/* ---------------------------------------------------------------- public: admission */
+
+enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const struct config *c,
+                              const struct config_consumer *consumer,
+                              const struct config_instance *in, uint64_t est_prompt,
+                              uint64_t est_completion, quota_cb cb, void *arg)
+{
+	if (t->pending != NULL || t->holds)
+		quota_cancel(q, t);
+	memset(t, 0, sizeof(*t));
+	plan_build(t, consumer, in, est_prompt, est_completion, now_ms());
+	if (t->n_res == 0) {
+		t->admitted = true;
+		return QUOTA_DONE;
+	}
+	if (q->redis != NULL) {
+		t->cb = cb;
+		t->cb_arg = arg;
+		if (redis_store_usable(q->redis) && redis_admit(q, t))
+			return QUOTA_PENDING;
+		t->cb = NULL;
+		store_failed(q, t);
+		return QUOTA_DONE;
+	}
+	memory_admit(t);
+	return QUOTA_DONE;
+}
+
+static void apply_deltas(struct quota *q, struct quota_ticket *t, const int64_t *deltas)
+{
+	if (t->backend == QUOTA_BACKEND_MEMORY)
+		memory_adjust(t, deltas);
+	else if (t->backend == QUOTA_BACKEND_REDIS)
+		redis_adjust(q, t, deltas);
+	t->holds = false;
+}
+
+void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion)
+{
+	int64_t deltas[QUOTA_MAX_COUNTERS];
+
+	if (!t->holds)
+		return;
+	for (unsigned i = 0; i < t->n_res; i++) {
+		const struct quota_reservation *r = &t->res[i];
+		uint64_t actual = amount_for(r->limit, prompt, completion);
+		deltas[i] = (int64_t)actual - (int64_t)r->amount;
+	}
+	apply_deltas(q, t, deltas);
+}
+
+void quota_release(struct quota *q, struct quota_ticket *t)
+{
+	int64_t deltas[QUOTA_MAX_COUNTERS];
+
+	if (!t->holds)
+		return;
+	for (unsigned i = 0; i < t->n_res; i++)
+		deltas[i] = -(int64_t)t->res[i].amount;
+	apply_deltas(q, t, deltas);
+}
+
+void quota_cancel(struct quota *q, struct quota_ticket *t)
+{
+	if (t->pending != NULL) {
+		t->pending->t = NULL;
+		t->pending = NULL;
+	}
+	t->cb = NULL;
+	quota_release(q, t);
+}
+
+/* ---------------------------------------------------------------- concurrency caps */
+
+/*
+ * A lock-free, insert-only table: name → in-flight count. Entries are published with a
+ * compare-and-swap on the bucket head and never removed before quota_global_free, so
+ * readers walk the chains without any lock. The table grows only with distinct consumer
+ * names ever configured.
+ */
+#define CONC_BUCKETS 1024
+
+struct conc_entry {
+	struct conc_entry *next; /* written before publication, never after */
+	atomic_int n;
+	char name[];
+};
+
+static _Atomic(struct conc_entry *) conc_table[CONC_BUCKETS];
+
+static struct conc_entry *conc_get(const char *name, bool create)
+{
+	size_t len = strlen(name);
+	_Atomic(struct conc_entry *) *head = &conc_table[store_hash(name, len) % CONC_BUCKETS];
+	struct conc_entry *first = atomic_load(head), *e, *fresh = NULL;
+
+	for (;;) {
+		for (e = first; e != NULL; e = e->next)
+			if (strcmp(e->name, name) == 0) {
+				free(fresh);
+				return e;
+			}
+		if (!create)
+			return NULL;
+		if (fresh == NULL) {
+			fresh = malloc(sizeof(*fresh) + len + 1);
+			if (fresh == NULL)
+				return NULL;
+			atomic_init(&fresh->n, 0);
+			memcpy(fresh->name, name, len + 1);
+		}
+		fresh->next = first;
+		if (atomic_compare_exchange_weak(head, &first, fresh))
+			return fresh;
+		/* first now holds the new head: look again, someone may have added this name. */
+	}
+}
+
+bool quota_concurrency_acquire(const struct config_consumer *consumer)
+{
+	struct conc_entry *e;
+
+	if (consumer == NULL || consumer->max_concurrent <= 0)
+		return true;
+	e = conc_get(consumer->name, true);
+	if (e == NULL)
+		return true;
+	if (atomic_fetch_add(&e->n, 1) >= consumer->max_concurrent) {
+		atomic_fetch_sub(&e->n, 1);
+		return false;
+	}
+	return true;
+}
+
+void quota_concurrency_release(const struct config_consumer *consumer)
+{
+	struct conc_entry *e;
+
+	if (consumer == NULL || consumer->max_concurrent <= 0)
+		return;
+	e = conc_get(consumer->name, false);
+	if (e != NULL)
+		atomic_fetch_sub(&e->n, 1);
+}
+
+int quota_concurrency_current(const char *consumer_name)
+{
+	struct conc_entry *e = conc_get(consumer_name, false);
+	return e != NULL ? atomic_load(&e->n) : 0;
+}
+
+void quota_global_free(void)
+{
+	for (size_t i = 0; i < CONC_BUCKETS; i++) {
+		struct conc_entry *e = atomic_exchange(&conc_table[i], NULL), *next;
+		for (; e != NULL; e = next) {
+			next = e->next;
+			free(e);
+		}
+	}
+	store_memory_free();
+}
+
+/* ---------------------------------------------------------------- status (admin API) */
+
+/* A ticket-shaped view of every limit of consumer (or of instance in), without amounts. */
+static void peek_plan(struct quota_ticket *t, const struct config_consumer *cons,
+                      const struct config_instance *in, uint64_t now)
+{
+	memset(t, 0, sizeof(*t));
+	if (cons != NULL) {
+		t->consumer_name = cons->name;
+		for (size_t i = 0; i < cons->n_limits; i++)
+			plan_add(t, &cons->limits[i], true, 0, 0, now);
+	} else if (in != NULL) {
+		t->consumer_name = "*";
+		for (size_t i = 0; i < in->n_limits; i++)
+			plan_add(t, &in->limits[i], false, 0, 0, now);
+	}
+	for (unsigned i = 0; i < t->n_res; i++)
+		t->res[i].amount = 0;
+}
+
+static size_t peek_states(const struct quota_ticket *t, struct quota_limit_state *out, size_t cap,
+                          uint64_t now)
+{
+	size_t n = 0;
+
+	for (unsigned i = 0; i < t->n_res && n < cap; i++, n++) {
+		const struct quota_reservation *r = &t->res[i];
+		uint64_t limit = limit_value(r->limit);
+		uint64_t used = store_weighted(r->cur, r->prev, r->prev_weight);
+		uint64_t reset = r->end > now ? r->end - now : 0;
+		if (r->limit->type == LIMIT_SLIDING)
+			reset += r->end - r->start;
+		out[n].limit = r->limit;
+		out[n].used = used;
+		out[n].remaining = limit > used ? limit - used : 0;
+		out[n].reset_s = ceil_s(reset);
+	}
+	return n;
+}
+
+static size_t peek_memory_ticket(struct quota_ticket *t, struct quota_limit_state *out, size_t cap,
+                                 uint64_t now)
+{
+	struct mem_counter cs[QUOTA_MAX_COUNTERS];
+	char small[2048], *names = small;
+	size_t need = names_size(t);
+
+	if (need > sizeof(small) && (names = malloc(need)) == NULL)
+		return 0;
+	memset(cs, 0, sizeof(cs));
+	mem_counters(t, cs, names);
+	store_memory_read(cs, t->n_res, now);
+	for (unsigned i = 0; i < t->n_res; i++) {
+		t->res[i].cur = cs[i].cur;
+		t->res[i].prev = cs[i].prev;
+	}
+	if (names != small)
+		free(names);
+	return peek_states(t, out, cap, now);
+}
+
+size_t quota_peek_memory(const struct config_consumer *consumer, const struct config_instance *in,
+                         struct quota_limit_state *out, size_t cap)
+{
+	struct quota_ticket t;
+	uint64_t now = now_ms();
+
+	peek_plan(&t, consumer, in, now);
+	return peek_memory_ticket(&t, out, cap, now);
+}
+
+struct quota_peek {
+	struct quota *q;
+	struct quota_ticket t; /* the plan; res[].cur/prev filled from the reply */
+	quota_peek_cb cb;
+	void *arg;
+	bool cancelled;
+	const char **argv;
+	size_t *lens;
+	void *block;
+};
+
+static void peek_done(void *ctx, struct redisReply *reply)
+{
+	struct quota_peek *p = ctx;
+	struct quota_limit_state states[QUOTA_MAX_COUNTERS];
+	uint64_t now = now_ms();
+	size_t n;
+	bool ok = reply != NULL && reply->type == REDIS_REPLY_ARRAY &&
+	          reply->elements == 2 * (size_t)p->t.n_res;
+
+	if (!p->cancelled && !p->q->freeing) {
+		if (ok) {
+			for (unsigned i = 0; i < p->t.n_res; i++) {
+				const redisReply *a = reply->element[2 * i],
+				                 *b = reply->element[2 * i + 1];
+				p->t.res[i].cur = a->type == REDIS_REPLY_STRING
+				                          ? strtoull(a->str, NULL, 10)
+				                          : 0;
+				p->t.res[i].prev =
+				        b->type == REDIS_REPLY_STRING && p->t.res[i].prev_weight > 0
+				                ? strtoull(b->str, NULL, 10)
+				                : 0;
+			}
+			n = peek_states(&p->t, states, QUOTA_MAX_COUNTERS, now);
+		} else {
+			n = peek_memory_ticket(&p->t, states, QUOTA_MAX_COUNTERS, now);
+		}
+		p->cb(p->arg, states, n, !ok);
+	}
+	free(p->block);
+	free(p);
+}
+
+struct quota_peek *quota_peek(struct quota *q, const struct config_consumer *consumer,
+                              const struct config_instance *in, quota_peek_cb cb, void *arg)
+{
+	struct quota_limit_state states[QUOTA_MAX_COUNTERS];
+	struct quota_peek *p = calloc(1, sizeof(*p));
+	uint64_t now = now_ms();
+	size_t n, text = 0;
+	char *buf;
+	const char *prefix;
+
+	if (p == NULL)
+		return NULL;
+	p->q = q;
+	peek_plan(&p->t, consumer, in, now);
+	if (q->redis != NULL && p->t.n_res > 0 && redis_store_usable(q->redis)) {
+		int k = (int)p->t.n_res;
+		prefix = redis_store_prefix(q->redis);
+		for (int i = 0; i < k; i++)
+			text += 2 * key_room(&p->t, &p->t.res[i], prefix) + 8;
+		if (argv_alloc((size_t)(2 * k + 1), text, &p->argv, &p->lens, &buf, &p->block, 0)) {
+			p->argv[0] = "MGET";
+			p->lens[0] = 4;
+			for (int i = 0; i < k; i++) {
+				put_key(&p->t, &p->t.res[i], p->t.res[i].start, prefix, p->argv,
+				        p->lens, 1 + 2 * i, &buf);
+				put_key(&p->t, &p->t.res[i], p->t.res[i].prev_start, prefix,
+				        p->argv, p->lens, 2 + 2 * i, &buf);
+			}
+			p->cb = cb;
+			p->arg = arg;
+			if (redis_store_command(q->redis, 2 * k + 1, p->argv, p->lens, peek_done,
+			                        p))
+				return p;
+			free(p->block);
+		}
+	}
+	n = peek_memory_ticket(&p->t, states, QUOTA_MAX_COUNTERS, now);
+	cb(arg, states, n, q->redis != NULL && p->t.n_res > 0);
+	free(p);
+	return NULL;
+}
+
+void quota_peek_cancel(struct quota_peek *p)
+{
+	if (p != NULL)
+		p->cancelled = true;
+}

@@ -1,0 +1,602 @@
+/* store_redis.c — one hiredis connection per worker: Lua scripts, own timeouts, backoff. */
+#include "store.h"
+
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+
+#include <event2/event.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <openssl/sha.h>
+
+#include "sluice/log.h"
+
+#include <hiredis/adapters/libevent.h>
+
+/*
+ * Why the connection is managed this way:
+ *
+ * - Debian's hiredis 0.14 has no command timeout for async contexts, so every command
+ *   arms its own libevent timer. Replies come back in order, so when the oldest command
+ *   times out the server has said nothing for a whole timeout: the connection is torn
+ *   down (every pending command then completes with "no reply") and reopened after a
+ *   backoff of 100 ms doubling to 5 s. A stalled server therefore costs each request at
+ *   most one timeout, and later requests go straight to the fallback until the
+ *   connection is back.
+ * - The handshake (AUTH, SELECT, SCRIPT LOAD) is queued right behind the connect, and
+ *   commands may be queued behind it: hiredis keeps them in order, so a request arriving
+ *   while the connection opens waits for it instead of failing.
+ * - hiredis calls the pending callbacks from inside redisAsyncFree and from its own
+ *   read handler. Teardowns decided inside a hiredis callback are therefore deferred to
+ *   an event of ours (kill_ev), and the context pointer is cleared before it is freed so
+ *   that anything a callback starts goes to the fallback.
+ * - One outage is logged once per process: a process-wide count of workers whose
+ *   connection is down; the warning is printed on 0 → 1 and the recovery on 1 → 0.
+ */
+
+#define BACKOFF_MIN_MS   100
+#define BACKOFF_MAX_MS   5000
+#define HANDSHAKE_MIN_MS 1000
+
+/* ADMIT — KEYS: for counter i, KEYS[2i-1] its current bucket, KEYS[2i] the previous one.
+ * ARGV: for counter i, ARGV[4i-3] limit, ARGV[4i-2] amount, ARGV[4i-1] weight of the
+ * previous bucket in millionths (0: fixed window), ARGV[4i] TTL in ms.
+ * Every counter admits while its weighted use is below its limit; then, and only then,
+ * the amounts are added (all or nothing, atomically: a script runs alone).
+ * Returns {admitted, cur1, prev1, cur2, prev2, ...} as read before any change. */
+static const char script_admit[] =
+        "local n = #KEYS / 2\n"
+        "local out = {1}\n"
+        "local ok = 1\n"
+        "for i = 1, n do\n"
+        "  local cur = tonumber(redis.call('GET', KEYS[2*i-1]) or 0)\n"
+        "  local w = tonumber(ARGV[4*i-1])\n"
+        "  local prev = 0\n"
+        "  if w > 0 then prev = tonumber(redis.call('GET', KEYS[2*i]) or 0) end\n"
+        "  out[2*i] = cur\n"
+        "  out[2*i+1] = prev\n"
+        "  if cur + math.floor(prev * w / 1000000) >= tonumber(ARGV[4*i-3]) then ok = 0 end\n"
+        "end\n"
+        "if ok == 1 then\n"
+        "  for i = 1, n do\n"
+        "    redis.call('INCRBY', KEYS[2*i-1], ARGV[4*i-2])\n"
+        "    redis.call('PEXPIRE', KEYS[2*i-1], ARGV[4*i])\n"
+        "  end\n"
+        "end\n"
+        "out[1] = ok\n"
+        "return out\n";
+
+/* ADJUST — KEYS[i] a bucket, ARGV[i] a signed delta. A bucket that expired is left alone
+ * (its window is over); a counter never goes below zero (and keeps its TTL). */
+static const char script_adjust[] = "for i = 1, #KEYS do\n"
+                                    "  local d = tonumber(ARGV[i])\n"
+                                    "  if d ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then\n"
+                                    "    local v = redis.call('INCRBY', KEYS[i], d)\n"
+                                    "    if v < 0 then redis.call('INCRBY', KEYS[i], -v) end\n"
+                                    "  end\n"
+                                    "end\n"
+                                    "return 1\n";
+
+static const char *const script_src[REDIS_N_SCRIPTS] = {script_admit, script_adjust};
+
+struct redis_cmd {
+	TAILQ_ENTRY(redis_cmd) link;
+	struct redis_store *rs;
+	struct event *timer;
+	redis_done_fn done;
+	void *ctx;
+	bool is_eval;
+	bool retried; /* NOSCRIPT: sent again with EVAL */
+	enum redis_script script;
+	int nkeys, argc;
+	const char **argv;
+	const size_t *lens;
+};
+
+TAILQ_HEAD(redis_cmd_list, redis_cmd);
+
+struct redis_store {
+	struct event_base *base;
+	redisAsyncContext *ac; /* NULL while waiting to reconnect */
+	struct redis_cmd_list cmds;
+	size_t n_cmds;
+
+	/* settings, owned copies */
+	char *host;
+	int port;
+	char *password;
+	int db;
+	char *prefix;
+	uint64_t timeout_ms;
+	enum store_on_error on_error;
+	bool configured;
+	uint64_t epoch;
+
+	bool ready;     /* handshake done */
+	int hs_pending; /* handshake replies still expected */
+	bool down;      /* counted in outage_workers */
+	bool freeing;
+	uint64_t backoff_ms;
+	struct event *retry_ev; /* reconnect timer */
+	struct event *kill_ev;  /* deferred teardown */
+	struct event *hs_ev;    /* handshake timeout */
+	char kill_why[160];
+	char sha[REDIS_N_SCRIPTS][41];
+};
+
+/* Workers whose connection is down: the outage is logged on 0 → 1 and 1 → 0. */
+static atomic_int outage_workers;
+
+static void rs_connect(struct redis_store *rs);
+
+/* ---------------------------------------------------------------- outage state */
+
+static void mark_down(struct redis_store *rs, const char *why)
+{
+	if (rs->down || rs->freeing)
+		return;
+	rs->down = true;
+	if (atomic_fetch_add(&outage_workers, 1) == 0) {
+		if (rs->on_error == STORE_ON_ERROR_ALLOW)
+			log_warn("redis unreachable, counting locally (%s:%d: %s)", rs->host,
+			         rs->port, why ? why : "error");
+		else
+			log_warn("redis unreachable, answering 503 to quota-limited requests "
+			         "(%s:%d: %s)",
+			         rs->host, rs->port, why ? why : "error");
+	} else {
+		log_debug("redis %s:%d: %s", rs->host, rs->port, why ? why : "error");
+	}
+}
+
+static void mark_up(struct redis_store *rs)
+{
+	if (!rs->down)
+		return;
+	rs->down = false;
+	if (atomic_fetch_sub(&outage_workers, 1) == 1)
+		log_info("redis reachable again, shared counting resumes (%s:%d)", rs->host,
+		         rs->port);
+}
+
+void redis_store_report_failure(struct redis_store *rs, const char *why)
+{
+	mark_down(rs, why);
+}
+
+/* ---------------------------------------------------------------- commands */
+
+static void finish(struct redis_cmd *cmd, redisReply *reply)
+{
+	struct redis_store *rs = cmd->rs;
+
+	TAILQ_REMOVE(&rs->cmds, cmd, link);
+	rs->n_cmds--;
+	if (cmd->timer != NULL)
+		event_free(cmd->timer);
+	cmd->done(cmd->ctx, reply);
+	free(cmd);
+}
+
+static void schedule_retry(struct redis_store *rs)
+{
+	struct timeval tv = {(time_t)(rs->backoff_ms / 1000),
+	                     (suseconds_t)(rs->backoff_ms % 1000) * 1000};
+
+	if (rs->freeing)
+		return;
+	evtimer_add(rs->retry_ev, &tv);
+	rs->backoff_ms = rs->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : rs->backoff_ms * 2;
+}
+
+/*
+ * Close the connection now. Never called from inside a hiredis callback (use kill_ev).
+ * Every pending command completes with NULL; whatever their completions start finds
+ * rs->ac == NULL and goes to the fallback.
+ */
+static void teardown(struct redis_store *rs, const char *why, bool reconnect)
+{
+	redisAsyncContext *ac = rs->ac;
+	bool deferred = ac != NULL && (ac->c.flags & REDIS_IN_CALLBACK);
+
+	event_del(rs->hs_ev);
+	event_del(rs->kill_ev);
+	if (ac != NULL) {
+		rs->ac = NULL;
+		rs->ready = false;
+		ac->data = NULL; /* on_disconnect: ours, nothing to do */
+		/* Inside one of its callbacks hiredis frees later, and completes the commands
+		 * then: they must stay alive until it does. */
+		redisAsyncFree(ac);
+	}
+	/* hiredis completed them all; this only guards against a command it did not know. */
+	while (!deferred && !TAILQ_EMPTY(&rs->cmds))
+		finish(TAILQ_FIRST(&rs->cmds), NULL);
+	if (reconnect) {
+		mark_down(rs, why);
+		if (!evtimer_pending(rs->retry_ev, NULL))
+			schedule_retry(rs);
+	}
+}
+
+static void kill_later(struct redis_store *rs, const char *why)
+{
+	snprintf(rs->kill_why, sizeof(rs->kill_why), "%s", why);
+	event_active(rs->kill_ev, 0, 0);
+}
+
+static void on_kill(evutil_socket_t fd, short what, void *arg)
+{
+	struct redis_store *rs = arg;
+	teardown(rs, rs->kill_why, true);
+}
+
+static void on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct redis_cmd *cmd = arg;
+	struct redis_store *rs = cmd->rs;
+	char why[96];
+
+	snprintf(why, sizeof(why), "no reply within %llu ms", (unsigned long long)rs->timeout_ms);
+	teardown(rs, why, true);
+}
+
+static bool is_noscript(const redisReply *r)
+{
+	return r != NULL && r->type == REDIS_REPLY_ERROR && r->str != NULL &&
+	       strncmp(r->str, "NOSCRIPT", 8) == 0;
+}
+
+static void on_reply(redisAsyncContext *ac, void *r, void *privdata);
+
+static bool send_cmd(struct redis_cmd *cmd, bool whole_script)
+{
+	struct redis_store *rs = cmd->rs;
+	int extra = cmd->is_eval ? 3 : 0;
+	int argc = cmd->argc + extra, rc;
+	const char **argv = malloc(sizeof(*argv) * (size_t)argc);
+	size_t *lens = malloc(sizeof(*lens) * (size_t)argc);
+	char nkeys[16];
+
+	if (rs->ac == NULL || argv == NULL || lens == NULL) {
+		free(argv);
+		free(lens);
+		return false;
+	}
+	if (cmd->is_eval) {
+		snprintf(nkeys, sizeof(nkeys), "%d", cmd->nkeys);
+		argv[0] = whole_script ? "EVAL" : "EVALSHA";
+		argv[1] = whole_script ? script_src[cmd->script] : rs->sha[cmd->script];
+		argv[2] = nkeys;
+		for (int i = 0; i < 3; i++)
+			lens[i] = strlen(argv[i]);
+	}
+	for (int i = 0; i < cmd->argc; i++) {
+		argv[extra + i] = cmd->argv[i];
+		lens[extra + i] = cmd->lens != NULL ? cmd->lens[i] : strlen(cmd->argv[i]);
+	}
+	/* hiredis copies the formatted command: argv may go right after. */
+	rc = redisAsyncCommandArgv(rs->ac, on_reply, cmd, argc, argv, lens);
+	free(argv);
+	free(lens);
+	return rc == REDIS_OK;
+}
+
+static void on_reply(redisAsyncContext *ac, void *r, void *privdata)
+{
+	struct redis_cmd *cmd = privdata;
+	struct redis_store *rs = cmd->rs;
+	redisReply *reply = r;
+
+	/* The script cache was flushed (SCRIPT FLUSH, a restarted or failed-over server that
+	 * kept the connection's address): send it whole once; EVAL caches it again. */
+	if (cmd->is_eval && !cmd->retried && is_noscript(reply)) {
+		cmd->retried = true;
+		if (send_cmd(cmd, true))
+			return;
+		reply = NULL;
+	}
+	if (reply != NULL && reply->type != REDIS_REPLY_ERROR)
+		mark_up(rs);
+	finish(cmd, reply);
+}
+
+static bool submit(struct redis_store *rs, struct redis_cmd *cmd)
+{
+	cmd->rs = rs;
+	if (rs->ac == NULL)
+		return false;
+	if (rs->timeout_ms > 0) {
+		struct timeval tv = {(time_t)(rs->timeout_ms / 1000),
+		                     (suseconds_t)(rs->timeout_ms % 1000) * 1000};
+		cmd->timer = evtimer_new(rs->base, on_timeout, cmd);
+		if (cmd->timer == NULL)
+			return false;
+		evtimer_add(cmd->timer, &tv);
+	}
+	if (!send_cmd(cmd, false)) {
+		if (cmd->timer != NULL)
+			event_free(cmd->timer);
+		return false;
+	}
+	TAILQ_INSERT_TAIL(&rs->cmds, cmd, link);
+	rs->n_cmds++;
+	return true;
+}
+
+bool redis_store_eval(struct redis_store *rs, enum redis_script script, int nkeys, int argc,
+                      const char **argv, const size_t *lens, redis_done_fn done, void *ctx)
+{
+	struct redis_cmd *cmd = calloc(1, sizeof(*cmd));
+
+	if (cmd == NULL)
+		return false;
+	cmd->done = done;
+	cmd->ctx = ctx;
+	cmd->is_eval = true;
+	cmd->script = script;
+	cmd->nkeys = nkeys;
+	cmd->argc = argc;
+	cmd->argv = argv;
+	cmd->lens = lens;
+	if (!submit(rs, cmd)) {
+		free(cmd);
+		return false;
+	}
+	return true;
+}
+
+bool redis_store_command(struct redis_store *rs, int argc, const char **argv, const size_t *lens,
+                         redis_done_fn done, void *ctx)
+{
+	struct redis_cmd *cmd = calloc(1, sizeof(*cmd));
+
+	if (cmd == NULL)
+		return false;
+	cmd->done = done;
+	cmd->ctx = ctx;
+	cmd->argc = argc;
+	cmd->argv = argv;
+	cmd->lens = lens;
+	if (!submit(rs, cmd)) {
+		free(cmd);
+		return false;
+	}
+	return true;
+}
+
+/* ---------------------------------------------------------------- connection */
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+	struct redis_store *rs = ac->data;
+
+	if (status == REDIS_OK || rs == NULL || rs->ac != ac)
+		return;
+	/* hiredis frees the context when this returns, then completes its commands. */
+	rs->ac = NULL;
+	rs->ready = false;
+	event_del(rs->hs_ev);
+	mark_down(rs, ac->c.errstr[0] ? ac->c.errstr : "connect failed");
+	if (!evtimer_pending(rs->retry_ev, NULL))
+		schedule_retry(rs);
+}
+
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+	struct redis_store *rs = ac->data;
+
+	if (rs == NULL || rs->ac != ac)
+		return;
+	rs->ac = NULL;
+	rs->ready = false;
+	event_del(rs->hs_ev);
+	mark_down(rs, ac->c.errstr[0] ? ac->c.errstr : "connection closed");
+	if (!evtimer_pending(rs->retry_ev, NULL))
+		schedule_retry(rs);
+}
+
+static void on_handshake(redisAsyncContext *ac, void *r, void *privdata)
+{
+	struct redis_store *rs = privdata;
+	redisReply *reply = r;
+
+	if (reply == NULL || rs->ac != ac)
+		return; /* the teardown in progress says why */
+	if (reply->type == REDIS_REPLY_ERROR) {
+		char why[160];
+		snprintf(why, sizeof(why), "handshake: %s", reply->str ? reply->str : "error");
+		log_debug("redis %s:%d %s", rs->host, rs->port, why);
+		kill_later(rs, why);
+		return;
+	}
+	if (--rs->hs_pending == 0) {
+		rs->ready = true;
+		rs->backoff_ms = BACKOFF_MIN_MS;
+		event_del(rs->hs_ev);
+		log_debug("redis %s:%d connected", rs->host, rs->port);
+		mark_up(rs);
+	}
+}
+
+static void on_handshake_timeout(evutil_socket_t fd, short what, void *arg)
+{
+	struct redis_store *rs = arg;
+	teardown(rs, "handshake timed out", true);
+}
+
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+	rs_connect(arg);
+}
+
+static void rs_connect(struct redis_store *rs)
+{
+	redisAsyncContext *ac;
+	uint64_t hs_ms = rs->timeout_ms > HANDSHAKE_MIN_MS ? rs->timeout_ms : HANDSHAKE_MIN_MS;
+	struct timeval tv = {(time_t)(hs_ms / 1000), (suseconds_t)(hs_ms % 1000) * 1000};
+	char db[16];
+
+	if (rs->ac != NULL || rs->freeing || rs->host == NULL)
+		return;
+	ac = redisAsyncConnect(rs->host, rs->port);
+	if (ac == NULL) {
+		mark_down(rs, "out of memory");
+		schedule_retry(rs);
+		return;
+	}
+	if (ac->err) {
+		char why[160];
+		snprintf(why, sizeof(why), "%s", ac->errstr ? ac->errstr : "connect failed");
+		redisAsyncFree(ac);
+		mark_down(rs, why);
+		schedule_retry(rs);
+		return;
+	}
+	ac->data = rs;
+	if (redisLibeventAttach(ac, rs->base) != REDIS_OK) {
+		redisAsyncFree(ac);
+		mark_down(rs, "cannot attach to the event loop");
+		schedule_retry(rs);
+		return;
+	}
+	redisAsyncSetConnectCallback(ac, on_connect);
+	redisAsyncSetDisconnectCallback(ac, on_disconnect);
+	rs->ac = ac;
+	rs->ready = false;
+	rs->hs_pending = 0;
+
+	if (rs->password != NULL) {
+		redisAsyncCommand(ac, on_handshake, rs, "AUTH %s", rs->password);
+		rs->hs_pending++;
+	}
+	if (rs->db != 0) {
+		snprintf(db, sizeof(db), "%d", rs->db);
+		redisAsyncCommand(ac, on_handshake, rs, "SELECT %s", db);
+		rs->hs_pending++;
+	}
+	for (int i = 0; i < REDIS_N_SCRIPTS; i++) {
+		redisAsyncCommand(ac, on_handshake, rs, "SCRIPT LOAD %s", script_src[i]);
+		rs->hs_pending++;
+	}
+	evtimer_add(rs->hs_ev, &tv);
+}
+
+/* ---------------------------------------------------------------- lifecycle */
+
+struct redis_store *redis_store_new(struct event_base *base)
+{
+	struct redis_store *rs = calloc(1, sizeof(*rs));
+
+	if (rs == NULL)
+		return NULL;
+	rs->base = base;
+	TAILQ_INIT(&rs->cmds);
+	rs->backoff_ms = BACKOFF_MIN_MS;
+	rs->retry_ev = evtimer_new(base, on_retry, rs);
+	rs->kill_ev = event_new(base, -1, 0, on_kill, rs);
+	rs->hs_ev = evtimer_new(base, on_handshake_timeout, rs);
+	if (rs->retry_ev == NULL || rs->kill_ev == NULL || rs->hs_ev == NULL) {
+		redis_store_free(rs);
+		return NULL;
+	}
+	for (int i = 0; i < REDIS_N_SCRIPTS; i++) {
+		unsigned char md[SHA_DIGEST_LENGTH];
+		SHA1((const unsigned char *)script_src[i], strlen(script_src[i]), md);
+		for (int k = 0; k < SHA_DIGEST_LENGTH; k++)
+			snprintf(&rs->sha[i][2 * k], 3, "%02x", md[k]);
+	}
+	return rs;
+}
+
+static bool str_differs(const char *a, const char *b)
+{
+	if (a == NULL || b == NULL)
+		return a != b;
+	return strcmp(a, b) != 0;
+}
+
+static char *dup_or_null(const char *s)
+{
+	return s != NULL ? strdup(s) : NULL;
+}
+
+void redis_store_configure(struct redis_store *rs, const struct config_store *cfg)
+{
+	const char *host = cfg->redis.host ? cfg->redis.host : "127.0.0.1";
+	const char *prefix = cfg->redis.prefix ? cfg->redis.prefix : "";
+	int port = cfg->redis.port ? cfg->redis.port : 6379;
+	bool changed = !rs->configured || str_differs(rs->host, host) || rs->port != port ||
+	               str_differs(rs->password, cfg->redis.password) || rs->db != cfg->redis.db ||
+	               str_differs(rs->prefix, prefix);
+
+	rs->timeout_ms = cfg->redis.timeout;
+	rs->on_error = cfg->on_error;
+	if (!changed)
+		return;
+	free(rs->host);
+	free(rs->password);
+	free(rs->prefix);
+	rs->host = strdup(host);
+	rs->port = port;
+	rs->password = dup_or_null(cfg->redis.password);
+	rs->db = cfg->redis.db;
+	rs->prefix = strdup(prefix);
+	rs->configured = true;
+	rs->epoch++;
+	/* A new server or namespace: start over at once. */
+	teardown(rs, NULL, false);
+	event_del(rs->retry_ev);
+	rs->backoff_ms = BACKOFF_MIN_MS;
+	rs_connect(rs);
+}
+
+void redis_store_free(struct redis_store *rs)
+{
+	if (rs == NULL)
+		return;
+	rs->freeing = true;
+	teardown(rs, NULL, false);
+	if (rs->down) {
+		rs->down = false;
+		atomic_fetch_sub(&outage_workers, 1);
+	}
+	if (rs->retry_ev)
+		event_free(rs->retry_ev);
+	if (rs->kill_ev)
+		event_free(rs->kill_ev);
+	if (rs->hs_ev)
+		event_free(rs->hs_ev);
+	free(rs->host);
+	free(rs->password);
+	free(rs->prefix);
+	free(rs);
+}
+
+uint64_t redis_store_epoch(const struct redis_store *rs)
+{
+	return rs->epoch;
+}
+
+const char *redis_store_prefix(const struct redis_store *rs)
+{
+	return rs->prefix ? rs->prefix : "";
+}
+
+enum store_on_error redis_store_on_error(const struct redis_store *rs)
+{
+	return rs->on_error;
+}
+
+size_t redis_store_inflight(const struct redis_store *rs)
+{
+	return rs->n_cmds;
+}
+
+bool redis_store_usable(const struct redis_store *rs)
+{
+	return rs->ac != NULL;
+}
