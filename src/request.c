@@ -54,8 +54,6 @@
 #define MAX_RESPONSE_BODY (64u * 1024 * 1024)
 /* One SSE event larger than this is a broken stream. */
 #define MAX_SSE_EVENT (4u * 1024 * 1024)
-/* Completion tokens reserved when the client sets no max_tokens (docs/quotas.md). */
-#define DEFAULT_COMPLETION_BUDGET 1024
 /* Targets tracked without allocation; larger routes allocate. */
 #define SMALL_TARGETS 32
 
@@ -260,7 +258,7 @@ void request_handle(struct http_request *hr, void *arg)
 		r->output_payload = evbuffer_new();
 	}
 	r->est_prompt = usage_estimate_prompt(r->body);
-	r->est_completion = usage_completion_budget(r->body, DEFAULT_COMPLETION_BUDGET);
+	r->est_completion = usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET);
 	next_attempt(r);
 }
 
@@ -507,7 +505,8 @@ static void after_quota(struct request *r)
 		if (r->trial)
 			health_trial_abandon(r->state);
 		record_attempt(r, in, "quota", 0, 0);
-		if (!r->quota_denied) {
+		/* Keep the refusal that clears soonest: that is when to retry. */
+		if (!r->quota_denied || t->retry_after_s < r->denial.retry_after_s) {
 			r->quota_denied = true;
 			r->denial = *t;
 		}

@@ -203,8 +203,10 @@ static void worker_drain_check(evutil_socket_t fd, short what, void *arg)
 {
 	struct worker *w = arg;
 	/* Done when no request is live and every connection has flushed its
-	 * last response and closed (drain closes them as their replies end). */
-	if (TAILQ_EMPTY(&w->requests) && http_server_connections(w->http) == 0) {
+	 * last response and closed (drain closes them as their replies end), and
+	 * the last settlements have reached the quota store. */
+	if (TAILQ_EMPTY(&w->requests) && http_server_connections(w->http) == 0 &&
+	    quota_inflight(w->quota) == 0) {
 		event_base_loopexit(w->base, NULL);
 		return;
 	}
