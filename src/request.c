@@ -818,11 +818,14 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 	return len;
 }
 
+/* A status listed in fallback.http_statuses: a trigger whatever fallback.on says. */
+#define FALLBACK_LISTED (1u << 31)
+
 static unsigned trigger_for_status(const struct config_route *rt, int status)
 {
 	for (size_t i = 0; i < rt->fallback.n_http_statuses; i++)
 		if (rt->fallback.http_statuses[i] == status)
-			return ~0u; /* listed explicitly: always a trigger */
+			return FALLBACK_LISTED;
 	if (status == 429)
 		return FALLBACK_HTTP_429;
 	if (status >= 500)
@@ -946,13 +949,19 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 		trigger = FALLBACK_HTTP_5XX, res = UPSTREAM_ERROR, detail = "the stream ended before its first event";
 	attempt_end(r, res, status, outcome);
 	if (res == UPSTREAM_OK && status == 429) {
-		const char *ra = NULL;
+		/* "Name: value\r\n" lines, not NUL-terminated: compare at line starts. */
 		size_t n = evbuffer_get_length(r->xfer.headers);
-		char *h = n ? (char *)evbuffer_pullup(r->xfer.headers, (ev_ssize_t)n) : NULL;
-		if (h && (ra = strcasestr(h, "retry-after: ")) != NULL)
-			health_retry_after(r->state, in, strtoull(ra + 13, NULL, 10), http_now_us());
+		const char *h = n ? (const char *)evbuffer_pullup(r->xfer.headers, (ev_ssize_t)n) : NULL;
+		for (const char *p = h, *end = h + n; p != NULL && p < end;) {
+			const char *eol = memchr(p, '\n', (size_t)(end - p));
+			if ((size_t)(end - p) > 13 && strncasecmp(p, "retry-after: ", 13) == 0) {
+				health_retry_after(r->state, in, strtoull(p + 13, NULL, 10), http_now_us());
+				break;
+			}
+			p = eol ? eol + 1 : end;
+		}
 	}
-	if (trigger & r->route->fallback.on) {
+	if (trigger & (r->route->fallback.on | FALLBACK_LISTED)) {
 		char why[300];
 		if (res == UPSTREAM_OK)
 			snprintf(why, sizeof(why), "%s answered HTTP %d", in->name, status);

@@ -19,7 +19,6 @@ from sched_support import (CHAT, SANITIZED, FixedUpstream, WebhookReceiver, acti
 
 # A Sluice bug that only the sanitizer build can see (an out-of-bounds read): the test
 # passes in the normal build and is an expected failure under ASan until it is fixed.
-expected_failure_under_sanitizers = unittest.expectedFailure if SANITIZED else (lambda f: f)
 
 LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor "
          "incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud "
@@ -217,11 +216,7 @@ class FallbackTest(SchedTestCase):
             up.wait_request(mark)
             good.wait_request(mark)
 
-    # Sluice bug: trigger_for_status (src/request.c) returns ~0u for a status listed in
-    # fallback.http_statuses, and on_upstream_done tests `trigger & route->fallback.on`:
-    # with `on: []` that is 0, so a listed status never falls back, against
-    # docs/configuration.md ("An empty list turns fallback off except for http_statuses").
-    @unittest.expectedFailure
+    # docs/configuration.md: "An empty list turns fallback off except for http_statuses".
     def test_listed_status_falls_back_even_when_on_is_empty(self):
         m503 = self.start_mock("--status", "503", name="m503")
         good = self.start_mock(name="good")
@@ -276,7 +271,6 @@ class FallbackTest(SchedTestCase):
     # passed-through header and no Retry-After, the search runs off the end of the buffer
     # (ASan: heap-buffer-overflow, and sluice dies). The mock sends no such headers, so a
     # fixed upstream stands in for a rate-limited provider.
-    @expected_failure_under_sanitizers
     def test_429_with_other_headers_and_no_retry_after_falls_back_and_stays_in_rotation(self):
         limited = FixedUpstream(429, [("X-RateLimit-Remaining-Requests", "0"),
                                       ("Openai-Processing-Ms", "3")])
