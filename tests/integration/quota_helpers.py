@@ -290,13 +290,14 @@ def avoid_window_edge(window_s, margin_s):
     """Fixed windows are aligned to the clock (floor(now / W) * W). A test that must stay
     inside one window waits, by polling the clock, until at least margin_s seconds are left
     in the current one (at most margin_s seconds)."""
-    wait_until(lambda: window_s - (time.time() % window_s) >= margin_s, margin_s + 5,
+    wait_until(lambda: window_s - (time.time() % window_s) >= margin_s, 2 * window_s + 10,
                "a %ds window with at least %ds left" % (window_s, margin_s), interval=0.05)
 
 
 def wait_window_start(window_s, within_s):
     """Poll the clock until we are at most within_s seconds into a window of window_s."""
-    wait_until(lambda: (time.time() % window_s) <= within_s, window_s + 5,
+    # Several windows of slack: on a starved machine a poll can miss one start.
+    wait_until(lambda: (time.time() % window_s) <= within_s, 4 * window_s + 10,
                "the first %.1fs of a %gs window" % (within_s, window_s), interval=0.005)
 
 
