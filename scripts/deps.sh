@@ -3,10 +3,12 @@
 # Usage: scripts/deps.sh [extra-package ...]
 set -euo pipefail
 
+# openssl (CLI), prometheus (promtool) and chromium (headless): the operations tests
+# (tests/integration/test_operations.py, test_status_page.py, test_tls_notify.py).
 PKGS=(build-essential cmake pkg-config
       libevent-dev libcurl4-openssl-dev libjansson-dev libssl-dev libhiredis-dev
       libyaml-dev libpcre2-dev libcmocka-dev
-      python3 curl redis-server "$@")
+      python3 curl redis-server openssl prometheus chromium "$@")
 
 missing=()
 for p in "${PKGS[@]}"; do
