@@ -40,6 +40,7 @@
 #include "sluice/upstream.h"
 
 #define DRAIN_CHECK_MS 20
+#define QUOTA_VIEW_MS 1000
 #define LISTEN_BACKLOG 4096
 
 struct server {
@@ -57,6 +58,14 @@ struct server {
 	uint64_t started_unix;
 	struct health_checker *checker;
 	struct admin *admin;
+	/* The shared (Redis) view of quota use for the admin API: refreshed from
+	 * the main loop every QUOTA_VIEW_MS by asynchronous peeks, read by the
+	 * (synchronous) admin hooks. Unused with the memory store. */
+	struct quota *view_quota;
+	struct event *view_ev;
+	json_t *view;                 /* {"consumer:NAME": [...], "instance:NAME": [...]} */
+	struct view_peek **view_pending; /* per consumer, then per instance */
+	size_t n_view_pending;
 };
 
 /* ---------------------------------------------------------------- listeners */
@@ -353,6 +362,8 @@ static void server_prepare(struct server *s, struct config *c)
 		admin_configure(s->admin, c);
 }
 
+static void view_configure(struct server *s, const struct config *c);
+
 static bool same_listeners(const struct config *a, const struct config *b)
 {
 	if (a->server.n_listen != b->server.n_listen)
@@ -412,6 +423,7 @@ static bool server_reload(struct server *s, json_t **errors_out)
 		worker_post(&s->workers[i], c, false, false);
 	config_unref(s->config);
 	s->config = c;
+	view_configure(s, c);
 	log_info("reloaded %s: generation %llu, sha256 %.12s, %zu instances, %zu routes",
 	         s->config_path, (unsigned long long)c->generation, c->sha256_hex, c->n_instances,
 	         c->n_routes);
@@ -506,9 +518,116 @@ static void gauge_source(void *arg, struct evbuffer *out)
 	metrics_write_connections(out, conns);
 }
 
-/* ---------------------------------------------------------------- admin hooks (main thread) */
+/* ---------------------------------------------------------------- shared quota view */
 
 static json_t *limits_json(const struct quota_limit_state *st, size_t n);
+
+struct view_peek {
+	struct server *s;
+	size_t slot;
+	struct quota_peek *h;
+	char key[160];
+};
+
+static void view_cancel_all(struct server *s)
+{
+	for (size_t i = 0; i < s->n_view_pending; i++) {
+		struct view_peek *vp = s->view_pending[i];
+		if (vp) {
+			quota_peek_cancel(vp->h);
+			free(vp);
+			s->view_pending[i] = NULL;
+		}
+	}
+}
+
+static void view_peek_done(void *arg, struct quota_limit_state *st, size_t n, bool store_error)
+{
+	struct view_peek *vp = arg;
+	struct server *s = vp->s;
+
+	s->view_pending[vp->slot] = NULL;
+	if (!store_error)
+		json_object_set_new(s->view, vp->key, limits_json(st, n));
+	free(vp);
+}
+
+static void view_issue(struct server *s, size_t slot, const char *kind, const char *name,
+                       const struct config_consumer *co, const struct config_instance *in)
+{
+	struct view_peek *vp = calloc(1, sizeof(*vp));
+	if (vp == NULL)
+		return;
+	vp->s = s;
+	vp->slot = slot;
+	snprintf(vp->key, sizeof(vp->key), "%s:%s", kind, name);
+	s->view_pending[slot] = vp;
+	struct quota_peek *h = quota_peek(s->view_quota, co, in, view_peek_done, vp);
+	/* A synchronous answer has run the callback, which freed vp. */
+	if (s->view_pending[slot] == vp)
+		vp->h = h;
+}
+
+static void view_refresh(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *s = arg;
+	const struct config *c = s->config;
+	size_t need = c->n_consumers + c->n_instances;
+
+	view_cancel_all(s);
+	if (need > s->n_view_pending) {
+		struct view_peek **p = realloc(s->view_pending, need * sizeof(*p));
+		if (p == NULL)
+			return;
+		s->view_pending = p;
+		s->n_view_pending = need;
+	}
+	for (size_t i = 0; i < need; i++)
+		s->view_pending[i] = NULL;
+	for (size_t i = 0; i < c->n_consumers; i++)
+		view_issue(s, i, "consumer", c->consumers[i].name, &c->consumers[i], NULL);
+	for (size_t i = 0; i < c->n_instances; i++)
+		if (c->instances[i].n_limits)
+			view_issue(s, c->n_consumers + i, "instance", c->instances[i].name, NULL,
+			           &c->instances[i]);
+	struct timeval tv = {QUOTA_VIEW_MS / 1000, (QUOTA_VIEW_MS % 1000) * 1000};
+	event_add(s->view_ev, &tv);
+}
+
+/* (Re)start the shared view for snapshot c; peeks in flight refer to the old
+ * snapshot's limits, so they are cancelled first. */
+static void view_configure(struct server *s, const struct config *c)
+{
+	view_cancel_all(s);
+	json_object_clear(s->view);
+	if (c->store.type != STORE_REDIS) {
+		event_del(s->view_ev);
+		return;
+	}
+	if (s->view_quota == NULL)
+		s->view_quota = quota_new(s->base, c);
+	else
+		quota_configure(s->view_quota, c);
+	event_active(s->view_ev, 0, 0);
+}
+
+/* This node's local counts (memory store), or the last shared (Redis) view. */
+static json_t *limits_view(struct server *s, const char *kind, const char *name,
+                           const struct config_consumer *co, const struct config_instance *in)
+{
+	char key[160];
+	struct quota_limit_state st[64];
+
+	if (s->config->store.type == STORE_REDIS) {
+		snprintf(key, sizeof(key), "%s:%s", kind, name);
+		json_t *v = json_object_get(s->view, key);
+		if (v)
+			return json_incref(v);
+	}
+	return limits_json(st, quota_peek_memory(co, in, st, 64));
+}
+
+/* ---------------------------------------------------------------- admin hooks (main thread) */
 
 static json_t *hook_status(void *arg)
 {
@@ -548,9 +667,7 @@ static json_t *hook_instances(void *arg)
 		        (json_int_t)h.retry_after_until_unix_ms, "probes_ok", (json_int_t)h.probes_ok,
 		        "probes_failed", (json_int_t)h.probes_failed);
 		json_object_set_new(o, "active_checks", json_boolean(in->active.enabled));
-		struct quota_limit_state st[16];
-		size_t n = quota_peek_memory(NULL, in, st, 16);
-		json_object_set_new(o, "limits", limits_json(st, n));
+		json_object_set_new(o, "limits", limits_view(s, "instance", in->name, NULL, in));
 		json_array_append_new(list, o);
 	}
 	return list;
@@ -597,21 +714,19 @@ static json_t *limits_json(const struct quota_limit_state *st, size_t n)
 	return list;
 }
 
-/* Quota use as this node counts it (with Redis: what it counted itself). */
+/* Quota use: this node's counts (memory store), or the shared view refreshed
+ * from Redis every QUOTA_VIEW_MS. */
 static json_t *hook_consumers(void *arg)
 {
 	struct server *s = arg;
 	const struct config *c = s->config;
 	json_t *list = json_array();
-	struct quota_limit_state st[64];
-
 	for (size_t i = 0; i < c->n_consumers; i++) {
 		const struct config_consumer *co = &c->consumers[i];
-		size_t n = quota_peek_memory(co, NULL, st, 64);
 		json_array_append_new(list, json_pack("{s:s, s:i, s:i, s:o}", "name", co->name,
 		                                      "max_concurrent", co->max_concurrent, "in_flight",
 		                                      quota_concurrency_current(co->name), "limits",
-		                                      limits_json(st, n)));
+		                                      limits_view(s, "consumer", co->name, co, NULL)));
 	}
 	return list;
 }
@@ -679,6 +794,11 @@ int server_run(struct config *cfg, const char *config_path)
 	if (s.checker == NULL || (cfg->admin.address && s.admin == NULL))
 		goto out;
 	server_prepare(&s, cfg);
+	s.view = json_object();
+	s.view_ev = evtimer_new(s.base, view_refresh, &s);
+	if (s.view == NULL || s.view_ev == NULL)
+		goto out;
+	view_configure(&s, cfg);
 
 	for (int i = 0; i < s.n_workers; i++)
 		if (!worker_init(&s, &s.workers[i], i))
@@ -725,6 +845,13 @@ out:
 		if (evs[i])
 			event_free(evs[i]);
 	admin_free(s.admin);
+	view_cancel_all(&s);
+	free(s.view_pending);
+	if (s.view_ev)
+		event_free(s.view_ev);
+	if (s.view_quota)
+		quota_free(s.view_quota);
+	json_decref(s.view);
 	health_checker_free(s.checker);
 	alerts_shutdown();
 	if (s.base)
