@@ -695,6 +695,9 @@ static void conn_event_cb(struct bufferevent *bev, short what, void *arg)
 {
 	struct http_conn *c = arg;
 
+	/* A TLS listener reports the end of its handshake as CONNECTED: not an end. */
+	if (what == BEV_EVENT_CONNECTED)
+		return;
 	if (!c->handler_owns) {
 		conn_free(c);
 		return;
@@ -897,8 +900,8 @@ void http_json_escape(struct evbuffer *buf, const char *s, size_t len)
 	evbuffer_add(buf, s + run, len - run);
 }
 
-void http_reply_error(struct http_request *req, int status, const char *type, const char *code,
-                      const char *fmt, ...)
+size_t http_reply_error(struct http_request *req, int status, const char *type, const char *code,
+                        const char *fmt, ...)
 {
 	char msg[1024];
 	va_list ap;
@@ -917,6 +920,7 @@ void http_reply_error(struct http_request *req, int status, const char *type, co
 	size_t len = evbuffer_get_length(b);
 	http_reply(req, status, "application/json", (const char *)evbuffer_pullup(b, -1), len);
 	evbuffer_free(b);
+	return len;
 }
 
 /* An error the server itself answers (bad framing, limits): reply and close,

@@ -1039,7 +1039,7 @@ static void reply_error(struct request *r, int status, const char *type, const c
 		log_info("[%s] %d %s: %s", r->id, status, code, msg);
 	r->rec.status = status;
 	r->rec.error_code = code;
-	http_reply_error(r->http, status, type, code, "%s", msg);
+	r->rec.bytes_out = http_reply_error(r->http, status, type, code, "%s", msg);
 	r->http = NULL;
 	request_finish(r);
 }

@@ -383,6 +383,8 @@ static void apply_logging(const struct config *c)
 static bool server_reload(struct server *s, json_t **errors_out)
 {
 	struct config_errors errs = {0};
+	/* RELOADING=1 ... READY=1 brackets every reload, refused ones included. */
+	notify_reloading();
 	struct config *c = config_load(s->config_path, &errs);
 
 	if (c == NULL) {
@@ -401,6 +403,7 @@ static bool server_reload(struct server *s, json_t **errors_out)
 		log_error("reload of %s failed with %zu error(s); still serving generation %llu",
 		          s->config_path, errs.n + errs.dropped, (unsigned long long)s->generation);
 		config_errors_free(&errs);
+		notify_ready();
 		return false;
 	}
 	if (!tls_check(c)) {
@@ -409,13 +412,13 @@ static bool server_reload(struct server *s, json_t **errors_out)
 			*errors_out = json_pack("[s]", "a TLS certificate or key does not load (see the log)");
 		config_unref(c);
 		metrics_reload(false);
+		notify_ready();
 		return false;
 	}
 	if (!same_listeners(s->config, c))
 		log_warn("reload: server.listen changed; listeners change only on restart");
 	if (c->server.workers != s->config->server.workers)
 		log_warn("reload: server.workers changed; the worker count changes only on restart");
-	notify_reloading();
 	c->generation = ++s->generation;
 	apply_logging(c);
 	server_prepare(s, c);
@@ -667,6 +670,23 @@ static json_t *hook_instances(void *arg)
 		        (json_int_t)h.retry_after_until_unix_ms, "probes_ok", (json_int_t)h.probes_ok,
 		        "probes_failed", (json_int_t)h.probes_failed);
 		json_object_set_new(o, "active_checks", json_boolean(in->active.enabled));
+		json_object_set_new(o, "ewma_latency_ms", json_real(h.ewma_total_us / 1000.0));
+		if (h.last_transition_unix_ms) {
+			char when[40];
+			time_t t = (time_t)(h.last_transition_unix_ms / 1000);
+			struct tm tm;
+			gmtime_r(&t, &tm);
+			size_t n = strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+			snprintf(when + n, sizeof(when) - n, ".%03dZ",
+			         (int)(h.last_transition_unix_ms % 1000));
+			json_object_set_new(o, "last_transition",
+			                    json_pack("{s:b, s:s, s:s}", "healthy", h.healthy, "reason",
+			                              h.last_reason, "time", when));
+		} else {
+			json_object_set_new(o, "last_transition",
+			                    json_pack("{s:b, s:s, s:n}", "healthy", h.healthy, "reason",
+			                              h.last_reason, "time"));
+		}
 		json_object_set_new(o, "limits", limits_view(s, "instance", in->name, NULL, in));
 		json_array_append_new(list, o);
 	}

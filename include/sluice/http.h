@@ -82,8 +82,9 @@ void http_response_header(struct http_request *req, const char *name, const char
 /* A whole response with Content-Length. Finishes the request. */
 void http_reply(struct http_request *req, int status, const char *content_type, const char *body,
                 size_t len);
-/* An OpenAI-shaped error: {"error":{"message","type","param":null,"code"}}. Finishes. */
-void http_reply_error(struct http_request *req, int status, const char *type, const char *code,
+/* An OpenAI-shaped error: {"error":{"message","type","param":null,"code"}}. Finishes.
+ * Returns the body's length. */
+size_t http_reply_error(struct http_request *req, int status, const char *type, const char *code,
                       const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
 /* A streamed response (chunked on HTTP/1.1). */
