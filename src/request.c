@@ -359,7 +359,7 @@ static bool authenticate(struct request *r)
 		return false;
 	case AUTH_FORBIDDEN:
 		r->rec.consumer = r->consumer->name;
-		reply_error(r, 403, "permission_error", "route_not_allowed",
+		reply_error(r, 403, "permission_error", "consumer_not_allowed",
 		            "consumer '%s' may not use route '%s'", r->consumer->name,
 		            r->route->name);
 		return false;
