@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Send exactly N chat completion requests over keep-alive connections (for callgrind runs).
+
+Usage: nreq.py URL N [--conns C] [--stream] [--tokens T]; exits non-zero if any reply is not 200.
+"""
+import argparse
+import http.client
+import json
+import sys
+import threading
+import urllib.parse
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("n", type=int)
+    ap.add_argument("--conns", type=int, default=4)
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--tokens", type=int, default=64)
+    a = ap.parse_args()
+    u = urllib.parse.urlsplit(a.url)
+    # The same ~330-byte body as chat.lua.
+    body = json.dumps({
+        "model": "mock-model", "stream": a.stream, "mock": {"tokens": a.tokens},
+        "temperature": 0.2, "max_tokens": 256,
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant. Answer in one short paragraph."},
+            {"role": "user", "content": "Summarise why a gateway in front of several model providers "
+                                        "helps with quotas, fallback and observability."}],
+    }, separators=(",", ":")).encode()
+    bad = []
+
+    def worker(count):
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        for _ in range(count):
+            c.request("POST", u.path, body, {"Content-Type": "application/json"})
+            r = c.getresponse()
+            r.read()
+            if r.status != 200:
+                bad.append(r.status)
+        c.close()
+
+    per = [a.n // a.conns + (1 if i < a.n % a.conns else 0) for i in range(a.conns)]
+    ts = [threading.Thread(target=worker, args=(k,)) for k in per if k]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if bad:
+        print(f"{len(bad)} non-200 replies, e.g. {bad[:5]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
