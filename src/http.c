@@ -966,6 +966,26 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 	}
 }
 
+void http_reply_chunk_buffer(struct http_request *req, struct evbuffer *buf)
+{
+	struct http_conn *c = req->conn;
+	size_t len = evbuffer_get_length(buf);
+	if (c->bev == NULL || len == 0) {
+		evbuffer_drain(buf, len);
+		return;
+	}
+	struct evbuffer *out = bufferevent_get_output(c->bev);
+	if (c->chunked) {
+		char size[24];
+		int n = snprintf(size, sizeof(size), "%zx\r\n", len);
+		evbuffer_add(out, size, (size_t)n);
+		evbuffer_add_buffer(out, buf);
+		evbuffer_add(out, "\r\n", 2);
+	} else {
+		evbuffer_add_buffer(out, buf);
+	}
+}
+
 void http_reply_end(struct http_request *req)
 {
 	struct http_conn *c = req->conn;

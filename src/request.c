@@ -116,7 +116,8 @@ struct request {
 	struct upstream_xfer xfer;
 	enum reply_mode mode;
 	struct evbuffer *buffered;     /* REPLY_BUFFERED */
-	struct sse_parser sse;         /* REPLY_STREAM */
+	struct sse_parser sse; /* REPLY_STREAM */
+	struct evbuffer *events; /* whole events from one upstream read: one chunk */
 	bool sse_ready;
 	bool stream_started;           /* the client has the stream's head */
 	bool client_paused;            /* the transfer waits for the client to drain */
@@ -790,7 +791,7 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 		http_reply_start(r->http, (int)r->xfer.status, r->xfer.content_type);
 	}
 	r->rec.bytes_out += ev->raw_len;
-	http_reply_chunk(r->http, ev->raw, ev->raw_len);
+	evbuffer_add(r->events, ev->raw, ev->raw_len);
 	return true;
 }
 
@@ -807,10 +808,14 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 			http_reply_on_drain(r->http, on_client_drained, r);
 			return UPSTREAM_PAUSE;
 		}
-		/* Whole events only, so an error event can always follow cleanly. */
-		if (!sse_feed(&r->sse, data, len, on_stream_event, r))
+		/* Whole events only, so an error event can always follow cleanly;
+		 * all the events of one read go out as one chunk. */
+		if (r->events == NULL && (r->events = evbuffer_new()) == NULL)
 			return 0;
-		return len;
+		bool ok = sse_feed(&r->sse, data, len, on_stream_event, r);
+		if (r->stream_started)
+			http_reply_chunk_buffer(r->http, r->events);
+		return ok ? len : 0;
 	}
 	if (evbuffer_get_length(r->buffered) + len > MAX_RESPONSE_BODY)
 		return 0;
@@ -1117,6 +1122,8 @@ static void request_finish(struct request *r)
 		sse_parser_free(&r->sse);
 	if (r->buffered)
 		evbuffer_free(r->buffered);
+	if (r->events)
+		evbuffer_free(r->events);
 	if (r->own_balancer)
 		balancer_free(r->own_balancer);
 	if (r->excluded != r->excluded_small)

@@ -117,12 +117,20 @@ static void http_limits_from(const struct config *c, struct http_limits *lim)
 	lim->max_connections = per > 0 ? per : 1;
 }
 
+/*
+ * libcurl 7.88 counts busy connections against CURLMOPT_MAXCONNECTS: at the
+ * pools' size, every transfer past it closed a connection when done (45% of
+ * requests opened a new one at 200 in flight, bench/README.md). Size the cache
+ * for every request a worker may have in flight; idle ones still retire after
+ * keepalive.idle (CURLOPT_MAXAGE_CONN).
+ */
 static long maxconnects_from(const struct config *c)
 {
 	long n = 0;
 	for (size_t i = 0; i < c->n_instances; i++)
 		n += c->instances[i].keepalive.pool;
-	return n;
+	long per_worker = c->server.max_connections / (c->server.workers > 0 ? c->server.workers : 1);
+	return n > per_worker ? n : per_worker;
 }
 
 /* A TLS context for one listener, or NULL with the reason logged. */
@@ -273,14 +281,9 @@ static bool worker_init(struct server *s, struct worker *w, int id)
 	pthread_mutex_init(&w->lock, NULL);
 	if (getrandom(&w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || w->rng == 0)
 		w->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)time(NULL) ^ (uint64_t)id;
-	/* Precise timers: libevent's default coarse clock moves in ~4 ms steps,
-	 * too coarse for first_byte/idle timeouts and latency figures. */
-	struct event_config *ec = event_config_new();
-	if (ec == NULL)
-		return false;
-	event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
-	w->base = event_base_new_with_config(ec);
-	event_config_free(ec);
+	/* Default (coarse, ~4 ms) timers: precise ones cost a timerfd syscall per
+	 * loop turn (bench/README.md), and our timeouts are not that fine. */
+	w->base = event_base_new();
 	if (w->base == NULL)
 		return false;
 	w->upstream = upstream_new(w->base);

@@ -236,8 +236,19 @@ bool usage_from_sse_data(const char *data, size_t len, struct record_usage *out,
 
 	if (usage_only != NULL)
 		*usage_only = false;
-	/* The hot path: most chunks carry no usage at all. */
-	if (data == NULL || memmem(data, len, "\"usage\"", 7) == NULL)
+	/* The hot path: most chunks carry no usage at all, and with include_usage
+	 * every chunk says "usage":null — only an object is worth a scan. */
+	if (data == NULL)
+		return false;
+	bool object = false;
+	for (const char *p = data, *end = data + len;
+	     !object && (p = memmem(p, (size_t)(end - p), "\"usage\"", 7)) != NULL;) {
+		p = skip_ws(p + 7, end);
+		if (p < end && *p == ':')
+			p = skip_ws(p + 1, end);
+		object = p < end && *p == '{';
+	}
+	if (!object)
 		return false;
 	if (!scan_members(data, len, names, 2, s) || !usage_from_span(&s[0], out))
 		return false;

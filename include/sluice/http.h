@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 struct event_base;
+struct evbuffer;
 struct http_server;
 struct http_conn;
 
@@ -90,6 +91,8 @@ size_t http_reply_error(struct http_request *req, int status, const char *type, 
 /* A streamed response (chunked on HTTP/1.1). */
 void http_reply_start(struct http_request *req, int status, const char *content_type);
 void http_reply_chunk(struct http_request *req, const void *data, size_t len);
+/* One chunk of everything in buf (moved, not copied; buf is left empty). */
+void http_reply_chunk_buffer(struct http_request *req, struct evbuffer *buf);
 void http_reply_end(struct http_request *req); /* finishes */
 
 /* Bytes queued for the client and not yet written to the socket. */
