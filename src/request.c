@@ -189,6 +189,35 @@ static void handle_models(struct request *r)
 	request_finish(r);
 }
 
+/* GET /v1/models/{id}: one entry of the list, or 404 like OpenAI. */
+static void handle_model(struct request *r, const char *id)
+{
+	json_t *list = router_models_json(r->config);
+	json_t *data = json_object_get(list, "data"), *m;
+	size_t i;
+
+	json_array_foreach(data, i, m)
+	{
+		const char *mid = json_string_value(json_object_get(m, "id"));
+		if (mid && strcmp(mid, id) == 0) {
+			char *text = json_dumps(m, JSON_COMPACT);
+			json_decref(list);
+			if (text == NULL)
+				break;
+			r->rec.status = 200;
+			r->rec.bytes_out = strlen(text);
+			http_reply(r->http, 200, "application/json", text, strlen(text));
+			r->http = NULL;
+			free(text);
+			request_finish(r);
+			return;
+		}
+	}
+	json_decref(list);
+	reply_error(r, 404, "invalid_request_error", "model_not_found",
+	            "the model '%s' does not exist", id);
+}
+
 static void on_client_abort(void *arg);
 static bool read_body(struct request *r);
 static bool route(struct request *r);
@@ -232,6 +261,11 @@ void request_handle(struct http_request *hr, void *arg)
 			handle_models(r);
 			return;
 		}
+	}
+	if (strncmp(hr->path, "/v1/models/", 11) == 0 && hr->path[11] != '\0' &&
+	    (strcmp(hr->method, "GET") == 0 || strcmp(hr->method, "HEAD") == 0)) {
+		handle_model(r, hr->path + 11);
+		return;
 	}
 	const struct config_route *any;
 	if (router_match(r->config, hr->path, NULL, &any) == ROUTER_NO_PATH) {
@@ -654,6 +688,8 @@ static bool attempt_start(struct request *r)
 		return false;
 	}
 	upstream_xfer_init(&r->xfer, r->w->upstream, &upstream_ops, r);
+	if (r->w->balancers_config == r->config)
+		upstream_xfer_curlu(&r->xfer, r->w->urls[in->index]);
 	/* The client's credentials stay here: only the instance's auth goes up. */
 	for (size_t i = 0; i < in->n_auth_headers; i++) {
 		snprintf(line, sizeof(line), "%s: %s", in->auth_headers[i].name,

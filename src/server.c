@@ -176,11 +176,16 @@ static bool tls_check(const struct config *c)
 
 static void worker_free_balancers(struct worker *w)
 {
-	if (w->balancers_config)
+	if (w->balancers_config) {
 		for (size_t i = 0; i < w->balancers_config->n_routes; i++)
 			balancer_free(w->balancers[i]);
+		for (size_t i = 0; w->urls && i < w->balancers_config->n_instances; i++)
+			curl_url_cleanup(w->urls[i]);
+	}
 	free(w->balancers);
+	free(w->urls);
 	w->balancers = NULL;
+	w->urls = NULL;
 	w->balancers_config = NULL;
 }
 
@@ -196,9 +201,19 @@ static void worker_apply_config(struct worker *w, struct config *c)
 	 * on their own, see request.c). */
 	worker_free_balancers(w);
 	w->balancers = calloc(c->n_routes ? c->n_routes : 1, sizeof(*w->balancers));
-	if (w->balancers) {
+	w->urls = calloc(c->n_instances ? c->n_instances : 1, sizeof(*w->urls));
+	if (w->balancers && w->urls) {
 		for (size_t i = 0; i < c->n_routes; i++)
 			w->balancers[i] = balancer_new(&c->routes[i]);
+		/* Parsed once per worker and snapshot; NULL (parse per request) on error. */
+		for (size_t i = 0; i < c->n_instances; i++) {
+			w->urls[i] = curl_url();
+			if (w->urls[i] &&
+			    curl_url_set(w->urls[i], CURLUPART_URL, c->instances[i].url, 0) != CURLUE_OK) {
+				curl_url_cleanup(w->urls[i]);
+				w->urls[i] = NULL;
+			}
+		}
 		w->balancers_config = c;
 	}
 	if (w->quota)

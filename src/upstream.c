@@ -322,7 +322,10 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 		upstream_xfer_header(x, "Content-Type: application/json");
 
 	CURL *e = x->easy;
-	curl_easy_setopt(e, CURLOPT_URL, url);
+	/* A reused handle keeps its last CURLU, which wins over CURLOPT_URL: set both. */
+	curl_easy_setopt(e, CURLOPT_CURLU, x->curlu);
+	if (x->curlu == NULL)
+		curl_easy_setopt(e, CURLOPT_URL, url);
 	/* NOBODY first: clearing it turns a handle back into GET. */
 	curl_easy_setopt(e, CURLOPT_NOBODY, method && strcmp(method, "HEAD") == 0 ? 1L : 0L);
 	if (method == NULL || strcmp(method, "POST") == 0 || body != NULL) {
@@ -370,6 +373,11 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	curl_multi_socket_action(up->multi, CURL_SOCKET_TIMEOUT, 0, &up->running);
 	event_active(up->check_ev, 0, 0);
 	return true;
+}
+
+void upstream_xfer_curlu(struct upstream_xfer *x, CURLU *u)
+{
+	x->curlu = u;
 }
 
 void upstream_xfer_resume(struct upstream_xfer *x)

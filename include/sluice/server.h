@@ -8,6 +8,8 @@
 #include <stdint.h>
 #include <sys/queue.h>
 
+#include <curl/curl.h>
+
 #include "sluice/config.h"
 
 struct event_base;
@@ -36,6 +38,7 @@ struct worker {
 	struct upstream *upstream;
 	struct config *config; /* this worker's current snapshot: one reference */
 	struct balancer **balancers;     /* per route of balancers_config (== config) */
+	CURLU **urls;                    /* per instance of balancers_config: pre-parsed */
 	struct config *balancers_config;
 	struct quota *quota;             /* this worker's quota client (memory / Redis) */
 	struct metrics_shard *metrics;   /* this worker's metric counters */

@@ -55,6 +55,7 @@ struct upstream_xfer {
 	struct upstream *up;
 	CURL *easy;
 	struct curl_slist *req_headers;
+	CURLU *curlu;
 	const struct upstream_ops *ops;
 	void *arg;
 	struct event *timer;
@@ -80,6 +81,10 @@ bool upstream_xfer_header(struct upstream_xfer *x, const char *line);
 bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char *url,
                          const char *body, size_t len, const struct upstream_timeouts *to,
                          bool tls_verify, long keepalive_idle_s);
+/* Use a pre-parsed URL for the next upstream_xfer_start (parsing it costs ~10%
+ * of a small request); NULL: parse the url string. The handle must outlive the
+ * transfer and belong to this thread. */
+void upstream_xfer_curlu(struct upstream_xfer *x, CURLU *u);
 void upstream_xfer_resume(struct upstream_xfer *x);
 /* Stop a running transfer; on_done is not called. Not from inside on_head/on_body. */
 void upstream_xfer_cancel(struct upstream_xfer *x);

@@ -266,6 +266,16 @@ class ModelsTest(harness.SluiceTestCase):
         for m in obj["data"]:
             self.assertEqual(m.get("object"), "model", m)
 
+    def test_model_retrieve(self):
+        """GET /v1/models/{id} (the SDKs' models.retrieve) returns that entry, or 404."""
+        r = http_request(self.port, "GET", "/v1/models/beta")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json().get("id"), "beta", r)
+        self.assertEqual(r.json().get("object"), "model", r)
+        r = http_request(self.port, "GET", "/v1/models/no-such-model")
+        self.assertOpenAIError(r, 404)
+        self.assertEqual(r.json()["error"]["code"], "model_not_found", r)
+
     def test_route_by_model(self):
         for model, inst, upstream in (("alpha", "a", "upstream-a"), ("alpha-2", "a", "upstream-a"),
                                       ("beta", "b", "upstream-b")):
