@@ -2,6 +2,7 @@
 #include "sluice/balancer.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,6 +34,14 @@ struct balancer_point {
 	uint32_t target; /* index into route->targets */
 };
 
+/* load: one candidate's score, kept for the tie-breaking pass. */
+struct balancer_score {
+	double waiting;    /* >= 0, or +inf */
+	uint32_t kv_step;  /* floor(kv_cache / BALANCER_KV_STEP) */
+	uint64_t inflight; /* >= 0 */
+	bool known;        /* false: load unknown, or not a candidate of this pick */
+};
+
 struct balancer {
 	const struct config_route *route; /* borrowed: the caller's snapshot holds it */
 	enum balancer_algorithm algorithm;
@@ -42,7 +51,8 @@ struct balancer {
 	int64_t *current;            /* smooth round-robin state, per target index */
 	struct balancer_point *ring; /* chash: each group's points, sorted by hash */
 	size_t n_ring;
-	uint64_t rng; /* least_requests without a caller's random source */
+	uint64_t rng;                  /* least_requests without a caller's random source */
+	struct balancer_score *scores; /* load: per target index, scratch of one pick */
 };
 
 static void balancer_build_groups(struct balancer *b);
@@ -65,6 +75,17 @@ static int balancer_pick_chash(struct balancer *b, const struct balancer_group *
                                const struct balancer_input *in);
 static int balancer_pick_lr(struct balancer *b, const struct balancer_group *g,
                             const struct balancer_input *in);
+static int balancer_pick_ewma(struct balancer *b, const struct balancer_group *g,
+                              const struct balancer_input *in);
+static int balancer_pick_load(struct balancer *b, const struct balancer_group *g,
+                              const struct balancer_input *in);
+static int balancer_pair(struct balancer *b, const struct balancer_group *g,
+                         const struct balancer_input *in, int *second);
+static uint64_t balancer_fastest(const struct balancer *b, const struct balancer_group *g,
+                                 const struct balancer_input *in);
+static bool balancer_score_of(const struct balancer *b, const struct balancer_input *in, int t,
+                              struct balancer_score *s);
+static int balancer_cmp_score(const struct balancer *b, int t1, int t2);
 static int balancer_draw(const struct balancer *b, const struct balancer_group *g,
                          const struct balancer_input *in, uint64_t sum, uint64_t r, int skip);
 static uint64_t balancer_inflight(const struct balancer *b, const struct balancer_input *in, int t);
@@ -90,13 +111,12 @@ struct balancer *balancer_new(const struct config_route *route)
 	case BALANCER_ROUNDROBIN:
 	case BALANCER_CHASH:
 	case BALANCER_LEAST_REQUESTS:
-		b->algorithm = route->balancer.algorithm;
-		break;
 	case BALANCER_EWMA:
 	case BALANCER_LOAD:
+		b->algorithm = route->balancer.algorithm;
+		break;
 	default:
-		/* Neither latency tracking nor the load scraper exists yet; least
-		 * in-flight is the nearest stand-in that needs no new input. */
+		/* The loader knows no other value; least in-flight needs no input. */
 		b->algorithm = BALANCER_LEAST_REQUESTS;
 		break;
 	}
@@ -110,6 +130,11 @@ struct balancer *balancer_new(const struct config_route *route)
 		b->current = calloc(n, sizeof(*b->current));
 		if (!b->order || !b->groups || !b->current)
 			goto fail;
+		if (b->algorithm == BALANCER_LOAD) {
+			b->scores = calloc(n, sizeof(*b->scores));
+			if (!b->scores)
+				goto fail;
+		}
 	}
 	balancer_build_groups(b);
 	/* Chash keeps the round-robin state too: a pick without a key is a
@@ -132,6 +157,7 @@ void balancer_free(struct balancer *b)
 	free(b->groups);
 	free(b->current);
 	free(b->ring);
+	free(b->scores);
 	free(b);
 }
 
@@ -346,6 +372,14 @@ int balancer_pick(struct balancer *b, const struct balancer_input *in)
 		return balancer_pick_rr(b, g, in);
 	case BALANCER_LEAST_REQUESTS:
 		return balancer_pick_lr(b, g, in);
+	case BALANCER_EWMA:
+		if (in->latency_us)
+			return balancer_pick_ewma(b, g, in);
+		return balancer_pick_lr(b, g, in);
+	case BALANCER_LOAD:
+		if (in->load)
+			return balancer_pick_load(b, g, in);
+		return balancer_pick_lr(b, g, in);
 	case BALANCER_ROUNDROBIN:
 	default:
 		return balancer_pick_rr(b, g, in);
@@ -467,12 +501,12 @@ static uint64_t balancer_inflight(const struct balancer *b, const struct balance
 }
 
 /*
- * Power of two choices (Mitzenmacher): two weighted-random candidates, the
- * less loaded relative to its weight wins. Comparing (i1+1)/w1 < (i2+1)/w2 as
- * (i1+1)*w2 < (i2+1)*w1 stays exact: both factors fit in 32 bits.
+ * The two choices: two distinct candidates drawn at random in proportion to
+ * their weights. Returns the first; *second is -1 when the group has a single
+ * candidate (then no random number is spent).
  */
-static int balancer_pick_lr(struct balancer *b, const struct balancer_group *g,
-                            const struct balancer_input *in)
+static int balancer_pair(struct balancer *b, const struct balancer_group *g,
+                         const struct balancer_input *in, int *second)
 {
 	uint64_t (*rnd)(void *) = in->rand ? in->rand : balancer_splitmix;
 	void *rnd_arg = in->rand ? in->rand_arg : &b->rng;
@@ -480,6 +514,7 @@ static int balancer_pick_lr(struct balancer *b, const struct balancer_group *g,
 	size_t n = 0;
 	int lone = -1;
 
+	*second = -1;
 	for (size_t k = 0; k < g->count; k++) {
 		uint32_t t = b->order[g->first + k];
 
@@ -489,13 +524,27 @@ static int balancer_pick_lr(struct balancer *b, const struct balancer_group *g,
 			lone = (int)t;
 		}
 	}
-	if (n < 2) /* nothing to compare (and no random number spent) */
+	if (n < 2)
 		return lone;
 	int first = balancer_draw(b, g, in, sum, rnd(rnd_arg), -1);
 	if (first < 0)
 		return lone;
-	int second =
+	*second =
 	        balancer_draw(b, g, in, sum - b->route->targets[first].weight, rnd(rnd_arg), first);
+	return first;
+}
+
+/*
+ * Power of two choices (Mitzenmacher): two weighted-random candidates, the
+ * less loaded relative to its weight wins. Comparing (i1+1)/w1 < (i2+1)/w2 as
+ * (i1+1)*w2 < (i2+1)*w1 stays exact: both factors fit in 32 bits.
+ */
+static int balancer_pick_lr(struct balancer *b, const struct balancer_group *g,
+                            const struct balancer_input *in)
+{
+	int second;
+	int first = balancer_pair(b, g, in, &second);
+
 	if (second < 0)
 		return first;
 	uint64_t w1 = b->route->targets[first].weight, w2 = b->route->targets[second].weight;
@@ -505,4 +554,167 @@ static int balancer_pick_lr(struct balancer *b, const struct balancer_group *g,
 	if (l2 < l1 || (l2 == l1 && w2 > w1))
 		return second;
 	return first;
+}
+
+/* ---------------------------------------------------------------------------
+ * Peak-EWMA
+ * ------------------------------------------------------------------------- */
+
+/* The lowest latency sample among the group's candidates; 1 when none has one. */
+static uint64_t balancer_fastest(const struct balancer *b, const struct balancer_group *g,
+                                 const struct balancer_input *in)
+{
+	uint64_t best = 0;
+
+	for (size_t k = 0; k < g->count; k++) {
+		uint32_t t = b->order[g->first + k];
+		uint64_t l;
+
+		if (!balancer_candidate(b, in, t))
+			continue;
+		l = in->latency_us(in->latency_arg, b->route->targets[t].instance);
+		if (l != 0 && (best == 0 || l < best))
+			best = l;
+	}
+	return best ? best : 1;
+}
+
+/*
+ * The cost of a candidate is latency * (inflight + 1) / weight: the time the
+ * next request would wait if the instance served its queue one at a time. An
+ * instance without a sample borrows the fastest one's latency: assuming it
+ * slow would starve it of the very requests that measure it, and assuming it
+ * instant would flood it, while the fastest known latency times its own
+ * in-flight count lets it fill up like the best instance, no faster.
+ *
+ * The products overflow 64 bits for extreme values, so the comparison, cross
+ * multiplied like least_requests, is in double: 53 bits of precision are far
+ * beyond what a latency estimate carries, and equal inputs compare equal.
+ */
+static int balancer_pick_ewma(struct balancer *b, const struct balancer_group *g,
+                              const struct balancer_input *in)
+{
+	int second;
+	int first = balancer_pair(b, g, in, &second);
+
+	if (second < 0)
+		return first;
+	const struct config_target *targets = b->route->targets;
+	uint64_t lat1 = in->latency_us(in->latency_arg, targets[first].instance);
+	uint64_t lat2 = in->latency_us(in->latency_arg, targets[second].instance);
+
+	if (lat1 == 0 || lat2 == 0) {
+		uint64_t fastest = balancer_fastest(b, g, in);
+
+		if (lat1 == 0)
+			lat1 = fastest;
+		if (lat2 == 0)
+			lat2 = fastest;
+	}
+	uint64_t w1 = targets[first].weight, w2 = targets[second].weight;
+	double c1 = (double)lat1 * (double)(balancer_inflight(b, in, first) + 1) * (double)w2;
+	double c2 = (double)lat2 * (double)(balancer_inflight(b, in, second) + 1) * (double)w1;
+
+	if (c2 < c1 || (c2 == c1 && w2 > w1))
+		return second;
+	return first;
+}
+
+/* ---------------------------------------------------------------------------
+ * Load
+ * ------------------------------------------------------------------------- */
+
+/* The candidate t's score, or false when its load is unknown. The metrics come
+ * from another process: anything odd is made harmless here. */
+static bool balancer_score_of(const struct balancer *b, const struct balancer_input *in, int t,
+                              struct balancer_score *s)
+{
+	struct balancer_load l = {0};
+	double kv;
+
+	if (!in->load(in->load_arg, b->route->targets[t].instance, &l) || isnan(l.waiting))
+		return false;
+	s->waiting = l.waiting > 0 ? l.waiting : 0; /* +inf stays: saturated, but known */
+	kv = l.kv_cache > 0 ? l.kv_cache : 0;       /* NaN, negative: not reported */
+	if (kv > 1)
+		kv = 1;
+	s->kv_step = (uint32_t)(kv / BALANCER_KV_STEP);
+	s->inflight = balancer_inflight(b, in, t);
+	return true;
+}
+
+/*
+ * <0 when t1 scores better than t2, 0 when equal. waiting / weight, then the
+ * KV step, then inflight / weight; the ratios are cross multiplied. In-flight
+ * products are exact (32 bits each factor), waiting ones for whole queues
+ * below 2^21 requests (beyond, rounding can only make near-equal queues tie).
+ */
+static int balancer_cmp_score(const struct balancer *b, int t1, int t2)
+{
+	const struct balancer_score *s1 = &b->scores[t1], *s2 = &b->scores[t2];
+	uint64_t w1 = b->route->targets[t1].weight, w2 = b->route->targets[t2].weight;
+	double q1 = s1->waiting * (double)w2, q2 = s2->waiting * (double)w1;
+	uint64_t i1 = s1->inflight * w2, i2 = s2->inflight * w1;
+
+	if (q1 != q2)
+		return q1 < q2 ? -1 : 1;
+	if (s1->kv_step != s2->kv_step)
+		return s1->kv_step < s2->kv_step ? -1 : 1;
+	return (i1 > i2) - (i1 < i2);
+}
+
+/*
+ * The best candidate of the group, in one pass that scores every candidate
+ * (b->scores, allocated by balancer_new), then smooth weighted round-robin
+ * among those that score as well as the best: without it the first of equal
+ * instances would take every pick until the next scrape, and with it weights
+ * 4:1 give exactly 8/2 of 10 picks while the loads stay equal. When no
+ * candidate has a known load the pick is a least_requests one.
+ *
+ * Picking the best rather than the better of two is what the queue depth is
+ * for: a server with requests waiting is one to avoid, not to spread over.
+ * The in-flight count, which includes every pick since the last scrape,
+ * keeps that choice from sticking to one instance for a whole interval.
+ */
+static int balancer_pick_load(struct balancer *b, const struct balancer_group *g,
+                              const struct balancer_input *in)
+{
+	int best = -1, ties = 0;
+
+	for (size_t k = 0; k < g->count; k++) {
+		uint32_t t = b->order[g->first + k];
+		struct balancer_score *s = &b->scores[t];
+		int c;
+
+		s->known = balancer_candidate(b, in, t) && balancer_score_of(b, in, (int)t, s);
+		if (!s->known)
+			continue;
+		c = best < 0 ? -1 : balancer_cmp_score(b, (int)t, best);
+		if (c < 0) {
+			best = (int)t;
+			ties = 1;
+		} else if (c == 0) {
+			ties++;
+		}
+	}
+	if (best < 0)
+		return balancer_pick_lr(b, g, in);
+	if (ties == 1)
+		return best;
+
+	int64_t total = 0;
+	int pick = -1;
+
+	for (size_t k = 0; k < g->count; k++) {
+		uint32_t t = b->order[g->first + k];
+
+		if (!b->scores[t].known || balancer_cmp_score(b, (int)t, best) != 0)
+			continue;
+		b->current[t] += b->route->targets[t].weight;
+		total += b->route->targets[t].weight;
+		if (pick < 0 || b->current[t] > b->current[pick])
+			pick = (int)t;
+	}
+	b->current[pick] -= total;
+	return pick;
 }

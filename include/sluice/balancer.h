@@ -37,14 +37,51 @@
  *                  random in proportion to their weights; the one with the
  *                  lower (inflight + 1) / weight wins (the heavier one on a
  *                  tie, then the first drawn). A lone candidate is taken.
- *  ewma, load      Not implemented yet: they behave as least_requests.
+ *  ewma            Peak-EWMA cost (the idea of Finagle's and Linkerd's
+ *                  balancers): power of two choices as least_requests, but
+ *                  the cost is latency * (inflight + 1) / weight, latency
+ *                  being balancer_input.latency_us. A candidate with no
+ *                  sample yet (0) is given the lowest latency among the
+ *                  group's candidates (1 when none has a sample): a new
+ *                  instance gets traffic at once, yet its own in-flight count
+ *                  still holds it back. Without latency_us: least_requests.
+ *  load            The model servers' own load (balancer_input.load): the
+ *                  best candidate of the whole group by, in this order,
+ *                  queue depth (waiting / weight), KV-cache use (in steps of
+ *                  BALANCER_KV_STEP, not divided by weight: it already is a
+ *                  fraction of the instance's own capacity), then in-flight
+ *                  requests (inflight / weight). Metrics are scraped, so they
+ *                  lag: the coarse KV step lets the live in-flight count
+ *                  spread traffic between instances whose KV use differs by
+ *                  a scrape's noise. Candidates still equal share the picks
+ *                  by smooth weighted round-robin (as roundrobin, among them
+ *                  only). A candidate whose load is unknown (load returns
+ *                  false: never scraped, failed, stale) counts as saturated:
+ *                  it is picked only when no candidate of the group has a
+ *                  known load, and then by least_requests among them. running
+ *                  is not scored (in-flight is the live measure of it).
+ *                  Without load: least_requests.
  *
  * A balancer belongs to one worker and one route: it is not thread-safe and
  * takes no locks. It borrows the route, which must outlive it (the caller
  * holds the configuration snapshot). Everything is allocated by
  * balancer_new; balancer_pick allocates nothing and costs O(targets) for
- * roundrobin and least_requests, O(log points) plus the group scan for chash.
+ * roundrobin, least_requests, ewma and load, O(log points) plus the group
+ * scan for chash. Per pick, ewma calls latency_us twice (plus once per
+ * candidate of the group when a drawn one has no sample); load calls load and
+ * inflight once per candidate of the group.
  */
+
+/* KV-cache use is compared in steps of this size (1/20: 5 points). */
+#define BALANCER_KV_STEP 0.05
+
+/* One instance's load as its model server reports it (vLLM metric names). */
+struct balancer_load {
+	double waiting;  /* requests queued (vllm:num_requests_waiting); NaN: unknown */
+	double running;  /* requests being served (vllm:num_requests_running); not scored */
+	double kv_cache; /* KV-cache use, 0..1 (above 1 counts as 1); < 0 or NaN: not
+	                    reported, counts as 0 */
+};
 
 struct balancer;
 
@@ -61,10 +98,20 @@ struct balancer_input {
 	 * own generator (seeded in balancer_new, deterministic). */
 	uint64_t (*rand)(void *arg);
 	void *rand_arg;
-	/* least_requests: current in-flight requests of an instance. NULL: 0 for
-	 * all, which makes the pick a weighted random one. */
+	/* least_requests, ewma, load: current in-flight requests of an instance.
+	 * NULL: 0 for all, which makes a least_requests pick a weighted random one. */
 	int (*inflight)(void *arg, const struct config_instance *in);
 	void *inflight_arg;
+	/* ewma: the instance's latency, exponentially weighted, in microseconds;
+	 * 0: no sample yet. Best peak-sensitive (a slower sample counts at once, a
+	 * faster one only gradually). NULL: ewma picks as least_requests. */
+	uint64_t (*latency_us)(void *arg, const struct config_instance *in);
+	void *latency_arg;
+	/* load: fill *out and return true, or return false when the instance's load
+	 * is unknown or stale (it then counts as saturated). NULL: load picks as
+	 * least_requests. */
+	bool (*load)(void *arg, const struct config_instance *in, struct balancer_load *out);
+	void *load_arg;
 	/* One flag per index of route->targets: true = not a candidate for this
 	 * pick (already tried, unhealthy, out of quota, cooling down). NULL: none. */
 	const bool *excluded;
@@ -76,7 +123,7 @@ struct balancer_input {
  * or drained. in may be NULL (no key, no exclusions). */
 int balancer_pick(struct balancer *b, const struct balancer_input *in);
 
-/* The route's algorithm as actually run (ewma and load report least_requests). */
+/* The route's algorithm as run (an unknown value runs, and reports, least_requests). */
 enum balancer_algorithm balancer_algorithm(const struct balancer *b);
 
 #endif

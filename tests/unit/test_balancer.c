@@ -1,4 +1,4 @@
-/* test_balancer.c — priority groups, smooth WRR, chash and least requests on hand-built routes. */
+/* test_balancer.c — priority groups, smooth WRR, chash, least requests, peak-EWMA, load. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -6,6 +6,7 @@
 
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +31,9 @@ struct fixture {
 	char names[MAX_T][NAME_LEN];
 	bool excluded[MAX_T];
 	int inflight[MAX_T];
+	uint64_t latency[MAX_T]; /* ewma: 0 = no sample */
+	struct balancer_load load[MAX_T];
+	bool load_known[MAX_T];
 	uint64_t rng;
 };
 
@@ -78,6 +82,24 @@ static int test_inflight(void *arg, const struct config_instance *in)
 	return f->inflight[in->index];
 }
 
+static uint64_t test_latency(void *arg, const struct config_instance *in)
+{
+	struct fixture *f = arg;
+
+	return f->latency[in->index];
+}
+
+static bool test_load(void *arg, const struct config_instance *in, struct balancer_load *out)
+{
+	struct fixture *f = arg;
+
+	if (!f->load_known[in->index])
+		return false;
+	*out = f->load[in->index];
+	return true;
+}
+
+/* Every source is passed; each algorithm reads only its own. */
 static struct balancer_input fixture_input(struct fixture *f)
 {
 	struct balancer_input in = {
@@ -85,9 +107,19 @@ static struct balancer_input fixture_input(struct fixture *f)
 	        .rand_arg = f,
 	        .inflight = test_inflight,
 	        .inflight_arg = f,
+	        .latency_us = test_latency,
+	        .latency_arg = f,
+	        .load = test_load,
+	        .load_arg = f,
 	        .excluded = f->excluded,
 	};
 	return in;
+}
+
+static void set_load(struct fixture *f, int t, double waiting, double kv_cache)
+{
+	f->load[t] = (struct balancer_load){.waiting = waiting, .running = 4, .kv_cache = kv_cache};
+	f->load_known[t] = true;
 }
 
 static int pick_key(struct balancer *b, struct fixture *f, const char *key)
@@ -256,6 +288,16 @@ static void check_priority_groups(enum balancer_algorithm algo, const char *key)
 	struct balancer *bal = balancer_new(&f->route);
 	char k[32];
 
+	/* The lower groups look better by every measure: priority still wins. */
+	f->latency[p10a] = f->latency[p10b] = 900000;
+	f->latency[p5a] = 1000;
+	f->latency[p1] = 10;
+	f->inflight[p10a] = f->inflight[p10b] = 50;
+	set_load(f, p10a, 30, 0.95);
+	set_load(f, p10b, 40, 0.99);
+	set_load(f, p5a, 0, 0.1);
+	set_load(f, p5b, 2, 0.1);
+	set_load(f, p1, 0, 0);
 	assert_non_null(bal);
 	for (int i = 0; i < 200; i++) {
 		snprintf(k, sizeof(k), "%s-%d", key ? key : "", i);
@@ -319,6 +361,16 @@ static void test_priority_groups_chash(void **state)
 static void test_priority_groups_least_requests(void **state)
 {
 	check_priority_groups(BALANCER_LEAST_REQUESTS, NULL);
+}
+
+static void test_priority_groups_ewma(void **state)
+{
+	check_priority_groups(BALANCER_EWMA, NULL);
+}
+
+static void test_priority_groups_load(void **state)
+{
+	check_priority_groups(BALANCER_LOAD, NULL);
 }
 
 static void test_priority_unsorted_targets(void **state)
@@ -712,19 +764,468 @@ static void test_lr_own_random_source(void **state)
 	free(f);
 }
 
-static void test_ewma_and_load_fall_back(void **state)
+/* ---------------------------------------------------------------------------
+ * Peak-EWMA
+ * ------------------------------------------------------------------------- */
+
+static void test_ewma_prefers_lower_latency(void **state)
 {
+	struct fixture *f = fixture_new(BALANCER_EWMA);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	assert_non_null(bal);
+	assert_int_equal(balancer_algorithm(bal), BALANCER_EWMA);
+	f->latency[a] = 5000;
+	f->latency[b] = 1000;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	f->inflight[a] = f->inflight[b] = 4;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	f->latency[a] = 999;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	balancer_free(bal);
+	free(f);
+
+	/* Two choices among many: the slowest loses to any other, the fastest
+	 * wins whenever it is drawn (about 2/8 of the picks). */
+	struct fixture *g = fixture_new(BALANCER_EWMA);
+	int count[8] = {0};
+
+	for (int i = 0; i < 8; i++) {
+		char name[16];
+
+		snprintf(name, sizeof(name), "n%d", i);
+		fixture_add(g, name, 0, 100);
+		g->latency[i] = (uint64_t)(i + 1) * 1000;
+	}
+	g->latency[3] = 100;
+	bal = balancer_new(&g->route);
+	for (int i = 0; i < 8000; i++)
+		count[pick(bal, g)]++;
+	assert_int_equal(count[7], 0);
+	assert_true(count[3] > 1500 && count[3] < 2500);
+	balancer_free(bal);
+	free(g);
+}
+
+static void test_ewma_accounts_for_inflight(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_EWMA);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	/* 1000 us * 10 in flight costs more than 2000 us * 1. */
+	f->latency[a] = 1000;
+	f->latency[b] = 2000;
+	f->inflight[a] = 9;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	f->inflight[a] = 0;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+
+	/* Requests that never finish: a, three times as fast, ends up holding
+	 * three times as many: (ia + 1) * 1000 ~ (ib + 1) * 3000. */
+	f->latency[b] = 3000;
+	for (int i = 0; i < 400; i++)
+		f->inflight[pick(bal, f)]++;
+	assert_int_equal(f->inflight[a] + f->inflight[b], 400);
+	assert_true(f->inflight[a] >= 298 && f->inflight[a] <= 303);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_ewma_accounts_for_weight(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_EWMA);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 300);
+	struct balancer *bal = balancer_new(&f->route);
+
+	/* Equal latency: the heavier one costs less. */
+	f->latency[a] = f->latency[b] = 1000;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* 1000/100 = 10 against 2000/300 = 6.7: still b; 4000/300 = 13.3: a. */
+	f->latency[b] = 2000;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	f->latency[b] = 4000;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+
+	/* Equal latency, requests that never finish: 1:3 by weight. */
+	f->latency[b] = 1000;
+	for (int i = 0; i < 400; i++)
+		f->inflight[pick(bal, f)]++;
+	assert_true(f->inflight[b] >= 297 && f->inflight[b] <= 303);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_ewma_new_instances_get_traffic(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_EWMA);
+	int a = fixture_add(f, "fast", 0, 100), s = fixture_add(f, "slow", 0, 100),
+	    n = fixture_add(f, "new", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+	int count[3] = {0};
+
+	/* The new one is as fast as the fastest: it ties with it (first drawn
+	 * wins) and beats the slow one, about half of the picks. */
+	f->latency[a] = 1000;
+	f->latency[s] = 50000;
+	for (int i = 0; i < 6000; i++)
+		count[pick(bal, f)]++;
+	assert_int_equal(count[s], 0);
+	assert_true(count[n] > 2500 && count[n] < 3500);
+	assert_true(count[a] > 2500 && count[a] < 3500);
+
+	/* Not flooded either: its own in-flight requests count. */
+	f->excluded[s] = true;
+	for (int i = 0; i < 400; i++)
+		f->inflight[pick(bal, f)]++;
+	assert_true(abs(f->inflight[a] - f->inflight[n]) <= 1);
+	f->inflight[a] = 0;
+	f->inflight[n] = 5;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+
+	/* Once measured, it is scored on its own latency. */
+	f->inflight[n] = 0;
+	f->latency[n] = 4000;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	balancer_free(bal);
+	free(f);
+
+	/* Nothing measured yet: least_requests. */
+	struct fixture *g = fixture_new(BALANCER_EWMA);
+	int x = fixture_add(g, "x", 0, 100), y = fixture_add(g, "y", 0, 100);
+	bal = balancer_new(&g->route);
+	g->inflight[x] = 3;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, g), y);
+	balancer_free(bal);
+	free(g);
+}
+
+static void test_ewma_never_picks_excluded_or_drained(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_EWMA);
+	int ex = fixture_add(f, "excluded", 0, 100);
+	int dr = fixture_add(f, "drained", 0, 0);
+	int c = fixture_add(f, "c", 0, 100), d = fixture_add(f, "d", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	f->latency[ex] = f->latency[dr] = 1; /* the fastest, by far */
+	f->latency[c] = 1000;
+	f->latency[d] = 2000;
+	f->excluded[ex] = true;
+	for (int i = 0; i < 2000; i++) {
+		int t = pick(bal, f);
+
+		assert_true(t == c || t == d);
+		f->inflight[t]++;
+	}
+	/* Only one candidate left: it, however slow. */
+	f->excluded[c] = true;
+	f->latency[d] = UINT64_MAX;
+	assert_int_equal(pick(bal, f), d);
+	f->excluded[d] = true;
+	assert_int_equal(pick(bal, f), -1);
+	balancer_free(bal);
+	free(f);
+}
+
+/* ---------------------------------------------------------------------------
+ * Load
+ * ------------------------------------------------------------------------- */
+
+static void test_load_prefers_shorter_queue(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100),
+	    c = fixture_add(f, "c", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	assert_non_null(bal);
+	assert_int_equal(balancer_algorithm(bal), BALANCER_LOAD);
+	/* The queue comes first: before KV use and in-flight requests. */
+	set_load(f, a, 5, 0.1);
+	set_load(f, b, 1, 0.9);
+	set_load(f, c, 3, 0.0);
+	f->inflight[b] = 20;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b); /* the best of all, not of two */
+	f->load[b].waiting = 6;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), c);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_then_lower_kv(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100),
+	    c = fixture_add(f, "c", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	set_load(f, a, 2, 0.8);
+	set_load(f, b, 2, 0.2);
+	set_load(f, c, 2, 0.5);
+	f->inflight[b] = 10;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* Within one KV step the in-flight count decides... */
+	f->excluded[c] = true;
+	f->load[a].kv_cache = 0.82;
+	f->load[b].kv_cache = 0.83;
+	f->inflight[b] = 4;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	f->inflight[a] = 5;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* ...a step apart, KV use does. */
+	f->load[a].kv_cache = 0.86;
+	f->inflight[a] = 0;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_then_inflight(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100),
+	    c = fixture_add(f, "c", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	set_load(f, a, 1, 0.3);
+	set_load(f, b, 1, 0.3);
+	set_load(f, c, 1, 0.3);
+	f->inflight[a] = 3;
+	f->inflight[b] = 1;
+	f->inflight[c] = 2;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* Between two scrapes the metrics stand still: the in-flight count
+	 * spreads the picks evenly meanwhile. */
+	f->inflight[a] = f->inflight[b] = f->inflight[c] = 0;
+	for (int i = 0; i < 300; i++)
+		f->inflight[pick(bal, f)]++;
+	assert_int_equal(f->inflight[a], 100);
+	assert_int_equal(f->inflight[b], 100);
+	assert_int_equal(f->inflight[c], 100);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_weights(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 300);
+	struct balancer *bal = balancer_new(&f->route);
+
+	/* The queue per unit of weight: 2/100 against 3/300. */
+	set_load(f, a, 2, 0.1);
+	set_load(f, b, 3, 0.1);
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	f->load[b].waiting = 7;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	/* KV use is a fraction of each instance's own capacity: not weighted. */
+	set_load(f, a, 0, 0.2);
+	set_load(f, b, 0, 0.5);
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	/* In flight per unit of weight: requests that never finish settle 1:3. */
+	set_load(f, a, 0, 0.2);
+	set_load(f, b, 0, 0.2);
+	for (int i = 0; i < 400; i++)
+		f->inflight[pick(bal, f)]++;
+	assert_true(f->inflight[b] >= 299 && f->inflight[b] <= 301);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_equal_share_traffic(void **state)
+{
+	/* Equal loads and no change in flight (the caller gives no counts):
+	 * smooth weighted round-robin among the equals, exactly. */
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 4), b = fixture_add(f, "b", 0, 1),
+	    c = fixture_add(f, "c", 0, 5);
+	struct balancer *bal = balancer_new(&f->route);
+	int count[3] = {0};
+
+	set_load(f, a, 0, 0.5);
+	set_load(f, b, 0, 0.5);
+	set_load(f, c, 1, 0.5); /* out of the tie */
+	for (int i = 0; i < 10; i++)
+		count[pick(bal, f)]++;
+	assert_int_equal(count[a], 8);
+	assert_int_equal(count[b], 2);
+	assert_int_equal(count[c], 0);
+	/* c joins the tie: 4:1:5 of every 10. */
+	f->load[c].waiting = 0;
+	memset(count, 0, sizeof(count));
+	for (int i = 0; i < 1000; i++)
+		count[pick(bal, f)]++;
+	assert_int_equal(count[a], 400);
+	assert_int_equal(count[b], 100);
+	assert_int_equal(count[c], 500);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_unknown_is_saturated(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "unknown-a", 0, 1000), b = fixture_add(f, "busy", 0, 1),
+	    c = fixture_add(f, "unknown-c", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	/* However busy a known instance is, it beats an unknown one. */
+	set_load(f, b, 50, 0.99);
+	f->inflight[b] = 100;
+	f->inflight[c] = 5;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* The known one out: only unknowns left, least_requests among them. */
+	f->excluded[b] = true;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	/* Metrics going stale turn an instance into an unknown one. */
+	f->excluded[b] = false;
+	set_load(f, a, 0, 0.0);
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), a);
+	f->load_known[a] = false;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), b);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_all_unknown_falls_back(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100),
+	    c = fixture_add(f, "c", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+	int count[3] = {0};
+
+	/* Two choices: c loses to either, b wins whenever drawn (2/3). */
+	f->inflight[a] = 3;
+	f->inflight[c] = 5;
+	for (int i = 0; i < 3000; i++)
+		count[pick(bal, f)]++;
+	assert_int_equal(count[c], 0);
+	assert_true(count[b] > 1800 && count[b] < 2200);
+	assert_true(count[a] > 800 && count[a] < 1200);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_odd_metrics(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100),
+	    c = fixture_add(f, "c", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	f->excluded[c] = true;
+	/* An unparsable queue is an unknown load. */
+	set_load(f, a, NAN, 0.0);
+	set_load(f, b, 100, 0.9);
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* A negative queue counts as empty: then KV decides. */
+	set_load(f, a, -5, 0.5);
+	set_load(f, b, 0, 0.3);
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), b);
+	/* KV use not reported (-1, NaN) counts as 0... */
+	set_load(f, a, 0, -1);
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), a);
+	set_load(f, a, 0, NAN);
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), a);
+	/* ...above 1 as 1: a tie with a full one, in-flight decides. */
+	set_load(f, a, 0, 7.0);
+	set_load(f, b, 0, 1.0);
+	f->inflight[b] = 2;
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), a);
+	/* An infinite queue is known, and last among the known. */
+	f->excluded[c] = false;
+	set_load(f, a, INFINITY, 0.0);
+	set_load(f, b, 1000, 1.0);
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), b);
+	f->excluded[b] = true;
+	for (int i = 0; i < 50; i++)
+		assert_int_equal(pick(bal, f), a);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_load_never_picks_excluded_or_drained(void **state)
+{
+	struct fixture *f = fixture_new(BALANCER_LOAD);
+	int ex = fixture_add(f, "excluded", 0, 100);
+	int dr = fixture_add(f, "drained", 0, 0);
+	int c = fixture_add(f, "c", 0, 100), d = fixture_add(f, "d", 0, 100);
+	struct balancer *bal = balancer_new(&f->route);
+
+	set_load(f, ex, 0, 0.0); /* the two best */
+	set_load(f, dr, 0, 0.0);
+	set_load(f, c, 2, 0.5);
+	set_load(f, d, 3, 0.1);
+	f->excluded[ex] = true;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), c);
+	f->excluded[c] = true;
+	for (int i = 0; i < 200; i++)
+		assert_int_equal(pick(bal, f), d);
+	f->excluded[d] = true;
+	assert_int_equal(pick(bal, f), -1);
+	balancer_free(bal);
+	free(f);
+}
+
+static void test_without_source_is_least_requests(void **state)
+{
+	/* ewma without latency_us, load without load: least_requests. */
 	const enum balancer_algorithm algos[] = {BALANCER_EWMA, BALANCER_LOAD};
 
 	for (size_t k = 0; k < N(algos); k++) {
 		struct fixture *f = fixture_new(algos[k]);
 		int a = fixture_add(f, "a", 0, 100), b = fixture_add(f, "b", 0, 100);
 		struct balancer *bal = balancer_new(&f->route);
+		struct balancer_input in = fixture_input(f);
 
-		assert_int_equal(balancer_algorithm(bal), BALANCER_LEAST_REQUESTS);
+		assert_int_equal(balancer_algorithm(bal), algos[k]);
+		in.latency_us = NULL;
+		in.load = NULL;
+		f->latency[b] = 1000000; /* ignored */
+		set_load(f, b, 100, 1.0);
 		f->inflight[a] = 3;
 		for (int i = 0; i < 100; i++)
-			assert_int_equal(pick(bal, f), b);
+			assert_int_equal(balancer_pick(bal, &in), b);
+		/* No input at all: weighted random, every target served. */
+		int count[2] = {0};
+		for (int i = 0; i < 1000; i++)
+			count[balancer_pick(bal, NULL)]++;
+		assert_true(count[a] > 300 && count[b] > 300);
 		balancer_free(bal);
 		free(f);
 	}
@@ -737,7 +1238,8 @@ static void test_ewma_and_load_fall_back(void **state)
 static void test_many_targets(void **state)
 {
 	const enum balancer_algorithm algos[] = {BALANCER_ROUNDROBIN, BALANCER_CHASH,
-	                                         BALANCER_LEAST_REQUESTS};
+	                                         BALANCER_LEAST_REQUESTS, BALANCER_EWMA,
+	                                         BALANCER_LOAD};
 
 	for (size_t k = 0; k < N(algos); k++) {
 		struct fixture *f = fixture_new(algos[k]);
@@ -748,6 +1250,10 @@ static void test_many_targets(void **state)
 			snprintf(name, sizeof(name), "instance-%d", i);
 			/* two groups of 250, varied weights */
 			fixture_add(f, name, i < 250 ? 2 : 1, 1 + (unsigned)(i % 7) * 10);
+			/* varied latencies (some unsampled) and loads (some unknown) */
+			f->latency[i] = (uint64_t)(i % 5) * 1000;
+			if (i % 3)
+				set_load(f, i, i % 4, (i % 10) / 10.0);
 		}
 		struct balancer *bal = balancer_new(&f->route);
 		assert_non_null(bal);
@@ -794,6 +1300,8 @@ int main(void)
 	        cmocka_unit_test(test_priority_groups_rr),
 	        cmocka_unit_test(test_priority_groups_chash),
 	        cmocka_unit_test(test_priority_groups_least_requests),
+	        cmocka_unit_test(test_priority_groups_ewma),
+	        cmocka_unit_test(test_priority_groups_load),
 	        cmocka_unit_test(test_priority_unsorted_targets),
 	        cmocka_unit_test(test_empty_route),
 	        cmocka_unit_test(test_null_input),
@@ -808,7 +1316,21 @@ int main(void)
 	        cmocka_unit_test(test_lr_respects_weights),
 	        cmocka_unit_test(test_lr_never_picks_excluded_or_drained),
 	        cmocka_unit_test(test_lr_own_random_source),
-	        cmocka_unit_test(test_ewma_and_load_fall_back),
+	        cmocka_unit_test(test_ewma_prefers_lower_latency),
+	        cmocka_unit_test(test_ewma_accounts_for_inflight),
+	        cmocka_unit_test(test_ewma_accounts_for_weight),
+	        cmocka_unit_test(test_ewma_new_instances_get_traffic),
+	        cmocka_unit_test(test_ewma_never_picks_excluded_or_drained),
+	        cmocka_unit_test(test_load_prefers_shorter_queue),
+	        cmocka_unit_test(test_load_then_lower_kv),
+	        cmocka_unit_test(test_load_then_inflight),
+	        cmocka_unit_test(test_load_weights),
+	        cmocka_unit_test(test_load_equal_share_traffic),
+	        cmocka_unit_test(test_load_unknown_is_saturated),
+	        cmocka_unit_test(test_load_all_unknown_falls_back),
+	        cmocka_unit_test(test_load_odd_metrics),
+	        cmocka_unit_test(test_load_never_picks_excluded_or_drained),
+	        cmocka_unit_test(test_without_source_is_least_requests),
 	        cmocka_unit_test(test_many_targets),
 	};
 
