@@ -436,12 +436,36 @@ static int balancer_inflight(void *arg, const struct config_instance *in)
 	return health_inflight(in->state);
 }
 
+/* ewma: time to the first byte, which tracks queueing and prefill; total time
+ * would mostly measure how long each answer was. */
+static uint64_t balancer_latency(void *arg, const struct config_instance *in)
+{
+	return health_ewma_ttft_us(in->state);
+}
+
+/* load: the model server's own queue and KV-cache figures, scraped by health.c. */
+static bool balancer_load_of(void *arg, const struct config_instance *in, struct balancer_load *out)
+{
+	struct health_load hl;
+
+	if (!health_load_get(in->state, *(const uint64_t *)arg, &hl))
+		return false;
+	out->waiting = hl.waiting;
+	out->running = hl.running;
+	out->kv_cache = hl.kv_cache;
+	return true;
+}
+
 static int pick_target(struct request *r)
 {
+	uint64_t now = http_now_us();
 	struct balancer_input in = {
 		.rand = balancer_rand,
 		.rand_arg = r->w,
 		.inflight = balancer_inflight,
+		.latency_us = balancer_latency,
+		.load = balancer_load_of,
+		.load_arg = &now,
 		.excluded = r->excluded,
 	};
 	switch (r->route->balancer.hash_on) {

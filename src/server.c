@@ -689,6 +689,13 @@ static json_t *hook_instances(void *arg)
 		        "probes_failed", (json_int_t)h.probes_failed);
 		json_object_set_new(o, "active_checks", json_boolean(in->active.enabled));
 		json_object_set_new(o, "ewma_latency_ms", json_real(h.ewma_total_us / 1000.0));
+		struct health_load hl;
+		if (in->load.metrics_url && health_load_get(in->state, http_now_us(), &hl))
+			json_object_set_new(o, "load", json_pack("{s:f, s:f, s:f}", "waiting", hl.waiting,
+			                                          "running", hl.running, "kv_cache",
+			                                          hl.kv_cache));
+		else
+			json_object_set_new(o, "load", json_null());
 		if (h.last_transition_unix_ms) {
 			char when[40];
 			time_t t = (time_t)(h.last_transition_unix_ms / 1000);
