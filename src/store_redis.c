@@ -327,21 +327,14 @@ static bool submit(struct redis_store *rs, struct redis_cmd *cmd)
 	return true;
 }
 
-bool redis_store_eval(struct redis_store *rs, enum redis_script script, int nkeys, int argc,
-                      const char **argv, const size_t *lens, redis_done_fn done, void *ctx)
+/* Queue a copy of tmpl: the one place a command is allocated. */
+static bool submit_copy(struct redis_store *rs, const struct redis_cmd *tmpl)
 {
-	struct redis_cmd *cmd = calloc(1, sizeof(*cmd));
+	struct redis_cmd *cmd = malloc(sizeof(*cmd));
 
 	if (cmd == NULL)
 		return false;
-	cmd->done = done;
-	cmd->ctx = ctx;
-	cmd->is_eval = true;
-	cmd->script = script;
-	cmd->nkeys = nkeys;
-	cmd->argc = argc;
-	cmd->argv = argv;
-	cmd->lens = lens;
+	*cmd = *tmpl;
 	if (!submit(rs, cmd)) {
 		free(cmd);
 		return false;
@@ -349,23 +342,20 @@ bool redis_store_eval(struct redis_store *rs, enum redis_script script, int nkey
 	return true;
 }
 
+bool redis_store_eval(struct redis_store *rs, enum redis_script script, int nkeys, int argc,
+                      const char **argv, const size_t *lens, redis_done_fn done, void *ctx)
+{
+	const struct redis_cmd tmpl = {.done = done, .ctx = ctx, .is_eval = true, .script = script,
+	                               .nkeys = nkeys, .argc = argc, .argv = argv, .lens = lens};
+	return submit_copy(rs, &tmpl);
+}
+
 bool redis_store_command(struct redis_store *rs, int argc, const char **argv, const size_t *lens,
                          redis_done_fn done, void *ctx)
 {
-	struct redis_cmd *cmd = calloc(1, sizeof(*cmd));
-
-	if (cmd == NULL)
-		return false;
-	cmd->done = done;
-	cmd->ctx = ctx;
-	cmd->argc = argc;
-	cmd->argv = argv;
-	cmd->lens = lens;
-	if (!submit(rs, cmd)) {
-		free(cmd);
-		return false;
-	}
-	return true;
+	const struct redis_cmd tmpl = {.done = done, .ctx = ctx, .argc = argc, .argv = argv,
+	                               .lens = lens};
+	return submit_copy(rs, &tmpl);
 }
 
 /* ---------------------------------------------------------------- connection */
