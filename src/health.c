@@ -464,6 +464,9 @@ bool health_is_healthy(const struct instance_state *st)
 	return atomic_load(&((struct instance_state *)st)->healthy);
 }
 
+/* Peak-EWMA: a slower sample is taken at once, faster ones pull the average
+ * down by 1/HEALTH_EWMA_DIV each — an instance that turns slow loses traffic
+ * on its next answer, one that recovers wins it back gradually. */
 static void ewma_update(_Atomic uint64_t *v, uint64_t sample)
 {
 	uint64_t cur = atomic_load_explicit(v, memory_order_relaxed), next;
@@ -471,7 +474,7 @@ static void ewma_update(_Atomic uint64_t *v, uint64_t sample)
 		if (cur == 0)
 			next = sample ? sample : 1;
 		else if (sample >= cur)
-			next = cur + (sample - cur) / HEALTH_EWMA_DIV;
+			next = sample;
 		else
 			next = cur - (cur - sample) / HEALTH_EWMA_DIV;
 	} while (!atomic_compare_exchange_weak_explicit(v, &cur, next, memory_order_relaxed,
