@@ -646,6 +646,74 @@ static void reply_quota_rejection(struct request *r, const struct quota_ticket *
  * never leak into the next. When nothing changes, the client's bytes go as
  * they are (no re-serialisation).
  */
+/* Append s as a JSON string literal (with quotes). */
+static char *put_json_string(char *o, const char *s)
+{
+	static const char hex[] = "0123456789abcdef";
+	*o++ = '"';
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '"' || ch == '\\') {
+			*o++ = '\\';
+			*o++ = (char)ch;
+		} else if (ch < 0x20) {
+			memcpy(o, "\\u00", 4);
+			o[4] = hex[ch >> 4];
+			o[5] = hex[ch & 15];
+			o += 6;
+		} else {
+			*o++ = (char)ch;
+		}
+	}
+	*o++ = '"';
+	return o;
+}
+
+/*
+ * The client's bytes with "model" replaced by model (when not NULL) and, when
+ * want_usage, "stream_options":{"include_usage":true} added as the first member.
+ * The client's body is a non-empty object without stream_options (checked).
+ */
+static bool splice_body(struct request *r, const char *model, bool want_usage)
+{
+	static const char usage_member[] = "\"stream_options\":{\"include_usage\":true},";
+	const char *body = r->http->body, *end = body + r->http->body_len;
+	const char *val = NULL, *brace = memchr(body, '{', r->http->body_len);
+	size_t val_len = 0;
+
+	if (brace == NULL)
+		return false;
+	if (model && r->model && !usage_scan_member(body, r->http->body_len, "model", &val, &val_len))
+		return false;
+	char *out = malloc(r->http->body_len + (model ? strlen(model) * 6 + 16 : 0) +
+	                   sizeof(usage_member) + 1);
+	if (out == NULL)
+		return false;
+	char *o = out;
+	const char *p = brace + 1;
+	memcpy(o, body, (size_t)(p - body));
+	o += p - body;
+	if (want_usage) {
+		memcpy(o, usage_member, sizeof(usage_member) - 1);
+		o += sizeof(usage_member) - 1;
+	}
+	if (model && val == NULL) { /* the client named no model: add one */
+		memcpy(o, "\"model\":", 8);
+		o = put_json_string(o + 8, model);
+		*o++ = ',';
+	}
+	if (model && val != NULL) {
+		memcpy(o, p, (size_t)(val - p));
+		o = put_json_string(o + (val - p), model);
+		p = val + val_len;
+	}
+	memcpy(o, p, (size_t)(end - p));
+	o += end - p;
+	*o = '\0';
+	r->upstream_body = out;
+	return true;
+}
+
 static bool shape_body(struct request *r)
 {
 	const struct config_instance *in = r->instance;
@@ -657,9 +725,13 @@ static bool shape_body(struct request *r)
 	free(r->upstream_body);
 	r->upstream_body = NULL;
 	r->hide_usage_chunk = want_usage;
-	if (same_model && !drop_model && !want_usage &&
-	    (in->options == NULL || json_object_size(in->options) == 0))
+	bool no_options = in->options == NULL || json_object_size(in->options) == 0;
+	if (same_model && !drop_model && !want_usage && no_options)
 		return true;
+	/* The common case — another model name and/or usage for a stream — is a
+	 * splice of the client's bytes: no re-serialisation of the whole body. */
+	if (no_options && !drop_model && so == NULL && json_object_size(r->body) > 0)
+		return splice_body(r, same_model ? NULL : in->model, want_usage);
 
 	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
 	if (b == NULL)

@@ -201,6 +201,19 @@ static bool fill_usage(const json_t *u, struct record_usage *out)
 	return true;
 }
 
+bool usage_scan_member(const char *buf, size_t len, const char *name, const char **val,
+                       size_t *val_len)
+{
+	const char *const names[] = {name};
+	struct span s;
+
+	if (!scan_members(buf, len, names, 1, &s) || s.p == NULL)
+		return false;
+	*val = s.p;
+	*val_len = s.len;
+	return true;
+}
+
 static bool usage_from_span(const struct span *s, struct record_usage *out)
 {
 	json_t *u;

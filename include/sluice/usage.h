@@ -63,4 +63,10 @@ uint64_t usage_estimate_text(size_t text_bytes);
 /* An estimated usage record: present and estimated set, total = prompt + completion. */
 void usage_set_estimate(struct record_usage *out, uint64_t prompt, uint64_t completion);
 
+/* The raw value of top-level member `name` in a JSON object text, found by the same
+ * depth-1 scan (nothing is built): *val points into buf. False when absent or when
+ * buf is not an object. */
+bool usage_scan_member(const char *buf, size_t len, const char *name, const char **val,
+                       size_t *val_len);
+
 #endif

@@ -266,6 +266,16 @@ class ModelsTest(harness.SluiceTestCase):
         for m in obj["data"]:
             self.assertEqual(m.get("object"), "model", m)
 
+    def test_model_is_spliced_into_the_clients_bytes(self):
+        """Changing only the model does not re-serialise the body: the instance receives the
+        client's bytes (spacing, key order, escapes) with just the model's value replaced."""
+        m = marker()
+        raw = ('{ "model" : "beta",\n  "messages": [{"content": "%s \\u00e9", "role": "user"}],'
+               ' "temperature" : 0.50 }' % m)
+        r = http_request(self.port, "POST", CHAT, body=raw.encode())
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.mock.wait_request(m)["body"], raw.replace('"beta"', '"upstream-b"'))
+
     def test_model_retrieve(self):
         """GET /v1/models/{id} (the SDKs' models.retrieve) returns that entry, or 404."""
         r = http_request(self.port, "GET", "/v1/models/beta")
