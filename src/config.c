@@ -1950,6 +1950,9 @@ static void parse_instance(struct loader *ld, const struct cnode *m, const char 
 
 	parse_limits(ld, get(m, "limits"), at_key(p, path, "limits"), in, in->name, &in->limits,
 	             &in->n_limits);
+	if (in->n_limits > CONFIG_MAX_LIMITS)
+		err(ld, get(m, "limits"), at_key(p, path, "limits"),
+		    "at most %d limits per instance (found %zu)", CONFIG_MAX_LIMITS, in->n_limits);
 
 	const struct cnode *cm = sub_map(ld, m, "checks", path, p);
 	section(ld, cm, p, FIELDS(checks_fields), NULL);
@@ -2367,6 +2370,11 @@ static void parse_targets(struct loader *ld, const struct cnode *v, const char *
 			    hint_instance(h, sizeof h, ld->c, name));
 			continue;
 		}
+		/* load balancing ranks by the model server's own metrics: a target
+		 * without them would never be picked while the others report. */
+		if (r->balancer.algorithm == BALANCER_LOAD && t->instance->load.metrics_url == NULL)
+			err(ld, iv, kp,
+			    "balancer \"load\" needs instance \"%s\" to set load.metrics_url", name);
 		for (size_t j = 0; j < i; j++) {
 			if (r->targets[j].instance == t->instance) {
 				err(ld, iv, kp,
@@ -2659,6 +2667,10 @@ static void parse_consumers(struct loader *ld, const struct cnode *v)
 		parse_consumer_routes(ld, get(m, "routes"), at_key(kp, ip, "routes"), cs);
 		parse_limits(ld, get(m, "limits"), at_key(kp, ip, "limits"), NULL, cs->name,
 		             &cs->limits, &cs->n_limits);
+		if (cs->n_limits > CONFIG_MAX_LIMITS)
+			err(ld, get(m, "limits"), at_key(kp, ip, "limits"),
+			    "at most %d limits per consumer (found %zu)", CONFIG_MAX_LIMITS,
+			    cs->n_limits);
 	}
 	check_unique_names(ld, seq, "consumers", "consumer");
 	check_unique_keys(ld, seq);

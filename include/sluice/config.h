@@ -26,6 +26,9 @@
  */
 
 #define CONFIG_MAX_ERRORS 64
+/* Limits one instance or one consumer may declare: a request is checked against its
+ * consumer's and its instance's, and the quota module tracks 2 x this many counters. */
+#define CONFIG_MAX_LIMITS 8
 
 struct config_kv {
 	char *name;

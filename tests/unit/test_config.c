@@ -754,6 +754,34 @@ static void test_err_unknown_key(void **state)
 	              "t.yaml:9:1: unknown key \"servr\" (did you mean \"server\"?)");
 }
 
+static void test_err_too_many_limits(void **state)
+{
+	/* A request is checked against its consumer's and its instance's limits;
+	 * more than CONFIG_MAX_LIMITS each could not all be tracked. */
+	EXPECT_ERRORS("instances:\n"
+	              "  - name: a\n"
+	              "    provider: openai\n"
+	              "    limits: [{limit: 1, window: 1s}, {limit: 1, window: 2s}, {limit: 1, window: 3s},\n"
+	              "             {limit: 1, window: 4s}, {limit: 1, window: 5s}, {limit: 1, window: 6s},\n"
+	              "             {limit: 1, window: 7s}, {limit: 1, window: 8s}, {limit: 1, window: 9s}]\n"
+	              "routes: [{ name: chat, paths: [/v1/chat/completions], targets: [{ instance: a }] }]\n",
+	              "t.yaml:4:13: instances[0].limits: at most 8 limits per instance (found 9)");
+}
+
+static void test_err_load_without_metrics(void **state)
+{
+	EXPECT_ERRORS("instances:\n"
+	              "  - { name: a, provider: openai, load: { metrics_url: http://127.0.0.1:1/metrics } }\n"
+	              "  - { name: b, provider: openai }\n"
+	              "routes:\n"
+	              "  - name: chat\n"
+	              "    paths: [/v1/chat/completions]\n"
+	              "    balancer: { algorithm: load }\n"
+	              "    targets: [{ instance: a }, { instance: b }]\n",
+	              "t.yaml:8:44: routes[0].targets[1].instance: balancer \"load\" needs instance "
+	              "\"b\" to set load.metrics_url");
+}
+
 static void test_err_wrong_type(void **state)
 {
 	EXPECT_ERRORS("server: [a]\n"
@@ -1498,6 +1526,8 @@ int main(void)
 	        cmocka_unit_test(test_err_routes),
 	        cmocka_unit_test(test_err_file_missing),
 	        cmocka_unit_test(test_parse_duration),
+	        cmocka_unit_test(test_err_too_many_limits),
+	        cmocka_unit_test(test_err_load_without_metrics),
 	        cmocka_unit_test(test_parse_window),
 	        cmocka_unit_test(test_parse_size),
 	        cmocka_unit_test(test_format_window_and_names),
