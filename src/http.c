@@ -21,6 +21,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,8 +92,10 @@ struct http_server {
 	http_handler_fn handler;
 	void *arg;
 	struct conn_list conns;
-	size_t n_conns;
-	size_t n_active;
+	/* Written by the owning worker only; read by the main thread for status and
+	 * gauges, hence relaxed atomics (no ordering is needed, just no torn reads). */
+	atomic_size_t n_conns;
+	atomic_size_t n_active;
 	bool draining;
 	uint64_t last_full_warn_us;
 };
@@ -135,7 +138,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	int one = 1;
 
 	if (srv->draining || (srv->limits.max_connections > 0 &&
-	                      srv->n_conns >= (size_t)srv->limits.max_connections)) {
+	                      atomic_load_explicit(&srv->n_conns, memory_order_relaxed) >=
+	                              (size_t)srv->limits.max_connections)) {
 		uint64_t now = http_now_us();
 		if (!srv->draining && now - srv->last_full_warn_us > 1000000) {
 			log_warn("max_connections (%d) reached on this worker: refusing connections",
@@ -188,7 +192,7 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	c->state = CONN_READ_HEAD;
 	c->keepalive = true;
 	TAILQ_INSERT_TAIL(&srv->conns, c, link);
-	srv->n_conns++;
+	atomic_fetch_add_explicit(&srv->n_conns, 1, memory_order_relaxed);
 
 	struct timeval wtv = ms_to_tv(srv->limits.write_timeout);
 	bufferevent_set_timeouts(c->bev, NULL, &wtv);
@@ -255,12 +259,12 @@ static void listeners_close(struct http_server *srv)
 
 size_t http_server_connections(const struct http_server *srv)
 {
-	return srv->n_conns;
+	return atomic_load_explicit(&((struct http_server *)srv)->n_conns, memory_order_relaxed);
 }
 
 size_t http_server_active(const struct http_server *srv)
 {
-	return srv->n_active;
+	return atomic_load_explicit(&((struct http_server *)srv)->n_active, memory_order_relaxed);
 }
 
 void http_server_drain(struct http_server *srv)
@@ -434,7 +438,7 @@ static void conn_dispatch(struct http_conn *c)
 	c->req.client_ip = c->client_ip;
 	c->state = CONN_HANDLING;
 	c->handler_owns = true;
-	srv->n_active++;
+	atomic_fetch_add_explicit(&srv->n_active, 1, memory_order_relaxed);
 	srv->handler(&c->req, srv->arg);
 }
 
@@ -681,7 +685,7 @@ static void conn_free(struct http_conn *c)
 	conn_close_socket(c);
 	event_free(c->timer);
 	TAILQ_REMOVE(&srv->conns, c, link);
-	srv->n_conns--;
+	atomic_fetch_sub_explicit(&srv->n_conns, 1, memory_order_relaxed);
 	free(c->head);
 	free(c->body);
 	if (c->chunks)
@@ -740,7 +744,7 @@ static void conn_finish(struct http_conn *c)
 
 	if (c->handler_owns) {
 		c->handler_owns = false;
-		srv->n_active--;
+		atomic_fetch_sub_explicit(&srv->n_active, 1, memory_order_relaxed);
 	}
 	if (c->bev == NULL) {
 		conn_free(c);
