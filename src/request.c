@@ -172,50 +172,51 @@ static void assign_request_id(struct request *r)
 	         r->w->n_requests);
 }
 
-static void handle_models(struct request *r)
+/* A gateway-made JSON answer (obj borrowed), or 500 when it cannot be encoded. */
+static void reply_json(struct request *r, const json_t *obj)
 {
-	json_t *list = router_models_json(r->config);
-	char *text = list ? json_dumps(list, JSON_COMPACT) : NULL;
-	json_decref(list);
+	char *text = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+
 	if (text == NULL) {
-		reply_error(r, 500, "server_error", "internal_error", "cannot list models");
+		reply_error(r, 500, "server_error", "internal_error", "cannot encode the answer");
 		return;
 	}
 	r->rec.status = 200;
 	r->rec.bytes_out = strlen(text);
-	http_reply(r->http, 200, "application/json", text, strlen(text));
+	http_reply(r->http, 200, "application/json", text, r->rec.bytes_out);
 	r->http = NULL;
 	free(text);
 	request_finish(r);
+}
+
+static void handle_models(struct request *r)
+{
+	json_t *list = router_models_json(r->config);
+	reply_json(r, list);
+	json_decref(list);
 }
 
 /* GET /v1/models/{id}: one entry of the list, or 404 like OpenAI. */
 static void handle_model(struct request *r, const char *id)
 {
 	json_t *list = router_models_json(r->config);
-	json_t *data = json_object_get(list, "data"), *m;
+	json_t *data = json_object_get(list, "data"), *m, *found = NULL;
 	size_t i;
 
 	json_array_foreach(data, i, m)
 	{
 		const char *mid = json_string_value(json_object_get(m, "id"));
 		if (mid && strcmp(mid, id) == 0) {
-			char *text = json_dumps(m, JSON_COMPACT);
-			json_decref(list);
-			if (text == NULL)
-				break;
-			r->rec.status = 200;
-			r->rec.bytes_out = strlen(text);
-			http_reply(r->http, 200, "application/json", text, strlen(text));
-			r->http = NULL;
-			free(text);
-			request_finish(r);
-			return;
+			found = m;
+			break;
 		}
 	}
+	if (found)
+		reply_json(r, found);
+	else
+		reply_error(r, 404, "invalid_request_error", "model_not_found",
+		            "the model '%s' does not exist", id);
 	json_decref(list);
-	reply_error(r, 404, "invalid_request_error", "model_not_found",
-	            "the model '%s' does not exist", id);
 }
 
 static void on_client_abort(void *arg);
