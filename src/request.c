@@ -1081,11 +1081,14 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	}
 
 	/* Nothing sent yet: fail over when the route says so. */
+	/* A 2xx stream that ended before one whole event is a broken answer, like a reset. */
+	if (res == UPSTREAM_OK && r->mode == REPLY_STREAM) {
+		res = UPSTREAM_ERROR;
+		detail = "the stream ended before its first event";
+	}
 	unsigned trigger = res == UPSTREAM_OK ? trigger_for_status(r->route, status)
 	                                      : trigger_for_result(res);
-	if (res == UPSTREAM_OK && r->mode == REPLY_STREAM) /* 2xx, but no whole event came */
-		trigger = FALLBACK_HTTP_5XX, res = UPSTREAM_ERROR, detail = "the stream ended before its first event";
-	attempt_end(r, res, status, outcome);
+	attempt_end(r, res, status, outcome_name(res, status));
 	if (res == UPSTREAM_OK && status == 429) {
 		/* "Name: value\r\n" lines, not NUL-terminated: compare at line starts. */
 		size_t n = evbuffer_get_length(r->xfer.headers);
