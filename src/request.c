@@ -1010,12 +1010,13 @@ static void attempt_end(struct request *r, enum upstream_result res, int status,
 static void stream_error_event(struct request *r, const char *code, const char *msg)
 {
 	struct evbuffer *b = evbuffer_new();
+	if (b == NULL)
+		return; /* out of memory: the stream still ends, without the event */
 	evbuffer_add_printf(b, "event: error\ndata: {\"error\":{\"message\":\"");
 	http_json_escape(b, msg, strlen(msg));
 	evbuffer_add_printf(b, "\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"%s\"}}\n\n",
 	                    code);
-	size_t n = evbuffer_get_length(b);
-	http_reply_chunk(r->http, evbuffer_pullup(b, (ev_ssize_t)n), n);
+	http_reply_chunk_buffer(r->http, b);
 	evbuffer_free(b);
 }
 
