@@ -18,8 +18,9 @@ BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
 BASE_PORT=${BASE_PORT:-28200}
 SERVER_CPUS=${SERVER_CPUS-0}
 CLIENT_CPUS=${CLIENT_CPUS-1}
-log() { printf '[profile %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_TAG=profile
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -51,32 +52,7 @@ P_MOCK=$((BASE_PORT + 1)) P_NGX=$((BASE_PORT + 2)) P_SLU=$((BASE_PORT + 3))
 for p in $P_MOCK $P_NGX $P_SLU; do
 	ss -Hltn "sport = :$p" | grep -q . && die "port $p is in use (set BASE_PORT)"
 done
-WORK=$(mktemp -d /tmp/sluice-profile.XXXXXX)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-	local rc=$?
-	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-	sleep 0.3
-	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
-	if [ "${KEEP:-0}" = 1 ] || [ $rc -ne 0 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-	exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-SRV=()
-CLI=()
-[ -n "$SERVER_CPUS" ] && SRV=(taskset -c "$SERVER_CPUS")
-[ -n "$CLIENT_CPUS" ] && CLI=(taskset -c "$CLIENT_CPUS")
-wait_port() {
-	local i
-	for ((i = 0; i < ${2:-10} * 20; i++)); do
-		ss -Hltn "sport = :$1" | grep -q . && return 0
-		sleep 0.05
-	done
-	die "nothing listening on port $1"
-}
+bench_start sluice-profile
 
 "${SRV[@]}" "$MOCK" --listen 127.0.0.1:$P_MOCK --threads 1 --record 0 >"$WORK/mock.log" 2>&1 &
 PIDS+=($!)

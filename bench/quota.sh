@@ -38,8 +38,9 @@ CLIENT_CPUS=${CLIENT_CPUS-1}
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-qbench}
 BASE_PORT=${BASE_PORT:-28400}
 
-log() { printf '[quota-bench %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_TAG=quota-bench
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 
 for c in wrk redis-server python3 taskset curl ss; do
 	command -v $c >/dev/null || die "$c not found (Debian: apt-get install wrk redis-server python3 util-linux curl iproute2)"
@@ -65,36 +66,10 @@ for p in $P_MOCK $P_A $P_B $P_C $P_REDIS "${P_OV[@]}" "${P_ADM[@]}"; do
 	ss -Hltn "sport = :$p" | grep -q . && die "port $p is in use (set BASE_PORT)"
 done
 
-WORK=$(mktemp -d /tmp/sluice-qbench.XXXXXX)
-PIDS=()
-cleanup() {
-	local rc=$?
-	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-	sleep 0.3
-	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
-	if [ "${KEEP:-0}" = 1 ] || [ $rc -ne 0 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-	exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_start sluice-qbench
 trap 'log "error: line $LINENO: $BASH_COMMAND"' ERR
 
-SRV=()
-CLI=()
-[ -n "$SERVER_CPUS" ] && SRV=(taskset -c "$SERVER_CPUS")
-[ -n "$CLIENT_CPUS" ] && CLI=(taskset -c "$CLIENT_CPUS")
 
-wait_port() { # port [seconds]
-	local i
-	for ((i = 0; i < ${2:-10} * 20; i++)); do
-		ss -Hltn "sport = :$1" | grep -q . && return 0
-		sleep 0.05
-	done
-	die "nothing listening on port $1"
-}
-HZ=$(getconf CLK_TCK)
-cpu_ticks() { awk '{ print $14 ":" $15 }' "/proc/$1/stat"; } # utime:stime, all threads
 
 # ------------------------------------------------------------------ servers
 log "starting mock, redis-server and 3 + 4 Sluice processes (servers on CPUs '${SERVER_CPUS:-any}', clients on '${CLIENT_CPUS:-any}')"

@@ -34,8 +34,9 @@ CLIENT_CPUS=${CLIENT_CPUS-1}
 BUILD_DIR=${BUILD_DIR:-$ROOT/build-bench}
 BASE_PORT=${BASE_PORT:-28100}
 
-log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_TAG=bench
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 
 # ------------------------------------------------------------------ packages
 SUDO=""
@@ -86,39 +87,10 @@ for p in $P_MOCK $P_NGX $P_NGXS $P_SLU $P_SMOCK $P_SSLU; do
 	ss -Hltn "sport = :$p" | grep -q . && die "port $p is in use (set BASE_PORT)"
 done
 
-WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
-chmod 755 "$WORK" # nginx workers run as an unprivileged user
-PIDS=()
-cleanup() {
-	local rc=$?
-	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-	sleep 0.3
-	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-	wait 2>/dev/null || true
-	if [ "${KEEP:-0}" = 1 ] || [ $rc -ne 0 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-	exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_start sluice-bench
 
-# Command prefixes that pin to the server / client CPUs (taskset execs the command, so $! of
-# a background "${SRV[@]}" cmd & is the command's own pid).
-SRV=()
-CLI=()
-[ -n "$SERVER_CPUS" ] && SRV=(taskset -c "$SERVER_CPUS")
-[ -n "$CLIENT_CPUS" ] && CLI=(taskset -c "$CLIENT_CPUS")
 
-wait_port() { # port [seconds]
-	local i
-	for ((i = 0; i < ${2:-10} * 20; i++)); do
-		ss -Hltn "sport = :$1" | grep -q . && return 0
-		sleep 0.05
-	done
-	die "nothing listening on port $1"
-}
 
-HZ=$(getconf CLK_TCK)
-cpu_ticks() { awk '{ print $14 ":" $15 }' "/proc/$1/stat"; } # utime:stime, all threads
 cpu_busy() { # "busy total" jiffies of one CPU from /proc/stat
 	awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
 }
