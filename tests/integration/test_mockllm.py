@@ -670,6 +670,17 @@ class OutputControlsTest(MockTestCase):
             self.assertGreaterEqual(len(parts), 3)
             self.assertEqual("".join(parts), call["function"]["arguments"])
 
+    def test_chat_stop_and_legacy_completions(self):
+        body = chat_body(content="one two three four")
+        body["stop"] = "three"
+        o = self.post(self.mock, CHAT, body).json()
+        self.assertEqual(reply_text(CHAT, o), "one two")
+        self.assertEqual((o["choices"][0]["finish_reason"], o["usage"]["completion_tokens"]),
+                         ("stop", 2))
+        body = {"model": "m", "prompt": "abc", "stream": True, "mock": {"chunks": ["x", "yz"]}}
+        _, events = self.stream(self.mock, "/v1/completions", body)
+        self.assertEqual([e.content() for e in events if e.content()], ["x", "yz"])
+
     def test_chat_cache_read_tokens(self):
         o = self.post(self.mock, CHAT, chat_body(cache_read=4)).json()
         self.assertEqual(o["usage"]["prompt_tokens_details"], {"cached_tokens": 4})
