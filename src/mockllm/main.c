@@ -42,7 +42,8 @@ static void usage(FILE *f)
 	      "  --chunks JSON            reply with these deltas (a JSON array of strings)\n"
 	      "  --repeat TEXT            reply with TEXT --times times, one delta each\n"
 	      "  --times N                repetitions of --repeat [the token count]\n"
-	      "  --tool-call JSON         {\"name\",\"arguments\"} (or an array): call tools when offered\n"
+	      "  --tool-call JSON         {\"name\",\"arguments\"} (or an array): call tools when "
+	      "offered\n"
 	      "  --cache-read N           cache-read prompt tokens reported [0]\n"
 	      "  --cache-creation N       cache-creation prompt tokens reported [0]\n"
 	      "  --stream-error-after N   end streams with an error event after N deltas\n"
@@ -78,11 +79,10 @@ static json_t *flag_json(struct mock_config *cfg, const char *name, const char *
 		json_t *x;
 
 		ok = json_is_array(j);
-		json_array_foreach (j, i, x)
-			ok = ok && json_is_string(x);
+		json_array_foreach(j, i, x) ok = ok && json_is_string(x);
 	} else if (j != NULL) {
 		ok = json_is_object(j) ? json_is_string(json_object_get(j, "name"))
-				       : json_is_array(j) && json_array_size(j) > 0;
+		                       : json_is_array(j) && json_array_size(j) > 0;
 	}
 	if (!ok) {
 		fprintf(stderr, "sluice-mockllm: invalid value for --%s: %s\n", name, v);
@@ -114,45 +114,72 @@ static int split_listen(const char *s, struct mock_config *cfg)
 static int parse_args(int argc, char **argv, struct mock_config *cfg)
 {
 	enum {
-		O_LISTEN = 256, O_TOKENS, O_TTFT, O_ITL, O_STATUS, O_ERATE, O_HANG, O_DISC, O_MAXC,
-		O_QUEUE, O_NOUSAGE, O_MODEL, O_RECORD, O_RECBODY, O_RETRY, O_THREADS, O_SEED,
-		O_CONTENT, O_CHUNKS, O_REPEAT, O_TIMES, O_TOOL, O_CREAD, O_CCREATE, O_SERR,
-		O_FAULT, O_FAFTER, O_FBYTES, O_CLOSE, O_MODWORDS, O_MODSCORE,
+		O_LISTEN = 256,
+		O_TOKENS,
+		O_TTFT,
+		O_ITL,
+		O_STATUS,
+		O_ERATE,
+		O_HANG,
+		O_DISC,
+		O_MAXC,
+		O_QUEUE,
+		O_NOUSAGE,
+		O_MODEL,
+		O_RECORD,
+		O_RECBODY,
+		O_RETRY,
+		O_THREADS,
+		O_SEED,
+		O_CONTENT,
+		O_CHUNKS,
+		O_REPEAT,
+		O_TIMES,
+		O_TOOL,
+		O_CREAD,
+		O_CCREATE,
+		O_SERR,
+		O_FAULT,
+		O_FAFTER,
+		O_FBYTES,
+		O_CLOSE,
+		O_MODWORDS,
+		O_MODSCORE,
 	};
 	static const struct option opts[] = {
-		{ "listen", required_argument, NULL, O_LISTEN },
-		{ "tokens", required_argument, NULL, O_TOKENS },
-		{ "ttft", required_argument, NULL, O_TTFT },
-		{ "itl", required_argument, NULL, O_ITL },
-		{ "status", required_argument, NULL, O_STATUS },
-		{ "error-rate", required_argument, NULL, O_ERATE },
-		{ "hang", no_argument, NULL, O_HANG },
-		{ "disconnect-after", required_argument, NULL, O_DISC },
-		{ "max-concurrency", required_argument, NULL, O_MAXC },
-		{ "queue", required_argument, NULL, O_QUEUE },
-		{ "no-usage", no_argument, NULL, O_NOUSAGE },
-		{ "model", required_argument, NULL, O_MODEL },
-		{ "record", required_argument, NULL, O_RECORD },
-		{ "record-body-max", required_argument, NULL, O_RECBODY },
-		{ "retry-after", required_argument, NULL, O_RETRY },
-		{ "threads", required_argument, NULL, O_THREADS },
-		{ "seed", required_argument, NULL, O_SEED },
-		{ "content", required_argument, NULL, O_CONTENT },
-		{ "chunks", required_argument, NULL, O_CHUNKS },
-		{ "repeat", required_argument, NULL, O_REPEAT },
-		{ "times", required_argument, NULL, O_TIMES },
-		{ "tool-call", required_argument, NULL, O_TOOL },
-		{ "cache-read", required_argument, NULL, O_CREAD },
-		{ "cache-creation", required_argument, NULL, O_CCREATE },
-		{ "stream-error-after", required_argument, NULL, O_SERR },
-		{ "fault", required_argument, NULL, O_FAULT },
-		{ "fault-after", required_argument, NULL, O_FAFTER },
-		{ "fault-bytes", required_argument, NULL, O_FBYTES },
-		{ "close-on-accept", no_argument, NULL, O_CLOSE },
-		{ "moderation-words", required_argument, NULL, O_MODWORDS },
-		{ "moderation-score", required_argument, NULL, O_MODSCORE },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+	        {"listen", required_argument, NULL, O_LISTEN},
+	        {"tokens", required_argument, NULL, O_TOKENS},
+	        {"ttft", required_argument, NULL, O_TTFT},
+	        {"itl", required_argument, NULL, O_ITL},
+	        {"status", required_argument, NULL, O_STATUS},
+	        {"error-rate", required_argument, NULL, O_ERATE},
+	        {"hang", no_argument, NULL, O_HANG},
+	        {"disconnect-after", required_argument, NULL, O_DISC},
+	        {"max-concurrency", required_argument, NULL, O_MAXC},
+	        {"queue", required_argument, NULL, O_QUEUE},
+	        {"no-usage", no_argument, NULL, O_NOUSAGE},
+	        {"model", required_argument, NULL, O_MODEL},
+	        {"record", required_argument, NULL, O_RECORD},
+	        {"record-body-max", required_argument, NULL, O_RECBODY},
+	        {"retry-after", required_argument, NULL, O_RETRY},
+	        {"threads", required_argument, NULL, O_THREADS},
+	        {"seed", required_argument, NULL, O_SEED},
+	        {"content", required_argument, NULL, O_CONTENT},
+	        {"chunks", required_argument, NULL, O_CHUNKS},
+	        {"repeat", required_argument, NULL, O_REPEAT},
+	        {"times", required_argument, NULL, O_TIMES},
+	        {"tool-call", required_argument, NULL, O_TOOL},
+	        {"cache-read", required_argument, NULL, O_CREAD},
+	        {"cache-creation", required_argument, NULL, O_CCREATE},
+	        {"stream-error-after", required_argument, NULL, O_SERR},
+	        {"fault", required_argument, NULL, O_FAULT},
+	        {"fault-after", required_argument, NULL, O_FAFTER},
+	        {"fault-bytes", required_argument, NULL, O_FBYTES},
+	        {"close-on-accept", no_argument, NULL, O_CLOSE},
+	        {"moderation-words", required_argument, NULL, O_MODWORDS},
+	        {"moderation-score", required_argument, NULL, O_MODSCORE},
+	        {"help", no_argument, NULL, 'h'},
+	        {NULL, 0, NULL, 0},
 	};
 	struct mock_params *p = &cfg->defaults;
 	const char *mod_words = NULL;
@@ -180,7 +207,9 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 		switch (o) {
 		case O_LISTEN:
 			if (split_listen(optarg, cfg) != 0) {
-				fprintf(stderr, "sluice-mockllm: --listen wants HOST:PORT, got %s\n", optarg);
+				fprintf(stderr,
+				        "sluice-mockllm: --listen wants HOST:PORT, got %s\n",
+				        optarg);
 				return -1;
 			}
 			break;
@@ -203,7 +232,8 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 			break;
 		case O_ERATE:
 			if (parse_double(optarg, 0, 1, &p->error_rate)) {
-				fprintf(stderr, "sluice-mockllm: --error-rate wants 0..1, got %s\n", optarg);
+				fprintf(stderr, "sluice-mockllm: --error-rate wants 0..1, got %s\n",
+				        optarg);
 				return -1;
 			}
 			break;
@@ -211,7 +241,8 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 			p->hang = 1;
 			break;
 		case O_DISC:
-			if (opt_long("disconnect-after", optarg, -1, 10000000, &p->disconnect_after))
+			if (opt_long("disconnect-after", optarg, -1, 10000000,
+			             &p->disconnect_after))
 				return -1;
 			break;
 		case O_MAXC:
@@ -289,7 +320,7 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 			break;
 		case O_SERR:
 			if (opt_long("stream-error-after", optarg, -1, MAX_TOKENS,
-				     &p->stream_error_after))
+			             &p->stream_error_after))
 				return -1;
 			break;
 		case O_FAULT:
@@ -314,8 +345,9 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 			break;
 		case O_MODSCORE:
 			if (parse_double(optarg, 0, 1, &p->moderation_score)) {
-				fprintf(stderr, "sluice-mockllm: --moderation-score wants 0..1, got %s\n",
-					optarg);
+				fprintf(stderr,
+				        "sluice-mockllm: --moderation-score wants 0..1, got %s\n",
+				        optarg);
 				return -1;
 			}
 			break;
@@ -332,8 +364,10 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 		return -1;
 	}
 	if (moderation_parse(mod_words, cfg) != 0) {
-		fprintf(stderr, "sluice-mockllm: --moderation-words wants 'category=word,word;...', got %s\n",
-			mod_words ? mod_words : "(built-in)");
+		fprintf(stderr,
+		        "sluice-mockllm: --moderation-words wants 'category=word,word;...', got "
+		        "%s\n",
+		        mod_words ? mod_words : "(built-in)");
 		return -1;
 	}
 	return 0;
@@ -380,8 +414,8 @@ static int open_listener(const struct mock_config *cfg, char *port, size_t port_
 		if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0)
 			goto fail;
 		snprintf(port, port_size, "%u",
-			 ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-						  : ntohs(((struct sockaddr_in *)&ss)->sin_port));
+		         ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+		                                  : ntohs(((struct sockaddr_in *)&ss)->sin_port));
 	}
 	freeaddrinfo(res);
 	return fd;
@@ -445,7 +479,8 @@ int main(int argc, char **argv)
 		w->app = a;
 		w->index = i;
 		w->listen_fd = -1;
-		w->rng = (a->cfg.seed + 1) * 0x9E3779B97F4A7C15ULL + (uint64_t)i * 0xD1B54A32D192ED03ULL;
+		w->rng = (a->cfg.seed + 1) * 0x9E3779B97F4A7C15ULL +
+		         (uint64_t)i * 0xD1B54A32D192ED03ULL;
 		if (w->rng == 0)
 			w->rng = 1;
 		/* Without PRECISE_TIMER libevent reads CLOCK_MONOTONIC_COARSE (jiffies, 4 ms
@@ -468,9 +503,9 @@ int main(int argc, char **argv)
 		}
 		evhttp_set_gencb(w->http, mock_handle, w);
 		evhttp_set_allowed_methods(w->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST |
-							    EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
-							    EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
-							    EVHTTP_REQ_PATCH);
+		                                            EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
+		                                            EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
+		                                            EVHTTP_REQ_PATCH);
 		/* Long gaps between stream events must not trip evhttp's read timeout. */
 		evhttp_set_timeout(w->http, 3600);
 		w->listen_fd = open_listener(&a->cfg, port, sizeof(port), a->cfg.threads > 1);

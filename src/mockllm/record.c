@@ -45,7 +45,7 @@ void rec_clear(struct recorder *r)
 }
 
 uint64_t rec_add(struct recorder *r, const char *method, const char *path, const char *query,
-		 const struct evkeyvalq *headers, const char *body, size_t body_len, double time)
+                 const struct evkeyvalq *headers, const char *body, size_t body_len, double time)
 {
 	struct rec_entry *e;
 	const struct evkeyval *kv;
@@ -178,7 +178,7 @@ static void add_outcome(json_t *o, const struct rec_entry *e)
 	json_object_set_new(o, "seq", json_integer((json_int_t)e->seq));
 	json_object_set_new(o, "outcome", name ? json_string(name) : json_null());
 	json_object_set_new(o, "client_disconnected",
-			    json_boolean(e->outcome == REC_CLIENT_DISCONNECT));
+	                    json_boolean(e->outcome == REC_CLIENT_DISCONNECT));
 	json_object_set_new(o, "deltas_written", json_integer(e->deltas));
 }
 
@@ -272,7 +272,8 @@ char *rec_dump(const struct recorder *r)
 		json_object_set_new(o, "method", json_string(e->method));
 		json_object_set_new(o, "path", json_str(p, e->path_len));
 		p += e->path_len + 1;
-		json_object_set_new(o, "query", e->has_query ? json_str(p, e->query_len) : json_null());
+		json_object_set_new(o, "query",
+		                    e->has_query ? json_str(p, e->query_len) : json_null());
 		p += e->query_len + 1;
 		for (unsigned k = 0; k < e->nhdr; k++) {
 			const char *name = p;

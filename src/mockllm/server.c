@@ -78,30 +78,47 @@ static void add_ctype(struct evhttp_request *req, const char *ctype)
 static const char *reason_phrase(int code)
 {
 	switch (code) {
-	case 400: return "Bad Request";
-	case 401: return "Unauthorized";
-	case 402: return "Payment Required";
-	case 403: return "Forbidden";
-	case 404: return "Not Found";
-	case 408: return "Request Timeout";
-	case 409: return "Conflict";
-	case 413: return "Payload Too Large";
-	case 422: return "Unprocessable Entity";
-	case 429: return "Too Many Requests";
-	case 500: return "Internal Server Error";
-	case 501: return "Not Implemented";
-	case 502: return "Bad Gateway";
-	case 503: return "Service Unavailable";
-	case 504: return "Gateway Timeout";
-	case 529: return "Overloaded";
-	default: return NULL; /* evhttp's generic phrase */
+	case 400:
+		return "Bad Request";
+	case 401:
+		return "Unauthorized";
+	case 402:
+		return "Payment Required";
+	case 403:
+		return "Forbidden";
+	case 404:
+		return "Not Found";
+	case 408:
+		return "Request Timeout";
+	case 409:
+		return "Conflict";
+	case 413:
+		return "Payload Too Large";
+	case 422:
+		return "Unprocessable Entity";
+	case 429:
+		return "Too Many Requests";
+	case 500:
+		return "Internal Server Error";
+	case 501:
+		return "Not Implemented";
+	case 502:
+		return "Bad Gateway";
+	case 503:
+		return "Service Unavailable";
+	case 504:
+		return "Gateway Timeout";
+	case 529:
+		return "Overloaded";
+	default:
+		return NULL; /* evhttp's generic phrase */
 	}
 }
 
 /* An error in the endpoint's shape. code_str NULL gives "code": null (OpenAI). */
 static void send_error(struct mock_worker *w, struct evhttp_request *req, const struct proto *pr,
-		       int code, const char *type, const char *msg, const char *code_str,
-		       long retry_after)
+                       int code, const char *type, const char *msg, const char *code_str,
+                       long retry_after)
 {
 	pr->error(w->scratch, code, type, msg, code_str);
 	add_ctype(req, "application/json");
@@ -115,7 +132,7 @@ static void send_error(struct mock_worker *w, struct evhttp_request *req, const 
 }
 
 static void send_forced(struct mock_worker *w, struct evhttp_request *req, const struct proto *pr,
-			int status, const char *why, long retry_after)
+                        int status, const char *why, long retry_after)
 {
 	char msg[96], code[16];
 
@@ -126,7 +143,7 @@ static void send_forced(struct mock_worker *w, struct evhttp_request *req, const
 
 /* Response head of a stream; with preamble, the protocol's opening events too. */
 static void stream_begin(struct mock_worker *w, struct evhttp_request *req, struct gen *g,
-			 int preamble)
+                         int preamble)
 {
 	struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
 
@@ -134,7 +151,7 @@ static void stream_begin(struct mock_worker *w, struct evhttp_request *req, stru
 	evhttp_add_header(oh, "Cache-Control", "no-cache");
 	evhttp_send_reply_start(req, 200, "OK");
 	if (preamble && g->proto->start) {
-		struct sse s = { req, w->scratch };
+		struct sse s = {req, w->scratch};
 
 		g->proto->start(&s, g);
 	}
@@ -142,7 +159,7 @@ static void stream_begin(struct mock_worker *w, struct evhttp_request *req, stru
 
 static void stream_delta(struct mock_worker *w, struct evhttp_request *req, struct gen *g, long i)
 {
-	struct sse s = { req, w->scratch };
+	struct sse s = {req, w->scratch};
 
 	g->proto->delta(&s, g, i);
 }
@@ -150,7 +167,7 @@ static void stream_delta(struct mock_worker *w, struct evhttp_request *req, stru
 /* The closing events (or, with fail, the mid-stream error) and the end of the body. */
 static void stream_end(struct mock_worker *w, struct evhttp_request *req, struct gen *g, int fail)
 {
-	struct sse s = { req, w->scratch };
+	struct sse s = {req, w->scratch};
 
 	if (fail)
 		g->proto->fail(&s, g);
@@ -226,9 +243,9 @@ static void admit_next_locked(struct mock_app *a)
 static void finish_locked(struct mock_app *a, uint64_t seq, enum outcome o, long deltas)
 {
 	static const enum rec_outcome rec[] = {
-		[OUT_COMPLETED] = REC_COMPLETED,     [OUT_CANCELLED] = REC_CLIENT_DISCONNECT,
-		[OUT_DISCONNECTED] = REC_MOCK_DISCONNECT, [OUT_FAULT] = REC_FAULT,
-		[OUT_STREAM_ERROR] = REC_STREAM_ERROR,
+	        [OUT_COMPLETED] = REC_COMPLETED,          [OUT_CANCELLED] = REC_CLIENT_DISCONNECT,
+	        [OUT_DISCONNECTED] = REC_MOCK_DISCONNECT, [OUT_FAULT] = REC_FAULT,
+	        [OUT_STREAM_ERROR] = REC_STREAM_ERROR,
 	};
 
 	switch (o) {
@@ -385,7 +402,7 @@ static void watch_cb(evutil_socket_t fd, short what, void *arg)
 
 static void add_ms(struct event *ev, long ms)
 {
-	struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
 
 	evtimer_add(ev, &tv);
 }
@@ -595,7 +612,7 @@ static void ctx_first_output(struct mock_ctx *c)
 	ctx_unwatch(c);
 	/* A reset or stall after 0 deltas comes right after the head: no event at all. */
 	stream_begin(w, c->req, g,
-		     !((fault == FAULT_RESET || fault == FAULT_STALL) && g->p.fault_after == 0));
+	             !((fault == FAULT_RESET || fault == FAULT_STALL) && g->p.fault_after == 0));
 	c->state = ST_STREAM;
 	ctx_stream_step(c);
 }
@@ -672,7 +689,7 @@ static int needs_async(const struct gen *g, int admitted)
 }
 
 static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum kind kind,
-		       const struct proto *pr, const char *body, size_t blen, uint64_t seq)
+                       const struct proto *pr, const char *body, size_t blen, uint64_t seq)
 {
 	struct mock_app *a = w->app;
 	struct gen g;
@@ -713,13 +730,13 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 	g.model = json_str_or(json_object_get(root, "model"), a->cfg.model, &g.model_len);
 	if (kind == K_RESP)
 		g.prev_id = json_str_or(json_object_get(root, "previous_response_id"), NULL,
-					&g.prev_id_len);
+		                        &g.prev_id_len);
 	if (pr->delta != NULL) {
 		json_t *so = json_object_get(root, "stream_options");
 
 		g.stream = json_is_true(json_object_get(root, "stream"));
 		g.usage_chunk = g.stream && pr->prefix && json_is_object(so) &&
-				json_is_true(json_object_get(so, "include_usage")) && !g.p.no_usage;
+		                json_is_true(json_object_get(so, "include_usage")) && !g.p.no_usage;
 	}
 
 	if (g.p.status != 0 && (g.p.status < 200 || g.p.status > 299)) {
@@ -750,8 +767,8 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 		rec_finish(&a->rec, seq, REC_REJECTED, 0);
 		app_unlock(a);
 		send_error(w, req, pr, 429, "rate_limit_error",
-			   "mock: too many concurrent requests (max-concurrency and queue full)",
-			   "429", g.p.retry_after);
+		           "mock: too many concurrent requests (max-concurrency and queue full)",
+		           "429", g.p.retry_after);
 		goto out;
 	}
 	a->st.active++;
@@ -835,8 +852,8 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 
 	evtimer_assign(&c->timer, w->base, timer_cb, c);
 	event_assign(&c->watch, w->base,
-		     bufferevent_getfd(evhttp_connection_get_bufferevent(c->evcon)),
-		     EV_READ | EV_PERSIST, watch_cb, c);
+	             bufferevent_getfd(evhttp_connection_get_bufferevent(c->evcon)),
+	             EV_READ | EV_PERSIST, watch_cb, c);
 	event_add(&c->watch, NULL);
 	c->watching = 1;
 	evhttp_connection_set_closecb(c->evcon, close_cb, c);
@@ -881,18 +898,19 @@ static void handle_stats(struct mock_worker *w, struct evhttp_request *req)
 	app_lock(a);
 	s = a->st;
 	app_unlock(a);
-	evbuffer_add_printf(w->scratch,
-			    "{\"requests\":%llu,\"completed\":%llu,\"cancelled\":%llu,\"active\":%ld,"
-			    "\"running\":%ld,\"waiting\":%ld,\"max_active\":%ld,"
-			    "\"all_requests\":%llu,\"disconnected\":%llu,\"rejected\":%llu,"
-			    "\"errors\":%llu,\"client_disconnects\":%llu,"
-			    "\"last_disconnect_deltas\":%ld,\"faults\":%llu}",
-			    (unsigned long long)s.requests, (unsigned long long)s.completed,
-			    (unsigned long long)s.cancelled, s.active, s.running, s.waiting,
-			    s.max_active, (unsigned long long)s.all_requests,
-			    (unsigned long long)s.disconnected, (unsigned long long)s.rejected,
-			    (unsigned long long)s.errors, (unsigned long long)s.cancelled,
-			    s.last_disconnect_deltas, (unsigned long long)s.faults);
+	evbuffer_add_printf(
+	        w->scratch,
+	        "{\"requests\":%llu,\"completed\":%llu,\"cancelled\":%llu,\"active\":%ld,"
+	        "\"running\":%ld,\"waiting\":%ld,\"max_active\":%ld,"
+	        "\"all_requests\":%llu,\"disconnected\":%llu,\"rejected\":%llu,"
+	        "\"errors\":%llu,\"client_disconnects\":%llu,"
+	        "\"last_disconnect_deltas\":%ld,\"faults\":%llu}",
+	        (unsigned long long)s.requests, (unsigned long long)s.completed,
+	        (unsigned long long)s.cancelled, s.active, s.running, s.waiting, s.max_active,
+	        (unsigned long long)s.all_requests, (unsigned long long)s.disconnected,
+	        (unsigned long long)s.rejected, (unsigned long long)s.errors,
+	        (unsigned long long)s.cancelled, s.last_disconnect_deltas,
+	        (unsigned long long)s.faults);
 	add_ctype(req, "application/json");
 	evhttp_send_reply(req, 200, "OK", w->scratch);
 }
@@ -905,7 +923,7 @@ static void free_cb(const void *data, size_t len, void *arg)
 }
 
 static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, const char *path,
-			    enum evhttp_cmd_type cmd)
+                            enum evhttp_cmd_type cmd)
 {
 	struct mock_app *a = w->app;
 
@@ -916,7 +934,8 @@ static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, c
 		s = rec_dump(&a->rec);
 		app_unlock(a);
 		if (s == NULL) {
-			send_error(w, req, &proto_chat, 500, "server_error", "mock: out of memory", NULL, -1);
+			send_error(w, req, &proto_chat, 500, "server_error", "mock: out of memory",
+			           NULL, -1);
 			return;
 		}
 		evbuffer_add_reference(w->scratch, s, strlen(s), free_cb, NULL);
@@ -943,14 +962,14 @@ static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, c
 		return;
 	}
 	send_error(w, req, &proto_chat, 404, "not_found_error", "mock: unknown /_mock endpoint",
-		   "not_found", -1);
+	           "not_found", -1);
 }
 
 static void gauge(struct evbuffer *b, const char *name, const char *help, const char *model,
-		  const char *fmt_value, double v)
+                  const char *fmt_value, double v)
 {
 	evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s{model_name=\"", name, help, name,
-			    name);
+	                    name);
 	prom_escape(b, model);
 	ADD_LIT(b, "\"} ");
 	evbuffer_add_printf(b, fmt_value, v);
@@ -960,7 +979,7 @@ static void gauge(struct evbuffer *b, const char *name, const char *help, const 
 static void counter(struct evbuffer *b, const char *name, const char *help, uint64_t v)
 {
 	evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
-			    (unsigned long long)v);
+	                    (unsigned long long)v);
 }
 
 static void handle_metrics(struct mock_worker *w, struct evhttp_request *req)
@@ -975,16 +994,16 @@ static void handle_metrics(struct mock_worker *w, struct evhttp_request *req)
 	app_unlock(a);
 	if (a->cfg.max_concurrency > 0)
 		kv = (double)s.running / (double)a->cfg.max_concurrency;
-	gauge(b, "vllm:num_requests_running", "Number of requests currently running.",
-	      a->cfg.model, "%.0f", (double)s.running);
+	gauge(b, "vllm:num_requests_running", "Number of requests currently running.", a->cfg.model,
+	      "%.0f", (double)s.running);
 	gauge(b, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
 	      a->cfg.model, "%.0f", (double)s.waiting);
 	gauge(b, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
 	      a->cfg.model, "%g", kv);
 	counter(b, "mockllm_requests_total", "Completion and embedding requests received.",
-		s.requests);
+	        s.requests);
 	counter(b, "mockllm_cancelled_total",
-		"Requests whose client went away before the reply was finished.", s.cancelled);
+	        "Requests whose client went away before the reply was finished.", s.cancelled);
 	counter(b, "mockllm_completed_total", "Requests answered completely.", s.completed);
 	add_ctype(req, "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", b);
@@ -1021,13 +1040,13 @@ static const struct {
 	enum kind kind;
 	const struct proto *proto;
 } ROUTES[] = {
-	{ "/chat/completions", K_CHAT, &proto_chat },
-	{ "/completions", K_COMPL, &proto_completions },
-	{ "/embeddings", K_EMB, &proto_embeddings },
-	{ "/messages/count_tokens", K_COUNT, &proto_count_tokens },
-	{ "/messages", K_MSG, &proto_messages },
-	{ "/responses", K_RESP, &proto_responses },
-	{ "/moderations", K_MOD, &proto_moderations },
+        {"/chat/completions", K_CHAT, &proto_chat},
+        {"/completions", K_COMPL, &proto_completions},
+        {"/embeddings", K_EMB, &proto_embeddings},
+        {"/messages/count_tokens", K_COUNT, &proto_count_tokens},
+        {"/messages", K_MSG, &proto_messages},
+        {"/responses", K_RESP, &proto_responses},
+        {"/moderations", K_MOD, &proto_moderations},
 };
 
 void mock_handle(struct evhttp_request *req, void *arg)
@@ -1071,8 +1090,8 @@ void mock_handle(struct evhttp_request *req, void *arg)
 	a->st.all_requests++;
 	if (kind != K_NONE)
 		a->st.requests++;
-	seq = rec_add(&a->rec, method_name(cmd), path, query,
-		      evhttp_request_get_input_headers(req), body, blen, now_unix());
+	seq = rec_add(&a->rec, method_name(cmd), path, query, evhttp_request_get_input_headers(req),
+	              body, blen, now_unix());
 	app_unlock(a);
 
 	if (kind != K_NONE) {
@@ -1084,7 +1103,7 @@ void mock_handle(struct evhttp_request *req, void *arg)
 			ADD_LIT(w->scratch, "{\"object\":\"list\",\"data\":[{\"id\":\"");
 			json_escape(w->scratch, a->cfg.model, strlen(a->cfg.model));
 			ADD_LIT(w->scratch, "\",\"object\":\"model\",\"created\":0,"
-						 "\"owned_by\":\"mock\"}]}");
+			                    "\"owned_by\":\"mock\"}]}");
 			add_ctype(req, "application/json");
 			evhttp_send_reply(req, 200, "OK", w->scratch);
 			return;
@@ -1096,6 +1115,6 @@ void mock_handle(struct evhttp_request *req, void *arg)
 			return;
 		}
 	}
-	send_error(w, req, &proto_chat, 404, "not_found_error", "mock: no such endpoint", "not_found",
-		   -1);
+	send_error(w, req, &proto_chat, 404, "not_found_error", "mock: no such endpoint",
+	           "not_found", -1);
 }
