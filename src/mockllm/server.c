@@ -426,23 +426,31 @@ static void ctx_unwatch(struct mock_ctx *c)
 }
 
 /* Hand what evhttp has queued to the socket now. Returns -1 when the client is gone; a
- * full socket is not an error (the bufferevent writes the rest when it drains). */
+ * full socket is not an error (the bufferevent writes the rest when it drains). A socket
+ * bufferevent freezes the start of its output buffer and lifts the freeze only around its
+ * own writes (a frozen buffer refuses evbuffer_write with -1 and a stale errno), so we do
+ * the same. */
 static int ctx_flush(struct mock_ctx *c)
 {
 	struct bufferevent *bev = evhttp_connection_get_bufferevent(c->evcon);
 	struct evbuffer *out = bufferevent_get_output(bev);
 	int fd = bufferevent_getfd(bev);
+	int rc = 0;
 
+	evbuffer_unfreeze(out, 1);
 	while (evbuffer_get_length(out) > 0) {
-		int n = evbuffer_write(out, fd);
+		int n;
 
+		errno = 0;
+		n = evbuffer_write(out, fd);
 		if (n > 0)
 			continue;
-		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-			return 0;
-		return n < 0 ? -1 : 0;
+		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+			rc = -1;
+		break;
 	}
-	return 0;
+	evbuffer_freeze(out, 1);
+	return rc;
 }
 
 static void ctx_try_close(struct mock_ctx *c)

@@ -737,6 +737,22 @@ class DisconnectTest(MockTestCase):
                 self.assertEqual(s["last_disconnect_deltas"], rec["deltas_written"])
                 self.assertEqual((s["cancelled"], s["completed"]), (1, 0))
 
+    def test_delayed_streams_on_one_connection_all_complete(self):
+        # Each delta is written to the socket as it is made; that write must never be
+        # taken for a client that left (a curl client would then re-send the request).
+        with HTTPConn(self.mock.port) as c:
+            for path in (CHAT, MESSAGES, RESPONSES) * 8:
+                body = {CHAT: chat_body, MESSAGES: msg_body, RESPONSES: resp_body}[path](
+                    stream=True, tokens=3, itl_ms=1)
+                c.send_request("POST", path, ANTHROPIC if path == MESSAGES else None,
+                               json_body=body)
+                r = c.read_response()
+                self.assertEqual((r.status, r.complete), (200, True), r)
+                self.assertEqual(len(text_deltas(path, harness.parse_sse(r.body))), 3)
+        s = self.mock.stats()
+        self.assertEqual((s["completed"], s["client_disconnects"]), (24, 0), s)
+        self.assertEqual({q["outcome"] for q in self.mock.requests()}, {"completed"})
+
     def test_disconnect_before_first_byte(self):
         with HTTPConn(self.mock.port) as c:
             c.send_request("POST", CHAT, json_body=chat_body(ttft_ms=60000))
