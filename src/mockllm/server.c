@@ -1008,7 +1008,7 @@ static void handle_metrics(struct mock_worker *w, struct evhttp_request *req)
 	      a->cfg.model, "%.0f", (double)s.waiting);
 	gauge(b, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
 	      a->cfg.model, "%g", kv);
-	counter(b, "mockllm_requests_total", "Completion and embedding requests received.",
+	counter(b, "mockllm_requests_total", "Generation requests received.",
 	        s.requests);
 	counter(b, "mockllm_cancelled_total",
 	        "Requests whose client went away before the reply was finished.", s.cancelled);
