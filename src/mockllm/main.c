@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <event2/listener.h>
 #include <event2/thread.h>
 
 static void usage(FILE *f)
@@ -36,6 +37,24 @@ static void usage(FILE *f)
 	      "  --retry-after S          add Retry-After: S to 429/503 answers\n"
 	      "  --threads N              event loops, one SO_REUSEPORT socket each [1]\n"
 	      "  --seed N                 seed of the error-rate draws [1]\n"
+	      "output controls (also per request, see docs/mockllm.md):\n"
+	      "  --content TEXT           reply with exactly TEXT (deltas split before spaces)\n"
+	      "  --chunks JSON            reply with these deltas (a JSON array of strings)\n"
+	      "  --repeat TEXT            reply with TEXT --times times, one delta each\n"
+	      "  --times N                repetitions of --repeat [the token count]\n"
+	      "  --tool-call JSON         {\"name\",\"arguments\"} (or an array): call tools when "
+	      "offered\n"
+	      "  --cache-read N           cache-read prompt tokens reported [0]\n"
+	      "  --cache-creation N       cache-creation prompt tokens reported [0]\n"
+	      "  --stream-error-after N   end streams with an error event after N deltas\n"
+	      "faults:\n"
+	      "  --fault NAME             reset|stall|garbage|junk_sse|big_event|endless_headers\n"
+	      "  --fault-after N          content deltas before a reset or stall [0]\n"
+	      "  --fault-bytes N          junk_sse body / big_event delta size [4096 / 10485760]\n"
+	      "  --close-on-accept        close every connection right after accepting it\n"
+	      "moderations:\n"
+	      "  --moderation-words SPEC  'category=word,word;category=word' [a built-in set]\n"
+	      "  --moderation-score F     score of a flagged category [0.99]\n"
 	      "  --help\n",
 	      f);
 }
@@ -46,6 +65,34 @@ static int opt_long(const char *name, const char *v, long min, long max, long *o
 		return 0;
 	fprintf(stderr, "sluice-mockllm: invalid value for --%s: %s\n", name, v);
 	return -1;
+}
+
+/* A JSON flag value, kept alive for the whole run in cfg->owned_json. */
+static json_t *flag_json(struct mock_config *cfg, const char *name, const char *v)
+{
+	json_error_t err;
+	json_t *j = json_loads(v, 0, &err);
+	int ok = 0;
+
+	if (j != NULL && !strcmp(name, "chunks")) {
+		size_t i;
+		json_t *x;
+
+		ok = json_is_array(j);
+		json_array_foreach(j, i, x) ok = ok && json_is_string(x);
+	} else if (j != NULL) {
+		ok = json_is_object(j) ? json_is_string(json_object_get(j, "name"))
+		                       : json_is_array(j) && json_array_size(j) > 0;
+	}
+	if (!ok) {
+		fprintf(stderr, "sluice-mockllm: invalid value for --%s: %s\n", name, v);
+		json_decref(j);
+		return NULL;
+	}
+	if (cfg->owned_json == NULL)
+		cfg->owned_json = json_array();
+	json_array_append_new(cfg->owned_json, j);
+	return j;
 }
 
 static int split_listen(const char *s, struct mock_config *cfg)
@@ -67,31 +114,76 @@ static int split_listen(const char *s, struct mock_config *cfg)
 static int parse_args(int argc, char **argv, struct mock_config *cfg)
 {
 	enum {
-		O_LISTEN = 256, O_TOKENS, O_TTFT, O_ITL, O_STATUS, O_ERATE, O_HANG, O_DISC, O_MAXC,
-		O_QUEUE, O_NOUSAGE, O_MODEL, O_RECORD, O_RECBODY, O_RETRY, O_THREADS, O_SEED,
+		O_LISTEN = 256,
+		O_TOKENS,
+		O_TTFT,
+		O_ITL,
+		O_STATUS,
+		O_ERATE,
+		O_HANG,
+		O_DISC,
+		O_MAXC,
+		O_QUEUE,
+		O_NOUSAGE,
+		O_MODEL,
+		O_RECORD,
+		O_RECBODY,
+		O_RETRY,
+		O_THREADS,
+		O_SEED,
+		O_CONTENT,
+		O_CHUNKS,
+		O_REPEAT,
+		O_TIMES,
+		O_TOOL,
+		O_CREAD,
+		O_CCREATE,
+		O_SERR,
+		O_FAULT,
+		O_FAFTER,
+		O_FBYTES,
+		O_CLOSE,
+		O_MODWORDS,
+		O_MODSCORE,
 	};
 	static const struct option opts[] = {
-		{ "listen", required_argument, NULL, O_LISTEN },
-		{ "tokens", required_argument, NULL, O_TOKENS },
-		{ "ttft", required_argument, NULL, O_TTFT },
-		{ "itl", required_argument, NULL, O_ITL },
-		{ "status", required_argument, NULL, O_STATUS },
-		{ "error-rate", required_argument, NULL, O_ERATE },
-		{ "hang", no_argument, NULL, O_HANG },
-		{ "disconnect-after", required_argument, NULL, O_DISC },
-		{ "max-concurrency", required_argument, NULL, O_MAXC },
-		{ "queue", required_argument, NULL, O_QUEUE },
-		{ "no-usage", no_argument, NULL, O_NOUSAGE },
-		{ "model", required_argument, NULL, O_MODEL },
-		{ "record", required_argument, NULL, O_RECORD },
-		{ "record-body-max", required_argument, NULL, O_RECBODY },
-		{ "retry-after", required_argument, NULL, O_RETRY },
-		{ "threads", required_argument, NULL, O_THREADS },
-		{ "seed", required_argument, NULL, O_SEED },
-		{ "help", no_argument, NULL, 'h' },
-		{ NULL, 0, NULL, 0 },
+	        {"listen", required_argument, NULL, O_LISTEN},
+	        {"tokens", required_argument, NULL, O_TOKENS},
+	        {"ttft", required_argument, NULL, O_TTFT},
+	        {"itl", required_argument, NULL, O_ITL},
+	        {"status", required_argument, NULL, O_STATUS},
+	        {"error-rate", required_argument, NULL, O_ERATE},
+	        {"hang", no_argument, NULL, O_HANG},
+	        {"disconnect-after", required_argument, NULL, O_DISC},
+	        {"max-concurrency", required_argument, NULL, O_MAXC},
+	        {"queue", required_argument, NULL, O_QUEUE},
+	        {"no-usage", no_argument, NULL, O_NOUSAGE},
+	        {"model", required_argument, NULL, O_MODEL},
+	        {"record", required_argument, NULL, O_RECORD},
+	        {"record-body-max", required_argument, NULL, O_RECBODY},
+	        {"retry-after", required_argument, NULL, O_RETRY},
+	        {"threads", required_argument, NULL, O_THREADS},
+	        {"seed", required_argument, NULL, O_SEED},
+	        {"content", required_argument, NULL, O_CONTENT},
+	        {"chunks", required_argument, NULL, O_CHUNKS},
+	        {"repeat", required_argument, NULL, O_REPEAT},
+	        {"times", required_argument, NULL, O_TIMES},
+	        {"tool-call", required_argument, NULL, O_TOOL},
+	        {"cache-read", required_argument, NULL, O_CREAD},
+	        {"cache-creation", required_argument, NULL, O_CCREATE},
+	        {"stream-error-after", required_argument, NULL, O_SERR},
+	        {"fault", required_argument, NULL, O_FAULT},
+	        {"fault-after", required_argument, NULL, O_FAFTER},
+	        {"fault-bytes", required_argument, NULL, O_FBYTES},
+	        {"close-on-accept", no_argument, NULL, O_CLOSE},
+	        {"moderation-words", required_argument, NULL, O_MODWORDS},
+	        {"moderation-score", required_argument, NULL, O_MODSCORE},
+	        {"help", no_argument, NULL, 'h'},
+	        {NULL, 0, NULL, 0},
 	};
 	struct mock_params *p = &cfg->defaults;
+	const char *mod_words = NULL;
+	json_t *j;
 	int o;
 	long l;
 
@@ -101,6 +193,10 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 	p->tokens = 16;
 	p->disconnect_after = -1;
 	p->retry_after = -1;
+	p->times = -1;
+	p->stream_error_after = -1;
+	p->fault_bytes = -1;
+	p->moderation_score = MODERATION_SCORE;
 	cfg->model = "mock-model";
 	cfg->record = 1000;
 	cfg->record_body_max = 1L << 20;
@@ -111,7 +207,9 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 		switch (o) {
 		case O_LISTEN:
 			if (split_listen(optarg, cfg) != 0) {
-				fprintf(stderr, "sluice-mockllm: --listen wants HOST:PORT, got %s\n", optarg);
+				fprintf(stderr,
+				        "sluice-mockllm: --listen wants HOST:PORT, got %s\n",
+				        optarg);
 				return -1;
 			}
 			break;
@@ -134,7 +232,8 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 			break;
 		case O_ERATE:
 			if (parse_double(optarg, 0, 1, &p->error_rate)) {
-				fprintf(stderr, "sluice-mockllm: --error-rate wants 0..1, got %s\n", optarg);
+				fprintf(stderr, "sluice-mockllm: --error-rate wants 0..1, got %s\n",
+				        optarg);
 				return -1;
 			}
 			break;
@@ -142,7 +241,8 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 			p->hang = 1;
 			break;
 		case O_DISC:
-			if (opt_long("disconnect-after", optarg, -1, 10000000, &p->disconnect_after))
+			if (opt_long("disconnect-after", optarg, -1, 10000000,
+			             &p->disconnect_after))
 				return -1;
 			break;
 		case O_MAXC:
@@ -181,6 +281,76 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 				return -1;
 			cfg->seed = (uint64_t)l;
 			break;
+		case O_CONTENT:
+			p->content = optarg;
+			p->content_len = strlen(optarg);
+			p->chunks = NULL;
+			p->repeat = NULL;
+			break;
+		case O_CHUNKS:
+		case O_TOOL:
+			j = flag_json(cfg, o == O_CHUNKS ? "chunks" : "tool-call", optarg);
+			if (j == NULL)
+				return -1;
+			if (o == O_TOOL) {
+				p->tool_call = j;
+			} else {
+				p->chunks = j;
+				p->content = NULL;
+				p->repeat = NULL;
+			}
+			break;
+		case O_REPEAT:
+			p->repeat = optarg;
+			p->repeat_len = strlen(optarg);
+			p->content = NULL;
+			p->chunks = NULL;
+			break;
+		case O_TIMES:
+			if (opt_long("times", optarg, 0, MAX_TOKENS, &p->times))
+				return -1;
+			break;
+		case O_CREAD:
+			if (opt_long("cache-read", optarg, 0, MAX_TOKENS, &p->cache_read))
+				return -1;
+			break;
+		case O_CCREATE:
+			if (opt_long("cache-creation", optarg, 0, MAX_TOKENS, &p->cache_creation))
+				return -1;
+			break;
+		case O_SERR:
+			if (opt_long("stream-error-after", optarg, -1, MAX_TOKENS,
+			             &p->stream_error_after))
+				return -1;
+			break;
+		case O_FAULT:
+			if (params_fault(optarg, strlen(optarg), &p->fault) != 0) {
+				fprintf(stderr, "sluice-mockllm: unknown --fault %s\n", optarg);
+				return -1;
+			}
+			break;
+		case O_FAFTER:
+			if (opt_long("fault-after", optarg, 0, MAX_TOKENS, &p->fault_after))
+				return -1;
+			break;
+		case O_FBYTES:
+			if (opt_long("fault-bytes", optarg, -1, MAX_FAULT_BYTES, &p->fault_bytes))
+				return -1;
+			break;
+		case O_CLOSE:
+			cfg->close_on_accept = 1;
+			break;
+		case O_MODWORDS:
+			mod_words = optarg;
+			break;
+		case O_MODSCORE:
+			if (parse_double(optarg, 0, 1, &p->moderation_score)) {
+				fprintf(stderr,
+				        "sluice-mockllm: --moderation-score wants 0..1, got %s\n",
+				        optarg);
+				return -1;
+			}
+			break;
 		case 'h':
 			usage(stdout);
 			exit(0);
@@ -191,6 +361,13 @@ static int parse_args(int argc, char **argv, struct mock_config *cfg)
 	}
 	if (optind < argc) {
 		fprintf(stderr, "sluice-mockllm: unexpected argument %s\n", argv[optind]);
+		return -1;
+	}
+	if (moderation_parse(mod_words, cfg) != 0) {
+		fprintf(stderr,
+		        "sluice-mockllm: --moderation-words wants 'category=word,word;...', got "
+		        "%s\n",
+		        mod_words ? mod_words : "(built-in)");
 		return -1;
 	}
 	return 0;
@@ -237,8 +414,8 @@ static int open_listener(const struct mock_config *cfg, char *port, size_t port_
 		if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0)
 			goto fail;
 		snprintf(port, port_size, "%u",
-			 ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-						  : ntohs(((struct sockaddr_in *)&ss)->sin_port));
+		         ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+		                                  : ntohs(((struct sockaddr_in *)&ss)->sin_port));
 	}
 	freeaddrinfo(res);
 	return fd;
@@ -277,8 +454,11 @@ int main(int argc, char **argv)
 	char port[16];
 	int rc = 1, started = 0;
 
-	if (parse_args(argc, argv, &a->cfg) != 0)
+	if (parse_args(argc, argv, &a->cfg) != 0) {
+		moderation_free(&a->cfg);
+		json_decref(a->cfg.owned_json);
 		return 2;
+	}
 	signal(SIGPIPE, SIG_IGN);
 	a->mt = a->cfg.threads > 1;
 	if (a->mt && evthread_use_pthreads() != 0) {
@@ -286,6 +466,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	pthread_mutex_init(&a->lock, NULL);
+	a->st.last_disconnect_deltas = -1;
 	rec_init(&a->rec, (size_t)a->cfg.record, (size_t)a->cfg.record_body_max);
 	a->workers = calloc((size_t)a->cfg.threads, sizeof(*a->workers));
 	if (a->workers == NULL)
@@ -298,7 +479,8 @@ int main(int argc, char **argv)
 		w->app = a;
 		w->index = i;
 		w->listen_fd = -1;
-		w->rng = (a->cfg.seed + 1) * 0x9E3779B97F4A7C15ULL + (uint64_t)i * 0xD1B54A32D192ED03ULL;
+		w->rng = (a->cfg.seed + 1) * 0x9E3779B97F4A7C15ULL +
+		         (uint64_t)i * 0xD1B54A32D192ED03ULL;
 		if (w->rng == 0)
 			w->rng = 1;
 		/* Without PRECISE_TIMER libevent reads CLOCK_MONOTONIC_COARSE (jiffies, 4 ms
@@ -321,15 +503,22 @@ int main(int argc, char **argv)
 		}
 		evhttp_set_gencb(w->http, mock_handle, w);
 		evhttp_set_allowed_methods(w->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST |
-							    EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
-							    EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
-							    EVHTTP_REQ_PATCH);
+		                                            EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
+		                                            EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
+		                                            EVHTTP_REQ_PATCH);
 		/* Long gaps between stream events must not trip evhttp's read timeout. */
 		evhttp_set_timeout(w->http, 3600);
 		w->listen_fd = open_listener(&a->cfg, port, sizeof(port), a->cfg.threads > 1);
 		if (w->listen_fd < 0)
 			goto out;
-		if (evhttp_accept_socket_with_handle(w->http, w->listen_fd) == NULL) {
+		if (a->cfg.close_on_accept) {
+			w->closer = fault_closer_new(w->base, w->listen_fd);
+			if (w->closer == NULL) {
+				fprintf(stderr, "sluice-mockllm: evconnlistener_new failed\n");
+				close(w->listen_fd);
+				goto out;
+			}
+		} else if (evhttp_accept_socket_with_handle(w->http, w->listen_fd) == NULL) {
 			fprintf(stderr, "sluice-mockllm: evhttp_accept_socket failed\n");
 			close(w->listen_fd);
 			goto out;
@@ -366,6 +555,8 @@ out:
 	for (int i = 0; i < a->cfg.threads; i++) {
 		struct mock_worker *w = &a->workers[i];
 
+		if (w->closer)
+			evconnlistener_free(w->closer);
 		if (w->http) {
 			mock_worker_drop_requests(w);
 			evhttp_free(w->http);
@@ -379,6 +570,8 @@ out:
 	}
 	free(a->workers);
 	rec_free(&a->rec);
+	moderation_free(&a->cfg);
+	json_decref(a->cfg.owned_json);
 	pthread_mutex_destroy(&a->lock);
 	libevent_global_shutdown();
 	return rc;

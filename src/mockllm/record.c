@@ -44,8 +44,8 @@ void rec_clear(struct recorder *r)
 	r->count = 0;
 }
 
-void rec_add(struct recorder *r, const char *method, const char *path, const char *query,
-	     const struct evkeyvalq *headers, const char *body, size_t body_len, double time)
+uint64_t rec_add(struct recorder *r, const char *method, const char *path, const char *query,
+                 const struct evkeyvalq *headers, const char *body, size_t body_len, double time)
 {
 	struct rec_entry *e;
 	const struct evkeyval *kv;
@@ -55,7 +55,7 @@ void rec_add(struct recorder *r, const char *method, const char *path, const cha
 	char *p;
 
 	if (r->cap == 0)
-		return;
+		return 0;
 	if (r->count == r->cap) {
 		e = &r->ring[r->start];
 		r->start = (r->start + 1) % r->cap;
@@ -85,7 +85,10 @@ void rec_add(struct recorder *r, const char *method, const char *path, const cha
 			e->cap = 0;
 			e->method = method;
 			e->time = time;
-			return;
+			e->seq = ++r->next_seq;
+			e->outcome = REC_NONE;
+			e->deltas = 0;
+			return e->seq;
 		}
 		free(e->buf);
 		e->buf = nb;
@@ -120,6 +123,63 @@ void rec_add(struct recorder *r, const char *method, const char *path, const cha
 	e->nhdr = nhdr;
 	e->body_len = body_len;
 	e->truncated = truncated;
+	e->seq = ++r->next_seq;
+	e->outcome = REC_NONE;
+	e->deltas = 0;
+	return e->seq;
+}
+
+void rec_finish(struct recorder *r, uint64_t seq, enum rec_outcome o, long deltas)
+{
+	uint64_t back;
+	struct rec_entry *e;
+
+	/* The newest record is next_seq; older ones sit before it in the ring. */
+	if (seq == 0 || seq > r->next_seq)
+		return;
+	back = r->next_seq - seq;
+	if (back >= r->count)
+		return;
+	e = &r->ring[(r->start + r->count - 1 - (size_t)back) % r->cap];
+	if (e->seq != seq)
+		return;
+	e->outcome = (int)o;
+	e->deltas = deltas;
+}
+
+static const char *outcome_name(int o)
+{
+	switch (o) {
+	case REC_COMPLETED:
+		return "completed";
+	case REC_CLIENT_DISCONNECT:
+		return "client_disconnect";
+	case REC_MOCK_DISCONNECT:
+		return "mock_disconnect";
+	case REC_FAULT:
+		return "fault";
+	case REC_STREAM_ERROR:
+		return "stream_error";
+	case REC_ERROR:
+		return "error";
+	case REC_REJECTED:
+		return "rejected";
+	case REC_INVALID:
+		return "invalid";
+	default:
+		return NULL;
+	}
+}
+
+static void add_outcome(json_t *o, const struct rec_entry *e)
+{
+	const char *name = outcome_name(e->outcome);
+
+	json_object_set_new(o, "seq", json_integer((json_int_t)e->seq));
+	json_object_set_new(o, "outcome", name ? json_string(name) : json_null());
+	json_object_set_new(o, "client_disconnected",
+	                    json_boolean(e->outcome == REC_CLIENT_DISCONNECT));
+	json_object_set_new(o, "deltas_written", json_integer(e->deltas));
 }
 
 /* Length of the valid UTF-8 sequence at s (1..4), or 0 if invalid. */
@@ -204,6 +264,7 @@ char *rec_dump(const struct recorder *r)
 			json_object_set_new(o, "body", json_string(""));
 			json_object_set_new(o, "time", json_real(e->time));
 			json_object_set_new(o, "body_truncated", json_true());
+			add_outcome(o, e);
 			json_array_append_new(arr, o);
 			continue;
 		}
@@ -211,7 +272,8 @@ char *rec_dump(const struct recorder *r)
 		json_object_set_new(o, "method", json_string(e->method));
 		json_object_set_new(o, "path", json_str(p, e->path_len));
 		p += e->path_len + 1;
-		json_object_set_new(o, "query", e->has_query ? json_str(p, e->query_len) : json_null());
+		json_object_set_new(o, "query",
+		                    e->has_query ? json_str(p, e->query_len) : json_null());
 		p += e->query_len + 1;
 		for (unsigned k = 0; k < e->nhdr; k++) {
 			const char *name = p;
@@ -252,6 +314,7 @@ char *rec_dump(const struct recorder *r)
 		json_object_set_new(o, "time", json_real(e->time));
 		if (e->truncated)
 			json_object_set_new(o, "body_truncated", json_true());
+		add_outcome(o, e);
 		json_array_append_new(arr, o);
 	}
 	out = json_dumps(arr, JSON_COMPACT | JSON_REAL_PRECISION(17));

@@ -1,8 +1,10 @@
-/* server.c — request handling of sluice-mockllm.
+/* server.c — request handling of sluice-mockllm: dispatch, admission, timing, streams, faults.
  *
- * A request that needs no delay (no ttft/itl, no hang, no disconnect) and gets a
+ * A request that needs no delay (no ttft/itl, no hang, no disconnect, no fault) and gets a
  * concurrency slot at once is answered synchronously from the evhttp callback, without
  * any allocation of ours. Everything else gets a struct mock_ctx driven by one timer.
+ * What a reply says comes from its plan (plan.c); how it is written, from the endpoint's
+ * protocol table (proto_*.c, moderation.c).
  *
  * Client-close detection: evhttp disables reading on the connection before it calls the
  * request callback (evhttp_handle_request) and enables it again only once a reply is
@@ -14,6 +16,11 @@
  * read side sees the EOF: it detaches the request from the connection (req->evcon =
  * NULL, the request is then ours to free), frees the connection and runs the close
  * callback.
+ *
+ * Disconnect accounting: a stream with an inter-token delay writes each content delta to
+ * the socket as soon as it is generated (ctx_flush), so the count of deltas written when
+ * the mock learns of the client's close is exact up to what was on the wire: the close is
+ * seen when its FIN/RST arrives, or at the latest when the next write fails.
  */
 #include "mockllm.h"
 
@@ -28,35 +35,12 @@
 
 #include <event2/bufferevent.h>
 #include <event2/event_struct.h>
-#include <jansson.h>
 
-#define MAX_TOKENS 10000000L
-#define MAX_DELAY_MS (24L * 3600 * 1000)
+/* Bytes of header lines queued per write by the endless-headers fault. */
+#define RAW_BATCH 16384
 
-static const char *const WORDS[] = {
-	"lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit",
-	"sed", "do", "eiusmod", "tempor", "incididunt", "ut", "labore", "et",
-	"dolore", "magna", "aliqua", "enim", "ad", "minim", "veniam", "quis",
-	"nostrud", "exercitation", "ullamco", "laboris", "nisi", "aliquip", "ex", "ea",
-};
-#define ADD_LIT(b, lit) evbuffer_add((b), (lit), sizeof(lit) - 1)
-#define NWORDS (sizeof(WORDS) / sizeof(WORDS[0]))
-
-enum kind { K_NONE, K_CHAT, K_COMPL, K_EMB };
-enum state { ST_QUEUED, ST_ADMITTED, ST_TTFT, ST_STREAM, ST_HANG, ST_CLOSING };
-enum outcome { OUT_COMPLETED, OUT_CANCELLED, OUT_DISCONNECTED };
-
-struct gen {
-	enum kind kind;
-	int stream;
-	int usage_chunk; /* stream with include_usage: final usage chunk, "usage":null elsewhere */
-	int finish_length;
-	long ntok;
-	long prompt_tokens;
-	struct mock_params p;
-	const char *prefix; /* SSE event JSON up to and including "choices":[ */
-	size_t prefix_len;
-};
+enum state { ST_QUEUED, ST_ADMITTED, ST_TTFT, ST_STREAM, ST_HANG, ST_CLOSING, ST_RAW };
+enum outcome { OUT_COMPLETED, OUT_CANCELLED, OUT_DISCONNECTED, OUT_FAULT, OUT_STREAM_ERROR };
 
 struct mock_ctx {
 	struct mock_worker *w;
@@ -65,19 +49,24 @@ struct mock_ctx {
 	struct mock_ctx *prev, *next;   /* worker's list */
 	struct mock_ctx *qprev, *qnext; /* app wait queue */
 	struct event timer;
-	struct event watch;
-	int watching;
+	struct event watch; /* peer close while evhttp is not reading */
+	struct event raw;   /* endless headers: the socket is writable */
+	int watching, raw_on;
 	int state;      /* ST_QUEUED -> ST_ADMITTED is written under the app lock */
 	int holds_slot; /* written under the app lock */
-	long sent;
-	struct evbuffer *body; /* prebuilt non-stream reply */
-	struct gen g;
-	char prefix[];
+	int reset;      /* ST_CLOSING ends with a RST */
+	long sent;      /* content deltas written */
+	uint64_t rec_seq;
+	uint64_t raw_line;
+	struct evbuffer *body; /* prebuilt non-stream reply; endless headers' staging */
+	struct gen g;          /* owns g.own; g.prefix and g.model point into copy */
+	char copy[];
 };
 
 static void timer_cb(evutil_socket_t fd, short what, void *arg);
 static void watch_cb(evutil_socket_t fd, short what, void *arg);
 static void close_cb(struct evhttp_connection *evcon, void *arg);
+static void ctx_start(struct mock_ctx *c);
 
 /* ------------------------------------------------------------------ replies */
 
@@ -89,262 +78,121 @@ static void add_ctype(struct evhttp_request *req, const char *ctype)
 static const char *reason_phrase(int code)
 {
 	switch (code) {
-	case 400: return "Bad Request";
-	case 401: return "Unauthorized";
-	case 402: return "Payment Required";
-	case 403: return "Forbidden";
-	case 404: return "Not Found";
-	case 408: return "Request Timeout";
-	case 409: return "Conflict";
-	case 413: return "Payload Too Large";
-	case 422: return "Unprocessable Entity";
-	case 429: return "Too Many Requests";
-	case 500: return "Internal Server Error";
-	case 501: return "Not Implemented";
-	case 502: return "Bad Gateway";
-	case 503: return "Service Unavailable";
-	case 504: return "Gateway Timeout";
-	case 529: return "Overloaded";
-	default: return NULL; /* evhttp's generic phrase */
+	case 400:
+		return "Bad Request";
+	case 401:
+		return "Unauthorized";
+	case 402:
+		return "Payment Required";
+	case 403:
+		return "Forbidden";
+	case 404:
+		return "Not Found";
+	case 408:
+		return "Request Timeout";
+	case 409:
+		return "Conflict";
+	case 413:
+		return "Payload Too Large";
+	case 422:
+		return "Unprocessable Entity";
+	case 429:
+		return "Too Many Requests";
+	case 500:
+		return "Internal Server Error";
+	case 501:
+		return "Not Implemented";
+	case 502:
+		return "Bad Gateway";
+	case 503:
+		return "Service Unavailable";
+	case 504:
+		return "Gateway Timeout";
+	case 529:
+		return "Overloaded";
+	default:
+		return NULL; /* evhttp's generic phrase */
 	}
 }
 
-/* OpenAI error shape. code_str NULL gives "code": null. */
-static void send_error(struct mock_worker *w, struct evhttp_request *req, int code,
-		       const char *type, const char *msg, const char *code_str, long retry_after)
+/* An error in the endpoint's shape. code_str NULL gives "code": null (OpenAI). */
+static void send_error(struct mock_worker *w, struct evhttp_request *req, const struct proto *pr,
+                       int code, const char *type, const char *msg, const char *code_str,
+                       long retry_after)
 {
-	struct evbuffer *b = w->scratch;
-
-	ADD_LIT(b, "{\"error\":{\"message\":\"");
-	json_escape(b, msg, strlen(msg));
-	ADD_LIT(b, "\",\"type\":\"");
-	evbuffer_add(b, type, strlen(type));
-	ADD_LIT(b, "\",\"param\":null,\"code\":");
-	if (code_str) {
-		ADD_LIT(b, "\"");
-		json_escape(b, code_str, strlen(code_str));
-		ADD_LIT(b, "\"}}");
-	} else {
-		ADD_LIT(b, "null}}");
-	}
+	pr->error(w->scratch, code, type, msg, code_str);
 	add_ctype(req, "application/json");
-	if (retry_after >= 0 && (code == 429 || code == 503)) {
+	if (retry_after >= 0 && (code == 429 || code == 503 || code == 529)) {
 		char tmp[24];
 
 		snprintf(tmp, sizeof(tmp), "%ld", retry_after);
 		evhttp_add_header(evhttp_request_get_output_headers(req), "Retry-After", tmp);
 	}
-	evhttp_send_reply(req, code, reason_phrase(code), b);
+	evhttp_send_reply(req, code, reason_phrase(code), w->scratch);
 }
 
-static void send_forced(struct mock_worker *w, struct evhttp_request *req, int status,
-			const char *why, long retry_after)
+static void send_forced(struct mock_worker *w, struct evhttp_request *req, const struct proto *pr,
+                        int status, const char *why, long retry_after)
 {
 	char msg[96], code[16];
 
 	snprintf(msg, sizeof(msg), "mock: forced status %d%s", status, why);
 	snprintf(code, sizeof(code), "%d", status);
-	send_error(w, req, status, status == 429 ? "rate_limit_error" : "mock_error", msg, code,
-		   retry_after);
+	send_error(w, req, pr, status, pr->status_type(status), msg, code, retry_after);
 }
 
-static void add_word(struct evbuffer *b, long i)
+/* Response head of a stream; with preamble, the protocol's opening events too. */
+static void stream_begin(struct mock_worker *w, struct evhttp_request *req, struct gen *g,
+                         int preamble)
 {
-	const char *word = WORDS[(size_t)i % NWORDS];
+	struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
 
-	if (i > 0)
-		ADD_LIT(b, " ");
-	evbuffer_add(b, word, strlen(word));
-}
+	evhttp_add_header(oh, "Content-Type", g->proto->stream_ctype);
+	evhttp_add_header(oh, "Cache-Control", "no-cache");
+	evhttp_send_reply_start(req, 200, "OK");
+	if (preamble && g->proto->start) {
+		struct sse s = {req, w->scratch};
 
-static void add_usage(struct evbuffer *b, long prompt, long completion)
-{
-	evbuffer_add_printf(b, "\"usage\":{\"prompt_tokens\":%ld,\"completion_tokens\":%ld,"
-			       "\"total_tokens\":%ld}",
-			    prompt, completion, prompt + completion);
-}
-
-/* Non-stream chat / legacy completion body. */
-static void build_completion(struct evbuffer *b, const struct gen *g, uint64_t id,
-			     const char *model, size_t model_len)
-{
-	const char *finish = g->finish_length ? "length" : "stop";
-
-	if (g->kind == K_CHAT)
-		evbuffer_add_printf(b, "{\"id\":\"chatcmpl-%llu\",\"object\":\"chat.completion\","
-				       "\"created\":%lld,\"model\":\"",
-				    (unsigned long long)id, (long long)time(NULL));
-	else
-		evbuffer_add_printf(b, "{\"id\":\"cmpl-%llu\",\"object\":\"text_completion\","
-				       "\"created\":%lld,\"model\":\"",
-				    (unsigned long long)id, (long long)time(NULL));
-	json_escape(b, model, model_len);
-	if (g->kind == K_CHAT)
-		ADD_LIT(b, "\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\","
-				"\"content\":\"");
-	else
-		ADD_LIT(b, "\",\"choices\":[{\"index\":0,\"text\":\"");
-	for (long i = 0; i < g->ntok; i++)
-		add_word(b, i);
-	if (g->kind == K_CHAT)
-		ADD_LIT(b, "\"}");
-	else
-		ADD_LIT(b, "\"");
-	evbuffer_add_printf(b, ",\"logprobs\":null,\"finish_reason\":\"%s\"}]", finish);
-	if (!g->p.no_usage) {
-		ADD_LIT(b, ",");
-		add_usage(b, g->prompt_tokens, g->ntok);
+		g->proto->start(&s, g);
 	}
-	ADD_LIT(b, "}");
 }
 
-static uint64_t fnv1a(uint64_t h, const void *data, size_t n)
+static void stream_delta(struct mock_worker *w, struct evhttp_request *req, struct gen *g, long i)
 {
-	const unsigned char *p = data;
+	struct sse s = {req, w->scratch};
 
-	for (size_t i = 0; i < n; i++) {
-		h ^= p[i];
-		h *= 0x100000001b3ULL;
-	}
-	return h;
+	g->proto->delta(&s, g, i);
 }
 
-static void add_embedding(struct evbuffer *b, size_t index, uint64_t h)
+/* The closing events (or, with fail, the mid-stream error) and the end of the body. */
+static void stream_end(struct mock_worker *w, struct evhttp_request *req, struct gen *g, int fail)
 {
-	uint64_t st = h ? h : 0x9E3779B97F4A7C15ULL;
+	struct sse s = {req, w->scratch};
 
-	evbuffer_add_printf(b, "%s{\"object\":\"embedding\",\"index\":%zu,\"embedding\":[",
-			    index ? "," : "", index);
-	for (int k = 0; k < 8; k++)
-		evbuffer_add_printf(b, "%s%.6f", k ? "," : "", rng_double(&st) * 2.0 - 1.0);
-	ADD_LIT(b, "]}");
-}
-
-/* Hash of one embedding input: a string or an array of token ids. */
-static uint64_t input_hash(json_t *v)
-{
-	uint64_t h = 0xcbf29ce484222325ULL;
-
-	if (json_is_string(v))
-		return fnv1a(h, json_string_value(v), json_string_length(v));
-	if (json_is_array(v)) {
-		size_t i;
-		json_t *x;
-
-		json_array_foreach (v, i, x) {
-			json_int_t t = json_integer_value(x);
-
-			h = fnv1a(h, &t, sizeof(t));
-		}
-	}
-	return h;
-}
-
-static int is_token_array(json_t *v)
-{
-	return json_is_array(v) && (json_array_size(v) == 0 || json_is_integer(json_array_get(v, 0)));
-}
-
-static void build_embeddings(struct evbuffer *b, const struct gen *g, json_t *input,
-			     const char *model, size_t model_len)
-{
-	size_t n = 0;
-
-	ADD_LIT(b, "{\"object\":\"list\",\"data\":[");
-	if (json_is_array(input) && !is_token_array(input)) {
-		size_t i;
-		json_t *x;
-
-		json_array_foreach (input, i, x)
-			add_embedding(b, n++, input_hash(x));
-	} else if (input != NULL) {
-		add_embedding(b, n++, input_hash(input));
-	}
-	ADD_LIT(b, "],\"model\":\"");
-	json_escape(b, model, model_len);
-	ADD_LIT(b, "\"");
-	if (!g->p.no_usage)
-		evbuffer_add_printf(b, ",\"usage\":{\"prompt_tokens\":%ld,\"total_tokens\":%ld}",
-				    g->prompt_tokens, g->prompt_tokens);
-	ADD_LIT(b, "}");
-}
-
-/* ------------------------------------------------------------------ SSE events */
-
-static void ev_begin(struct evbuffer *b, const struct gen *g)
-{
-	ADD_LIT(b, "data: ");
-	evbuffer_add(b, g->prefix, g->prefix_len);
-}
-
-static void ev_end(struct evbuffer *b, const struct gen *g)
-{
-	if (g->usage_chunk)
-		ADD_LIT(b, "],\"usage\":null}\n\n");
+	if (fail)
+		g->proto->fail(&s, g);
 	else
-		ADD_LIT(b, "]}\n\n");
+		g->proto->finish(&s, g);
+	evhttp_send_reply_end(req);
 }
 
-static void stream_start(struct mock_worker *w, struct evhttp_request *req, const struct gen *g)
+/* Whether stream_error_after ends the stream once `sent` deltas are out. */
+static int stream_fails_at(const struct gen *g, long sent)
+{
+	return g->p.stream_error_after >= 0 && sent >= g->p.stream_error_after &&
+	       g->p.stream_error_after <= g->ndeltas;
+}
+
+/* 200 text/event-stream with a body of binary junk. */
+static void send_junk_sse(struct mock_worker *w, struct evhttp_request *req, const struct gen *g)
 {
 	struct evkeyvalq *oh = evhttp_request_get_output_headers(req);
 
 	evhttp_add_header(oh, "Content-Type", "text/event-stream");
 	evhttp_add_header(oh, "Cache-Control", "no-cache");
 	evhttp_send_reply_start(req, 200, "OK");
-	if (g->kind == K_CHAT) {
-		ev_begin(w->scratch, g);
-		ADD_LIT(w->scratch, "{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},"
-			     "\"logprobs\":null,\"finish_reason\":null}");
-		ev_end(w->scratch, g);
-		evhttp_send_reply_chunk(req, w->scratch);
-	}
-}
-
-static void stream_token(struct mock_worker *w, struct evhttp_request *req, const struct gen *g,
-			 long i)
-{
-	struct evbuffer *b = w->scratch;
-
-	ev_begin(b, g);
-	if (g->kind == K_CHAT)
-		ADD_LIT(b, "{\"index\":0,\"delta\":{\"content\":\"");
-	else
-		ADD_LIT(b, "{\"index\":0,\"text\":\"");
-	add_word(b, i);
-	if (g->kind == K_CHAT)
-		ADD_LIT(b, "\"},\"logprobs\":null,\"finish_reason\":null}");
-	else
-		ADD_LIT(b, "\",\"logprobs\":null,\"finish_reason\":null}");
-	ev_end(b, g);
-	evhttp_send_reply_chunk(req, b);
-}
-
-static void stream_finish(struct mock_worker *w, struct evhttp_request *req, const struct gen *g)
-{
-	struct evbuffer *b = w->scratch;
-	const char *finish = g->finish_length ? "length" : "stop";
-
-	ev_begin(b, g);
-	if (g->kind == K_CHAT)
-		evbuffer_add_printf(b, "{\"index\":0,\"delta\":{},\"logprobs\":null,"
-				       "\"finish_reason\":\"%s\"}",
-				    finish);
-	else
-		evbuffer_add_printf(b, "{\"index\":0,\"text\":\"\",\"logprobs\":null,"
-				       "\"finish_reason\":\"%s\"}",
-				    finish);
-	ev_end(b, g);
-	evhttp_send_reply_chunk(req, b);
-	if (g->usage_chunk) {
-		ev_begin(b, g);
-		ADD_LIT(b, "],");
-		add_usage(b, g->prompt_tokens, g->ntok);
-		ADD_LIT(b, "}\n\n");
-		evhttp_send_reply_chunk(req, b);
-	}
-	ADD_LIT(b, "data: [DONE]\n\n");
-	evhttp_send_reply_chunk(req, b);
+	fault_junk(w->scratch, (size_t)(g->p.fault_bytes >= 0 ? g->p.fault_bytes : JUNK_SSE_BYTES));
+	evhttp_send_reply_chunk(req, w->scratch);
 	evhttp_send_reply_end(req);
 }
 
@@ -391,14 +239,43 @@ static void admit_next_locked(struct mock_app *a)
 	}
 }
 
-static void count_outcome_locked(struct mock_app *a, enum outcome o)
+/* Count how a request ended, in the counters and its record. Lock held. */
+static void finish_locked(struct mock_app *a, uint64_t seq, enum outcome o, long deltas)
 {
-	if (o == OUT_COMPLETED)
+	static const enum rec_outcome rec[] = {
+	        [OUT_COMPLETED] = REC_COMPLETED,          [OUT_CANCELLED] = REC_CLIENT_DISCONNECT,
+	        [OUT_DISCONNECTED] = REC_MOCK_DISCONNECT, [OUT_FAULT] = REC_FAULT,
+	        [OUT_STREAM_ERROR] = REC_STREAM_ERROR,
+	};
+
+	switch (o) {
+	case OUT_COMPLETED:
 		a->st.completed++;
-	else if (o == OUT_CANCELLED)
+		break;
+	case OUT_CANCELLED:
 		a->st.cancelled++;
-	else
+		a->st.last_disconnect_deltas = deltas;
+		break;
+	case OUT_DISCONNECTED:
 		a->st.disconnected++;
+		break;
+	case OUT_STREAM_ERROR:
+		a->st.errors++;
+		break;
+	case OUT_FAULT:
+		break; /* counted in faults when the fault began */
+	}
+	rec_finish(&a->rec, seq, rec[o], deltas);
+}
+
+/* A request that never got a slot or context ends at once. */
+static void finish_now(struct mock_app *a, uint64_t seq, enum rec_outcome o, uint64_t *counter)
+{
+	app_lock(a);
+	if (counter)
+		(*counter)++;
+	rec_finish(&a->rec, seq, o, 0);
+	app_unlock(a);
 }
 
 /* Forget a request: release its slot or queue place, stop its events, free it. Does not
@@ -418,12 +295,14 @@ static void ctx_release(struct mock_ctx *c, enum outcome o)
 		admit_next_locked(a);
 	}
 	a->st.active--;
-	count_outcome_locked(a, o);
+	finish_locked(a, c->rec_seq, o, c->sent);
 	app_unlock(a);
 
 	/* After the unlock: nobody can activate our timer any more. */
 	if (c->watching)
 		event_del(&c->watch);
+	if (c->raw_on)
+		event_del(&c->raw);
 	event_del(&c->timer);
 	if (c->prev)
 		c->prev->next = c->next;
@@ -433,6 +312,7 @@ static void ctx_release(struct mock_ctx *c, enum outcome o)
 		c->next->prev = c->prev;
 	if (c->body)
 		evbuffer_free(c->body);
+	plan_free(&c->g);
 	free(c);
 }
 
@@ -445,21 +325,42 @@ static void close_cb(struct evhttp_connection *evcon, void *arg)
 	 * writing; it is then ours to free. When we free the connection ourselves the request
 	 * is still attached and evhttp frees it. */
 	int detached = evhttp_request_get_connection(req) == NULL;
+	enum outcome o = OUT_CANCELLED;
 
 	(void)evcon;
-	ctx_release(c, c->state == ST_CLOSING ? OUT_DISCONNECTED : OUT_CANCELLED);
+	if (c->state == ST_CLOSING)
+		o = c->reset ? OUT_FAULT : OUT_DISCONNECTED;
+	ctx_release(c, o);
 	if (detached)
 		evhttp_request_free(req);
 }
 
 /* Close the connection without (the rest of) a reply. */
-static void ctx_abort(struct mock_ctx *c)
+static void ctx_abort(struct mock_ctx *c, enum outcome o)
 {
 	struct evhttp_connection *evcon = c->evcon;
 
 	evhttp_connection_set_closecb(evcon, NULL, NULL);
-	ctx_release(c, OUT_DISCONNECTED);
+	ctx_release(c, o);
 	evhttp_connection_free(evcon);
+}
+
+/* The same with a RST instead of a FIN. */
+static void ctx_reset_now(struct mock_ctx *c)
+{
+	struct evhttp_connection *evcon = c->evcon;
+	int fd = bufferevent_getfd(evhttp_connection_get_bufferevent(evcon));
+
+	evhttp_connection_set_closecb(evcon, NULL, NULL);
+	ctx_release(c, OUT_FAULT);
+	fault_reset_fd(fd);
+	evhttp_connection_free(evcon);
+}
+
+/* The client is gone (a write failed): free the connection, which runs close_cb. */
+static void ctx_client_gone(struct mock_ctx *c)
+{
+	evhttp_connection_free(c->evcon);
 }
 
 /* Peer-close detection while evhttp is not reading (see the top of the file). */
@@ -501,7 +402,7 @@ static void watch_cb(evutil_socket_t fd, short what, void *arg)
 
 static void add_ms(struct event *ev, long ms)
 {
-	struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+	struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
 
 	evtimer_add(ev, &tv);
 }
@@ -516,67 +417,210 @@ static void ctx_start(struct mock_ctx *c)
 	add_ms(&c->timer, c->g.p.ttft_ms);
 }
 
+static void ctx_unwatch(struct mock_ctx *c)
+{
+	if (c->watching) {
+		event_del(&c->watch);
+		c->watching = 0;
+	}
+}
+
+/* Hand what evhttp has queued to the socket now. Returns -1 when the client is gone; a
+ * full socket is not an error (the bufferevent writes the rest when it drains). A socket
+ * bufferevent freezes the start of its output buffer and lifts the freeze only around its
+ * own writes (a frozen buffer refuses evbuffer_write with -1 and a stale errno), so we do
+ * the same. */
+static int ctx_flush(struct mock_ctx *c)
+{
+	struct bufferevent *bev = evhttp_connection_get_bufferevent(c->evcon);
+	struct evbuffer *out = bufferevent_get_output(bev);
+	int fd = bufferevent_getfd(bev);
+	int rc = 0;
+
+	evbuffer_unfreeze(out, 1);
+	while (evbuffer_get_length(out) > 0) {
+		int n;
+
+		errno = 0;
+		n = evbuffer_write(out, fd);
+		if (n > 0)
+			continue;
+		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+			rc = -1;
+		break;
+	}
+	evbuffer_freeze(out, 1);
+	return rc;
+}
+
 static void ctx_try_close(struct mock_ctx *c)
 {
 	struct bufferevent *bev = evhttp_connection_get_bufferevent(c->evcon);
 
-	/* Let what was sent reach the socket, then close: the client sees N tokens and EOF. */
+	/* Let what was sent reach the socket, then close: the client sees N tokens and EOF
+	 * (or the reset). */
 	if (evbuffer_get_length(bufferevent_get_output(bev)) > 0) {
 		add_ms(&c->timer, 1);
 		return;
 	}
-	ctx_abort(c);
+	if (c->reset)
+		ctx_reset_now(c);
+	else
+		ctx_abort(c, OUT_DISCONNECTED);
+}
+
+/* What the stream does once `sent` deltas are out, other than the next delta. */
+enum step { STEP_DELTA, STEP_DISCONNECT, STEP_RESET, STEP_STALL, STEP_FAIL, STEP_FINISH };
+
+static enum step next_step(const struct gen *g, long sent)
+{
+	const struct mock_params *p = &g->p;
+
+	if (p->disconnect_after >= 0 && sent >= p->disconnect_after)
+		return STEP_DISCONNECT;
+	if (p->fault == FAULT_RESET && sent >= p->fault_after)
+		return STEP_RESET;
+	if (p->fault == FAULT_STALL && sent >= p->fault_after)
+		return STEP_STALL;
+	if (stream_fails_at(g, sent))
+		return STEP_FAIL;
+	if (sent >= g->ndeltas)
+		return STEP_FINISH;
+	return STEP_DELTA;
 }
 
 static void ctx_stream_step(struct mock_ctx *c)
 {
 	struct mock_worker *w = c->w;
-	const struct gen *g = &c->g;
+	struct gen *g = &c->g;
 
 	for (;;) {
-		if (g->p.disconnect_after >= 0 && c->sent >= g->p.disconnect_after) {
+		switch (next_step(g, c->sent)) {
+		case STEP_DISCONNECT:
+		case STEP_RESET:
+			c->reset = next_step(g, c->sent) == STEP_RESET;
 			c->state = ST_CLOSING;
 			ctx_try_close(c);
 			return;
-		}
-		if (c->sent >= g->ntok) {
-			struct evhttp_request *req = c->req;
+		case STEP_STALL:
+			c->state = ST_HANG;
+			return;
+		case STEP_FAIL:
+		case STEP_FINISH: {
+			int fail = next_step(g, c->sent) == STEP_FAIL;
 
 			evhttp_connection_set_closecb(c->evcon, NULL, NULL);
-			stream_finish(w, req, g);
-			ctx_release(c, OUT_COMPLETED);
+			stream_end(w, c->req, g, fail);
+			ctx_release(c, fail ? OUT_STREAM_ERROR : OUT_COMPLETED);
 			return;
 		}
-		stream_token(w, c->req, g, c->sent++);
-		if (g->p.itl_ms > 0 && c->sent < g->ntok &&
-		    !(g->p.disconnect_after >= 0 && c->sent >= g->p.disconnect_after)) {
-			add_ms(&c->timer, g->p.itl_ms);
-			return;
+		case STEP_DELTA:
+			break;
+		}
+		stream_delta(w, c->req, g, c->sent++);
+		if (g->p.itl_ms > 0) {
+			/* Each delta reaches the socket before the next is made (see the top). */
+			if (ctx_flush(c) != 0) {
+				c->sent--;
+				ctx_client_gone(c);
+				return;
+			}
+			if (next_step(g, c->sent) == STEP_DELTA) {
+				add_ms(&c->timer, g->p.itl_ms);
+				return;
+			}
 		}
 	}
 }
 
+static void raw_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct mock_ctx *c = arg;
+	int n;
+
+	(void)what;
+	if (evbuffer_get_length(c->body) == 0)
+		fault_header_lines(c->body, RAW_BATCH, &c->raw_line);
+	n = evbuffer_write(c->body, fd);
+	if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+		ctx_client_gone(c);
+}
+
+/* Endless headers: evhttp steps aside and we write the socket until the client leaves. */
+static void ctx_raw_start(struct mock_ctx *c)
+{
+	struct bufferevent *bev = evhttp_connection_get_bufferevent(c->evcon);
+
+	if (c->body == NULL)
+		c->body = evbuffer_new();
+	if (c->body == NULL) {
+		ctx_abort(c, OUT_FAULT);
+		return;
+	}
+	evbuffer_drain(c->body, evbuffer_get_length(c->body));
+	ADD_LIT(c->body, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n");
+	bufferevent_disable(bev, EV_READ | EV_WRITE);
+	event_assign(&c->raw, c->w->base, bufferevent_getfd(bev), EV_WRITE | EV_PERSIST, raw_cb, c);
+	event_add(&c->raw, NULL);
+	c->raw_on = 1;
+	c->state = ST_RAW;
+}
+
 static void ctx_first_output(struct mock_ctx *c)
 {
-	if (!c->g.stream) {
-		struct evhttp_request *req = c->req;
-		struct evbuffer *body = c->body;
+	struct mock_worker *w = c->w;
+	struct gen *g = &c->g;
+	int fault = g->p.fault;
 
-		if (c->g.p.disconnect_after >= 0) {
-			ctx_abort(c);
+	if (fault != FAULT_NONE && fault != FAULT_BIG_EVENT) {
+		app_lock(w->app);
+		w->app->st.faults++;
+		app_unlock(w->app);
+	}
+	switch (fault) {
+	case FAULT_GARBAGE:
+		fault_garbage(bufferevent_getfd(evhttp_connection_get_bufferevent(c->evcon)));
+		ctx_abort(c, OUT_FAULT);
+		return;
+	case FAULT_ENDLESS_HEADERS:
+		ctx_raw_start(c);
+		return;
+	case FAULT_JUNK_SSE:
+		evhttp_connection_set_closecb(c->evcon, NULL, NULL);
+		send_junk_sse(w, c->req, g);
+		ctx_release(c, OUT_FAULT);
+		return;
+	default:
+		break;
+	}
+	if (!g->stream) {
+		struct evhttp_request *req = c->req;
+
+		if (g->p.disconnect_after >= 0) {
+			ctx_abort(c, OUT_DISCONNECTED);
+			return;
+		}
+		if (fault == FAULT_RESET) {
+			ctx_reset_now(c);
+			return;
+		}
+		if (fault == FAULT_STALL) {
+			ctx_unwatch(c); /* evhttp reads again once a reply has started */
+			add_ctype(req, "application/json");
+			evhttp_send_reply_start(req, 200, "OK");
+			c->state = ST_HANG;
 			return;
 		}
 		evhttp_connection_set_closecb(c->evcon, NULL, NULL);
 		add_ctype(req, "application/json");
-		evhttp_send_reply(req, 200, "OK", body);
+		evhttp_send_reply(req, 200, "OK", c->body);
 		ctx_release(c, OUT_COMPLETED);
 		return;
 	}
-	if (c->watching) {
-		event_del(&c->watch);
-		c->watching = 0;
-	}
-	stream_start(c->w, c->req, &c->g);
+	ctx_unwatch(c);
+	/* A reset or stall after 0 deltas comes right after the head: no event at all. */
+	stream_begin(w, c->req, g,
+	             !((fault == FAULT_RESET || fault == FAULT_STALL) && g->p.fault_after == 0));
 	c->state = ST_STREAM;
 	ctx_stream_step(c);
 }
@@ -618,9 +662,12 @@ void mock_worker_drop_requests(struct mock_worker *w)
 			evhttp_request_free(c->req);
 		if (c->watching)
 			event_del(&c->watch);
+		if (c->raw_on)
+			event_del(&c->raw);
 		event_del(&c->timer);
 		if (c->body)
 			evbuffer_free(c->body);
+		plan_free(&c->g);
 		free(c);
 		c = next;
 	}
@@ -629,173 +676,44 @@ void mock_worker_drop_requests(struct mock_worker *w)
 	w->app->q_head = w->app->q_tail = NULL;
 }
 
-/* ------------------------------------------------------------------ overrides */
-
-static void apply_headers(struct evhttp_request *req, struct mock_params *p)
-{
-	const struct evkeyvalq *h = evhttp_request_get_input_headers(req);
-
-	for (const struct evkeyval *kv = h->tqh_first; kv != NULL; kv = kv->next.tqe_next) {
-		const char *k, *v = kv->value;
-		long l;
-		double d;
-		int b;
-
-		if (strncasecmp(kv->key, "x-mock-", 7) != 0)
-			continue;
-		k = kv->key + 7;
-		if (!strcasecmp(k, "tokens")) {
-			if (!parse_long(v, 0, MAX_TOKENS, &l))
-				p->tokens = l;
-		} else if (!strcasecmp(k, "ttft-ms")) {
-			if (!parse_long(v, 0, MAX_DELAY_MS, &l))
-				p->ttft_ms = l;
-		} else if (!strcasecmp(k, "itl-ms")) {
-			if (!parse_long(v, 0, MAX_DELAY_MS, &l))
-				p->itl_ms = l;
-		} else if (!strcasecmp(k, "status")) {
-			if (!parse_long(v, 0, 599, &l))
-				p->status = (int)l;
-		} else if (!strcasecmp(k, "error-rate")) {
-			if (!parse_double(v, 0, 1, &d))
-				p->error_rate = d;
-		} else if (!strcasecmp(k, "hang")) {
-			if (!parse_bool(v, &b))
-				p->hang = b;
-		} else if (!strcasecmp(k, "disconnect-after")) {
-			if (!parse_long(v, -1, MAX_TOKENS, &l))
-				p->disconnect_after = l;
-		} else if (!strcasecmp(k, "no-usage")) {
-			if (!parse_bool(v, &b))
-				p->no_usage = b;
-		} else if (!strcasecmp(k, "retry-after")) {
-			if (!parse_long(v, -1, INT_MAX, &l))
-				p->retry_after = l;
-		}
-	}
-}
-
-static int jnum(json_t *o, const char *key, double min, double max, double *out)
-{
-	json_t *v = json_object_get(o, key);
-
-	if (!json_is_number(v))
-		return -1;
-	double d = json_number_value(v);
-	if (d < min || d > max)
-		return -1;
-	*out = d;
-	return 0;
-}
-
-static int jbool(json_t *o, const char *key, int *out)
-{
-	json_t *v = json_object_get(o, key);
-
-	if (json_is_boolean(v))
-		*out = json_is_true(v);
-	else if (json_is_number(v))
-		*out = json_number_value(v) != 0;
-	else
-		return -1;
-	return 0;
-}
-
-static void apply_body(json_t *root, struct mock_params *p)
-{
-	json_t *m = json_object_get(root, "mock");
-	double d;
-	int b;
-
-	if (!json_is_object(m))
-		return;
-	if (!jnum(m, "tokens", 0, MAX_TOKENS, &d))
-		p->tokens = (long)d;
-	if (!jnum(m, "ttft_ms", 0, MAX_DELAY_MS, &d))
-		p->ttft_ms = (long)d;
-	if (!jnum(m, "itl_ms", 0, MAX_DELAY_MS, &d))
-		p->itl_ms = (long)d;
-	if (!jnum(m, "status", 0, 599, &d))
-		p->status = (int)d;
-	if (!jnum(m, "error_rate", 0, 1, &d))
-		p->error_rate = d;
-	if (!jbool(m, "hang", &b))
-		p->hang = b;
-	if (json_is_null(json_object_get(m, "disconnect_after")))
-		p->disconnect_after = -1;
-	else if (!jnum(m, "disconnect_after", -1, MAX_TOKENS, &d))
-		p->disconnect_after = (long)d;
-	if (!jbool(m, "no_usage", &b))
-		p->no_usage = b;
-	if (!jnum(m, "retry_after", -1, INT_MAX, &d))
-		p->retry_after = (long)d;
-}
-
-/* ------------------------------------------------------------------ prompt tokens */
-
-/* Bytes of text and explicit token ids in a prompt / input value. */
-static void count_text(json_t *v, size_t *bytes, long *ids)
-{
-	size_t i;
-	json_t *x;
-
-	if (json_is_string(v)) {
-		*bytes += json_string_length(v);
-	} else if (json_is_array(v)) {
-		json_array_foreach (v, i, x) {
-			if (json_is_integer(x))
-				(*ids)++;
-			else
-				count_text(x, bytes, ids);
-		}
-	} else if (json_is_object(v)) {
-		/* content part {"type":"text","text":"..."} */
-		json_t *t = json_object_get(v, "text");
-
-		if (json_is_string(t))
-			*bytes += json_string_length(t);
-	}
-}
-
-static long prompt_tokens(enum kind kind, json_t *root)
-{
-	size_t bytes = 0;
-	long ids = 0, n;
-
-	if (kind == K_CHAT) {
-		json_t *msgs = json_object_get(root, "messages");
-		size_t i;
-		json_t *m;
-
-		if (json_is_array(msgs))
-			json_array_foreach (msgs, i, m)
-				count_text(json_object_get(m, "content"), &bytes, &ids);
-	} else {
-		count_text(json_object_get(root, kind == K_EMB ? "input" : "prompt"), &bytes, &ids);
-	}
-	n = (long)((bytes + 3) / 4) + ids;
-	return n < 1 ? 1 : n;
-}
-
 /* ------------------------------------------------------------------ generation */
 
+static const char *json_str_or(json_t *v, const char *dflt, size_t *len)
+{
+	if (json_is_string(v)) {
+		*len = json_string_length(v);
+		return json_string_value(v);
+	}
+	*len = dflt ? strlen(dflt) : 0;
+	return dflt;
+}
+
+static int needs_async(const struct gen *g, int admitted)
+{
+	const struct mock_params *p = &g->p;
+
+	return !admitted || p->hang || p->ttft_ms > 0 || p->disconnect_after >= 0 ||
+	       p->fault != FAULT_NONE || (g->stream && p->itl_ms > 0 && g->ndeltas > 1);
+}
+
 static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum kind kind,
-		       const char *body, size_t blen)
+                       const struct proto *pr, const char *body, size_t blen, uint64_t seq)
 {
 	struct mock_app *a = w->app;
 	struct gen g;
-	json_t *root, *v;
+	json_t *root, *hold = NULL;
 	json_error_t jerr;
-	const char *model;
-	size_t model_len;
-	uint64_t id;
-	int admitted, need_async;
+	const char *why;
+	int admitted;
 	struct mock_ctx *c;
+	size_t copy;
 
 	memset(&g, 0, sizeof(g));
 	g.kind = kind;
+	g.proto = pr;
+	g.cfg = &a->cfg;
 	g.p = a->cfg.defaults;
-	apply_headers(req, &g.p);
+	params_headers(req, &g.p, &hold);
 
 	root = json_loadb(body, blen, JSON_ALLOW_NUL, &jerr);
 	if (root == NULL || !json_is_object(root)) {
@@ -805,53 +723,43 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 			snprintf(msg, sizeof(msg), "mock: invalid JSON body: %s", jerr.text);
 		else
 			snprintf(msg, sizeof(msg), "mock: the request body must be a JSON object");
-		json_decref(root);
-		send_error(w, req, 400, "invalid_request_error", msg, "invalid_json", -1);
-		return;
+		finish_now(a, seq, REC_INVALID, NULL);
+		send_error(w, req, pr, 400, "invalid_request_error", msg, "invalid_json", -1);
+		goto out;
 	}
-	apply_body(root, &g.p);
+	params_body(root, &g.p);
+	why = pr->validate ? pr->validate(req, root) : NULL;
+	if (why != NULL) {
+		finish_now(a, seq, REC_INVALID, NULL);
+		send_error(w, req, pr, 400, "invalid_request_error", why, NULL, -1);
+		goto out;
+	}
 
-	v = json_object_get(root, "model");
-	if (json_is_string(v)) {
-		model = json_string_value(v);
-		model_len = json_string_length(v);
-	} else {
-		model = a->cfg.model;
-		model_len = strlen(model);
-	}
-	if (kind != K_EMB) {
+	g.model = json_str_or(json_object_get(root, "model"), a->cfg.model, &g.model_len);
+	if (kind == K_RESP)
+		g.prev_id = json_str_or(json_object_get(root, "previous_response_id"), NULL,
+		                        &g.prev_id_len);
+	if (pr->delta != NULL) {
 		json_t *so = json_object_get(root, "stream_options");
-		json_t *mt = json_object_get(root, "max_completion_tokens");
 
 		g.stream = json_is_true(json_object_get(root, "stream"));
-		g.usage_chunk = g.stream && json_is_object(so) &&
-				json_is_true(json_object_get(so, "include_usage")) && !g.p.no_usage;
-		if (!json_is_integer(mt))
-			mt = json_object_get(root, "max_tokens");
-		g.ntok = g.p.tokens;
-		if (json_is_integer(mt) && json_integer_value(mt) >= 0 &&
-		    json_integer_value(mt) < g.ntok) {
-			g.ntok = (long)json_integer_value(mt);
-			g.finish_length = 1;
-		}
+		g.usage_chunk = g.stream && pr->prefix && json_is_object(so) &&
+		                json_is_true(json_object_get(so, "include_usage")) && !g.p.no_usage;
 	}
-	g.prompt_tokens = prompt_tokens(kind, root);
 
 	if (g.p.status != 0 && (g.p.status < 200 || g.p.status > 299)) {
-		json_decref(root);
-		app_lock(a);
-		a->st.errors++;
-		app_unlock(a);
-		send_forced(w, req, g.p.status, "", g.p.retry_after);
-		return;
+		finish_now(a, seq, REC_ERROR, &a->st.errors);
+		send_forced(w, req, pr, g.p.status, "", g.p.retry_after);
+		goto out;
 	}
 	if (g.p.error_rate > 0 && rng_double(&w->rng) < g.p.error_rate) {
-		json_decref(root);
-		app_lock(a);
-		a->st.errors++;
-		app_unlock(a);
-		send_forced(w, req, 500, " (error-rate)", g.p.retry_after);
-		return;
+		finish_now(a, seq, REC_ERROR, &a->st.errors);
+		send_forced(w, req, pr, 500, " (error-rate)", g.p.retry_after);
+		goto out;
+	}
+	if (plan_build(&g, root) != 0) {
+		send_error(w, req, pr, 500, pr->status_type(500), "mock: out of memory", NULL, -1);
+		goto out;
 	}
 
 	/* Admission: a slot, a place in the queue, or 429. */
@@ -864,62 +772,58 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 		admitted = 0;
 	} else {
 		a->st.rejected++;
+		rec_finish(&a->rec, seq, REC_REJECTED, 0);
 		app_unlock(a);
-		json_decref(root);
-		send_error(w, req, 429, "rate_limit_error",
-			   "mock: too many concurrent requests (max-concurrency and queue full)",
-			   "429", g.p.retry_after);
-		return;
+		send_error(w, req, pr, 429, "rate_limit_error",
+		           "mock: too many concurrent requests (max-concurrency and queue full)",
+		           "429", g.p.retry_after);
+		goto out;
 	}
 	a->st.active++;
 	if (a->st.active > a->st.max_active)
 		a->st.max_active = a->st.active;
 	app_unlock(a);
 
-	id = __atomic_add_fetch(&a->next_id, 1, __ATOMIC_RELAXED);
-	need_async = !admitted || g.p.hang || g.p.ttft_ms > 0 || g.p.disconnect_after >= 0 ||
-		     (g.stream && g.p.itl_ms > 0 && g.ntok > 1);
-
-	if (g.stream) {
+	g.id = __atomic_add_fetch(&a->next_id, 1, __ATOMIC_RELAXED);
+	g.created = (long long)time(NULL);
+	if (g.stream && pr->prefix) {
 		struct evbuffer *pb = w->pfx;
 
 		evbuffer_drain(pb, evbuffer_get_length(pb));
-		evbuffer_add_printf(pb, "{\"id\":\"%s-%llu\",\"object\":\"%s\",\"created\":%lld,\"model\":\"",
-				    kind == K_CHAT ? "chatcmpl" : "cmpl", (unsigned long long)id,
-				    kind == K_CHAT ? "chat.completion.chunk" : "text_completion",
-				    (long long)time(NULL));
-		json_escape(pb, model, model_len);
-		ADD_LIT(pb, "\",\"choices\":[");
+		pr->prefix(pb, &g);
 		g.prefix_len = evbuffer_get_length(pb);
 		g.prefix = (const char *)evbuffer_pullup(pb, -1);
 	}
 
-	if (!need_async) {
+	if (!needs_async(&g, admitted)) {
+		enum outcome o = OUT_COMPLETED;
+		long n = 0;
+
 		if (g.stream) {
-			stream_start(w, req, &g);
-			for (long i = 0; i < g.ntok; i++)
-				stream_token(w, req, &g, i);
-			stream_finish(w, req, &g);
+			int fail = stream_fails_at(&g, g.p.stream_error_after);
+
+			n = fail ? g.p.stream_error_after : g.ndeltas;
+			stream_begin(w, req, &g, 1);
+			for (long i = 0; i < n; i++)
+				stream_delta(w, req, &g, i);
+			stream_end(w, req, &g, fail);
+			o = fail ? OUT_STREAM_ERROR : OUT_COMPLETED;
 		} else {
-			if (kind == K_EMB)
-				build_embeddings(w->scratch, &g, json_object_get(root, "input"), model,
-						 model_len);
-			else
-				build_completion(w->scratch, &g, id, model, model_len);
+			pr->body(w->scratch, &g, root);
 			add_ctype(req, "application/json");
 			evhttp_send_reply(req, 200, "OK", w->scratch);
 		}
-		json_decref(root);
 		app_lock(a);
 		a->st.running--;
 		a->st.active--;
-		a->st.completed++;
+		finish_locked(a, seq, o, n);
 		admit_next_locked(a);
 		app_unlock(a);
-		return;
+		goto out;
 	}
 
-	c = calloc(1, sizeof(*c) + g.prefix_len + 1);
+	copy = g.prefix_len + plan_borrowed_size(&g);
+	c = calloc(1, sizeof(*c) + copy);
 	if (c != NULL && !g.stream) {
 		c->body = evbuffer_new();
 		if (c->body == NULL) {
@@ -928,7 +832,6 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 		}
 	}
 	if (c == NULL) {
-		json_decref(root);
 		app_lock(a);
 		if (admitted) {
 			a->st.running--;
@@ -938,27 +841,27 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 		}
 		a->st.active--;
 		app_unlock(a);
-		send_error(w, req, 500, "server_error", "mock: out of memory", NULL, -1);
-		return;
+		send_error(w, req, pr, 500, pr->status_type(500), "mock: out of memory", NULL, -1);
+		goto out;
 	}
 	c->w = w;
 	c->req = req;
 	c->evcon = evhttp_request_get_connection(req);
+	c->rec_seq = seq;
 	c->g = g;
-	if (g.stream) {
-		memcpy(c->prefix, g.prefix, g.prefix_len);
-		c->g.prefix = c->prefix;
-	} else if (kind == K_EMB) {
-		build_embeddings(c->body, &g, json_object_get(root, "input"), model, model_len);
-	} else {
-		build_completion(c->body, &g, id, model, model_len);
+	g.own = NULL; /* the context owns the plan now */
+	if (g.prefix_len) {
+		memcpy(c->copy, g.prefix, g.prefix_len);
+		c->g.prefix = c->copy;
 	}
-	json_decref(root);
+	plan_adopt(&c->g, c->copy + g.prefix_len);
+	if (!g.stream)
+		pr->body(c->body, &c->g, root);
 
 	evtimer_assign(&c->timer, w->base, timer_cb, c);
 	event_assign(&c->watch, w->base,
-		     bufferevent_getfd(evhttp_connection_get_bufferevent(c->evcon)),
-		     EV_READ | EV_PERSIST, watch_cb, c);
+	             bufferevent_getfd(evhttp_connection_get_bufferevent(c->evcon)),
+	             EV_READ | EV_PERSIST, watch_cb, c);
 	event_add(&c->watch, NULL);
 	c->watching = 1;
 	evhttp_connection_set_closecb(c->evcon, close_cb, c);
@@ -971,7 +874,7 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 		c->holds_slot = 1;
 		c->state = ST_ADMITTED;
 		ctx_start(c);
-		return;
+		goto out;
 	}
 	app_lock(a);
 	if (a->q_head == NULL && a->st.running < a->cfg.max_concurrency) {
@@ -982,11 +885,15 @@ static void handle_gen(struct mock_worker *w, struct evhttp_request *req, enum k
 		c->state = ST_ADMITTED;
 		app_unlock(a);
 		ctx_start(c);
-		return;
+		goto out;
 	}
 	c->state = ST_QUEUED;
 	q_push(a, c);
 	app_unlock(a);
+out:
+	plan_free(&g);
+	json_decref(root);
+	json_decref(hold);
 }
 
 /* ------------------------------------------------------------------ other endpoints */
@@ -999,16 +906,19 @@ static void handle_stats(struct mock_worker *w, struct evhttp_request *req)
 	app_lock(a);
 	s = a->st;
 	app_unlock(a);
-	evbuffer_add_printf(w->scratch,
-			    "{\"requests\":%llu,\"completed\":%llu,\"cancelled\":%llu,\"active\":%ld,"
-			    "\"running\":%ld,\"waiting\":%ld,\"max_active\":%ld,"
-			    "\"all_requests\":%llu,\"disconnected\":%llu,\"rejected\":%llu,"
-			    "\"errors\":%llu}",
-			    (unsigned long long)s.requests, (unsigned long long)s.completed,
-			    (unsigned long long)s.cancelled, s.active, s.running, s.waiting,
-			    s.max_active, (unsigned long long)s.all_requests,
-			    (unsigned long long)s.disconnected, (unsigned long long)s.rejected,
-			    (unsigned long long)s.errors);
+	evbuffer_add_printf(
+	        w->scratch,
+	        "{\"requests\":%llu,\"completed\":%llu,\"cancelled\":%llu,\"active\":%ld,"
+	        "\"running\":%ld,\"waiting\":%ld,\"max_active\":%ld,"
+	        "\"all_requests\":%llu,\"disconnected\":%llu,\"rejected\":%llu,"
+	        "\"errors\":%llu,\"client_disconnects\":%llu,"
+	        "\"last_disconnect_deltas\":%ld,\"faults\":%llu}",
+	        (unsigned long long)s.requests, (unsigned long long)s.completed,
+	        (unsigned long long)s.cancelled, s.active, s.running, s.waiting, s.max_active,
+	        (unsigned long long)s.all_requests, (unsigned long long)s.disconnected,
+	        (unsigned long long)s.rejected, (unsigned long long)s.errors,
+	        (unsigned long long)s.cancelled, s.last_disconnect_deltas,
+	        (unsigned long long)s.faults);
 	add_ctype(req, "application/json");
 	evhttp_send_reply(req, 200, "OK", w->scratch);
 }
@@ -1021,7 +931,7 @@ static void free_cb(const void *data, size_t len, void *arg)
 }
 
 static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, const char *path,
-			    enum evhttp_cmd_type cmd)
+                            enum evhttp_cmd_type cmd)
 {
 	struct mock_app *a = w->app;
 
@@ -1032,7 +942,8 @@ static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, c
 		s = rec_dump(&a->rec);
 		app_unlock(a);
 		if (s == NULL) {
-			send_error(w, req, 500, "server_error", "mock: out of memory", NULL, -1);
+			send_error(w, req, &proto_chat, 500, "server_error", "mock: out of memory",
+			           NULL, -1);
 			return;
 		}
 		evbuffer_add_reference(w->scratch, s, strlen(s), free_cb, NULL);
@@ -1045,7 +956,8 @@ static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, c
 		rec_clear(&a->rec);
 		a->st.requests = a->st.all_requests = 0;
 		a->st.completed = a->st.cancelled = a->st.disconnected = 0;
-		a->st.rejected = a->st.errors = 0;
+		a->st.rejected = a->st.errors = a->st.faults = 0;
+		a->st.last_disconnect_deltas = -1;
 		a->st.max_active = a->st.active;
 		app_unlock(a);
 		ADD_LIT(w->scratch, "{\"ok\":true}");
@@ -1057,14 +969,15 @@ static void handle_mock_api(struct mock_worker *w, struct evhttp_request *req, c
 		handle_stats(w, req);
 		return;
 	}
-	send_error(w, req, 404, "not_found_error", "mock: unknown /_mock endpoint", "not_found", -1);
+	send_error(w, req, &proto_chat, 404, "not_found_error", "mock: unknown /_mock endpoint",
+	           "not_found", -1);
 }
 
 static void gauge(struct evbuffer *b, const char *name, const char *help, const char *model,
-		  const char *fmt_value, double v)
+                  const char *fmt_value, double v)
 {
 	evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s{model_name=\"", name, help, name,
-			    name);
+	                    name);
 	prom_escape(b, model);
 	ADD_LIT(b, "\"} ");
 	evbuffer_add_printf(b, fmt_value, v);
@@ -1074,7 +987,7 @@ static void gauge(struct evbuffer *b, const char *name, const char *help, const 
 static void counter(struct evbuffer *b, const char *name, const char *help, uint64_t v)
 {
 	evbuffer_add_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
-			    (unsigned long long)v);
+	                    (unsigned long long)v);
 }
 
 static void handle_metrics(struct mock_worker *w, struct evhttp_request *req)
@@ -1089,16 +1002,16 @@ static void handle_metrics(struct mock_worker *w, struct evhttp_request *req)
 	app_unlock(a);
 	if (a->cfg.max_concurrency > 0)
 		kv = (double)s.running / (double)a->cfg.max_concurrency;
-	gauge(b, "vllm:num_requests_running", "Number of requests currently running.",
-	      a->cfg.model, "%.0f", (double)s.running);
+	gauge(b, "vllm:num_requests_running", "Number of requests currently running.", a->cfg.model,
+	      "%.0f", (double)s.running);
 	gauge(b, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
 	      a->cfg.model, "%.0f", (double)s.waiting);
 	gauge(b, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
 	      a->cfg.model, "%g", kv);
-	counter(b, "mockllm_requests_total", "Completion and embedding requests received.",
-		s.requests);
+	counter(b, "mockllm_requests_total", "Generation requests received.",
+	        s.requests);
 	counter(b, "mockllm_cancelled_total",
-		"Requests whose client went away before the reply was finished.", s.cancelled);
+	        "Requests whose client went away before the reply was finished.", s.cancelled);
 	counter(b, "mockllm_completed_total", "Requests answered completely.", s.completed);
 	add_ctype(req, "text/plain; version=0.0.4");
 	evhttp_send_reply(req, 200, "OK", b);
@@ -1129,6 +1042,21 @@ static const char *method_name(enum evhttp_cmd_type cmd)
 	return "UNKNOWN";
 }
 
+/* POST endpoints, by the end of the path; the first match wins. */
+static const struct {
+	const char *suffix;
+	enum kind kind;
+	const struct proto *proto;
+} ROUTES[] = {
+        {"/chat/completions", K_CHAT, &proto_chat},
+        {"/completions", K_COMPL, &proto_completions},
+        {"/embeddings", K_EMB, &proto_embeddings},
+        {"/messages/count_tokens", K_COUNT, &proto_count_tokens},
+        {"/messages", K_MSG, &proto_messages},
+        {"/responses", K_RESP, &proto_responses},
+        {"/moderations", K_MOD, &proto_moderations},
+};
+
 void mock_handle(struct evhttp_request *req, void *arg)
 {
 	struct mock_worker *w = arg;
@@ -1141,6 +1069,8 @@ void mock_handle(struct evhttp_request *req, void *arg)
 	size_t blen = evbuffer_get_length(in);
 	const char *body = blen ? (const char *)evbuffer_pullup(in, -1) : "";
 	enum kind kind = K_NONE;
+	const struct proto *pr = NULL;
+	uint64_t seq;
 	size_t plen;
 
 	if (path == NULL || *path == '\0')
@@ -1155,24 +1085,25 @@ void mock_handle(struct evhttp_request *req, void *arg)
 	}
 	plen = strlen(path);
 	if (cmd == EVHTTP_REQ_POST) {
-		if (ends_with(path, plen, "/chat/completions"))
-			kind = K_CHAT;
-		else if (ends_with(path, plen, "/completions"))
-			kind = K_COMPL;
-		else if (ends_with(path, plen, "/embeddings"))
-			kind = K_EMB;
+		for (size_t i = 0; i < sizeof(ROUTES) / sizeof(ROUTES[0]); i++) {
+			if (ends_with(path, plen, ROUTES[i].suffix)) {
+				kind = ROUTES[i].kind;
+				pr = ROUTES[i].proto;
+				break;
+			}
+		}
 	}
 
 	app_lock(a);
 	a->st.all_requests++;
 	if (kind != K_NONE)
 		a->st.requests++;
-	rec_add(&a->rec, method_name(cmd), path, query, evhttp_request_get_input_headers(req),
-		body, blen, now_unix());
+	seq = rec_add(&a->rec, method_name(cmd), path, query, evhttp_request_get_input_headers(req),
+	              body, blen, now_unix());
 	app_unlock(a);
 
 	if (kind != K_NONE) {
-		handle_gen(w, req, kind, body, blen);
+		handle_gen(w, req, kind, pr, body, blen, seq);
 		return;
 	}
 	if (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_HEAD) {
@@ -1180,7 +1111,7 @@ void mock_handle(struct evhttp_request *req, void *arg)
 			ADD_LIT(w->scratch, "{\"object\":\"list\",\"data\":[{\"id\":\"");
 			json_escape(w->scratch, a->cfg.model, strlen(a->cfg.model));
 			ADD_LIT(w->scratch, "\",\"object\":\"model\",\"created\":0,"
-						 "\"owned_by\":\"mock\"}]}");
+			                    "\"owned_by\":\"mock\"}]}");
 			add_ctype(req, "application/json");
 			evhttp_send_reply(req, 200, "OK", w->scratch);
 			return;
@@ -1192,5 +1123,6 @@ void mock_handle(struct evhttp_request *req, void *arg)
 			return;
 		}
 	}
-	send_error(w, req, 404, "not_found_error", "mock: no such endpoint", "not_found", -1);
+	send_error(w, req, &proto_chat, 404, "not_found_error", "mock: no such endpoint",
+	           "not_found", -1);
 }
