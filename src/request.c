@@ -338,6 +338,8 @@ bool request_head_check(struct http_request *hr, void *arg)
 		if (res != AUTH_MISSING && res != AUTH_UNKNOWN)
 			return true;
 	}
+	if (res != AUTH_MISSING && res != AUTH_UNKNOWN)
+		return true; /* no route checked: leave it all to request_handle */
 	struct request *r = request_new(hr, w);
 	if (r != NULL) {
 		memcpy(r->key_fp, fp, sizeof(fp));
