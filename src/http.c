@@ -16,7 +16,6 @@
 
 #include <arpa/inet.h>
 #include <ctype.h>
-#include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -45,7 +44,7 @@ enum conn_state {
 	CONN_READ_BODY,
 	CONN_READ_CHUNKED,
 	CONN_HANDLING,
-	CONN_CLOSING, /* flushing the last response, then close */
+	CONN_CLOSING, /* flushing the last response (then lingering, maybe), then close */
 };
 
 struct http_conn {
@@ -58,14 +57,18 @@ struct http_conn {
 	bool reply_started;
 	bool chunked;
 	bool aborted;
+	bool tls;
+	bool linger;        /* input was left unread: linger after the last reply (conn_end) */
+	bool lingering;     /* CLOSING: the reply is out, our side shut; waiting for the peer */
 	bool request_timer; /* the client_timeout timer runs for this request */
+	bool no_body;       /* the reply started has no body (HEAD, 204, 304): chunks are dropped */
+	struct http_head_scan scan; /* READ_HEAD: how far the head's end was searched for */
 	char *head;         /* the request head, parsed in place */
 	char *body;
 	size_t body_len;
 	size_t body_need;   /* READ_BODY: bytes still expected */
 	struct evbuffer *chunks; /* READ_CHUNKED: body so far */
-	size_t chunk_left;  /* READ_CHUNKED: bytes left in the current chunk, 0 = expect size line */
-	bool chunk_trailer;
+	struct http_chunked chunk;    /* READ_CHUNKED: the decoder */
 	struct evbuffer *out_headers; /* extra response headers */
 	void (*abort_cb)(void *);
 	void *abort_arg;
@@ -90,6 +93,7 @@ struct http_server {
 	size_t n_listeners;
 	struct http_limits limits;
 	http_handler_fn handler;
+	http_head_check_fn head_check; /* NULL: none */
 	void *arg;
 	struct conn_list conns;
 	/* Written by the owning worker only; read by the main thread for status and
@@ -107,6 +111,8 @@ static void conn_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void conn_process(struct http_conn *c);
 static void conn_free(struct http_conn *c);
 static void conn_error(struct http_conn *c, int status, const char *code, const char *msg);
+static void conn_close_when_flushed(struct http_conn *c);
+static void conn_end(struct http_conn *c);
 
 uint64_t http_now_us(void)
 {
@@ -157,6 +163,7 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 		return;
 	}
 	c->srv = srv;
+	c->tls = hl->tls != NULL;
 	if (hl->tls) {
 		SSL *ssl = SSL_new(hl->tls);
 		c->bev = ssl ? bufferevent_openssl_socket_new(srv->base, fd, ssl,
@@ -231,6 +238,11 @@ fail:
 	return NULL;
 }
 
+void http_server_set_head_check(struct http_server *srv, http_head_check_fn check)
+{
+	srv->head_check = check;
+}
+
 void http_server_set_limits(struct http_server *srv, const struct http_limits *limits)
 {
 	srv->limits = *limits;
@@ -273,12 +285,18 @@ void http_server_drain(struct http_server *srv)
 
 	srv->draining = true;
 	listeners_close(srv);
-	/* Idle connections go now; busy ones close after their response. */
+	/* Idle connections go now, once the reply they may still be sending has
+	 * left; busy ones close after their response. */
 	for (c = TAILQ_FIRST(&srv->conns); c != NULL; c = next) {
 		next = TAILQ_NEXT(c, link);
 		c->keepalive = false;
-		if (c->state == CONN_READ_HEAD && !c->request_timer)
-			conn_free(c);
+		if (c->state != CONN_READ_HEAD || c->request_timer)
+			continue;
+		size_t queued = c->bev ? evbuffer_get_length(bufferevent_get_output(c->bev)) : 0;
+		if (queued > 0)
+			log_debug("drain: closing %s once %zu queued bytes are sent", c->client_ip,
+			          queued);
+		conn_close_when_flushed(c);
 	}
 }
 
@@ -298,7 +316,469 @@ void http_server_free(struct http_server *srv)
 	free(srv);
 }
 
-/* ---------------------------------------------------------------- parsing */
+/* ---------------------------------------------------------------- parsing
+ *
+ * Pure functions over (bytes, length): nothing here treats received bytes as a
+ * C string, since a NUL may sit anywhere in them. What they hand on (method,
+ * path, header names and values) is terminated in place and holds no NUL, CR
+ * or LF by construction.
+ */
+
+/* RFC 9110 §5.6.2: tchar. */
+static bool is_tchar(unsigned char ch)
+{
+	static const char symbols[] = "!#$%&'*+-.^_`|~";
+
+	if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z'))
+		return true;
+	return ch != '\0' && memchr(symbols, ch, sizeof(symbols) - 1) != NULL;
+}
+
+/* A byte a field value may hold (RFC 9110 §5.5: VCHAR, SP, HTAB, obs-text). */
+static bool is_field_byte(unsigned char ch)
+{
+	return ch == '\t' || (ch >= 0x20 && ch != 0x7f);
+}
+
+static bool is_ows(char ch)
+{
+	return ch == ' ' || ch == '\t';
+}
+
+int http_head_status(enum http_head_result res)
+{
+	switch (res) {
+	case HTTP_HEAD_URI_TOO_LONG:
+		return 414;
+	case HTTP_HEAD_TOO_LARGE:
+		return 431;
+	case HTTP_HEAD_OK:
+		return 200;
+	default:
+		return 400;
+	}
+}
+
+enum http_head_result http_head_scan(struct http_head_scan *s, const char *p, size_t len,
+                                     size_t *head_len)
+{
+	const char *q = p, *end = p + len, *lf;
+	size_t base = s->pos;
+
+	while (q < end && (lf = memchr(q, '\n', (size_t)(end - q))) != NULL) {
+		size_t at = base + (size_t)(lf - p);
+		char before = lf > p ? lf[-1] : s->prev;
+		if (at == 0 || before != '\r')
+			return HTTP_HEAD_BAD;
+		size_t line_len = at - 1 - s->line_start;
+		if (s->lines == 0 && line_len > HTTP_MAX_REQUEST_LINE)
+			return HTTP_HEAD_URI_TOO_LONG;
+		s->lines++;
+		s->line_start = at + 1;
+		q = lf + 1;
+		if (line_len == 0 && s->lines > 1) {
+			s->pos = at + 1;
+			s->prev = '\n';
+			*head_len = at + 1;
+			return HTTP_HEAD_OK;
+		}
+	}
+	s->pos = base + len;
+	if (len > 0)
+		s->prev = end[-1];
+	/* An unended request line: its CR may be the byte after the limit. */
+	if (s->lines == 0 && s->pos - s->line_start > HTTP_MAX_REQUEST_LINE + 1)
+		return HTTP_HEAD_URI_TOO_LONG;
+	return HTTP_HEAD_INCOMPLETE;
+}
+
+/* The line at *p, ended by CRLF before end: [*p, *cr). Moves *p past the LF. */
+static enum http_head_result next_line(char **p, char *end, char **cr, const char **why)
+{
+	char *lf = memchr(*p, '\n', (size_t)(end - *p));
+
+	if (lf == NULL) {
+		*why = "request head not ended by an empty line";
+		return HTTP_HEAD_INCOMPLETE;
+	}
+	if (lf == *p || lf[-1] != '\r') {
+		*why = "bare LF in the request head";
+		return HTTP_HEAD_BAD;
+	}
+	*cr = lf - 1;
+	return HTTP_HEAD_OK;
+}
+
+static enum http_head_result parse_request_line(char *p, char *cr, struct http_request *r,
+                                                const char **why)
+{
+	char *m = p, *t, *v;
+
+	if ((size_t)(cr - p) > HTTP_MAX_REQUEST_LINE) {
+		*why = "request line too long";
+		return HTTP_HEAD_URI_TOO_LONG;
+	}
+	while (m < cr && is_tchar((unsigned char)*m))
+		m++;
+	if (m == p || m == cr || *m != ' ') {
+		*why = "malformed method";
+		return HTTP_HEAD_BAD;
+	}
+	t = m + 1;
+	/* Visible ASCII only: a control byte here (LF, ESC...) would reach the logs. */
+	for (v = t; v < cr && (unsigned char)*v > 0x20 && (unsigned char)*v < 0x7f; v++)
+		;
+	if (v == t || t[0] != '/') {
+		*why = "malformed request target";
+		return HTTP_HEAD_BAD;
+	}
+	if (v == cr || *v != ' ') {
+		*why = "invalid byte in the request target";
+		return HTTP_HEAD_BAD;
+	}
+	char *ver = v + 1;
+	if (cr - ver != 8 || memcmp(ver, "HTTP/1.", 7) != 0 || ver[7] < '0' || ver[7] > '9') {
+		*why = "unsupported HTTP version";
+		return HTTP_HEAD_BAD;
+	}
+	*m = '\0';
+	*v = '\0';
+	*cr = '\0';
+	r->method = p;
+	r->minor = ver[7] - '0';
+	char *q = memchr(t, '?', (size_t)(v - t));
+	if (q != NULL) {
+		*q = '\0';
+		r->query = q + 1;
+	}
+	r->path = t;
+	return HTTP_HEAD_OK;
+}
+
+/* One field line [p, cr): name lower-cased, value without its surrounding blanks. */
+static enum http_head_result parse_field(char *p, char *cr, struct http_request *r,
+                                         const char **why)
+{
+	char *n = p;
+
+	if (is_ows(*p)) {
+		*why = "obsolete line folding in the request head";
+		return HTTP_HEAD_BAD;
+	}
+	while (n < cr && is_tchar((unsigned char)*n)) {
+		*n = (char)tolower((unsigned char)*n);
+		n++;
+	}
+	if (n == cr || *n != ':') {
+		char *w = n;
+		while (w < cr && is_ows(*w))
+			w++;
+		*why = w > n && w < cr && *w == ':' ? "whitespace before a header colon"
+		                                    : "malformed header name";
+		return HTTP_HEAD_BAD;
+	}
+	if (n == p) {
+		*why = "empty header name";
+		return HTTP_HEAD_BAD;
+	}
+	char *v = n + 1, *e = cr;
+	while (v < e && is_ows(*v))
+		v++;
+	while (e > v && is_ows(e[-1]))
+		e--;
+	for (char *b = v; b < e; b++)
+		if (!is_field_byte((unsigned char)*b)) {
+			*why = "invalid byte in a header value";
+			return HTTP_HEAD_BAD;
+		}
+	if (r->n_headers == HTTP_MAX_HEADERS) {
+		*why = "too many header fields";
+		return HTTP_HEAD_TOO_LARGE;
+	}
+	*n = '\0';
+	*e = '\0';
+	r->headers[r->n_headers].name = p;
+	r->headers[r->n_headers].value = v;
+	r->n_headers++;
+	return HTTP_HEAD_OK;
+}
+
+/* 1*DIGIT, saturating at UINT64_MAX (which no max_body_size admits). */
+static bool parse_decimal(const char *s, uint64_t *out)
+{
+	uint64_t n = 0;
+
+	if (*s == '\0')
+		return false;
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9')
+			return false;
+		unsigned d = (unsigned)(*s - '0');
+		n = n > (UINT64_MAX - d) / 10 ? UINT64_MAX : n * 10 + d;
+	}
+	*out = n;
+	return true;
+}
+
+/* RFC 9112 §6.1–6.3 and §3.2: what frames the body, and Host. */
+static enum http_head_result check_framing(struct http_request *r, const char **why)
+{
+	const char *cl = NULL, *te = NULL;
+	size_t n_host = 0;
+
+	for (size_t i = 0; i < r->n_headers; i++) {
+		const char *name = r->headers[i].name, *value = r->headers[i].value;
+		if (strcmp(name, "content-length") == 0) {
+			/* Repeated with the same digits (a client or proxy adding it twice) is
+			 * one value; different ones are a smuggling attempt. A list in one
+			 * field ("5, 5") has no honest sender and is refused as malformed. */
+			if (cl != NULL && strcmp(cl, value) != 0) {
+				*why = "conflicting content-length values";
+				return HTTP_HEAD_BAD;
+			}
+			if (!parse_decimal(value, &r->content_length)) {
+				*why = "malformed content-length";
+				return HTTP_HEAD_BAD;
+			}
+			cl = value;
+		} else if (strcmp(name, "transfer-encoding") == 0) {
+			if (te != NULL) {
+				*why = "repeated transfer-encoding";
+				return HTTP_HEAD_BAD;
+			}
+			te = value;
+		} else if (strcmp(name, "host") == 0) {
+			n_host++;
+		}
+	}
+	if (te != NULL) {
+		if (strcasecmp(te, "chunked") != 0) {
+			*why = "unsupported transfer-encoding";
+			return HTTP_HEAD_BAD;
+		}
+		if (cl != NULL) {
+			*why = "content-length with transfer-encoding";
+			return HTTP_HEAD_BAD;
+		}
+		if (r->minor == 0) {
+			*why = "transfer-encoding in an HTTP/1.0 request";
+			return HTTP_HEAD_BAD;
+		}
+		r->chunked = true;
+	}
+	if (n_host > 1 || (n_host == 0 && r->minor >= 1)) {
+		*why = n_host ? "repeated host" : "missing host";
+		return HTTP_HEAD_BAD;
+	}
+	return HTTP_HEAD_OK;
+}
+
+enum http_head_result http_parse_head(char *buf, size_t len, struct http_request *out,
+                                      const char **why)
+{
+	char *p = buf, *end = buf + len, *cr;
+	enum http_head_result res;
+
+	out->method = out->path = out->query = NULL;
+	out->minor = 0;
+	out->n_headers = 0;
+	out->chunked = false;
+	out->content_length = 0;
+
+	if ((res = next_line(&p, end, &cr, why)) != HTTP_HEAD_OK) {
+		/* An unended line: 414 decides on the length, whatever comes later. */
+		if (res == HTTP_HEAD_INCOMPLETE && len > HTTP_MAX_REQUEST_LINE + 1) {
+			*why = "request line too long";
+			return HTTP_HEAD_URI_TOO_LONG;
+		}
+		return res;
+	}
+	/* Validate the whole line before using its bytes, so a NUL cannot hide
+	 * anything behind it: the checks below refuse every byte under 0x20. */
+	char *next = cr + 2;
+	if ((res = parse_request_line(p, cr, out, why)) != HTTP_HEAD_OK)
+		return res;
+	for (p = next;; p = next) {
+		if (p == end) {
+			*why = "request head not ended by an empty line";
+			return HTTP_HEAD_INCOMPLETE;
+		}
+		if ((res = next_line(&p, end, &cr, why)) != HTTP_HEAD_OK)
+			return res;
+		next = cr + 2;
+		if (cr == p)
+			break; /* the empty line */
+		if ((res = parse_field(p, cr, out, why)) != HTTP_HEAD_OK)
+			return res;
+	}
+	return check_framing(out, why);
+}
+
+/* ---------------------------------------------------------------- chunked bodies */
+
+enum chunk_state {
+	CH_SIZE,    /* hex digits of a chunk size */
+	CH_EXT,     /* after ';': extensions, skipped up to the CR */
+	CH_SIZE_LF, /* the LF ending the size line */
+	CH_DATA,    /* chunk data: ch->size bytes left */
+	CH_DATA_CR, /* the CRLF after the data */
+	CH_DATA_LF,
+	CH_TRAILER,    /* the start of a trailer line, or of the final CRLF */
+	CH_TRAILER_IN, /* inside a trailer line */
+	CH_TRAILER_LF, /* the LF ending a trailer line */
+	CH_FINAL_LF,   /* the LF of the empty line ending the body */
+	CH_DONE,
+};
+
+static int hex_value(unsigned char ch)
+{
+	if (ch >= '0' && ch <= '9')
+		return ch - '0';
+	if (ch >= 'a' && ch <= 'f')
+		return ch - 'a' + 10;
+	if (ch >= 'A' && ch <= 'F')
+		return ch - 'A' + 10;
+	return -1;
+}
+
+enum http_chunked_result http_chunked_feed(struct http_chunked *ch, const char *p, size_t len,
+                                           size_t *used, size_t *data, const char **why)
+{
+	size_t i = 0;
+
+	*data = 0;
+	while (i < len) {
+		unsigned char b = (unsigned char)p[i];
+		switch ((enum chunk_state)ch->state) {
+		case CH_SIZE: {
+			int d = hex_value(b);
+			if (b == '\n') {
+				*why = "chunk size line not ended by CRLF";
+				goto bad;
+			}
+			if (d >= 0) {
+				if (++ch->digits > HTTP_MAX_CHUNK_DIGITS) {
+					*why = "chunk size has too many digits";
+					goto bad;
+				}
+				ch->size = ch->size << 4 | (uint64_t)d;
+			} else if (ch->digits > 0 && b == ';') {
+				ch->state = CH_EXT;
+			} else if (ch->digits > 0 && b == '\r') {
+				ch->state = CH_SIZE_LF;
+			} else {
+				*why = "malformed chunk size";
+				goto bad;
+			}
+			ch->line_len++;
+			i++;
+			break;
+		}
+		case CH_EXT:
+			if (b == '\n') {
+				*why = "chunk size line not ended by CRLF";
+				goto bad;
+			}
+			if (b == '\r') {
+				ch->state = CH_SIZE_LF;
+			} else if (!is_field_byte(b)) {
+				*why = "invalid byte in a chunk extension";
+				goto bad;
+			}
+			if (++ch->line_len > HTTP_MAX_CHUNK_LINE) {
+				*why = "chunk size line too long";
+				goto bad;
+			}
+			i++;
+			break;
+		case CH_SIZE_LF:
+			if (b != '\n') {
+				*why = "chunk size line not ended by CRLF";
+				goto bad;
+			}
+			i++;
+			ch->line_len = 0;
+			ch->digits = 0;
+			if (ch->size == 0) {
+				ch->state = CH_TRAILER;
+				break;
+			}
+			/* total <= max_body always holds, so this cannot wrap. */
+			if (ch->size > ch->max_body - ch->total) {
+				*used = i;
+				*why = "chunked body over max_body_size";
+				return HTTP_CHUNKED_TOO_LARGE;
+			}
+			ch->state = CH_DATA;
+			break;
+		case CH_DATA: {
+			size_t take = len - i;
+			if (take > ch->size)
+				take = (size_t)ch->size;
+			ch->size -= take;
+			ch->total += take;
+			if (ch->size == 0)
+				ch->state = CH_DATA_CR;
+			*used = i;
+			*data = take;
+			return HTTP_CHUNKED_MORE;
+		}
+		case CH_DATA_CR:
+		case CH_DATA_LF:
+			if (b != (ch->state == CH_DATA_CR ? '\r' : '\n')) {
+				*why = "chunk data not followed by CRLF";
+				goto bad;
+			}
+			ch->state = ch->state == CH_DATA_CR ? CH_DATA_LF : CH_SIZE;
+			i++;
+			break;
+		case CH_TRAILER:
+		case CH_TRAILER_IN:
+		case CH_TRAILER_LF:
+		case CH_FINAL_LF:
+			if (++ch->line_len > ch->max_trailer) {
+				*used = i;
+				*why = "chunked trailer section over max_header_size";
+				return HTTP_CHUNKED_TRAILER_TOO_LARGE;
+			}
+			if (ch->state == CH_TRAILER_LF || ch->state == CH_FINAL_LF) {
+				if (b != '\n') {
+					*why = "bare CR in the chunked trailer section";
+					goto bad;
+				}
+				i++;
+				if (ch->state == CH_FINAL_LF) {
+					ch->state = CH_DONE;
+					*used = i;
+					return HTTP_CHUNKED_DONE;
+				}
+				ch->state = CH_TRAILER;
+				break;
+			}
+			if (b == '\r') {
+				ch->state = ch->state == CH_TRAILER ? CH_FINAL_LF : CH_TRAILER_LF;
+			} else if (b == '\n' || !is_field_byte(b) ||
+			           (ch->state == CH_TRAILER && is_ows((char)b))) {
+				*why = "malformed chunked trailer section";
+				goto bad;
+			} else {
+				ch->state = CH_TRAILER_IN;
+			}
+			i++;
+			break;
+		case CH_DONE:
+			*used = i;
+			return HTTP_CHUNKED_DONE;
+		}
+	}
+	*used = i;
+	return ch->state == CH_DONE ? HTTP_CHUNKED_DONE : HTTP_CHUNKED_MORE;
+bad:
+	*used = i;
+	return HTTP_CHUNKED_BAD;
+}
+
+/* ---------------------------------------------------------------- reading requests */
 
 static void conn_reset_request(struct http_conn *c)
 {
@@ -309,98 +789,17 @@ static void conn_reset_request(struct http_conn *c)
 	c->body_len = 0;
 	if (c->chunks)
 		evbuffer_drain(c->chunks, evbuffer_get_length(c->chunks));
-	c->chunk_left = 0;
-	c->chunk_trailer = false;
+	memset(&c->chunk, 0, sizeof(c->chunk));
+	memset(&c->scan, 0, sizeof(c->scan));
 	if (c->out_headers)
 		evbuffer_drain(c->out_headers, evbuffer_get_length(c->out_headers));
 	c->reply_started = false;
 	c->chunked = false;
+	c->no_body = false;
 	c->abort_cb = NULL;
 	c->drain_cb = NULL;
 	c->request_timer = false;
 	memset(&c->req, 0, sizeof(c->req));
-}
-
-static bool token_char(int ch)
-{
-	return ch > 32 && ch < 127 && strchr("()<>@,;:\\\"/[]?={}", ch) == NULL;
-}
-
-/* Parse the head in c->head (NUL-terminated, ends with CRLFCRLF) in place. */
-static bool parse_head(struct http_conn *c, const char **why)
-{
-	char *p = c->head, *line_end;
-	struct http_request *r = &c->req;
-
-	/* request line: METHOD SP target SP HTTP/1.x */
-	line_end = strstr(p, "\r\n");
-	*line_end = '\0';
-	char *sp1 = strchr(p, ' ');
-	if (sp1 == NULL || sp1 == p) {
-		*why = "malformed request line";
-		return false;
-	}
-	*sp1 = '\0';
-	for (char *m = p; *m; m++)
-		if (!token_char((unsigned char)*m)) {
-			*why = "malformed method";
-			return false;
-		}
-	r->method = p;
-	char *target = sp1 + 1;
-	char *sp2 = strchr(target, ' ');
-	if (sp2 == NULL || sp2 == target || target[0] != '/') {
-		*why = "malformed request target";
-		return false;
-	}
-	*sp2 = '\0';
-	const char *ver = sp2 + 1;
-	if (strncmp(ver, "HTTP/1.", 7) != 0 || !isdigit((unsigned char)ver[7]) || ver[8] != '\0') {
-		*why = "unsupported HTTP version";
-		return false;
-	}
-	r->minor = ver[7] - '0';
-	char *q = strchr(target, '?');
-	if (q) {
-		*q = '\0';
-		r->query = q + 1;
-	}
-	r->path = target;
-
-	/* header fields */
-	p = line_end + 2;
-	while (*p != '\r') {
-		line_end = strstr(p, "\r\n");
-		*line_end = '\0';
-		char *colon = strchr(p, ':');
-		if (colon == NULL || colon == p) {
-			*why = "malformed header line";
-			return false;
-		}
-		for (char *n = p; n < colon; n++) {
-			if (!token_char((unsigned char)*n)) {
-				*why = "malformed header name";
-				return false;
-			}
-			*n = (char)tolower((unsigned char)*n);
-		}
-		*colon = '\0';
-		char *v = colon + 1;
-		while (*v == ' ' || *v == '\t')
-			v++;
-		char *e = line_end;
-		while (e > v && (e[-1] == ' ' || e[-1] == '\t'))
-			*--e = '\0';
-		if (r->n_headers == HTTP_MAX_HEADERS) {
-			*why = "too many header fields";
-			return false;
-		}
-		r->headers[r->n_headers].name = p;
-		r->headers[r->n_headers].value = v;
-		r->n_headers++;
-		p = line_end + 2;
-	}
-	return true;
 }
 
 const char *http_request_header(const struct http_request *req, const char *lower_name)
@@ -413,17 +812,37 @@ const char *http_request_header(const struct http_request *req, const char *lowe
 	return NULL;
 }
 
+/* value is a parsed header value: terminated, no NUL inside. */
 static bool header_has_token(const char *value, const char *token)
 {
 	size_t tl = strlen(token);
 	for (const char *p = value; p && *p;) {
-		while (*p == ' ' || *p == ',')
+		while (*p == ' ' || *p == '\t' || *p == ',')
 			p++;
-		if (strncasecmp(p, token, tl) == 0 && (p[tl] == '\0' || p[tl] == ',' || p[tl] == ' '))
+		if (strncasecmp(p, token, tl) == 0 &&
+		    (p[tl] == '\0' || p[tl] == ',' || p[tl] == ' ' || p[tl] == '\t'))
 			return true;
 		p = strchr(p, ',');
 	}
 	return false;
+}
+
+/* A refusal of the server's own (framing, limits): logged once with a short
+ * reason (never the client's bytes), answered, and the connection closed. */
+static void conn_refuse(struct http_conn *c, int status, const char *code, const char *why)
+{
+	log_info("%d from %s: %s", status, c->client_ip, why);
+	conn_error(c, status, code, why);
+}
+
+static void conn_refuse_head(struct http_conn *c, enum http_head_result res, const char *why)
+{
+	int status = http_head_status(res);
+	conn_refuse(c, status,
+	            status == 414   ? "uri_too_long"
+	            : status == 431 ? "headers_too_large"
+	                            : "bad_request",
+	            why);
 }
 
 static void conn_dispatch(struct http_conn *c)
@@ -442,22 +861,42 @@ static void conn_dispatch(struct http_conn *c)
 	srv->handler(&c->req, srv->arg);
 }
 
-/* The head is complete at [0, head_len): parse it and decide how to read the body. */
+/* The head hook, for a client that waits for 100 Continue. false: it answered. */
+static bool conn_head_check(struct http_conn *c)
+{
+	struct http_server *srv = c->srv;
+	bool keepalive = c->keepalive;
+
+	c->req.body = "";
+	c->req.body_len = 0;
+	c->req.conn = c;
+	c->req.client_ip = c->client_ip;
+	/* An answer now leaves the body unread: the connection cannot be reused. */
+	c->keepalive = false;
+	c->linger = true;
+	if (!srv->head_check(&c->req, srv->arg))
+		return false;
+	c->linger = false;
+	c->keepalive = keepalive;
+	return true;
+}
+
+/* The head is complete at [0, head_len) of the input: parse it and decide how to read the body. */
 static void conn_begin_request(struct http_conn *c, size_t head_len)
 {
-	const char *why = NULL;
+	struct http_server *srv = c->srv;
 	struct evbuffer *in = bufferevent_get_input(c->bev);
+	const char *why = NULL;
+	enum http_head_result res;
 
-	c->head = malloc(head_len + 1);
+	c->head = malloc(head_len);
 	if (c->head == NULL) {
 		conn_error(c, 503, "out_of_memory", "out of memory");
 		return;
 	}
 	evbuffer_remove(in, c->head, head_len);
-	c->head[head_len] = '\0';
-	if (!parse_head(c, &why)) {
-		log_info("400 from %s: %s", c->client_ip, why);
-		conn_error(c, 400, "bad_request", why);
+	if ((res = http_parse_head(c->head, head_len, &c->req, &why)) != HTTP_HEAD_OK) {
+		conn_refuse_head(c, res, why);
 		return;
 	}
 	const char *conn_hdr = http_request_header(&c->req, "connection");
@@ -465,113 +904,96 @@ static void conn_begin_request(struct http_conn *c, size_t head_len)
 		c->keepalive = conn_hdr && header_has_token(conn_hdr, "keep-alive");
 	else
 		c->keepalive = !(conn_hdr && header_has_token(conn_hdr, "close"));
-	if (c->srv->draining)
+	/* keepalive_timeout 0 closes after each response: say so in the response. */
+	if (srv->draining || srv->limits.keepalive_timeout == 0)
 		c->keepalive = false;
 
-	const char *te = http_request_header(&c->req, "transfer-encoding");
-	const char *cl = http_request_header(&c->req, "content-length");
-	if (te != NULL) {
-		if (cl != NULL || strcasecmp(te, "chunked") != 0) {
-			log_info("400 from %s: unsupported transfer-encoding", c->client_ip);
-			conn_error(c, 400, "bad_request", "unsupported transfer-encoding");
+	if (c->req.chunked) {
+		if (c->chunks == NULL && (c->chunks = evbuffer_new()) == NULL) {
+			conn_error(c, 503, "out_of_memory", "out of memory");
 			return;
 		}
-		if (c->chunks == NULL)
-			c->chunks = evbuffer_new();
+		c->chunk.max_body = srv->limits.max_body_size;
+		c->chunk.max_trailer = srv->limits.max_header_size;
 		c->state = CONN_READ_CHUNKED;
-	} else if (cl != NULL) {
-		char *end;
-		errno = 0;
-		unsigned long long n = strtoull(cl, &end, 10);
-		if (errno || end == cl || *end != '\0' || cl[0] == '-') {
-			log_info("400 from %s: bad content-length", c->client_ip);
-			conn_error(c, 400, "bad_request", "malformed content-length");
-			return;
-		}
-		if (n > c->srv->limits.max_body_size) {
-			log_info("413 from %s: body of %llu bytes over max_body_size %" PRIu64,
-			         c->client_ip, n, c->srv->limits.max_body_size);
+	} else if (c->req.content_length > 0) {
+		if (c->req.content_length > srv->limits.max_body_size) {
+			log_info("413 from %s: body of %" PRIu64
+			         " bytes over max_body_size %" PRIu64,
+			         c->client_ip, c->req.content_length, srv->limits.max_body_size);
 			conn_error(c, 413, "request_too_large",
 			           "request body is larger than the gateway's max_body_size");
 			return;
 		}
-		c->body_need = (size_t)n;
+		c->body_need = (size_t)c->req.content_length;
 		c->state = CONN_READ_BODY;
 	} else {
 		conn_dispatch(c);
 		return;
 	}
 	const char *expect = http_request_header(&c->req, "expect");
-	if (expect && strcasecmp(expect, "100-continue") == 0 && c->req.minor >= 1)
+	if (expect && strcasecmp(expect, "100-continue") == 0 && c->req.minor >= 1) {
+		if (srv->head_check && !conn_head_check(c))
+			return;
 		bufferevent_write(c->bev, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+	}
 }
 
-/* Read chunked body data; returns true when the body is complete. */
-static bool conn_read_chunked(struct http_conn *c, bool *failed)
+/* Decode chunked body data from the input; true when the body is complete. */
+static bool conn_read_chunked(struct http_conn *c)
 {
 	struct evbuffer *in = bufferevent_get_input(c->bev);
+	const char *why = NULL;
 
-	for (;;) {
-		if (c->chunk_trailer) {
-			size_t n;
-			char *line = evbuffer_readln(in, &n, EVBUFFER_EOL_CRLF);
-			if (line == NULL)
-				return false;
-			free(line);
-			if (n == 0)
-				return true; /* end of trailers */
-			continue;
-		}
-		if (c->chunk_left == 0) {
-			size_t n;
-			char *line = evbuffer_readln(in, &n, EVBUFFER_EOL_CRLF);
-			if (line == NULL) {
-				if (evbuffer_get_length(in) > 1024)
-					goto bad;
-				return false;
-			}
-			char *end;
-			errno = 0;
-			unsigned long long size = strtoull(line, &end, 16);
-			bool ok = end != line && (*end == '\0' || *end == ';') && !errno;
-			free(line);
-			if (!ok)
-				goto bad;
-			if (size == 0) {
-				c->chunk_trailer = true;
-				continue;
-			}
-			if (evbuffer_get_length(c->chunks) + size > c->srv->limits.max_body_size) {
-				log_info("413 from %s: chunked body over max_body_size", c->client_ip);
-				conn_error(c, 413, "request_too_large",
-				           "request body is larger than the gateway's max_body_size");
-				*failed = true;
-				return false;
-			}
-			c->chunk_left = (size_t)size + 2; /* data + CRLF */
-		}
-		size_t avail = evbuffer_get_length(in);
-		if (avail == 0)
+	while (evbuffer_get_length(in) > 0) {
+		struct evbuffer_iovec v;
+		size_t used, data;
+		if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
 			return false;
-		if (c->chunk_left > 2) {
-			size_t take = c->chunk_left - 2 < avail ? c->chunk_left - 2 : avail;
-			evbuffer_remove_buffer(in, c->chunks, take);
-			c->chunk_left -= take;
-			continue;
-		}
-		if (avail < c->chunk_left)
+		enum http_chunked_result res =
+		        http_chunked_feed(&c->chunk, v.iov_base, v.iov_len, &used, &data, &why);
+		evbuffer_drain(in, used);
+		if (data > 0 && evbuffer_remove_buffer(in, c->chunks, data) != (int)data) {
+			conn_error(c, 503, "out_of_memory", "out of memory");
 			return false;
-		char crlf[2];
-		evbuffer_remove(in, crlf, c->chunk_left);
-		if (c->chunk_left == 2 && (crlf[0] != '\r' || crlf[1] != '\n'))
-			goto bad;
-		c->chunk_left = 0;
+		}
+		switch (res) {
+		case HTTP_CHUNKED_MORE:
+			continue;
+		case HTTP_CHUNKED_DONE:
+			return true;
+		case HTTP_CHUNKED_TOO_LARGE:
+			log_info("413 from %s: %s", c->client_ip, why);
+			conn_error(c, 413, "request_too_large",
+			           "request body is larger than the gateway's max_body_size");
+			return false;
+		case HTTP_CHUNKED_TRAILER_TOO_LARGE:
+			conn_refuse(c, 431, "headers_too_large", why);
+			return false;
+		case HTTP_CHUNKED_BAD:
+			conn_refuse(c, 400, "bad_request", why);
+			return false;
+		}
 	}
-bad:
-	log_info("400 from %s: malformed chunked body", c->client_ip);
-	conn_error(c, 400, "bad_request", "malformed chunked request body");
-	*failed = true;
 	return false;
+}
+
+/* Feed the input from where the last scan stopped up to `to` bytes to the head scanner. */
+static enum http_head_result conn_scan_head(struct http_conn *c, struct evbuffer *in, size_t to,
+                                            size_t *head_len)
+{
+	while (c->scan.pos < to) {
+		struct evbuffer_ptr at;
+		struct evbuffer_iovec v;
+		if (evbuffer_ptr_set(in, &at, c->scan.pos, EVBUFFER_PTR_SET) != 0 ||
+		    evbuffer_peek(in, -1, &at, &v, 1) < 1)
+			break;
+		size_t n = v.iov_len < to - c->scan.pos ? v.iov_len : to - c->scan.pos;
+		enum http_head_result res = http_head_scan(&c->scan, v.iov_base, n, head_len);
+		if (res != HTTP_HEAD_INCOMPLETE)
+			return res;
+	}
+	return HTTP_HEAD_INCOMPLETE;
 }
 
 static void conn_process(struct http_conn *c)
@@ -583,13 +1005,17 @@ static void conn_process(struct http_conn *c)
 		size_t avail = evbuffer_get_length(in);
 		switch (c->state) {
 		case CONN_READ_HEAD: {
-			if (avail == 0)
-				return;
-			/* Tolerate CRLFs between requests (RFC 9112 §2.2). */
-			unsigned char first[2];
-			while (evbuffer_copyout(in, first, 1) == 1 && (first[0] == '\r' || first[0] == '\n'))
-				evbuffer_drain(in, 1);
-			avail = evbuffer_get_length(in);
+			if (c->scan.pos == 0) {
+				/* Tolerate CRLFs between requests (RFC 9112 §2.2). */
+				unsigned char two[2];
+				ev_ssize_t got;
+				while ((got = evbuffer_copyout(in, two, 2)) == 2 &&
+				       two[0] == '\r' && two[1] == '\n')
+					evbuffer_drain(in, 2);
+				if (got == 1 && two[0] == '\r')
+					return; /* the first half of a CRLF, maybe */
+				avail = evbuffer_get_length(in);
+			}
 			if (avail == 0)
 				return;
 			if (!c->request_timer) {
@@ -597,21 +1023,27 @@ static void conn_process(struct http_conn *c)
 				c->req.start_us = http_now_us();
 				conn_arm_timer(c, c->srv->limits.client_timeout);
 			}
-			struct evbuffer_ptr end = evbuffer_search(in, "\r\n\r\n", 4, NULL);
-			if (end.pos < 0) {
-				if (avail > c->srv->limits.max_header_size) {
-					log_info("431 from %s: request head over max_header_size",
-					         c->client_ip);
-					conn_error(c, 431, "headers_too_large",
-					           "request headers are larger than max_header_size");
-				}
+			uint64_t max = c->srv->limits.max_header_size;
+			size_t head_len = 0;
+			enum http_head_result res =
+			        conn_scan_head(c, in, avail < max ? avail : (size_t)max, &head_len);
+			if (res == HTTP_HEAD_INCOMPLETE) {
+				if (avail <= max)
+					return;
+				/* A request line that alone fills max_header_size is a long URI. */
+				res = c->scan.lines == 0 ? HTTP_HEAD_URI_TOO_LONG
+				                         : HTTP_HEAD_TOO_LARGE;
+				conn_refuse_head(c, res,
+				                 res == HTTP_HEAD_TOO_LARGE
+				                         ? "request head over max_header_size"
+				                         : "request line too long");
 				return;
 			}
-			size_t head_len = (size_t)end.pos + 4;
-			if (head_len > c->srv->limits.max_header_size) {
-				log_info("431 from %s: request head over max_header_size", c->client_ip);
-				conn_error(c, 431, "headers_too_large",
-				           "request headers are larger than max_header_size");
+			if (res != HTTP_HEAD_OK) {
+				conn_refuse_head(c, res,
+				                 res == HTTP_HEAD_BAD
+				                         ? "bare LF in the request head"
+				                         : "request line too long");
 				return;
 			}
 			conn_begin_request(c, head_len);
@@ -634,9 +1066,8 @@ static void conn_process(struct http_conn *c)
 			c->body_len = c->body_need;
 			conn_dispatch(c);
 			return;
-		case CONN_READ_CHUNKED: {
-			bool failed = false;
-			if (!conn_read_chunked(c, &failed))
+		case CONN_READ_CHUNKED:
+			if (!conn_read_chunked(c))
 				return;
 			c->body_len = evbuffer_get_length(c->chunks);
 			c->body = malloc(c->body_len + 1);
@@ -648,7 +1079,6 @@ static void conn_process(struct http_conn *c)
 			c->body[c->body_len] = '\0';
 			conn_dispatch(c);
 			return;
-		}
 		case CONN_HANDLING:
 			/* Pipelined bytes wait until the current reply is done; stop
 			 * reading if a client floods us meanwhile. */
@@ -703,9 +1133,18 @@ static void conn_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (what == BEV_EVENT_CONNECTED)
 		return;
 	if (!c->handler_owns) {
-		conn_free(c);
+		/* A client that half-closed after its request still gets the answer
+		 * already queued (printf ... | nc -N); an error or timeout ends it. */
+		if ((what & BEV_EVENT_EOF) && !(what & (BEV_EVENT_ERROR | BEV_EVENT_TIMEOUT)))
+			conn_close_when_flushed(c);
+		else
+			conn_free(c);
 		return;
 	}
+	/* A half-close (shutdown(SHUT_WR)) looks the same as a close here: the kernel
+	 * tells them apart only when we send, and before the first byte of a reply we
+	 * have nothing to send. Treating EOF as an abort is what cancels the upstream
+	 * at once for a client that is really gone (docs/architecture.md §3a). */
 	/* The client left (or stalled past write_timeout) while the handler works:
 	 * close the socket now, keep the request for the handler to finish. The
 	 * abort callback is the last thing we do here: it may finish the request. */
@@ -724,17 +1163,55 @@ static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
 	struct http_conn *c = arg;
 
 	if (c->state == CONN_READ_HEAD && !c->request_timer) {
-		conn_free(c); /* idle keep-alive connection */
+		/* Idle past keepalive_timeout; the last reply may still be on its way
+		 * to a slow reader, and it must not be cut. */
+		size_t queued = c->bev ? evbuffer_get_length(bufferevent_get_output(c->bev)) : 0;
+		if (queued > 0)
+			log_debug(
+			        "keep-alive timeout for %s: closing once %zu queued bytes are sent",
+			        c->client_ip, queued);
+		conn_close_when_flushed(c);
 		return;
 	}
 	if (c->state == CONN_READ_HEAD || c->state == CONN_READ_BODY ||
-	    c->state == CONN_READ_CHUNKED) {
-		log_info("408 from %s: request not received within client_timeout", c->client_ip);
-		conn_error(c, 408, "request_timeout", "request not received within client_timeout");
+	    c->state == CONN_READ_CHUNKED)
+		conn_refuse(c, 408, "request_timeout", "request not received in client_timeout");
+	else if (c->state == CONN_CLOSING)
+		conn_free(c); /* lingered long enough */
+}
+
+/* Close once everything queued has reached the socket: a reply in the output
+ * buffer is never cut (a slow reader at SIGTERM or at keep-alive expiry). The
+ * bufferevent's write timeout (write_timeout) drops a client that stops taking
+ * bytes, so this is bounded. */
+static void conn_close_when_flushed(struct http_conn *c)
+{
+	c->keepalive = false;
+	c->state = CONN_CLOSING;
+	event_del(c->timer);
+	if (c->bev == NULL || evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+		conn_end(c);
+}
+
+/*
+ * The last reply is out. Closing a socket whose receive queue holds unread bytes makes
+ * the kernel send a RST, and a RST can destroy the reply before the client has read it:
+ * a 413 or 400 answered while the client is still sending would reach it as "connection
+ * reset". So when input was left unread, shut our side (FIN after the reply), go on
+ * reading and discarding, and close at the peer's EOF or after HTTP_LINGER_MS.
+ */
+static void conn_end(struct http_conn *c)
+{
+	evutil_socket_t fd = c->bev ? bufferevent_getfd(c->bev) : -1;
+
+	/* TLS: a bare shutdown would cut the session; its close_notify is enough. */
+	if (!c->linger || c->lingering || fd < 0 || c->tls || shutdown(fd, SHUT_WR) != 0) {
+		conn_free(c);
 		return;
 	}
-	if (c->state == CONN_CLOSING)
-		conn_free(c);
+	c->lingering = true;
+	bufferevent_enable(c->bev, EV_READ);
+	conn_arm_timer(c, HTTP_LINGER_MS);
 }
 
 /* Called when the handler finishes a request. */
@@ -751,10 +1228,7 @@ static void conn_finish(struct http_conn *c)
 		return;
 	}
 	if (!c->keepalive) {
-		c->state = CONN_CLOSING;
-		conn_arm_timer(c, srv->limits.write_timeout);
-		if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-			conn_free(c);
+		conn_close_when_flushed(c);
 		return;
 	}
 	conn_reset_request(c);
@@ -771,7 +1245,8 @@ static void conn_write_cb(struct bufferevent *bev, void *arg)
 	struct http_conn *c = arg;
 
 	if (c->state == CONN_CLOSING) {
-		conn_free(c);
+		if (!c->lingering)
+			conn_end(c);
 		return;
 	}
 	if (c->drain_cb) {
@@ -802,6 +1277,7 @@ const char *http_status_text(int status)
 	case 408: return "Request Timeout";
 	case 409: return "Conflict";
 	case 413: return "Content Too Large";
+	case 414: return "URI Too Long";
 	case 415: return "Unsupported Media Type";
 	case 422: return "Unprocessable Content";
 	case 429: return "Too Many Requests";
@@ -834,12 +1310,42 @@ void http_request_abandon(struct http_request *req)
 	conn_finish(c);
 }
 
+/* What goes into a response header must not end it early: a CR or LF in a
+ * value passed through from an upstream would start a header of its own. */
+static bool header_value_ok(const char *v)
+{
+	for (; *v; v++)
+		if (!is_field_byte((unsigned char)*v))
+			return false;
+	return true;
+}
+
+static bool header_name_ok(const char *n)
+{
+	if (*n == '\0')
+		return false;
+	for (; *n; n++)
+		if (!is_tchar((unsigned char)*n))
+			return false;
+	return true;
+}
+
 void http_response_header(struct http_request *req, const char *name, const char *value)
 {
 	struct http_conn *c = req->conn;
-	if (c->out_headers == NULL)
-		c->out_headers = evbuffer_new();
+	if (!header_name_ok(name) || !header_value_ok(value)) {
+		log_warn("dropped a response header with a control byte or a malformed name");
+		return;
+	}
+	if (c->out_headers == NULL && (c->out_headers = evbuffer_new()) == NULL)
+		return;
 	evbuffer_add_printf(c->out_headers, "%s: %s\r\n", name, value);
+}
+
+/* RFC 9110 §6.4.1: these never have content, whatever their framing would say. */
+static bool status_has_body(int status)
+{
+	return status >= 200 && status != 204 && status != 304;
 }
 
 static void write_head(struct http_conn *c, int status, const char *content_type,
@@ -850,6 +1356,10 @@ static void write_head(struct http_conn *c, int status, const char *content_type
 	int n = snprintf(line, sizeof(line), "HTTP/1.%d %d %s\r\n", c->req.minor ? 1 : 0, status,
 	                 http_status_text(status));
 	evbuffer_add(out, line, (size_t)n);
+	if (content_type && !header_value_ok(content_type)) {
+		log_warn("dropped a response Content-Type with a control byte");
+		content_type = NULL;
+	}
 	if (content_type)
 		evbuffer_add_printf(out, "Content-Type: %s\r\n", content_type);
 	if (content_length >= 0)
@@ -872,9 +1382,14 @@ void http_reply(struct http_request *req, int status, const char *content_type, 
 	struct http_conn *c = req->conn;
 
 	if (c->bev != NULL && !c->reply_started) {
-		write_head(c, status, content_type, (long long)len);
-		if (len && strcmp(req->method, "HEAD") != 0)
-			evbuffer_add(bufferevent_get_output(c->bev), body, len);
+		if (!status_has_body(status)) {
+			c->chunked = false;
+			write_head(c, status, content_type, -1);
+		} else {
+			write_head(c, status, content_type, (long long)len);
+			if (len && strcmp(req->method, "HEAD") != 0)
+				evbuffer_add(bufferevent_get_output(c->bev), body, len);
+		}
 	}
 	conn_finish(c);
 }
@@ -931,10 +1446,10 @@ size_t http_reply_error(struct http_request *req, int status, const char *type, 
  * since the rest of the input cannot be trusted to start a new request. */
 static void conn_error(struct http_conn *c, int status, const char *code, const char *msg)
 {
-	const char *type = status == 413 || status == 431 || status == 400 ? "invalid_request_error"
-	                                                                     : "server_error";
+	const char *type = status < 500 ? "invalid_request_error" : "server_error";
+	/* What follows is read and thrown away (CLOSING), never parsed. */
 	c->keepalive = false;
-	bufferevent_disable(c->bev, EV_READ);
+	c->linger = true;
 	if (c->req.method == NULL)
 		c->req.method = "GET"; /* for http_reply's HEAD check */
 	c->req.conn = c;
@@ -947,8 +1462,9 @@ void http_reply_start(struct http_request *req, int status, const char *content_
 	struct http_conn *c = req->conn;
 	if (c->bev == NULL || c->reply_started)
 		return;
-	c->chunked = c->req.minor >= 1;
-	if (!c->chunked)
+	c->no_body = !status_has_body(status) || strcmp(req->method, "HEAD") == 0;
+	c->chunked = c->req.minor >= 1 && status_has_body(status);
+	if (!c->chunked && !c->no_body)
 		c->keepalive = false; /* HTTP/1.0: the end of the stream is the close */
 	write_head(c, status, content_type, -1);
 }
@@ -956,7 +1472,7 @@ void http_reply_start(struct http_request *req, int status, const char *content_
 void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 {
 	struct http_conn *c = req->conn;
-	if (c->bev == NULL || len == 0)
+	if (c->bev == NULL || len == 0 || c->no_body)
 		return;
 	struct evbuffer *out = bufferevent_get_output(c->bev);
 	if (c->chunked) {
@@ -974,7 +1490,7 @@ void http_reply_chunk_buffer(struct http_request *req, struct evbuffer *buf)
 {
 	struct http_conn *c = req->conn;
 	size_t len = evbuffer_get_length(buf);
-	if (c->bev == NULL || len == 0) {
+	if (c->bev == NULL || len == 0 || c->no_body) {
 		evbuffer_drain(buf, len);
 		return;
 	}
@@ -993,7 +1509,7 @@ void http_reply_chunk_buffer(struct http_request *req, struct evbuffer *buf)
 void http_reply_end(struct http_request *req)
 {
 	struct http_conn *c = req->conn;
-	if (c->bev != NULL && c->chunked)
+	if (c->bev != NULL && c->chunked && !c->no_body)
 		evbuffer_add(bufferevent_get_output(c->bev), "0\r\n\r\n", 5);
 	conn_finish(c);
 }

@@ -224,16 +224,17 @@ static bool read_body(struct request *r);
 static bool route(struct request *r);
 static bool authenticate(struct request *r);
 static void next_attempt(struct request *r);
+static const char *get_client_header(void *arg, const char *name);
 
-void request_handle(struct http_request *hr, void *arg)
+/* A new request on hr, with its id and record; NULL (answered 503) when out of memory. */
+static struct request *request_new(struct http_request *hr, struct worker *w)
 {
-	struct worker *w = arg;
 	struct request *r = calloc(1, sizeof(*r));
 	struct timeval now;
 
 	if (r == NULL) {
 		http_reply_error(hr, 503, "server_error", "out_of_memory", "out of memory");
-		return;
+		return NULL;
 	}
 	r->w = w;
 	r->http = hr;
@@ -256,7 +257,15 @@ void request_handle(struct http_request *hr, void *arg)
 	r->rec.path = r->path;
 	r->rec.client_ip = r->client_ip;
 	r->rec.bytes_in = hr->body_len;
+	return r;
+}
 
+void request_handle(struct http_request *hr, void *arg)
+{
+	struct request *r = request_new(hr, arg);
+
+	if (r == NULL)
+		return;
 	if (strcmp(hr->path, "/v1/models") == 0 || strcmp(hr->path, "/models") == 0) {
 		if (strcmp(hr->method, "GET") == 0 || strcmp(hr->method, "HEAD") == 0) {
 			handle_models(r);
@@ -296,6 +305,49 @@ void request_handle(struct http_request *hr, void *arg)
 	r->est_prompt = usage_estimate_prompt(r->body);
 	r->est_completion = usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET);
 	next_attempt(r);
+}
+
+/*
+ * The server's head hook, for a client that waits for 100 Continue before it sends its
+ * body: refuse now what would be refused without the body. No route for the path and a
+ * method other than POST are request_handle's own answers, given before it reads a body.
+ * A missing or unknown key is refused when every route the path can reach needs one (the
+ * body's model picks among them). Anything else goes on, and request_handle checks it all
+ * again once the body is in.
+ */
+bool request_head_check(struct http_request *hr, void *arg)
+{
+	struct worker *w = arg;
+	const struct config *c = w->config;
+	enum auth_result res = AUTH_NONE_REQUIRED;
+	char fp[13] = "";
+
+	if (router_match(c, hr->path, NULL, NULL) == ROUTER_NO_PATH ||
+	    strcmp(hr->method, "POST") != 0) {
+		request_handle(hr, arg);
+		return false;
+	}
+	for (size_t i = 0; i < c->n_routes; i++) {
+		const struct config_route *rt = &c->routes[i], *got;
+		/* The loader lets one route at most claim a path and model, so rt serves
+		 * the path exactly when matching it with rt's own model gives rt. */
+		const char *model = rt->n_models ? rt->models[0] : NULL;
+		if (router_match(c, hr->path, model, &got) != ROUTER_OK || got != rt)
+			continue;
+		res = auth_check(c, rt, get_client_header, hr, NULL, fp);
+		if (res != AUTH_MISSING && res != AUTH_UNKNOWN)
+			return true;
+	}
+	if (res != AUTH_MISSING && res != AUTH_UNKNOWN)
+		return true; /* no route checked: leave it all to request_handle */
+	struct request *r = request_new(hr, w);
+	if (r != NULL) {
+		memcpy(r->key_fp, fp, sizeof(fp));
+		r->rec.key_fingerprint = fp[0] ? r->key_fp : NULL;
+		reply_error(r, 401, "authentication_error", auth_error_code(res), "%s",
+		            auth_error_message(res));
+	}
+	return false;
 }
 
 /* ---------------------------------------------------------------- read, route, authenticate */

@@ -321,6 +321,7 @@ static bool worker_init(struct server *s, struct worker *w, int id)
 	w->http = http_server_new(w->base, fds, n_fds, &lim, request_handle, w);
 	if (w->http == NULL)
 		return false;
+	http_server_set_head_check(w->http, request_head_check);
 	w->config = config_ref(c);
 	worker_apply_config(w, c);
 	return true;

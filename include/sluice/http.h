@@ -11,7 +11,17 @@ struct evbuffer;
 struct http_server;
 struct http_conn;
 
+/* Fixed protocol limits (docs/configuration.md, server). More header fields than this → 431. */
 #define HTTP_MAX_HEADERS 100
+/* A request line longer than this (bytes, without its CRLF) → 414; nginx's default is 8k too. */
+#define HTTP_MAX_REQUEST_LINE (8 * 1024)
+/* A chunk-size line (size and extensions) longer than this → 400. */
+#define HTTP_MAX_CHUNK_LINE 1024
+/* Hex digits in a chunk size: 16 hold any uint64, far beyond any max_body_size. */
+#define HTTP_MAX_CHUNK_DIGITS 16
+/* After refusing a request whose bytes were left unread: how long (ms) to go on reading
+ * and discarding them, so that closing does not reset the connection under the answer. */
+#define HTTP_LINGER_MS 5000
 
 struct http_header {
 	const char *name; /* lower-cased */
@@ -21,6 +31,8 @@ struct http_header {
 /*
  * One parsed request. The strings point into the connection's buffers and stay
  * valid until the request is finished (replied to, or abandoned after an abort).
+ * Every string is NUL-terminated and holds no NUL, CR or LF (the parser refuses
+ * a head with one), so the rest of the program may treat them as C strings.
  */
 struct http_request {
 	const char *method;
@@ -29,6 +41,8 @@ struct http_request {
 	int minor;         /* HTTP/1.minor */
 	struct http_header headers[HTTP_MAX_HEADERS];
 	size_t n_headers;
+	bool chunked;            /* Transfer-Encoding: chunked */
+	uint64_t content_length; /* when !chunked; 0 when absent, UINT64_MAX when too large */
 	const char *body;  /* NUL-terminated; "" when empty */
 	size_t body_len;
 	const char *client_ip;
@@ -51,9 +65,22 @@ struct http_limits {
  */
 typedef void (*http_handler_fn)(struct http_request *req, void *arg);
 
+/*
+ * Optional head hook: runs when a head has arrived whose client waits for "100 Continue"
+ * (Expect: 100-continue on HTTP/1.1, with a body to send), before the body is read.
+ * req->body is "" then. Return true to let the request go on: 100 Continue is sent, the
+ * body read, and the handler runs as for any request. Or answer now with http_reply*()
+ * and return false: the body is never read and the connection closes after the answer.
+ * Only these clients are asked: any other client sends its body without waiting, so
+ * refusing early would save nothing and cost a second route and key check per request.
+ * arg is the handler's.
+ */
+typedef bool (*http_head_check_fn)(struct http_request *req, void *arg);
+
 struct http_server *http_server_new(struct event_base *base, const int *fds, size_t n_fds,
                                     const struct http_limits *limits, http_handler_fn handler,
                                     void *arg);
+void http_server_set_head_check(struct http_server *srv, http_head_check_fn check);
 void http_server_set_limits(struct http_server *srv, const struct http_limits *limits);
 /* Serve TLS on listener i (its index in fds) with ctx from now on; NULL = plain.
  * The server takes a reference (SSL_CTX_up_ref); connections already open keep
@@ -107,5 +134,81 @@ struct evbuffer;
 void http_json_escape(struct evbuffer *buf, const char *s, size_t len);
 
 uint64_t http_now_us(void); /* monotonic microseconds */
+
+/* ---------------------------------------------------------------------------
+ * The parsers: pure functions over bytes with a length (never C strings), used
+ * by the server and exported for the unit tests and the fuzz target.
+ * ------------------------------------------------------------------------- */
+
+enum http_head_result {
+	HTTP_HEAD_OK,
+	HTTP_HEAD_INCOMPLETE,   /* the head's end (an empty line) is not in the bytes yet */
+	HTTP_HEAD_BAD,          /* 400 */
+	HTTP_HEAD_URI_TOO_LONG, /* 414: request line over HTTP_MAX_REQUEST_LINE */
+	HTTP_HEAD_TOO_LARGE,    /* 431: more than HTTP_MAX_HEADERS fields */
+};
+
+/* The HTTP status for a failed parse (400, 414, 431). */
+int http_head_status(enum http_head_result res);
+
+/*
+ * Finding the end of a head in bytes that arrive in pieces: feed each new piece
+ * (the bytes following those already fed); the scan resumes where it stopped, so
+ * a head trickled byte by byte costs linear time. OK: *head_len is the head's
+ * length, counted from the first byte fed. BAD: a bare LF. URI_TOO_LONG: the
+ * request line is over HTTP_MAX_REQUEST_LINE, ended or not. Start zeroed.
+ */
+struct http_head_scan {
+	size_t pos;        /* bytes scanned */
+	size_t line_start; /* offset of the current line */
+	size_t lines;      /* complete lines so far */
+	char prev;         /* the last byte scanned */
+};
+enum http_head_result http_head_scan(struct http_head_scan *s, const char *p, size_t len,
+                                     size_t *head_len);
+
+/*
+ * Parse one request head (request line, header fields, the empty line) in
+ * buf[0, len), in place: names are lower-cased and every string of out is
+ * terminated inside buf. Refused (RFC 9112): a NUL, a bare CR or LF, obs-fold,
+ * whitespace before a colon, a header name that is not a token, a control byte
+ * in the target or a value, a repeated Transfer-Encoding or one that is not
+ * exactly "chunked", Transfer-Encoding with Content-Length or on HTTP/1.0, a
+ * Content-Length that is not digits, two Content-Length fields that differ
+ * (identical ones are folded), HTTP/1.1 without exactly one Host. *why gets a
+ * short static reason, never input bytes. out's other fields are left alone.
+ */
+enum http_head_result http_parse_head(char *buf, size_t len, struct http_request *out,
+                                      const char **why);
+
+enum http_chunked_result {
+	HTTP_CHUNKED_MORE,              /* everything given was taken: feed what follows */
+	HTTP_CHUNKED_DONE,              /* the body and its trailer section are complete */
+	HTTP_CHUNKED_BAD,               /* 400 */
+	HTTP_CHUNKED_TOO_LARGE,         /* 413: the body would pass max_body */
+	HTTP_CHUNKED_TRAILER_TOO_LARGE, /* 431: the trailer section passes max_trailer */
+};
+
+/* A chunked body decoder. Zero it, set the two limits, feed it. */
+struct http_chunked {
+	uint64_t max_body;    /* data bytes allowed in all */
+	uint64_t max_trailer; /* bytes allowed in the trailer section */
+	uint64_t total;       /* data bytes so far */
+	uint64_t size;        /* the chunk being read: its size, then what is left of it */
+	uint64_t line_len;    /* bytes of the size line, or of the trailer section */
+	int state;
+	unsigned digits;
+};
+
+/*
+ * Decode framing from p[0, len). It stops at the end of the input, at chunk data, at the
+ * end of the body, or at an error. *used: framing bytes taken from p. *data: the number of
+ * body bytes at p + *used, which the caller takes (they count as consumed); the next call
+ * starts at p + *used + *data. *why: a short static reason for BAD / TOO_LARGE.
+ * Sizes are hex digits only (no sign, "0x" or blanks), at most HTTP_MAX_CHUNK_DIGITS;
+ * chunk extensions after ';' are skipped.
+ */
+enum http_chunked_result http_chunked_feed(struct http_chunked *ch, const char *p, size_t len,
+                                           size_t *used, size_t *data, const char **why);
 
 #endif

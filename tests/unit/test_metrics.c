@@ -783,8 +783,8 @@ static void test_admin_auth(void **state)
 	free_response(&r);
 	/* A scheme other than Bearer is no key. */
 	r = call(f->base, f->port,
-	         "GET /status HTTP/1.1\r\nAuthorization: Basic s3cret-key\r\nConnection: "
-	         "close\r\n\r\n");
+	         "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Basic s3cret-key\r\n"
+	         "Connection: close\r\n\r\n");
 	assert_int_equal(r.status, 401);
 	free_response(&r);
 
@@ -799,7 +799,7 @@ static void test_admin_auth(void **state)
 
 	/* A browser without a key is asked for one. */
 	r = call(f->base, f->port,
-	         "GET / HTTP/1.1\r\nAccept: text/html,*/*\r\nConnection: close\r\n\r\n");
+	         "GET / HTTP/1.1\r\nHost: x\r\nAccept: text/html,*/*\r\nConnection: close\r\n\r\n");
 	assert_int_equal(r.status, 401);
 	assert_string_equal(r.content_type, "text/html; charset=utf-8");
 	assert_non_null(strstr(r.body, "name=key"));
