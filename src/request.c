@@ -38,6 +38,7 @@
 #include "sluice/health.h"
 #include "sluice/http.h"
 #include "sluice/log.h"
+#include "sluice/mcp.h"
 #include "sluice/metrics.h"
 #include "sluice/quota.h"
 #include "sluice/record.h"
@@ -228,9 +229,16 @@ static void next_attempt(struct request *r);
 void request_handle(struct http_request *hr, void *arg)
 {
 	struct worker *w = arg;
-	struct request *r = calloc(1, sizeof(*r));
+	const struct config_route *mcp_route;
 	struct timeval now;
 
+	/* MCP routes speak JSON-RPC over GET, POST and DELETE: their own module (src/mcp). */
+	if (router_match(w->config, hr->path, NULL, &mcp_route) == ROUTER_OK &&
+	    mcp_route->type == ROUTE_TYPE_MCP) {
+		mcp_handle(w, hr, mcp_route);
+		return;
+	}
+	struct request *r = calloc(1, sizeof(*r));
 	if (r == NULL) {
 		http_reply_error(hr, 503, "server_error", "out_of_memory", "out of memory");
 		return;
