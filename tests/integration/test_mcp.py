@@ -101,7 +101,7 @@ class NodeServer:
 
 
 def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__delete_*",),
-               servers=("search", "tickets"), tickets_limit=None):
+               servers=("search", "tickets"), tickets_limit=None, checks=False):
     srv = []
     if "search" in servers:
         srv.append({"name": "search", "endpoint": search.url(),
@@ -111,6 +111,9 @@ def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__de
         t = {"name": "tickets", "endpoint": tickets.url(), "timeouts": {"connect": Raw("2s")}}
         if tickets_limit:
             t["limits"] = [{"requests": tickets_limit, "window": Raw("1h")}]
+        if checks:
+            t["checks"] = {"active": {"interval": Raw("200ms"), "timeout": Raw("1s"),
+                                      "failures": 1, "successes": 1}}
         srv.append(t)
     cfg = {
         "server": {"listen": [{"address": "127.0.0.1:%d" % port}], "workers": 2},
@@ -420,6 +423,34 @@ class MCPTest(harness.SluiceTestCase):
             self.assertEqual(b["error"]["code"], -32004)
         out = self.client("list")
         self.assertEqual(out["steps"]["list_tools"]["names"], SEARCH_TOOLS)
+
+    def test_active_checks_by_ping(self):
+        off = self.gw.reload(self.config(checks=True))
+        self.gw.wait_log(r"mcp server tickets: active checks \(MCP ping\) started", since=off)
+
+        def tickets_state():
+            return [x for x in self.admin("/mcp").json()["servers"] if x["name"] == "tickets"][0]
+
+        harness.wait_until(lambda: tickets_state()["probes_ok"] >= 2,
+                           message="two successful pings of tickets")
+        st = self.tickets.stats()
+        self.assertEqual(st["initialize"], 1, "the probe keeps one session: %r" % st)
+        self.assertGreaterEqual(st["methods"].get("ping", 0), 2)
+        sid = self.session()
+        self.tickets.kill()
+        harness.wait_until(lambda: not tickets_state()["healthy"],
+                           message="tickets to turn unhealthy after a failed ping")
+        self.gw.wait_log(r"mcp:tickets.*unhealthy")
+        # its tools are gone from the list at once; a call says why; search still answers
+        r, b = self.rpc("tools/list", {}, session=sid, id_=2)
+        self.assertEqual([t["name"] for t in b["result"]["tools"]], SEARCH_TOOLS)
+        r, b = self.rpc("tools/call", {"name": "tickets__list_tickets", "arguments": {}},
+                        session=sid, id_=3)
+        self.assertEqual(b["error"]["code"], -32050)
+        self.assertIn("unhealthy", b["error"]["message"])
+        r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "h"}},
+                        session=sid, id_=4)
+        self.assertEqual(b["result"]["content"][0]["text"], "results for h")
 
     def test_protocol_errors(self):
         h = {"Authorization": "Bearer alice-key", "Accept": ACCEPT}
