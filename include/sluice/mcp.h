@@ -50,8 +50,8 @@ struct mcp_server_state;
 
 struct mcp_server_conf {
 	char *name;
-	size_t index;                  /* in config->mcp->servers */
-	char *endpoint;                /* http(s) URL of the Streamable HTTP endpoint */
+	size_t index;                   /* in config->mcp->servers */
+	char *endpoint;                 /* http(s) URL of the Streamable HTTP endpoint */
 	struct config_kv *auth_headers; /* sent upstream; the client's never are */
 	size_t n_auth_headers;
 	struct {
@@ -59,13 +59,13 @@ struct mcp_server_conf {
 		uint64_t first_byte; /* ms, default 60s */
 		uint64_t idle;       /* ms, default 5m: gaps in a stream */
 	} timeouts;
-	bool tls_verify;               /* default true */
+	bool tls_verify; /* default true */
 	struct {
-		bool enabled;          /* checks.active present */
-		uint64_t interval;     /* ms, default 10s */
-		uint64_t timeout;      /* ms, default 2s */
-		int successes;         /* default 1 */
-		int failures;          /* default 2 */
+		bool enabled;      /* checks.active present */
+		uint64_t interval; /* ms, default 10s */
+		uint64_t timeout;  /* ms, default 2s */
+		int successes;     /* default 1 */
+		int failures;      /* default 2 */
 	} check;
 	/* The server as the quota and health modules see an instance: name "mcp:<name>", its
 	 * request-rate limits, passive-check defaults, active.enabled when probed. */

@@ -16,16 +16,16 @@ struct mcp_log_record {
 	const char *route;
 	const char *consumer;
 	const char *key_fingerprint;
-	const char *session;     /* hashed (mcp_session_hash), never the id itself */
-	const char *method;      /* the JSON-RPC method; NULL for GET, DELETE and responses */
-	const char *tool;        /* tools/call: the server's own tool name */
-	const char *tool_label;  /* the bounded metric label: a listed, allowed tool or "other" */
-	const char *server;      /* the server that handled it; NULL for fan-out */
-	const char *upstreams;   /* fan-out: the servers asked, comma-separated */
-	int status;              /* HTTP status sent to the client */
+	const char *session;    /* hashed (mcp_session_hash), never the id itself */
+	const char *method;     /* the JSON-RPC method; NULL for GET, DELETE and responses */
+	const char *tool;       /* tools/call: the server's own tool name */
+	const char *tool_label; /* the bounded metric label: a listed, allowed tool or "other" */
+	const char *server;     /* the server that handled it; NULL for fan-out */
+	const char *upstreams;  /* fan-out: the servers asked, comma-separated */
+	int status;             /* HTTP status sent to the client */
 	int upstream_status;
-	const char *outcome;     /* a fixed string: ok, error, denied, rate_limited, ... */
-	int rpc_error;           /* the gateway's JSON-RPC error code, 0 when none */
+	const char *outcome; /* a fixed string: ok, error, denied, rate_limited, ... */
+	int rpc_error;       /* the gateway's JSON-RPC error code, 0 when none */
 	uint64_t duration_us;
 	uint64_t bytes_in, bytes_out;
 };

@@ -95,10 +95,10 @@ struct mcp_upstream_session {
 };
 
 struct mcp_session {
-	uint64_t generation; /* the snapshot the session started on */
-	uint16_t route;      /* route index in that snapshot */
-	uint16_t consumer;   /* consumer index, MCP_NO_CONSUMER for auth: none */
-	uint8_t version;     /* the version the client and Sluice agreed on */
+	uint64_t generation;        /* the snapshot the session started on */
+	uint16_t route;             /* route index in that snapshot */
+	uint16_t consumer;          /* consumer index, MCP_NO_CONSUMER for auth: none */
+	uint8_t version;            /* the version the client and Sluice agreed on */
 	uint8_t sid[MCP_SID_BYTES]; /* random: the session's identity */
 	uint64_t created_ms;
 	uint8_t n;
@@ -116,12 +116,10 @@ bool mcp_crypto_random_key(void);
 /* The Mcp-Session-Id a client sees: "s1." + base64url(nonce | AES-GCM(session) | tag).
  * out needs MCP_TOKEN_MAX bytes. False only when out of space or OpenSSL fails. */
 #define MCP_TOKEN_MAX 4096
-bool mcp_session_encode(struct mcp_crypto *c, const struct mcp_session *s, char *out,
-                        size_t cap);
+bool mcp_session_encode(struct mcp_crypto *c, const struct mcp_session *s, char *out, size_t cap);
 /* False for anything not minted by this process with its key: wrong format, wrong length,
  * failed authentication tag, inconsistent contents. */
-bool mcp_session_decode(struct mcp_crypto *c, const char *tok, size_t len,
-                        struct mcp_session *out);
+bool mcp_session_decode(struct mcp_crypto *c, const char *tok, size_t len, struct mcp_session *out);
 /* First 12 hex digits of SHA-256(sid): how logs and the admin API name a session. */
 void mcp_session_hash(const uint8_t sid[MCP_SID_BYTES], char out[13]);
 
@@ -171,7 +169,8 @@ enum mcp_list {
 };
 /* "tools/list" … → the list kind; false for other methods. */
 bool mcp_list_of_method(const char *method, enum mcp_list *out);
-const char *mcp_list_key(enum mcp_list k);  /* "tools", "prompts", "resources", "resourceTemplates" */
+const char *
+mcp_list_key(enum mcp_list k); /* "tools", "prompts", "resources", "resourceTemplates" */
 const char *mcp_list_field(enum mcp_list k); /* "name", "name", "uri", "uriTemplate" */
 
 struct mcp_list_part {
@@ -197,8 +196,8 @@ json_t *mcp_merge_initialize(const char *version, const char *const *servers,
                              const json_t *const *results, size_t n, const char *name);
 /* Split a prefixed name: the server (one of names[]) whose "<name><sep>" starts it. Returns
  * the index, -1 when none; *rest gets what follows the separator. */
-int mcp_split_name(const char *s, size_t len, const char *sep, const char *const *names,
-                   size_t n, const char **rest);
+int mcp_split_name(const char *s, size_t len, const char *sep, const char *const *names, size_t n,
+                   const char **rest);
 
 /* ------------------------------------------------------------------ registry */
 
@@ -219,8 +218,8 @@ struct mcp_worker_reg;
 struct config *mcp_worker_snapshot(struct mcp_worker *mw, uint64_t gen);
 /* A message of session s was seen on this worker (route's idle timeout). first: it is
  * being created (initialize). */
-void mcp_worker_session_seen(struct mcp_worker *mw, const struct mcp_session *s,
-                             const char *route, const char *consumer, uint64_t idle_ms);
+void mcp_worker_session_seen(struct mcp_worker *mw, const struct mcp_session *s, const char *route,
+                             const char *consumer, uint64_t idle_ms);
 void mcp_worker_session_closed(struct mcp_worker *mw, const struct mcp_session *s);
 struct mcp_crypto *mcp_worker_crypto(struct mcp_worker *mw);
 

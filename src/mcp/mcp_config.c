@@ -95,13 +95,13 @@ static const char *at_index(char *buf, const char *parent, size_t i)
 
 static const char *kind_of(const struct cnode *n)
 {
-	return n->kind == CNODE_MAP ? "a mapping" : n->kind == CNODE_SEQ ? "a list"
-	                                          : n->null               ? "null"
-	                                                                  : "a string";
+	return n->kind == CNODE_MAP   ? "a mapping"
+	       : n->kind == CNODE_SEQ ? "a list"
+	       : n->null              ? "null"
+	                              : "a string";
 }
 
-static const struct cnode *as_map(struct mcp_conf_ctx *ctx, const struct cnode *n,
-                                  const char *path)
+static const struct cnode *as_map(struct mcp_conf_ctx *ctx, const struct cnode *n, const char *path)
 {
 	if (n == NULL || n->kind == CNODE_MAP)
 		return n;
@@ -109,8 +109,7 @@ static const struct cnode *as_map(struct mcp_conf_ctx *ctx, const struct cnode *
 	return NULL;
 }
 
-static const struct cnode *as_seq(struct mcp_conf_ctx *ctx, const struct cnode *n,
-                                  const char *path)
+static const struct cnode *as_seq(struct mcp_conf_ctx *ctx, const struct cnode *n, const char *path)
 {
 	if (n == NULL || n->kind == CNODE_SEQ)
 		return n;
@@ -141,8 +140,8 @@ static void known_keys(struct mcp_conf_ctx *ctx, const struct cnode *map, const 
 			char list[256] = "";
 			size_t len = 0;
 			for (size_t j = 0; keys[j] != NULL; j++) {
-				int r = snprintf(list + len, sizeof(list) - len, "%s%s", j ? ", " : "",
-				                 keys[j]);
+				int r = snprintf(list + len, sizeof(list) - len, "%s%s",
+				                 j ? ", " : "", keys[j]);
 				if (r < 0 || (size_t)r >= sizeof(list) - len)
 					break;
 				len += (size_t)r;
@@ -157,8 +156,8 @@ static bool name_ok(const char *s)
 	if (s[0] == '\0' || strlen(s) > 128)
 		return false;
 	for (const char *p = s; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-		      *p == '.' || *p == '_' || *p == '-'))
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+		      (*p >= '0' && *p <= '9') || *p == '.' || *p == '_' || *p == '-'))
 			return false;
 	return true;
 }
@@ -168,8 +167,8 @@ static bool token_ok(const char *s)
 	if (s[0] == '\0')
 		return false;
 	for (const char *p = s; *p; p++)
-		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
-		      strchr("!#$%&'*+-.^_`|~", *p) != NULL))
+		if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+		      (*p >= '0' && *p <= '9') || strchr("!#$%&'*+-.^_`|~", *p) != NULL))
 			return false;
 	return true;
 }
@@ -269,8 +268,9 @@ static void glob_list(struct mcp_conf_ctx *ctx, const struct cnode *v, const cha
 		if (s == NULL)
 			continue;
 		if (s[0] == '\0' || has_ctl(s, false)) {
-			report(ctx, seq->kids[i], ip, "must be a non-empty pattern without control "
-			                              "characters");
+			report(ctx, seq->kids[i], ip,
+			       "must be a non-empty pattern without control "
+			       "characters");
 			continue;
 		}
 		(*out)[(*n_out)++] = xstrdup(s);
@@ -369,7 +369,8 @@ static void rate_limits(struct mcp_conf_ctx *ctx, const struct cnode *v, const c
 			const char *ws = w->kind == CNODE_SCALAR && !w->null ? w->str : NULL;
 			if (ws == NULL || !config_parse_window(ws, &l.window)) {
 				report(ctx, w, at_key(kp, ip, "window"),
-				       "invalid window \"%s\": use a duration such as 30s, 1m, 1h, or "
+				       "invalid window \"%s\": use a duration such as 30s, 1m, 1h, "
+				       "or "
 				       "calendar months such as 1mo",
 				       ws ? ws : kind_of(w));
 				ok = false;
@@ -402,8 +403,9 @@ static void rate_limits(struct mcp_conf_ctx *ctx, const struct cnode *v, const c
 		l.id = xstrdup(id);
 		for (size_t j = 0; j < *n_out; j++)
 			if (strcmp((*out)[j].id, l.id) == 0) {
-				report(ctx, m, ip, "counts the same thing as another limit (%s): merge "
-				                   "them",
+				report(ctx, m, ip,
+				       "counts the same thing as another limit (%s): merge "
+				       "them",
 				       l.id);
 				free(l.id);
 				l.id = NULL;
@@ -434,7 +436,8 @@ static void server_headers(struct mcp_conf_ctx *ctx, const struct cnode *auth, c
 	if (m == NULL)
 		return;
 	known_keys(ctx, m, path, auth_keys);
-	const struct cnode *h = as_map(ctx, ctree_get(m, "header", NULL), at_key(p, path, "header"));
+	const struct cnode *h =
+	        as_map(ctx, ctree_get(m, "header", NULL), at_key(p, path, "header"));
 	if (h == NULL || h->n == 0)
 		return;
 	s->auth_headers = xcalloc(h->n, sizeof(*s->auth_headers));
@@ -470,7 +473,8 @@ static void server_checks(struct mcp_conf_ctx *ctx, const struct cnode *v, const
 	if (m == NULL)
 		return;
 	known_keys(ctx, m, path, checks_keys);
-	const struct cnode *a = as_map(ctx, ctree_get(m, "active", NULL), at_key(p, path, "active"));
+	const struct cnode *a =
+	        as_map(ctx, ctree_get(m, "active", NULL), at_key(p, path, "active"));
 	if (a == NULL)
 		return;
 	known_keys(ctx, a, p, active_keys);
@@ -545,7 +549,8 @@ static void parse_server(struct mcp_conf_ctx *ctx, const struct cnode *m, const 
 	if (v == NULL)
 		report(ctx, m, path, "missing required key \"name\"");
 	else if (name != NULL && !name_ok(name))
-		report(ctx, v, p, "must contain only letters, digits, '.', '_' and '-' (at most 128)");
+		report(ctx, v, p,
+		       "must contain only letters, digits, '.', '_' and '-' (at most 128)");
 	s->name = xstrdup(name && name_ok(name) ? name : "");
 
 	v = ctree_get(m, "endpoint", NULL);
@@ -559,8 +564,8 @@ static void parse_server(struct mcp_conf_ctx *ctx, const struct cnode *m, const 
 
 	if ((v = ctree_get(m, "auth", NULL)) != NULL)
 		server_headers(ctx, v, at_key(p, path, "auth"), s);
-	const struct cnode *tm = as_map(ctx, ctree_get(m, "timeouts", NULL),
-	                                at_key(p, path, "timeouts"));
+	const struct cnode *tm =
+	        as_map(ctx, ctree_get(m, "timeouts", NULL), at_key(p, path, "timeouts"));
 	if (tm != NULL) {
 		known_keys(ctx, tm, p, timeout_keys);
 		if ((v = ctree_get(tm, "connect", NULL)) != NULL)
@@ -595,9 +600,11 @@ void mcp_config_servers(struct mcp_conf_ctx *ctx, const struct cnode *node)
 		mc->servers[i].index = i;
 		parse_server(ctx, as_map(ctx, seq->kids[i], ip), ip, &mc->servers[i]);
 		for (size_t j = 0; j < i; j++)
-			if (mc->servers[i].name[0] && strcmp(mc->servers[i].name, mc->servers[j].name) == 0) {
+			if (mc->servers[i].name[0] &&
+			    strcmp(mc->servers[i].name, mc->servers[j].name) == 0) {
 				char np[PATH_LEN];
-				report(ctx, ctree_get(seq->kids[i], "name", NULL), at_key(np, ip, "name"),
+				report(ctx, ctree_get(seq->kids[i], "name", NULL),
+				       at_key(np, ip, "name"),
 				       "duplicate MCP server name \"%s\" (mcp_servers[%zu])",
 				       mc->servers[i].name, j);
 				break;
@@ -659,8 +666,9 @@ void mcp_config_route(struct mcp_conf_ctx *ctx, const struct cnode *node, const 
 			continue;
 		struct mcp_server_conf *s = find_server(ctx->c, name);
 		if (s == NULL) {
-			report(ctx, seq->kids[i], sp, "unknown MCP server \"%s\" (declare it under "
-			                              "mcp_servers)",
+			report(ctx, seq->kids[i], sp,
+			       "unknown MCP server \"%s\" (declare it under "
+			       "mcp_servers)",
 			       name);
 			continue;
 		}

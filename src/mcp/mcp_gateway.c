@@ -41,7 +41,7 @@
 /* Above this many bytes queued for a slow client, the upstream legs are paused. */
 #define STREAM_HIGH_WATER (64 * 1024)
 /* A server's whole JSON answer (lists, initialize, a non-stream call) is capped here. */
-#define MAX_LEG_BODY (16u * 1024 * 1024)
+#define MAX_LEG_BODY  (16u * 1024 * 1024)
 #define MAX_SSE_EVENT (4u * 1024 * 1024)
 
 enum ex_kind {
@@ -59,7 +59,7 @@ struct mcp_exchange;
 
 struct mcp_leg {
 	struct mcp_exchange *ex;
-	unsigned slot;                  /* in the route's mcp.servers */
+	unsigned slot; /* in the route's mcp.servers */
 	const struct mcp_server_conf *server;
 	const struct mcp_upstream_session *up; /* NULL for initialize */
 	struct upstream_xfer xfer;
@@ -69,9 +69,9 @@ struct mcp_leg {
 	bool sse;
 	struct sse_parser parser;
 	bool parser_ready;
-	struct evbuffer *body;  /* buffered answer */
-	json_t *response;       /* fan-out: the JSON-RPC response found */
-	char *req_body;         /* owned when rewritten; else NULL (the client's bytes) */
+	struct evbuffer *body; /* buffered answer */
+	json_t *response;      /* fan-out: the JSON-RPC response found */
+	char *req_body;        /* owned when rewritten; else NULL (the client's bytes) */
 	size_t req_len;
 	bool paused;
 	char last_event_id[256]; /* GET: what to resume from */
@@ -85,14 +85,14 @@ struct mcp_worker {
 	LIST_HEAD(, mcp_exchange) live;
 	size_t n_live;
 	struct event *retired_ev; /* main → worker: servers were retired */
-	char shared[]; /* struct mcp_worker_shared (mcp_registry.c) */
+	char shared[];            /* struct mcp_worker_shared (mcp_registry.c) */
 };
 
 struct mcp_exchange {
 	struct mcp_worker *mw;
 	struct http_request *http; /* NULL once the client side is finished */
 	LIST_ENTRY(mcp_exchange) link;
-	struct config *config;     /* the snapshot: current for initialize, the session's after */
+	struct config *config; /* the snapshot: current for initialize, the session's after */
 	const struct config_route *route;
 	const struct mcp_route_conf *rc;
 	const struct config_consumer *consumer;
@@ -100,25 +100,25 @@ struct mcp_exchange {
 	struct mcp_session sess;
 	bool has_session;
 	char sess_hash[13];
-	int version;               /* the session's protocol version index, -1 none */
+	int version; /* the session's protocol version index, -1 none */
 
-	json_t *msg;               /* the client's message */
-	const json_t *id;          /* inside msg */
-	const char *method;        /* inside msg */
+	json_t *msg;        /* the client's message */
+	const json_t *id;   /* inside msg */
+	const char *method; /* inside msg */
 	enum mcp_msg_kind kind_msg;
 	enum ex_kind kind;
 	enum mcp_list list;
-	char tool[129];            /* tools/call: the unprefixed tool, for the log */
+	char tool[129]; /* tools/call: the unprefixed tool, for the log */
 	const char *tool_label;
 	const struct mcp_server_conf *server; /* the one server (forward), NULL for fan-out */
 
 	struct mcp_leg *legs;
 	size_t n_legs, legs_left;
-	bool stream_started;       /* the client has our SSE head */
+	bool stream_started; /* the client has our SSE head */
 	bool client_paused;
-	struct evbuffer *events;   /* events of one upstream read: one chunk */
-	struct mcp_event_ids ids;  /* GET / streams: the last event id of every server */
-	bool multi;                /* session with more than one server: rewrite ids */
+	struct evbuffer *events;  /* events of one upstream read: one chunk */
+	struct mcp_event_ids ids; /* GET / streams: the last event id of every server */
+	bool multi;               /* session with more than one server: rewrite ids */
 	struct mcp_cursor_part cursor_in[MCP_MAX_SERVERS];
 	size_t n_cursor_in;
 	char cursor_buf[MCP_CURSOR_MAX];
@@ -231,10 +231,12 @@ static void reply_error(struct mcp_exchange *ex, int http_status, int code, cons
 		ex->http = NULL;
 		return;
 	}
-	evbuffer_add_printf(b, "{\"jsonrpc\":\"2.0\",\"id\":%s,\"error\":{\"code\":%d,\"message\":\"",
+	evbuffer_add_printf(b,
+	                    "{\"jsonrpc\":\"2.0\",\"id\":%s,\"error\":{\"code\":%d,\"message\":\"",
 	                    id ? id : "null", code);
 	http_json_escape(b, msg, strlen(msg));
-	evbuffer_add_printf(b, "\",\"data\":{\"gateway\":\"sluice\",\"reason\":\"%s\"}}}\n", outcome);
+	evbuffer_add_printf(b, "\",\"data\":{\"gateway\":\"sluice\",\"reason\":\"%s\"}}}\n",
+	                    outcome);
 	free(id);
 	size_t n = evbuffer_get_length(b);
 	ex->bytes_out += n;
@@ -253,7 +255,8 @@ static void reply_result(struct mcp_exchange *ex, json_t *result)
 	char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
 	json_decref(o);
 	if (text == NULL) {
-		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot encode the answer");
+		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error",
+		            "cannot encode the answer");
 		return;
 	}
 	size_t n = strlen(text);
@@ -282,9 +285,9 @@ static size_t leg_on_body(void *arg, const char *data, size_t len);
 static void leg_on_done(void *arg, enum upstream_result res, const char *detail);
 
 static const struct upstream_ops leg_ops = {
-	.on_head = leg_on_head,
-	.on_body = leg_on_body,
-	.on_done = leg_on_done,
+        .on_head = leg_on_head,
+        .on_body = leg_on_body,
+        .on_done = leg_on_done,
 };
 
 static bool leg_start(struct mcp_leg *l, const char *method, const char *body, size_t len)
@@ -309,7 +312,8 @@ static bool leg_start(struct mcp_leg *l, const char *method, const char *body, s
 		upstream_xfer_header(&l->xfer, line);
 	}
 	if (l->up != NULL) {
-		snprintf(line, sizeof(line), "MCP-Protocol-Version: %s", mcp_versions[l->up->version]);
+		snprintf(line, sizeof(line), "MCP-Protocol-Version: %s",
+		         mcp_versions[l->up->version]);
 		upstream_xfer_header(&l->xfer, line);
 	}
 	if (l->last_event_id[0]) {
@@ -319,14 +323,15 @@ static bool leg_start(struct mcp_leg *l, const char *method, const char *body, s
 	snprintf(line, sizeof(line), "x-request-id: %s", ex->request_id);
 	upstream_xfer_header(&l->xfer, line);
 	struct upstream_timeouts to = {
-		.connect = s->timeouts.connect,
-		.first_byte = s->timeouts.first_byte,
-		.idle = s->timeouts.idle,
-		.total = 0, /* streams last as long as the session */
+	        .connect = s->timeouts.connect,
+	        .first_byte = s->timeouts.first_byte,
+	        .idle = s->timeouts.idle,
+	        .total = 0, /* streams last as long as the session */
 	};
 	l->started = true;
 	health_inflight_add(s->as_instance.state, 1);
-	if (!upstream_xfer_start(&l->xfer, method, s->endpoint, body, len, &to, s->tls_verify, 60)) {
+	if (!upstream_xfer_start(&l->xfer, method, s->endpoint, body, len, &to, s->tls_verify,
+	                         60)) {
 		health_inflight_add(s->as_instance.state, -1);
 		l->started = false;
 		l->done = true;
@@ -584,10 +589,14 @@ static enum health_outcome health_of(enum upstream_result res, long status)
 static const char *outcome_of(enum upstream_result res)
 {
 	switch (res) {
-	case UPSTREAM_TIMEOUT: return "timeout";
-	case UPSTREAM_CONNECT_ERROR: return "connect_error";
-	case UPSTREAM_ABORTED: return "client_gone";
-	default: return "upstream_error";
+	case UPSTREAM_TIMEOUT:
+		return "timeout";
+	case UPSTREAM_CONNECT_ERROR:
+		return "connect_error";
+	case UPSTREAM_ABORTED:
+		return "client_gone";
+	default:
+		return "upstream_error";
 	}
 }
 
@@ -611,7 +620,8 @@ static void leg_on_done(void *arg, enum upstream_result res, const char *detail)
 	if (!l->sse && l->body != NULL && !streams_to_client(ex) && status >= 200 && status < 300) {
 		size_t n = evbuffer_get_length(l->body);
 		if (n > 0)
-			collect_message(l, (const char *)evbuffer_pullup(l->body, (ev_ssize_t)n), n);
+			collect_message(l, (const char *)evbuffer_pullup(l->body, (ev_ssize_t)n),
+			                n);
 	}
 	if (status > 0)
 		ex->upstream_status = (int)status;
@@ -672,9 +682,11 @@ static void complete_forward(struct mcp_exchange *ex)
 			char *id = json_dumps(ex->id, JSON_ENCODE_ANY | JSON_COMPACT);
 			struct evbuffer *b = evbuffer_new();
 			if (b != NULL && id != NULL) {
-				evbuffer_add_printf(b, "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":%s,"
-				                       "\"error\":{\"code\":%d,\"message\":\"",
-				                    id, MCP_ERR_UPSTREAM);
+				evbuffer_add_printf(
+				        b,
+				        "event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":%s,"
+				        "\"error\":{\"code\":%d,\"message\":\"",
+				        id, MCP_ERR_UPSTREAM);
 				http_json_escape(b, why, strlen(why));
 				evbuffer_add(b, "\"}}\n\n", 5);
 				http_reply_chunk_buffer(ex->http, b);
@@ -683,8 +695,8 @@ static void complete_forward(struct mcp_exchange *ex)
 			free(id);
 			ex->outcome = outcome_of(l->res);
 			ex->rpc_error = MCP_ERR_UPSTREAM;
-			log_warn("[%s] mcp: stream from %s failed: %s", ex->request_id, l->server->name,
-			         why);
+			log_warn("[%s] mcp: stream from %s failed: %s", ex->request_id,
+			         l->server->name, why);
 		}
 		if (ex->outcome == NULL)
 			ex->outcome = "ok";
@@ -744,7 +756,8 @@ static void complete_list(struct mcp_exchange *ex)
 			if (l->res != UPSTREAM_OK || l->xfer.status != 200)
 				leg_why(l, why, sizeof(why));
 			else
-				snprintf(why, sizeof(why), "%s answered no result", l->server->name);
+				snprintf(why, sizeof(why), "%s answered no result",
+				         l->server->name);
 			log_warn("[%s] mcp %s: skipping %s", ex->request_id, ex->method, why);
 			continue;
 		}
@@ -759,9 +772,8 @@ static void complete_list(struct mcp_exchange *ex)
 		            ex->method, why);
 		return;
 	}
-	const struct mcp_tool_filter *cf = ex->consumer && ex->consumer->mcp
-	                                           ? &ex->consumer->mcp->tools
-	                                           : NULL;
+	const struct mcp_tool_filter *cf =
+	        ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->tools : NULL;
 	json_t *merged = mcp_merge_list(ex->list, parts, n, ex->rc->separator, &ex->rc->tools, cf,
 	                                next, tool_seen, (void *)ex->rc);
 	if (merged == NULL) {
@@ -776,8 +788,8 @@ static void complete_list(struct mcp_exchange *ex)
 			                                      strlen(next[i])};
 	if (n_cp > 0) {
 		char cur[MCP_CURSOR_MAX];
-		if (mcp_cursor_encode(ex->mw->crypto, ex->sess.sid, (uint8_t)ex->list, cp, n_cp, cur,
-		                      sizeof(cur)))
+		if (mcp_cursor_encode(ex->mw->crypto, ex->sess.sid, (uint8_t)ex->list, cp, n_cp,
+		                      cur, sizeof(cur)))
 			json_object_set_new(merged, "nextCursor", json_string(cur));
 	}
 	reply_result(ex, merged);
@@ -801,10 +813,11 @@ static void complete_initialize(struct mcp_exchange *ex)
 			if (l->res != UPSTREAM_OK || l->xfer.status != 200)
 				leg_why(l, why, sizeof(why));
 			else
-				snprintf(why, sizeof(why), "%s answered no usable result", l->server->name);
+				snprintf(why, sizeof(why), "%s answered no usable result",
+				         l->server->name);
 			any_down = true;
-			log_warn("[%s] mcp initialize: %s is not part of the session: %s", ex->request_id,
-			         l->server->name, why);
+			log_warn("[%s] mcp initialize: %s is not part of the session: %s",
+			         ex->request_id, l->server->name, why);
 			continue;
 		}
 		/* Its own session id, from the response head. */
@@ -814,7 +827,8 @@ static void complete_initialize(struct mcp_exchange *ex)
 		u->version = (uint8_t)vi;
 		u->caps = mcp_caps_of(json_object_get(res, "capabilities"));
 		size_t hn = evbuffer_get_length(l->xfer.headers);
-		const char *h = hn ? (const char *)evbuffer_pullup(l->xfer.headers, (ev_ssize_t)hn) : "";
+		const char *h =
+		        hn ? (const char *)evbuffer_pullup(l->xfer.headers, (ev_ssize_t)hn) : "";
 		for (const char *p = h, *end = h + hn; p < end;) {
 			const char *eol = memchr(p, '\r', (size_t)(end - p));
 			if (eol == NULL)
@@ -831,7 +845,8 @@ static void complete_initialize(struct mcp_exchange *ex)
 					}
 				}
 				if (u->sid_len == 0) {
-					snprintf(why, sizeof(why), "%s sent an unusable Mcp-Session-Id",
+					snprintf(why, sizeof(why),
+					         "%s sent an unusable Mcp-Session-Id",
 					         l->server->name);
 					log_warn("[%s] mcp initialize: %s", ex->request_id, why);
 					u = NULL;
@@ -855,10 +870,13 @@ static void complete_initialize(struct mcp_exchange *ex)
 	}
 	char name[160], token[MCP_TOKEN_MAX];
 	snprintf(name, sizeof(name), "sluice/%s", ex->route->name);
-	json_t *merged = mcp_merge_initialize(mcp_versions[ex->sess.version], names, results, n, name);
-	if (merged == NULL || !mcp_session_encode(ex->mw->crypto, &ex->sess, token, sizeof(token))) {
+	json_t *merged =
+	        mcp_merge_initialize(mcp_versions[ex->sess.version], names, results, n, name);
+	if (merged == NULL ||
+	    !mcp_session_encode(ex->mw->crypto, &ex->sess, token, sizeof(token))) {
 		json_decref(merged);
-		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot create the session");
+		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error",
+		            "cannot create the session");
 		return;
 	}
 	ex->has_session = true;
@@ -923,7 +941,8 @@ static void complete_stream(struct mcp_exchange *ex)
 		}
 	bool all_405 = true;
 	for (size_t i = 0; i < ex->n_legs; i++)
-		all_405 = all_405 && ex->legs[i].res == UPSTREAM_OK && ex->legs[i].xfer.status == 405;
+		all_405 =
+		        all_405 && ex->legs[i].res == UPSTREAM_OK && ex->legs[i].xfer.status == 405;
 	if (all_405) {
 		http_response_header(ex->http, "Allow", "POST, DELETE");
 		reply_error(ex, 405, MCP_ERR_INVALID_REQUEST, "method_not_allowed",
@@ -937,11 +956,21 @@ static void ex_complete(struct mcp_exchange *ex)
 {
 	if (ex->http != NULL) {
 		switch (ex->kind) {
-		case EX_FORWARD: complete_forward(ex); break;
-		case EX_LIST: complete_list(ex); break;
-		case EX_INITIALIZE: complete_initialize(ex); break;
-		case EX_STREAM: complete_stream(ex); break;
-		default: complete_fanout(ex); break;
+		case EX_FORWARD:
+			complete_forward(ex);
+			break;
+		case EX_LIST:
+			complete_list(ex);
+			break;
+		case EX_INITIALIZE:
+			complete_initialize(ex);
+			break;
+		case EX_STREAM:
+			complete_stream(ex);
+			break;
+		default:
+			complete_fanout(ex);
+			break;
 		}
 	}
 	ex_finish(ex);
@@ -1010,16 +1039,16 @@ static void fan_out(struct mcp_exchange *ex, const char *method)
 			continue;
 		const struct mcp_server_conf *s = ex->rc->servers[slot];
 		/* A list or setLevel goes only to the servers that offer it. */
-		static const uint8_t list_cap[] = {MCP_CAP_TOOLS, MCP_CAP_PROMPTS, MCP_CAP_RESOURCES,
-		                                   MCP_CAP_RESOURCES};
+		static const uint8_t list_cap[] = {MCP_CAP_TOOLS, MCP_CAP_PROMPTS,
+		                                   MCP_CAP_RESOURCES, MCP_CAP_RESOURCES};
 		if ((ex->kind == EX_LIST && !(ex->sess.up[i].caps & list_cap[ex->list])) ||
 		    (ex->kind == EX_FANOUT && !(ex->sess.up[i].caps & MCP_CAP_LOGGING)))
 			continue;
 		/* Lists and initialize skip a server known to be down: the others answer. */
 		if ((ex->kind == EX_INITIALIZE || ex->kind == EX_LIST) &&
 		    health_admit(s->as_instance.state, &s->as_instance, now) == HEALTH_DOWN) {
-			log_debug("[%s] mcp %s: skipping unhealthy server %s", ex->request_id, method,
-			          s->name);
+			log_debug("[%s] mcp %s: skipping unhealthy server %s", ex->request_id,
+			          method, s->name);
 			continue;
 		}
 		if (ex->kind == EX_LIST && ex->n_cursor_in > 0) {
@@ -1039,8 +1068,8 @@ static void fan_out(struct mcp_exchange *ex, const char *method)
 			}
 			ex->legs[k].req_len = strlen(ex->legs[k].req_body);
 			json_decref(m);
-		} else if (ex->kind == EX_LIST && json_object_get(json_object_get(ex->msg, "params"),
-		                                                  "cursor") != NULL) {
+		} else if (ex->kind == EX_LIST &&
+		           json_object_get(json_object_get(ex->msg, "params"), "cursor") != NULL) {
 			continue;
 		}
 		leg_init(ex, k, slot);
@@ -1064,7 +1093,9 @@ static void fan_out(struct mcp_exchange *ex, const char *method)
 		ex_finish(ex);
 		return;
 	}
-	const char *http = ex->kind == EX_STREAM ? "GET" : ex->kind == EX_DELETE ? "DELETE" : "POST";
+	const char *http = ex->kind == EX_STREAM   ? "GET"
+	                   : ex->kind == EX_DELETE ? "DELETE"
+	                                           : "POST";
 	const char *body = ex->kind == EX_STREAM || ex->kind == EX_DELETE ? NULL : ex->http->body;
 	legs_start(ex, http, body, body ? ex->http->body_len : 0);
 }
@@ -1115,7 +1146,8 @@ static json_t *with_param(const json_t *msg, const char *sub, const char *field,
 	json_t *p = json_object_get(m, "params");
 	if (sub != NULL)
 		p = json_object_get(p, sub);
-	if (m == NULL || !json_is_object(p) || json_object_set_new(p, field, json_string(value)) != 0) {
+	if (m == NULL || !json_is_object(p) ||
+	    json_object_set_new(p, field, json_string(value)) != 0) {
 		json_decref(m);
 		return NULL;
 	}
@@ -1132,7 +1164,8 @@ static void admit_call(struct mcp_exchange *ex)
 	const char *rest = NULL;
 
 	if (!json_is_string(name)) {
-		reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "invalid", "tools/call needs params.name");
+		reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "invalid",
+		            "tools/call needs params.name");
 		ex_finish(ex);
 		return;
 	}
@@ -1140,10 +1173,11 @@ static void admit_call(struct mcp_exchange *ex)
 	size_t nl = json_string_length(name);
 	int slot = split_owner(ex, n, nl, &rest);
 	/* A hidden tool looks exactly like one that does not exist: never forwarded. */
-	const struct mcp_tool_filter *cf = ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->tools
-	                                                                     : NULL;
+	const struct mcp_tool_filter *cf =
+	        ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->tools : NULL;
 	bool allowed = slot >= 0 && mcp_tool_allowed(&ex->rc->tools, cf, n, nl);
-	snprintf(ex->tool, sizeof(ex->tool), "%.*s", (int)(nl < 128 ? nl : 128), slot >= 0 ? rest : n);
+	snprintf(ex->tool, sizeof(ex->tool), "%.*s", (int)(nl < 128 ? nl : 128),
+	         slot >= 0 ? rest : n);
 	if (!allowed) {
 		ex->tool_label = "other";
 		if (slot >= 0)
@@ -1157,12 +1191,11 @@ static void admit_call(struct mcp_exchange *ex)
 	ex->server = s;
 	ex->tool_label = mcp_server_tool_label(s->state, rest);
 	ex->legs = NULL;
-	const struct config_consumer *qc = ex->consumer && ex->consumer->mcp
-	                                           ? &ex->consumer->mcp->as_consumer
-	                                           : NULL;
+	const struct config_consumer *qc =
+	        ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->as_consumer : NULL;
 	memset(&ex->ticket, 0, sizeof(ex->ticket));
-	if (quota_admit(ex->mw->w->quota, &ex->ticket, ex->config, qc, &s->as_instance, 0, 0, on_quota,
-	                ex) == QUOTA_PENDING) {
+	if (quota_admit(ex->mw->w->quota, &ex->ticket, ex->config, qc, &s->as_instance, 0, 0,
+	                on_quota, ex) == QUOTA_PENDING) {
 		ex->quota_pending = true;
 		return;
 	}
@@ -1204,9 +1237,9 @@ static void call_admitted(struct mcp_exchange *ex)
 		ex_finish(ex);
 		return;
 	}
-	const char *rest = json_string_value(json_object_get(json_object_get(ex->msg, "params"),
-	                                                     "name")) +
-	                   strlen(s->name) + strlen(ex->rc->separator);
+	const char *rest =
+	        json_string_value(json_object_get(json_object_get(ex->msg, "params"), "name")) +
+	        strlen(s->name) + strlen(ex->rc->separator);
 	json_t *m = with_param(ex->msg, NULL, "name", rest);
 	if (m == NULL) {
 		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot rewrite the call");
@@ -1293,7 +1326,8 @@ static void dispatch_request(struct mcp_exchange *ex)
 			                       json_string_value(cur), json_string_length(cur),
 			                       ex->cursor_in, &ex->n_cursor_in, ex->cursor_buf,
 			                       sizeof(ex->cursor_buf))) {
-				reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "invalid", "invalid cursor");
+				reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "invalid",
+				            "invalid cursor");
 				ex_finish(ex);
 				return;
 			}
@@ -1333,8 +1367,8 @@ static void dispatch_request(struct mcp_exchange *ex)
 		forward_one(ex, ex->sess.up[0].slot, NULL, EX_FORWARD);
 		return;
 	}
-	reply_error(ex, 200, MCP_ERR_METHOD_NOT_FOUND, "method_not_found",
-	            "Method not found: %s", m);
+	reply_error(ex, 200, MCP_ERR_METHOD_NOT_FOUND, "method_not_found", "Method not found: %s",
+	            m);
 	ex_finish(ex);
 }
 
@@ -1353,8 +1387,9 @@ static void dispatch_post(struct mcp_exchange *ex)
 	}
 	ex->msg = json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES, &jerr);
 	if (ex->msg == NULL) {
-		reply_error(ex, 400, MCP_ERR_PARSE, "invalid", "Parse error: %s at line %d column %d",
-		            jerr.text, jerr.line, jerr.column);
+		reply_error(ex, 400, MCP_ERR_PARSE, "invalid",
+		            "Parse error: %s at line %d column %d", jerr.text, jerr.line,
+		            jerr.column);
 		ex_finish(ex);
 		return;
 	}
@@ -1381,8 +1416,8 @@ static void dispatch_post(struct mcp_exchange *ex)
 			ex_finish(ex);
 			return;
 		}
-		const char *v = json_string_value(json_object_get(json_object_get(ex->msg, "params"),
-		                                                  "protocolVersion"));
+		const char *v = json_string_value(
+		        json_object_get(json_object_get(ex->msg, "params"), "protocolVersion"));
 		int vi = v ? mcp_version_index(v, strlen(v)) : -1;
 		ex->kind = EX_INITIALIZE;
 		ex->sess.version = (uint8_t)(vi >= 0 ? vi : 0);
@@ -1442,24 +1477,28 @@ static bool attach_session(struct mcp_exchange *ex, const char *sid)
 	const struct config_route *rt = c && s->route < c->n_routes ? &c->routes[s->route] : NULL;
 	if (rt == NULL || rt->mcp == NULL || strcmp(rt->name, ex->route->name) != 0) {
 		config_unref(c);
-		reply_error(ex, 404, MCP_ERR_SESSION, "session_not_found",
-		            "session not found (it ended, or the gateway restarted): initialize a new "
-		            "session");
+		reply_error(
+		        ex, 404, MCP_ERR_SESSION, "session_not_found",
+		        "session not found (it ended, or the gateway restarted): initialize a new "
+		        "session");
 		return false;
 	}
 	const struct config_consumer *cons =
-	        s->consumer != MCP_NO_CONSUMER && s->consumer < c->n_consumers ? &c->consumers[s->consumer]
-	                                                                       : NULL;
+	        s->consumer != MCP_NO_CONSUMER && s->consumer < c->n_consumers
+	                ? &c->consumers[s->consumer]
+	                : NULL;
 	/* Only the consumer that opened a session may use it. */
 	bool same = (cons == NULL && ex->consumer == NULL) ||
-	            (cons != NULL && ex->consumer != NULL && strcmp(cons->name, ex->consumer->name) == 0);
+	            (cons != NULL && ex->consumer != NULL &&
+	             strcmp(cons->name, ex->consumer->name) == 0);
 	for (unsigned i = 0; same && i < s->n; i++) {
 		if (s->up[i].slot >= rt->mcp->n_servers ||
 		    mcp_server_retired(rt->mcp->servers[s->up[i].slot]->state)) {
 			config_unref(c);
-			reply_error(ex, 404, MCP_ERR_SESSION, "session_not_found",
-			            "session ended: one of its MCP servers was removed; initialize a "
-			            "new session");
+			reply_error(
+			        ex, 404, MCP_ERR_SESSION, "session_not_found",
+			        "session ended: one of its MCP servers was removed; initialize a "
+			        "new session");
 			return false;
 		}
 	}
@@ -1516,19 +1555,22 @@ void mcp_handle(struct worker *w, struct http_request *hr, const struct config_r
 	http_request_on_abort(hr, on_client_abort, ex);
 
 	/* key-auth on the current snapshot: a revoked key stops at once, sessions or not. */
-	enum auth_result ar = auth_check(ex->config, route, get_header, hr, &ex->consumer, ex->key_fp);
+	enum auth_result ar =
+	        auth_check(ex->config, route, get_header, hr, &ex->consumer, ex->key_fp);
 	if (ar == AUTH_MISSING || ar == AUTH_UNKNOWN) {
 		http_response_header(hr, "WWW-Authenticate", "Bearer");
 		reply_error(ex, 401, MCP_ERR_UNAUTHORIZED, "unauthorized",
-		            ar == AUTH_MISSING ? "no API key: send it as Authorization: Bearer <key>"
-		                               : "invalid API key (fingerprint %s)",
+		            ar == AUTH_MISSING
+		                    ? "no API key: send it as Authorization: Bearer <key>"
+		                    : "invalid API key (fingerprint %s)",
 		            ex->key_fp);
 		ex_finish(ex);
 		return;
 	}
 	if (ar == AUTH_FORBIDDEN) {
-		reply_error(ex, 403, MCP_ERR_FORBIDDEN, "forbidden", "consumer '%s' may not use route '%s'",
-		            ex->consumer->name, route->name);
+		reply_error(ex, 403, MCP_ERR_FORBIDDEN, "forbidden",
+		            "consumer '%s' may not use route '%s'", ex->consumer->name,
+		            route->name);
 		ex_finish(ex);
 		return;
 	}
@@ -1551,16 +1593,18 @@ void mcp_handle(struct worker *w, struct http_request *hr, const struct config_r
 	const char *sid = http_request_header(hr, "mcp-session-id");
 	if (sid != NULL && (!mcp_header_token(sid, MCP_TOKEN_MAX) || !attach_session(ex, sid))) {
 		if (ex->http != NULL)
-			reply_error(ex, 404, MCP_ERR_SESSION, "session_not_found", "session not found");
+			reply_error(ex, 404, MCP_ERR_SESSION, "session_not_found",
+			            "session not found");
 		ex_finish(ex);
 		return;
 	}
 	const char *accept = http_request_header(hr, "accept");
 	if (get) {
 		if (!ex->has_session || !accepts(accept, "text/event-stream")) {
-			reply_error(ex, ex->has_session ? 406 : 400, MCP_ERR_INVALID_REQUEST, "invalid",
-			            ex->has_session ? "GET needs Accept: text/event-stream"
-			                            : "Bad Request: Mcp-Session-Id header is required");
+			reply_error(
+			        ex, ex->has_session ? 406 : 400, MCP_ERR_INVALID_REQUEST, "invalid",
+			        ex->has_session ? "GET needs Accept: text/event-stream"
+			                        : "Bad Request: Mcp-Session-Id header is required");
 			ex_finish(ex);
 			return;
 		}
@@ -1579,7 +1623,8 @@ void mcp_handle(struct worker *w, struct http_request *hr, const struct config_r
 			leg_init(ex, ex->n_legs, slot);
 			if (ex->ids.id[slot] != NULL)
 				snprintf(ex->legs[ex->n_legs].last_event_id,
-				         sizeof(ex->legs[ex->n_legs].last_event_id), "%s", ex->ids.id[slot]);
+				         sizeof(ex->legs[ex->n_legs].last_event_id), "%s",
+				         ex->ids.id[slot]);
 			ex->n_legs++;
 		}
 		legs_start(ex, "GET", NULL, 0);
@@ -1596,10 +1641,11 @@ void mcp_handle(struct worker *w, struct http_request *hr, const struct config_r
 		fan_out(ex, "DELETE");
 		return;
 	}
-	if (accept != NULL && !(accepts(accept, "application/json") &&
-	                        accepts(accept, "text/event-stream"))) {
-		reply_error(ex, 406, MCP_ERR_INVALID_REQUEST, "invalid",
-		            "Not Acceptable: Accept must list application/json and text/event-stream");
+	if (accept != NULL &&
+	    !(accepts(accept, "application/json") && accepts(accept, "text/event-stream"))) {
+		reply_error(
+		        ex, 406, MCP_ERR_INVALID_REQUEST, "invalid",
+		        "Not Acceptable: Accept must list application/json and text/event-stream");
 		ex_finish(ex);
 		return;
 	}
@@ -1705,32 +1751,32 @@ void mcp_worker_abort_all(struct mcp_worker *mw)
 void mcp_record(const struct mcp_exchange *ex)
 {
 	struct mcp_log_record r = {
-		.request_id = ex->request_id,
-		.start_unix_us = ex->start_unix_us,
-		.client_ip = ex->client_ip,
-		.http_method = ex->http_method,
-		.route = ex->route ? ex->route->name : NULL,
-		.consumer = ex->consumer ? ex->consumer->name : NULL,
-		.key_fingerprint = ex->key_fp[0] ? ex->key_fp : NULL,
-		.session = ex->sess_hash[0] ? ex->sess_hash : NULL,
-		.method = ex->method,
-		.tool = ex->tool[0] ? ex->tool : NULL,
-		.tool_label = ex->tool_label,
-		.server = ex->server ? ex->server->name : NULL,
-		.status = ex->status,
-		.upstream_status = ex->upstream_status,
-		.outcome = ex->outcome ? ex->outcome : "ok",
-		.rpc_error = ex->rpc_error,
-		.duration_us = http_now_us() - ex->start_us,
-		.bytes_in = ex->bytes_in,
-		.bytes_out = ex->bytes_out,
+	        .request_id = ex->request_id,
+	        .start_unix_us = ex->start_unix_us,
+	        .client_ip = ex->client_ip,
+	        .http_method = ex->http_method,
+	        .route = ex->route ? ex->route->name : NULL,
+	        .consumer = ex->consumer ? ex->consumer->name : NULL,
+	        .key_fingerprint = ex->key_fp[0] ? ex->key_fp : NULL,
+	        .session = ex->sess_hash[0] ? ex->sess_hash : NULL,
+	        .method = ex->method,
+	        .tool = ex->tool[0] ? ex->tool : NULL,
+	        .tool_label = ex->tool_label,
+	        .server = ex->server ? ex->server->name : NULL,
+	        .status = ex->status,
+	        .upstream_status = ex->upstream_status,
+	        .outcome = ex->outcome ? ex->outcome : "ok",
+	        .rpc_error = ex->rpc_error,
+	        .duration_us = http_now_us() - ex->start_us,
+	        .bytes_in = ex->bytes_in,
+	        .bytes_out = ex->bytes_out,
 	};
 	char servers[512];
 	if (ex->server == NULL && ex->n_legs > 0) {
 		size_t o = 0;
 		for (size_t i = 0; i < ex->n_legs && o < sizeof(servers) - 1; i++)
-			o += (size_t)snprintf(servers + o, sizeof(servers) - o, "%s%s", i ? "," : "",
-			                      ex->legs[i].server->name);
+			o += (size_t)snprintf(servers + o, sizeof(servers) - o, "%s%s",
+			                      i ? "," : "", ex->legs[i].server->name);
 		r.upstreams = servers;
 	}
 	mcp_log_write(ex->mw->w->metrics, &r);

@@ -18,7 +18,8 @@ int mcp_version_index(const char *s, size_t len)
 bool mcp_version_allows_batch(int version)
 {
 	/* Added in 2025-03-26, removed again in 2025-06-18. */
-	return version >= 0 && version < MCP_N_VERSIONS && strcmp(mcp_versions[version], "2025-03-26") == 0;
+	return version >= 0 && version < MCP_N_VERSIONS &&
+	       strcmp(mcp_versions[version], "2025-03-26") == 0;
 }
 
 static bool id_ok(const json_t *id)
@@ -39,7 +40,8 @@ enum mcp_msg_kind mcp_msg_classify(const json_t *m, const char **method)
 	const json_t *me = json_object_get(m, "method"), *id = json_object_get(m, "id");
 	const json_t *res = json_object_get(m, "result"), *err = json_object_get(m, "error");
 	if (me != NULL) {
-		if (!json_is_string(me) || json_string_length(me) == 0 || res != NULL || err != NULL)
+		if (!json_is_string(me) || json_string_length(me) == 0 || res != NULL ||
+		    err != NULL)
 			return MCP_MSG_INVALID;
 		const json_t *params = json_object_get(m, "params");
 		if (params != NULL && !json_is_object(params) && !json_is_array(params))

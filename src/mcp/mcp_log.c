@@ -19,18 +19,31 @@
 const char *mcp_method_label(const char *method, const char *http_method)
 {
 	static const char *const known[] = {
-		"initialize", "ping", "tools/list", "tools/call", "prompts/list", "prompts/get",
-		"resources/list", "resources/templates/list", "resources/read", "resources/subscribe",
-		"resources/unsubscribe", "completion/complete", "logging/setLevel",
-		"notifications/initialized", "notifications/cancelled", "notifications/progress",
-		"notifications/roots/list_changed",
+	        "initialize",
+	        "ping",
+	        "tools/list",
+	        "tools/call",
+	        "prompts/list",
+	        "prompts/get",
+	        "resources/list",
+	        "resources/templates/list",
+	        "resources/read",
+	        "resources/subscribe",
+	        "resources/unsubscribe",
+	        "completion/complete",
+	        "logging/setLevel",
+	        "notifications/initialized",
+	        "notifications/cancelled",
+	        "notifications/progress",
+	        "notifications/roots/list_changed",
 	};
 	if (method == NULL) {
 		if (http_method != NULL && strcmp(http_method, "GET") == 0)
 			return "GET";
 		if (http_method != NULL && strcmp(http_method, "DELETE") == 0)
 			return "DELETE";
-		return http_method != NULL && strcmp(http_method, "POST") == 0 ? "response" : "other";
+		return http_method != NULL && strcmp(http_method, "POST") == 0 ? "response"
+		                                                               : "other";
 	}
 	for (size_t i = 0; i < sizeof(known) / sizeof(known[0]); i++)
 		if (strcmp(known[i], method) == 0)
@@ -98,7 +111,8 @@ size_t mcp_log_format(const struct mcp_log_record *r, char *buf, size_t cap)
 	struct tm tm;
 	gmtime_r(&sec, &tm);
 	size_t n = strftime(tmp, sizeof(tmp), "{\"time\":\"%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(tmp + n, sizeof(tmp) - n, ".%03uZ\"", (unsigned)(r->start_unix_us / 1000u % 1000u));
+	snprintf(tmp + n, sizeof(tmp) - n, ".%03uZ\"",
+	         (unsigned)(r->start_unix_us / 1000u % 1000u));
 	puts_(&o, tmp);
 	put(&o, ",\"type\":\"mcp\"", 13);
 	put_str(&o, "request_id", r->request_id);
@@ -140,6 +154,6 @@ void mcp_log_write(struct metrics_shard *shard, const struct mcp_log_record *r)
 		accesslog_write_line(line, n);
 	const char *method = mcp_method_label(r->method, r->http_method);
 	const char *tool = r->tool_label ? r->tool_label : "";
-	metrics_record_mcp(shard, r->route ? r->route : "", r->server ? r->server : "", method, tool,
-	                   r->outcome ? r->outcome : "ok", r->duration_us);
+	metrics_record_mcp(shard, r->route ? r->route : "", r->server ? r->server : "", method,
+	                   tool, r->outcome ? r->outcome : "ok", r->duration_us);
 }

@@ -71,7 +71,8 @@ json_t *mcp_merge_list(enum mcp_list kind, const struct mcp_list_part *parts, si
 			const json_t *name = json_object_get(item, field);
 			if (!json_is_object(item) || !json_is_string(name))
 				continue;
-			size_t sl = strlen(parts[i].server), pl = strlen(sep), nl = json_string_length(name);
+			size_t sl = strlen(parts[i].server), pl = strlen(sep),
+			       nl = json_string_length(name);
 			size_t total = sl + pl + nl;
 			char *pref = total < sizeof(small) ? small : malloc(total + 1);
 			if (pref == NULL)
@@ -88,7 +89,8 @@ json_t *mcp_merge_list(enum mcp_list kind, const struct mcp_list_part *parts, si
 				free(pref);
 			if (!keep)
 				continue;
-			if (copy == NULL || ns == NULL || json_object_set_new(copy, field, ns) != 0 ||
+			if (copy == NULL || ns == NULL ||
+			    json_object_set_new(copy, field, ns) != 0 ||
 			    json_array_append_new(items, copy) != 0) {
 				json_decref(copy);
 				goto fail;
@@ -110,7 +112,8 @@ fail:
 
 uint8_t mcp_caps_of(const json_t *caps)
 {
-	static const char *const names[] = {"tools", "prompts", "resources", "logging", "completions"};
+	static const char *const names[] = {"tools", "prompts", "resources", "logging",
+	                                    "completions"};
 	uint8_t bits = 0;
 	for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]); i++)
 		if (json_is_object(json_object_get(caps, names[i])))
@@ -143,7 +146,8 @@ json_t *mcp_merge_initialize(const char *version, const char *const *servers,
                              const json_t *const *results, size_t n, const char *name)
 {
 	json_t *caps = json_object(), *out = NULL, *instr = NULL;
-	static const char *const kinds[] = {"tools", "prompts", "resources", "logging", "completions"};
+	static const char *const kinds[] = {"tools", "prompts", "resources", "logging",
+	                                    "completions"};
 
 	if (caps == NULL)
 		return NULL;

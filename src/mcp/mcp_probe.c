@@ -92,7 +92,6 @@ struct found {
 	bool result;
 };
 
-
 static bool on_event(void *arg, const struct sse_event *ev)
 {
 	struct mcp_scan sc;
@@ -134,15 +133,15 @@ static void on_done(void *arg, enum upstream_result res, const char *detail)
 		         p->step == STEP_PING ? "ping" : "initialize", upstream_result_name(res),
 		         detail ? detail : "");
 		p->sid[0] = '\0';
-		verdict(p, res == UPSTREAM_TIMEOUT ? HEALTH_PROBE_TIMEOUT : HEALTH_PROBE_TCP_FAIL, 0,
-		        why);
+		verdict(p, res == UPSTREAM_TIMEOUT ? HEALTH_PROBE_TIMEOUT : HEALTH_PROBE_TCP_FAIL,
+		        0, why);
 		return;
 	}
 	switch (p->step) {
 	case STEP_INIT: {
 		if (status != 200 || !has_result(p)) {
-			snprintf(why, sizeof(why), "MCP initialize answered HTTP %ld without a result",
-			         status);
+			snprintf(why, sizeof(why),
+			         "MCP initialize answered HTTP %ld without a result", status);
 			verdict(p, HEALTH_PROBE_HTTP_FAIL, status, why);
 			return;
 		}
@@ -174,23 +173,24 @@ static void on_done(void *arg, enum upstream_result res, const char *detail)
 }
 
 static const struct upstream_ops probe_ops = {
-	.on_head = on_head,
-	.on_body = on_body,
-	.on_done = on_done,
+        .on_head = on_head,
+        .on_body = on_body,
+        .on_done = on_done,
 };
 
 /* The session id the server gave at initialize, read from the response head. */
 static void take_sid(struct mprobe *p, const struct evbuffer *headers)
 {
 	size_t n = evbuffer_get_length(headers);
-	const char *h = n ? (const char *)evbuffer_pullup((struct evbuffer *)headers, (ev_ssize_t)n)
-	                  : "";
+	const char *h =
+	        n ? (const char *)evbuffer_pullup((struct evbuffer *)headers, (ev_ssize_t)n) : "";
 	for (const char *q = h, *end = h + n; q < end;) {
 		const char *eol = memchr(q, '\r', (size_t)(end - q));
 		if (eol == NULL)
 			return;
 		size_t l = (size_t)(eol - q);
-		if (l > 16 && l - 16 <= MCP_MAX_UPSTREAM_SID && strncasecmp(q, "mcp-session-id: ", 16) == 0) {
+		if (l > 16 && l - 16 <= MCP_MAX_UPSTREAM_SID &&
+		    strncasecmp(q, "mcp-session-id: ", 16) == 0) {
 			memcpy(p->sid, q + 16, l - 16);
 			p->sid[l - 16] = '\0';
 			if (!mcp_header_token(p->sid, MCP_MAX_UPSTREAM_SID))
@@ -204,8 +204,9 @@ static void take_sid(struct mprobe *p, const struct evbuffer *headers)
 static void send_step(struct mprobe *p, enum step s)
 {
 	char line[512];
-	const char *body = s == STEP_INIT ? init_body : s == STEP_INITIALIZED ? initialized_body
-	                                                                      : ping_body;
+	const char *body = s == STEP_INIT          ? init_body
+	                   : s == STEP_INITIALIZED ? initialized_body
+	                                           : ping_body;
 	upstream_xfer_cleanup(&p->x);
 	upstream_xfer_init(&p->x, probe_up, &probe_ops, p);
 	evbuffer_drain(p->body, evbuffer_get_length(p->body));
@@ -265,12 +266,13 @@ static bool same(const struct mprobe *p, const struct mcp_server_conf *s)
 	if (strcmp(p->name, s->name) != 0 || strcmp(p->endpoint, s->endpoint) != 0 ||
 	    p->interval != s->check.interval || p->timeout != s->check.timeout ||
 	    p->check.healthy.successes != s->check.successes ||
-	    p->check.unhealthy.http_failures != s->check.failures || p->tls_verify != s->tls_verify ||
-	    p->n_headers != s->n_auth_headers)
+	    p->check.unhealthy.http_failures != s->check.failures ||
+	    p->tls_verify != s->tls_verify || p->n_headers != s->n_auth_headers)
 		return false;
 	for (size_t i = 0; i < s->n_auth_headers; i++) {
 		char line[8192];
-		snprintf(line, sizeof(line), "%s: %s", s->auth_headers[i].name, s->auth_headers[i].value);
+		snprintf(line, sizeof(line), "%s: %s", s->auth_headers[i].name,
+		         s->auth_headers[i].value);
 		if (strcmp(line, p->headers[i]) != 0)
 			return false;
 	}
@@ -302,8 +304,8 @@ void mcp_probes_sync(const struct config *c)
 		p->headers = calloc(s->n_auth_headers ? s->n_auth_headers : 1, sizeof(char *));
 		p->timer = evtimer_new(probe_base, timer_cb, p);
 		p->body = evbuffer_new();
-		if (p->name == NULL || p->endpoint == NULL || p->headers == NULL || p->timer == NULL ||
-		    p->body == NULL) {
+		if (p->name == NULL || p->endpoint == NULL || p->headers == NULL ||
+		    p->timer == NULL || p->body == NULL) {
 			probe_free(p);
 			continue;
 		}
@@ -325,8 +327,8 @@ void mcp_probes_sync(const struct config *c)
 		upstream_xfer_init(&p->x, probe_up, &probe_ops, p);
 		p->next = probes;
 		probes = p;
-		log_info("mcp server %s: active checks (MCP ping) started: %s every %llu ms", p->name,
-		         p->endpoint, (unsigned long long)p->interval);
+		log_info("mcp server %s: active checks (MCP ping) started: %s every %llu ms",
+		         p->name, p->endpoint, (unsigned long long)p->interval);
 		/* At once, not an interval later: the first verdict comes with the start. */
 		schedule(p, 0);
 	}

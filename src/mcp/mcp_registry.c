@@ -27,11 +27,11 @@
 #include "sluice/mcp_parts.h"
 #include "sluice/server.h"
 
-#define MCP_SWEEP_MS       1000
-#define MAX_WORKERS        256
-#define MAX_SNAPS          64
-#define SESSION_BUCKETS    256
-#define MAX_TOOL_LABELS    256 /* metric labels per server: tools past these count as "other" */
+#define MCP_SWEEP_MS    1000
+#define MAX_WORKERS     256
+#define MAX_SNAPS       64
+#define SESSION_BUCKETS 256
+#define MAX_TOOL_LABELS 256 /* metric labels per server: tools past these count as "other" */
 
 /* ---------------------------------------------------------------- server states */
 
@@ -226,8 +226,8 @@ static unsigned sid_bucket(const uint8_t sid[MCP_SID_BYTES])
 	return (unsigned)(sid[0] | sid[1] << 8) % SESSION_BUCKETS; /* sids are random */
 }
 
-void mcp_worker_session_seen(struct mcp_worker *mw, const struct mcp_session *s,
-                             const char *route, const char *consumer, uint64_t idle_ms)
+void mcp_worker_session_seen(struct mcp_worker *mw, const struct mcp_session *s, const char *route,
+                             const char *consumer, uint64_t idle_ms)
 {
 	struct mcp_worker_shared *sh = mcp_worker_shared(mw);
 	unsigned b = sid_bucket(s->sid);
@@ -259,9 +259,9 @@ void mcp_worker_session_seen(struct mcp_worker *mw, const struct mcp_session *s,
 			size_t o = 0;
 			for (unsigned k = 0; k < s->n; k++)
 				if (s->up[k].slot < rc->n_servers && o < sizeof(e->servers) - 1)
-					o += (size_t)snprintf(e->servers + o, sizeof(e->servers) - o,
-					                      "%s%s", o ? "," : "",
-					                      rc->servers[s->up[k].slot]->name);
+					o += (size_t)snprintf(
+					        e->servers + o, sizeof(e->servers) - o, "%s%s",
+					        o ? "," : "", rc->servers[s->up[k].slot]->name);
 			break;
 		}
 	}
@@ -333,7 +333,8 @@ static void sweep(evutil_socket_t fd, short what, void *arg)
 						}
 					}
 					if (closed.n < closed.cap)
-						memcpy(closed.sid[closed.n++], e->sid, MCP_SID_BYTES);
+						memcpy(closed.sid[closed.n++], e->sid,
+						       MCP_SID_BYTES);
 				}
 				if (gone) {
 					*pe = e->next;
@@ -430,7 +431,8 @@ void mcp_publish(struct config *c)
 		for (size_t i = 0; c->mcp != NULL && i < c->mcp->n_servers && !used; i++)
 			used = c->mcp->servers[i].state == st;
 		if (!used && !atomic_exchange(&st->retired, true))
-			log_info("mcp: server %s (%s) is gone from the configuration: its sessions end",
+			log_info("mcp: server %s (%s) is gone from the configuration: its sessions "
+			         "end",
 			         st->name, st->endpoint);
 	}
 	for (size_t w = 0; w < n_workers; w++) {
@@ -520,13 +522,15 @@ json_t *mcp_admin_json(void)
 	for (size_t i = 0; i < n_all; i++) {
 		char h[13];
 		mcp_session_hash(all[i].sid, h);
-		json_array_append_new(
-		        sessions,
-		        json_pack("{s:s, s:s, s:s?, s:s, s:I, s:I, s:I, s:I}", "session", h, "route",
-		                  all[i].route, "consumer", all[i].consumer[0] ? all[i].consumer : NULL,
-		                  "servers", all[i].servers, "generation", (json_int_t)all[i].generation,
-		                  "created_unix_ms", (json_int_t)all[i].created_ms, "last_seen_unix_ms",
-		                  (json_int_t)all[i].last_ms, "messages", (json_int_t)all[i].messages));
+		json_array_append_new(sessions,
+		                      json_pack("{s:s, s:s, s:s?, s:s, s:I, s:I, s:I, s:I}",
+		                                "session", h, "route", all[i].route, "consumer",
+		                                all[i].consumer[0] ? all[i].consumer : NULL,
+		                                "servers", all[i].servers, "generation",
+		                                (json_int_t)all[i].generation, "created_unix_ms",
+		                                (json_int_t)all[i].created_ms, "last_seen_unix_ms",
+		                                (json_int_t)all[i].last_ms, "messages",
+		                                (json_int_t)all[i].messages));
 	}
 	const struct config *c = published;
 	for (size_t i = 0; c != NULL && c->mcp != NULL && i < c->mcp->n_servers; i++) {
@@ -539,17 +543,18 @@ json_t *mcp_admin_json(void)
 			const char *p = all[k].servers;
 			size_t nl = strlen(s->name);
 			for (; (p = strstr(p, s->name)) != NULL; p += nl)
-				if ((p == all[k].servers || p[-1] == ',') && (p[nl] == ',' || p[nl] == '\0')) {
+				if ((p == all[k].servers || p[-1] == ',') &&
+				    (p[nl] == ',' || p[nl] == '\0')) {
 					open++;
 					break;
 				}
 		}
-		json_t *o = json_pack("{s:s, s:s, s:b, s:s, s:s, s:b, s:I, s:I, s:I}", "name", s->name,
-		                      "endpoint", s->endpoint, "healthy", hs.healthy, "last_reason",
-		                      hs.last_reason, "last_source", hs.source, "active_checks",
-		                      s->check.enabled, "open_sessions", (json_int_t)open, "probes_ok",
-		                      (json_int_t)hs.probes_ok, "probes_failed",
-		                      (json_int_t)hs.probes_failed);
+		json_t *o = json_pack("{s:s, s:s, s:b, s:s, s:s, s:b, s:I, s:I, s:I}", "name",
+		                      s->name, "endpoint", s->endpoint, "healthy", hs.healthy,
+		                      "last_reason", hs.last_reason, "last_source", hs.source,
+		                      "active_checks", s->check.enabled, "open_sessions",
+		                      (json_int_t)open, "probes_ok", (json_int_t)hs.probes_ok,
+		                      "probes_failed", (json_int_t)hs.probes_failed);
 		json_array_append_new(servers, o);
 	}
 	free(all);

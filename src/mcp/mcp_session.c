@@ -139,7 +139,8 @@ static bool seal(struct mcp_crypto *c, const char *aad, const uint8_t *aad2, siz
 	if (RAND_bytes(nonce, NONCE_LEN) != 1)
 		return false;
 	if (EVP_EncryptInit_ex(c->ctx, EVP_aes_256_gcm(), NULL, key, nonce) != 1 ||
-	    EVP_EncryptUpdate(c->ctx, NULL, &len, (const unsigned char *)aad, (int)strlen(aad)) != 1 ||
+	    EVP_EncryptUpdate(c->ctx, NULL, &len, (const unsigned char *)aad, (int)strlen(aad)) !=
+	            1 ||
 	    (aad2_len && EVP_EncryptUpdate(c->ctx, NULL, &len, aad2, (int)aad2_len) != 1) ||
 	    EVP_EncryptUpdate(c->ctx, ct, &len, pt, (int)n) != 1 ||
 	    EVP_EncryptFinal_ex(c->ctx, ct + len, &len) != 1 ||
@@ -149,18 +150,20 @@ static bool seal(struct mcp_crypto *c, const char *aad, const uint8_t *aad2, siz
 }
 
 /* in: nonce | ct | tag (n bytes). Returns the plaintext length or -1. */
-static long open_sealed(struct mcp_crypto *c, const char *aad, const uint8_t *aad2,
-                        size_t aad2_len, unsigned char *in, size_t n, unsigned char *pt)
+static long open_sealed(struct mcp_crypto *c, const char *aad, const uint8_t *aad2, size_t aad2_len,
+                        unsigned char *in, size_t n, unsigned char *pt)
 {
 	int len = 0, fin = 0;
 	if (n < NONCE_LEN + TAG_LEN)
 		return -1;
 	size_t ct_len = n - NONCE_LEN - TAG_LEN;
 	if (EVP_DecryptInit_ex(c->ctx, EVP_aes_256_gcm(), NULL, key, in) != 1 ||
-	    EVP_DecryptUpdate(c->ctx, NULL, &len, (const unsigned char *)aad, (int)strlen(aad)) != 1 ||
+	    EVP_DecryptUpdate(c->ctx, NULL, &len, (const unsigned char *)aad, (int)strlen(aad)) !=
+	            1 ||
 	    (aad2_len && EVP_DecryptUpdate(c->ctx, NULL, &len, aad2, (int)aad2_len) != 1) ||
 	    EVP_DecryptUpdate(c->ctx, pt, &len, in + NONCE_LEN, (int)ct_len) != 1 ||
-	    EVP_CIPHER_CTX_ctrl(c->ctx, EVP_CTRL_GCM_SET_TAG, TAG_LEN, in + NONCE_LEN + ct_len) != 1 ||
+	    EVP_CIPHER_CTX_ctrl(c->ctx, EVP_CTRL_GCM_SET_TAG, TAG_LEN, in + NONCE_LEN + ct_len) !=
+	            1 ||
 	    EVP_DecryptFinal_ex(c->ctx, pt + len, &fin) != 1)
 		return -1;
 	return (long)(len + fin);

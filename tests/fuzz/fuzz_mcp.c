@@ -71,8 +71,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		char *deny[] = {"srv__x*"};
 		struct mcp_tool_filter f = {.deny = deny, .n_deny = 1};
 		for (int k = MCP_LIST_TOOLS; k <= MCP_LIST_TEMPLATES; k++) {
-			json_t *merged = mcp_merge_list((enum mcp_list)k, &lp, 1, "__", &f, NULL, next,
-			                                seen, NULL);
+			json_t *merged = mcp_merge_list((enum mcp_list)k, &lp, 1, "__", &f, NULL,
+			                                next, seen, NULL);
 			json_decref(merged);
 		}
 		const char *names[] = {"srv"};

@@ -91,22 +91,24 @@ static void expect_(const char *yaml, const char *want, const char *file, int li
 }
 #define expect(y, w) expect_(y, w, __FILE__, __LINE__)
 
-#define ROUTE(extra)                                                                              \
-	"mcp_servers: [{ name: s, endpoint: http://h/mcp }]\n"                                      \
-	"routes:\n"                                                                                  \
-	"  - name: r\n"                                                                              \
-	"    type: mcp\n"                                                                            \
+#define ROUTE(extra)                                                                               \
+	"mcp_servers: [{ name: s, endpoint: http://h/mcp }]\n"                                     \
+	"routes:\n"                                                                                \
+	"  - name: r\n"                                                                            \
+	"    type: mcp\n"                                                                          \
 	"    paths: [/mcp]\n" extra
 
 static void test_errors(void **state)
 {
 	expect(ROUTE("    mcp: { servers: [nope] }\n"),
-	       "t.yaml:6:22: routes[0].mcp.servers[0]: unknown MCP server \"nope\" (declare it under "
+	       "t.yaml:6:22: routes[0].mcp.servers[0]: unknown MCP server \"nope\" (declare it "
+	       "under "
 	       "mcp_servers)");
 	expect(ROUTE(""), "t.yaml:3:5: routes[0]: missing required key \"mcp\" (mcp: { servers: "
 	                  "[...] })");
 	expect(ROUTE("    mcp: { servers: [s], tolls: {} }\n"),
-	       "t.yaml:6:26: routes[0].mcp: unknown key \"tolls\" (known: servers, tools, separator, "
+	       "t.yaml:6:26: routes[0].mcp: unknown key \"tolls\" (known: servers, tools, "
+	       "separator, "
 	       "session_idle_timeout)");
 	expect(ROUTE("    mcp: { servers: [s] }\n    targets: []\n"),
 	       "t.yaml:7:5: routes[0]: key \"targets\" does not apply to a route with type: mcp");
@@ -120,14 +122,19 @@ static void test_errors(void **state)
 	       "t.yaml:1:36: mcp_servers[0].endpoint: must be an http:// or https:// URL");
 	expect("mcp_servers: [{ name: s }]\n",
 	       "t.yaml:1:15: mcp_servers[0]: missing required key \"endpoint\"");
-	expect("mcp_servers: [{ name: s, endpoint: http://h, checks: { active: { intervall: 1s } } }]\n",
-	       "t.yaml:1:66: mcp_servers[0].checks.active: unknown key \"intervall\" (known: interval, "
+	expect("mcp_servers: [{ name: s, endpoint: http://h, checks: { active: { intervall: 1s } } "
+	       "}]\n",
+	       "t.yaml:1:66: mcp_servers[0].checks.active: unknown key \"intervall\" (known: "
+	       "interval, "
 	       "timeout, successes, failures)");
-	expect("mcp_servers: [{ name: s, endpoint: http://h, limits: [{ limit: 5, window: 1m }] }]\n",
-	       "t.yaml:1:57: mcp_servers[0].limits[0]: unknown key \"limit\" (known: requests, window, "
+	expect("mcp_servers: [{ name: s, endpoint: http://h, limits: [{ limit: 5, window: 1m }] "
+	       "}]\n",
+	       "t.yaml:1:57: mcp_servers[0].limits[0]: unknown key \"limit\" (known: requests, "
+	       "window, "
 	       "type)");
 	expect("mcp_servers: [{ name: s, endpoint: http://h }, { name: s, endpoint: http://i }]\n",
-	       "t.yaml:1:56: mcp_servers[1].name: duplicate MCP server name \"s\" (mcp_servers[0])");
+	       "t.yaml:1:56: mcp_servers[1].name: duplicate MCP server name \"s\" "
+	       "(mcp_servers[0])");
 	expect("consumers: [{ name: a, keys: [k], mcp_tools: { limits: [{ requests: 1, window: 1m, "
 	       "server: x }] } }]\n",
 	       "t.yaml:1:92: consumers[0].mcp_tools.limits[0].server: unknown MCP server \"x\"");
@@ -138,15 +145,16 @@ static void test_errors(void **state)
 	       "routes:\n"
 	       "  - { name: a, type: mcp, paths: [/x], mcp: { servers: [s] } }\n"
 	       "  - { name: b, paths: [/x], models: [m], targets: [{ instance: i }] }\n",
-	       "t.yaml:5:24: routes[1].paths[0]: path \"/x\" is already served by route \"a\" for the "
+	       "t.yaml:5:24: routes[1].paths[0]: path \"/x\" is already served by route \"a\" for "
+	       "the "
 	       "same models");
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_contract_loads),
-		cmocka_unit_test(test_errors),
+	        cmocka_unit_test(test_contract_loads),
+	        cmocka_unit_test(test_errors),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -38,30 +38,33 @@ static enum mcp_msg_kind kind(const char *s, const char **method)
 static void test_classify(void **state)
 {
 	const char *m;
-	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}", &m), MCP_MSG_REQUEST);
-	assert_string_equal(m, "ping");
-	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"x\",\"params\":{}}", NULL),
+	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}", &m),
 	                 MCP_MSG_REQUEST);
+	assert_string_equal(m, "ping");
+	assert_int_equal(
+	        kind("{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"x\",\"params\":{}}", NULL),
+	        MCP_MSG_REQUEST);
 	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}", &m),
 	                 MCP_MSG_NOTIFICATION);
-	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{}}", NULL), MCP_MSG_RESPONSE);
+	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{}}", NULL),
+	                 MCP_MSG_RESPONSE);
 	assert_int_equal(kind("{\"jsonrpc\":\"2.0\",\"id\":3,\"error\":{\"code\":1}}", NULL),
 	                 MCP_MSG_RESPONSE);
 	/* not JSON-RPC 2.0, null/float/object ids, both result and error, bad params */
 	const char *bad[] = {
-		"{\"id\":1,\"method\":\"ping\"}",
-		"{\"jsonrpc\":\"1.0\",\"id\":1,\"method\":\"ping\"}",
-		"{\"jsonrpc\":\"2.0\",\"id\":null,\"method\":\"ping\"}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1.5,\"method\":\"ping\"}",
-		"{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"ping\"}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"\"}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":7}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\",\"params\":3}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{},\"error\":{}}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1}",
-		"{\"jsonrpc\":\"2.0\",\"result\":{}}",
-		"{\"jsonrpc\":\"2.0\",\"id\":1,\"error\":\"x\"}",
-		"[1]",
+	        "{\"id\":1,\"method\":\"ping\"}",
+	        "{\"jsonrpc\":\"1.0\",\"id\":1,\"method\":\"ping\"}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":null,\"method\":\"ping\"}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1.5,\"method\":\"ping\"}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"ping\"}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"\"}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":7}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\",\"params\":3}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{},\"error\":{}}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1}",
+	        "{\"jsonrpc\":\"2.0\",\"result\":{}}",
+	        "{\"jsonrpc\":\"2.0\",\"id\":1,\"error\":\"x\"}",
+	        "[1]",
 	};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		if (kind(bad[i], NULL) != MCP_MSG_INVALID)
@@ -84,8 +87,8 @@ static void test_scan(void **state)
 	assert_int_equal(sc.method.len, 0);
 	assert_int_equal(sc.result.len, strlen("{\"tools\":[]}"));
 	/* truncated, trailing garbage, not an object, control byte in a string, too deep */
-	const char *bad[] = {"{\"id\":1", "{\"id\":1} x", "[1]", "{\"a\":\"\x01\"}", "{\"a\" 1}",
-	                     "{\"a\":1,}", "", "{"};
+	const char *bad[] = {"{\"id\":1", "{\"id\":1} x", "[1]", "{\"a\":\"\x01\"}",
+	                     "{\"a\" 1}", "{\"a\":1,}",   "",    "{"};
 	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
 		assert_false(mcp_scan_object(bad[i], strlen(bad[i]), &sc));
 	char deep[300];
@@ -207,7 +210,8 @@ static void test_cursor(void **state)
 {
 	struct mcp_crypto *c = crypto();
 	uint8_t sid[MCP_SID_BYTES] = {1}, other[MCP_SID_BYTES] = {2};
-	struct mcp_cursor_part in[2] = {{0, "page-2", 6}, {3, "opaque\"x", 8}}, out[MCP_MAX_SERVERS];
+	struct mcp_cursor_part in[2] = {{0, "page-2", 6}, {3, "opaque\"x", 8}},
+	                       out[MCP_MAX_SERVERS];
 	char tok[MCP_CURSOR_MAX], buf[MCP_CURSOR_MAX];
 	size_t n;
 	assert_true(mcp_cursor_encode(c, sid, MCP_LIST_TOOLS, in, 2, tok, sizeof(tok)));
@@ -222,7 +226,8 @@ static void test_cursor(void **state)
 	                               sizeof(buf)));
 	assert_false(mcp_cursor_decode(c, sid, MCP_LIST_PROMPTS, tok, strlen(tok), out, &n, buf,
 	                               sizeof(buf)));
-	assert_false(mcp_cursor_decode(c, sid, MCP_LIST_TOOLS, "forged", 6, out, &n, buf, sizeof(buf)));
+	assert_false(
+	        mcp_cursor_decode(c, sid, MCP_LIST_TOOLS, "forged", 6, out, &n, buf, sizeof(buf)));
 	/* too small a buffer for the decoded cursors */
 	assert_false(mcp_cursor_decode(c, sid, MCP_LIST_TOOLS, tok, strlen(tok), out, &n, buf, 8));
 	mcp_crypto_free(c);
@@ -264,7 +269,8 @@ static void test_merge_list(void **state)
 	char *deny[] = {"*__delete_*", "search__secret"};
 	struct mcp_tool_filter route = {.deny = deny, .n_deny = 2};
 	int count = 0;
-	json_t *m = mcp_merge_list(MCP_LIST_TOOLS, parts, 2, "__", &route, NULL, next, seen, &count);
+	json_t *m =
+	        mcp_merge_list(MCP_LIST_TOOLS, parts, 2, "__", &route, NULL, next, seen, &count);
 	assert_non_null(m);
 	char *text = json_dumps(m, JSON_COMPACT | JSON_SORT_KEYS);
 	assert_string_equal(text, "{\"tools\":[{\"description\":\"d\",\"name\":\"search__find\"},"
@@ -298,7 +304,8 @@ static void test_split_and_initialize(void **state)
 	assert_string_equal(rest, "x__y");
 	assert_int_equal(mcp_split_name("nosuch__x", 9, "__", names, 3, &rest), -1);
 	assert_int_equal(mcp_split_name("search", 6, "__", names, 3, &rest), -1);
-	json_t *r1 = J("{\"capabilities\":{\"tools\":{\"listChanged\":true}},\"instructions\":\"A\"}");
+	json_t *r1 =
+	        J("{\"capabilities\":{\"tools\":{\"listChanged\":true}},\"instructions\":\"A\"}");
 	json_t *r2 = J("{\"capabilities\":{\"tools\":{},\"prompts\":{},\"experimental\":{}}}");
 	const char *srv[] = {"a", "b"};
 	const json_t *res[] = {r1, r2};
@@ -322,14 +329,14 @@ static void test_split_and_initialize(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_classify),
-		cmocka_unit_test(test_scan),
-		cmocka_unit_test(test_glob),
-		cmocka_unit_test(test_session_roundtrip_and_tamper),
-		cmocka_unit_test(test_cursor),
-		cmocka_unit_test(test_event_ids),
-		cmocka_unit_test(test_merge_list),
-		cmocka_unit_test(test_split_and_initialize),
+	        cmocka_unit_test(test_classify),
+	        cmocka_unit_test(test_scan),
+	        cmocka_unit_test(test_glob),
+	        cmocka_unit_test(test_session_roundtrip_and_tamper),
+	        cmocka_unit_test(test_cursor),
+	        cmocka_unit_test(test_event_ids),
+	        cmocka_unit_test(test_merge_list),
+	        cmocka_unit_test(test_split_and_initialize),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
