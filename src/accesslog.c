@@ -295,6 +295,8 @@ static void warn_write_failed(int err)
 		log_error("access log write failed: %s", strerror(err));
 }
 
+static void write_all(int fd, const char *line, size_t n);
+
 void accesslog_write(const struct request_record *r)
 {
 	int fd = atomic_load_explicit(&al_fd, memory_order_acquire);
@@ -311,7 +313,29 @@ void accesslog_write(const struct request_record *r)
 		accesslog_format(r, line, n + 1);
 	}
 	line[n++] = '\n';
+	write_all(fd, line, n);
+	if (line != stack)
+		free(line);
+}
 
+void accesslog_write_line(const char *text, size_t len)
+{
+	int fd = atomic_load_explicit(&al_fd, memory_order_acquire);
+	char stack[LINE_STACK];
+	if (fd < 0)
+		return;
+	char *line = len < sizeof(stack) ? stack : malloc(len + 1);
+	if (line == NULL)
+		return;
+	memcpy(line, text, len);
+	line[len] = '\n';
+	write_all(fd, line, len + 1);
+	if (line != stack)
+		free(line);
+}
+
+static void write_all(int fd, const char *line, size_t n)
+{
 	/* One write(2): with O_APPEND on a file the kernel writes the whole line
 	 * at the end, so lines of concurrent workers never interleave. A short
 	 * write only happens on a pipe or socket that is full: finish the line. */
@@ -326,8 +350,6 @@ void accesslog_write(const struct request_record *r)
 		}
 		off += (size_t)w;
 	}
-	if (line != stack)
-		free(line);
 }
 
 /* A new descriptor for target, or -1 (logged). */

@@ -24,6 +24,7 @@
 #include "sluice/config.h"
 #include "sluice/http.h"
 #include "sluice/log.h"
+#include "sluice/mcp.h"
 #include "sluice/metrics.h"
 
 /* The admin listener serves a few operators and scrapers, not traffic. */
@@ -314,6 +315,12 @@ static void get_page(struct http_request *req)
 	           (size_t)admin_status_page_len);
 }
 
+/* GET /mcp: the MCP gateway's servers and sessions (src/mcp/mcp_registry.c). */
+static json_t *mcp_admin_hook(void *arg)
+{
+	return mcp_admin_json();
+}
+
 static void admin_handle(struct http_request *req, void *arg)
 {
 	struct admin *a = arg;
@@ -349,7 +356,8 @@ static void admin_handle(struct http_request *req, void *arg)
 	bool known = page || strcmp(path, "/readyz") == 0 || strcmp(path, "/metrics") == 0 ||
 	             strcmp(path, "/status") == 0 || strcmp(path, "/instances") == 0 ||
 	             strcmp(path, "/consumers") == 0 || strcmp(path, "/routes") == 0 ||
-	             strcmp(path, "/transitions") == 0 || strncmp(path, "/consumers/", 11) == 0;
+	             strcmp(path, "/transitions") == 0 || strncmp(path, "/consumers/", 11) == 0 ||
+	             strcmp(path, "/mcp") == 0;
 	if (!known) {
 		http_reply_error(req, 404, "invalid_request_error", "not_found",
 		                 "no admin endpoint %s", path);
@@ -375,6 +383,8 @@ static void admin_handle(struct http_request *req, void *arg)
 		reply_hook(req, a->hooks.consumers, a->hooks.arg);
 	else if (strcmp(path, "/routes") == 0)
 		reply_hook(req, a->hooks.routes, a->hooks.arg);
+	else if (strcmp(path, "/mcp") == 0)
+		reply_hook(req, mcp_admin_hook, NULL);
 	else if (strcmp(path, "/transitions") == 0)
 		reply_json(req, 200, metrics_recent_transitions());
 	else if (path[11] == '\0')

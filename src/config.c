@@ -17,6 +17,7 @@
 #include <pcre2.h>
 
 #include "sluice/config_tree.h"
+#include "sluice/mcp.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -77,6 +78,7 @@ static const char *const check_type_names[] = {"http", "https", "tcp", NULL};
 static const char *const store_type_names[] = {"memory", "redis", NULL};
 static const char *const on_error_names[] = {"allow", "deny", NULL};
 static const char *const route_auth_names[] = {"none", "key-auth", NULL};
+static const char *const route_type_names[] = {"llm", "mcp", NULL};
 static const char *const balancer_names[] = {"roundrobin", "chash", "least_requests",
                                              "ewma",       "load",  NULL};
 static const char *const hash_on_names[] = {"consumer", "header", "client_ip", NULL};
@@ -96,6 +98,7 @@ _Static_assert(sizeof(enum log_level) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum limit_strategy) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum check_type) == sizeof(int), "enum size");
 _Static_assert(sizeof(enum balancer_algorithm) == sizeof(int), "enum size");
+_Static_assert(sizeof(enum route_type) == sizeof(int), "enum size");
 _Static_assert(sizeof(unsigned) == sizeof(int), "weight size");
 
 /* What a key holds, and how the loader reads it. */
@@ -167,6 +170,7 @@ struct field {
 static const struct field top_fields[] = {
 	CUSTOM("server", 0), CUSTOM("admin", 0), CUSTOM("log", 0), CUSTOM("store", 0),
 	CUSTOM("alerts", 0), CUSTOM("instances", 0), CUSTOM("consumers", 0), CUSTOM("routes", 0),
+	CUSTOM("mcp_servers", 0), /* src/mcp/mcp_config.c */
 };
 
 #define T struct config_server
@@ -339,19 +343,22 @@ static const struct field consumer_fields[] = {
 	INT("max_concurrent", max_concurrent, 0, 1000000, 0), /* 0: no cap */
 	INT("rejected_code", rejected_code, 400, 599, 429),
 	STR("rejected_msg", rejected_msg, FL_NONEMPTY, NULL),
+	CUSTOM("mcp_tools", 0), /* src/mcp/mcp_config.c */
 };
 #undef T
 
 #define T struct config_route
 static const struct field route_fields[] = {
 	STR("name", name, REQ | FL_NAME, NULL),
+	ENUM("type", type, route_type_names, ROUTE_TYPE_LLM),
+	CUSTOM("mcp", 0), /* type: mcp only; src/mcp/mcp_config.c */
 	STRLIST("paths", paths, n_paths, REQ | FL_MIN1 | FL_PATH | FL_NOQUERY, NULL),
 	STRLIST("models", models, n_models, FL_NONEMPTY, NULL),
 	ENUM("auth", auth, route_auth_names, ROUTE_AUTH_NONE), /* key-auth when consumers exist */
 	STRLIST("key_headers", key_headers, n_key_headers, FL_MIN1 | FL_TOKEN | FL_LOWER, default_key_headers),
 	CUSTOM("balancer", 0),
 	CUSTOM("fallback", 0),
-	CUSTOM("targets", REQ),
+	CUSTOM("targets", 0), /* required by type: llm, refused by type: mcp */
 	CUSTOM("plugins", 0),
 };
 static const struct field balancer_fields[] = {
@@ -2396,6 +2403,51 @@ static void parse_targets(struct loader *ld, const struct cnode *v, const char *
 	}
 }
 
+static void mcp_report(void *arg, const struct cnode *at, const char *path, const char *msg)
+{
+	err(arg, at, path, "%s", msg);
+}
+
+/* The keys that depend on the route's type. false: an mcp route, fully parsed here. */
+static bool route_kind_keys(struct loader *ld, const struct cnode *m, const char *path,
+                            struct config_route *r)
+{
+	static const char *const llm_only[] = {"models", "balancer", "fallback", "targets",
+	                                       "plugins"};
+	const struct cnode *k;
+
+	if (r->type != ROUTE_TYPE_MCP) {
+		if (ctree_get(m, "mcp", &k) != NULL)
+			err(ld, k, path, "key \"mcp\" needs type: mcp");
+		if (get(m, "targets") == NULL)
+			err(ld, m, path, "missing required key \"targets\"");
+		return true;
+	}
+	for (size_t i = 0; i < ARRAY_LEN(llm_only); i++)
+		if (ctree_get(m, llm_only[i], &k) != NULL)
+			err(ld, k, path, "key \"%s\" does not apply to a route with type: mcp",
+			    llm_only[i]);
+	if (get(m, "mcp") == NULL)
+		err(ld, m, path, "missing required key \"mcp\" (mcp: { servers: [...] })");
+	struct mcp_conf_ctx ctx = {mcp_report, ld, ld->c};
+	mcp_config_route(&ctx, get(m, "mcp"), path, r);
+	/* paths: another route (any type) may not serve the same path */
+	const struct cnode *paths = get(m, "paths");
+	for (size_t i = 0; paths != NULL && paths->kind == CNODE_SEQ && paths->n == r->n_paths &&
+	                   i < r->n_paths;
+	     i++)
+		for (size_t q = 0; q < r->index; q++)
+			for (size_t j = 0; j < ld->c->routes[q].n_paths; j++)
+				if (strcmp(ld->c->routes[q].paths[j], r->paths[i]) == 0) {
+					char p[PATH_LEN], ip[PATH_LEN];
+					err(ld, paths->kids[i],
+					    at_index(ip, at_key(p, path, "paths"), i),
+					    "path \"%s\" is already served by route \"%s\"",
+					    r->paths[i], ld->c->routes[q].name ? ld->c->routes[q].name : "");
+				}
+	return false;
+}
+
 static void parse_route(struct loader *ld, const struct cnode *m, const char *path,
                         struct config_route *r)
 {
@@ -2404,6 +2456,8 @@ static void parse_route(struct loader *ld, const struct cnode *m, const char *pa
 	section(ld, m, path, FIELDS(route_fields), r);
 	if (get(m, "auth") == NULL)
 		r->auth = ld->consumers_declared ? ROUTE_AUTH_KEY : ROUTE_AUTH_NONE;
+	if (m != NULL && !route_kind_keys(ld, m, path, r))
+		return;
 
 	const struct cnode *bm = sub_map(ld, m, "balancer", path, p);
 	section(ld, bm, p, FIELDS(balancer_fields), r);
@@ -2437,7 +2491,8 @@ static void parse_route(struct loader *ld, const struct cnode *m, const char *pa
 		for (size_t q = 0; q < r->index && !reported; q++) {
 			const struct config_route *o = &ld->c->routes[q];
 			for (size_t j = 0; j < o->n_paths; j++) {
-				if (strcmp(o->paths[j], r->paths[i]) == 0 && models_overlap(o, r)) {
+				if (strcmp(o->paths[j], r->paths[i]) == 0 &&
+				    (models_overlap(o, r) || o->type == ROUTE_TYPE_MCP)) {
 					err(ld, paths->kids[i], pp,
 					    "path \"%s\" is already served by route \"%s\" for the "
 					    "same "
@@ -2671,6 +2726,8 @@ static void parse_consumers(struct loader *ld, const struct cnode *v)
 			err(ld, get(m, "limits"), at_key(kp, ip, "limits"),
 			    "at most %d limits per consumer (found %zu)", CONFIG_MAX_LIMITS,
 			    cs->n_limits);
+		struct mcp_conf_ctx ctx = {mcp_report, ld, ld->c};
+		mcp_config_consumer(&ctx, get(m, "mcp_tools"), at_key(kp, ip, "mcp_tools"), cs);
 	}
 	check_unique_names(ld, seq, "consumers", "consumer");
 	check_unique_keys(ld, seq);
@@ -2722,6 +2779,7 @@ static void free_route(struct config_route *r)
 		json_decref(r->plugins[i].conf);
 	}
 	free(r->plugins);
+	mcp_config_free_route(r->mcp);
 }
 
 static void free_consumer(struct config_consumer *cs)
@@ -2731,6 +2789,7 @@ static void free_consumer(struct config_consumer *cs)
 	free(cs->routes);
 	free_limits(cs->limits, cs->n_limits);
 	free(cs->rejected_msg);
+	mcp_config_free_consumer(cs->mcp);
 }
 
 static void config_free(struct config *c)
@@ -2762,6 +2821,7 @@ static void config_free(struct config *c)
 	for (size_t i = 0; i < c->n_routes; i++)
 		free_route(&c->routes[i]);
 	free(c->routes);
+	mcp_config_free(c->mcp);
 	free(c->path);
 	free(c);
 }
@@ -2782,6 +2842,8 @@ static void build(struct loader *ld, const struct cnode *root)
 	/* instances first: routes and consumers point at them; routes before consumers, whose
 	 * allow-lists point at routes */
 	parse_instances(ld, get(root, "instances"));
+	struct mcp_conf_ctx mctx = {mcp_report, ld, ld->c};
+	mcp_config_servers(&mctx, get(root, "mcp_servers"));
 	parse_routes(ld, get(root, "routes"));
 	parse_consumers(ld, consumers);
 }

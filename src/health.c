@@ -765,10 +765,28 @@ static void probe_target(struct probe *p)
 
 /* ---------------------------------------------------------------- probe results */
 
+static void active_result(struct instance_state *st, const struct config_active_check *c,
+                          const char *name, enum probe_result res, long status,
+                          const char *detail);
+
 static void active_apply(struct probe *p, enum probe_result res, long status, const char *detail)
 {
-	struct instance_state *st = p->st;
-	const struct config_active_check *c = &p->cfg;
+	active_result(p->st, &p->cfg, p->name, res, status, detail);
+}
+
+void health_active_report(struct instance_state *st, const struct config_active_check *check,
+                          enum health_probe_result r, long status, const char *detail)
+{
+	static const enum probe_result map[] = {
+		[HEALTH_PROBE_OK] = PR_SUCCESS, [HEALTH_PROBE_HTTP_FAIL] = PR_HTTP_FAIL,
+		[HEALTH_PROBE_TCP_FAIL] = PR_TCP_FAIL, [HEALTH_PROBE_TIMEOUT] = PR_TIMEOUT};
+	active_result(st, check, st->name, map[r], status, detail);
+}
+
+static void active_result(struct instance_state *st, const struct config_active_check *c,
+                          const char *name, enum probe_result res, long status,
+                          const char *detail)
+{
 	uint64_t now = http_now_us();
 	char reason[160];
 	int count = 0, threshold = 0;
@@ -829,10 +847,10 @@ static void active_apply(struct probe *p, enum probe_result res, long status, co
 	pthread_mutex_unlock(&st->mu);
 
 	if (res == PR_NEUTRAL)
-		log_debug("instance %s: probe answered http %ld, in neither status list", p->name,
+		log_debug("instance %s: probe answered http %ld, in neither status list", name,
 		          status);
 	else
-		log_debug("instance %s: probe %s%s%s", p->name, res == PR_SUCCESS ? "ok" : "failed",
+		log_debug("instance %s: probe %s%s%s", name, res == PR_SUCCESS ? "ok" : "failed",
 		          detail && *detail ? ": " : "", detail ? detail : "");
 }
 

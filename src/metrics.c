@@ -40,7 +40,7 @@
 #endif
 
 #define SHARD_SLOTS        512 /* hash chains per shard: a few hundred series stay one or two deep */
-#define MAX_LABELS         3   /* string labels per series; a family may add one coded label */
+#define MAX_LABELS         5   /* string labels per series; a family may add one coded label */
 #define MAX_GAUGE_SOURCES  16
 #define RECENT_TRANSITIONS 64
 
@@ -64,6 +64,8 @@ enum family {
 	F_HEALTH_TRANSITIONS,
 	F_RELOADS,
 	F_STORE_ERRORS,
+	F_MCP_REQUESTS,
+	F_MCP_DURATION,
 	F_COUNT
 };
 
@@ -178,6 +180,17 @@ static const struct family_desc families[F_COUNT] = {
         [F_STORE_ERRORS] = {.name = "sluice_store_errors_total",
                             .help = "Errors talking to the counter store, by store.",
                             .labels = {"store"}},
+        [F_MCP_REQUESTS] = {.name = "sluice_mcp_requests_total",
+                            .help = "MCP messages, by route, server (empty: every server of "
+                                    "the session), JSON-RPC method, tool (a tool the server "
+                                    "listed, or other) and outcome.",
+                            .labels = {"route", "server", "method", "tool", "outcome"}},
+        [F_MCP_DURATION] = {.name = "sluice_mcp_request_duration_seconds",
+                            .help = "Time from an MCP message's arrival to the end of its "
+                                    "answer, by route, server and method.",
+                            .histogram = true,
+                            .labels = {"route", "server", "method"},
+                            BOUNDS(latency_bounds)},
 };
 
 static size_t family_n_labels(const struct family_desc *d)
@@ -274,12 +287,14 @@ static void series_free(struct series *p)
  * shard's writer calls this (for the events shard: under events_lock). NULL
  * only when out of memory: the observation is then dropped.
  */
-static struct series *series_get(struct metrics_shard *s, enum family f, const char *a,
-                                 const char *b, const char *c, int code)
+static struct series *series_get(struct metrics_shard *s, enum family f,
+                                 const char *const in[MAX_LABELS], int code)
 {
 	const struct family_desc *d = &families[f];
-	const char *l[MAX_LABELS] = {a ? a : "", b ? b : "", c ? c : ""};
+	const char *l[MAX_LABELS];
 	size_t n = family_n_labels(d);
+	for (size_t i = 0; i < MAX_LABELS; i++)
+		l[i] = in[i] ? in[i] : "";
 	uint64_t h = series_hash(f, l, n, code);
 	_Atomic(struct series *) *head = &s->heads[h % SHARD_SLOTS];
 
@@ -323,15 +338,17 @@ static inline void add_relaxed(_Atomic uint64_t *v, uint64_t n)
 static void counter_add(struct metrics_shard *s, enum family f, const char *a, const char *b,
                         const char *c, int code, uint64_t n)
 {
-	struct series *p = series_get(s, f, a, b, c, code);
+	const char *const l[MAX_LABELS] = {a, b, c};
+	struct series *p = series_get(s, f, l, code);
 	if (p)
 		add_relaxed(&p->value, n);
 }
 
-static void observe(struct metrics_shard *s, enum family f, const char *a, uint64_t ns)
+static void observe_labels(struct metrics_shard *s, enum family f, const char *const l[MAX_LABELS],
+                           uint64_t ns)
 {
 	const struct family_desc *d = &families[f];
-	struct series *p = series_get(s, f, a, NULL, NULL, 0);
+	struct series *p = series_get(s, f, l, 0);
 	if (p == NULL)
 		return;
 	size_t i = 0;
@@ -339,6 +356,26 @@ static void observe(struct metrics_shard *s, enum family f, const char *a, uint6
 		i++;
 	add_relaxed(&p->bucket[i], 1);
 	add_relaxed(&p->sum_ns, ns);
+}
+
+static void observe(struct metrics_shard *s, enum family f, const char *a, uint64_t ns)
+{
+	const char *const l[MAX_LABELS] = {a};
+	observe_labels(s, f, l, ns);
+}
+
+void metrics_record_mcp(struct metrics_shard *s, const char *route, const char *server,
+                        const char *method, const char *tool, const char *outcome,
+                        uint64_t duration_us)
+{
+	if (s == NULL)
+		return;
+	const char *const l[MAX_LABELS] = {route, server, method, tool, outcome};
+	struct series *p = series_get(s, F_MCP_REQUESTS, l, 0);
+	if (p)
+		add_relaxed(&p->value, 1);
+	const char *const d[MAX_LABELS] = {route, server, method};
+	observe_labels(s, F_MCP_DURATION, d, duration_us * 1000u);
 }
 
 static void shard_clear(struct metrics_shard *s)

@@ -38,6 +38,7 @@
 #include "sluice/health.h"
 #include "sluice/http.h"
 #include "sluice/log.h"
+#include "sluice/mcp.h"
 #include "sluice/metrics.h"
 #include "sluice/quota.h"
 #include "sluice/record.h"
@@ -262,8 +263,16 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 
 void request_handle(struct http_request *hr, void *arg)
 {
-	struct request *r = request_new(hr, arg);
+	struct worker *w = arg;
+	const struct config_route *mcp_route;
 
+	/* MCP routes speak JSON-RPC over GET, POST and DELETE: their own module (src/mcp). */
+	if (router_match(w->config, hr->path, NULL, &mcp_route) == ROUTER_OK &&
+	    mcp_route->type == ROUTE_TYPE_MCP) {
+		mcp_handle(w, hr, mcp_route);
+		return;
+	}
+	struct request *r = request_new(hr, w);
 	if (r == NULL)
 		return;
 	if (strcmp(hr->path, "/v1/models") == 0 || strcmp(hr->path, "/models") == 0) {

@@ -33,6 +33,7 @@
 #include "sluice/health.h"
 #include "sluice/http.h"
 #include "sluice/log.h"
+#include "sluice/mcp.h"
 #include "sluice/metrics.h"
 #include "sluice/notify.h"
 #include "sluice/quota.h"
@@ -237,8 +238,8 @@ static void worker_drain_check(evutil_socket_t fd, short what, void *arg)
 	/* Done when no request is live and every connection has flushed its
 	 * last response and closed (drain closes them as their replies end), and
 	 * the last settlements have reached the quota store. */
-	if (TAILQ_EMPTY(&w->requests) && http_server_connections(w->http) == 0 &&
-	    quota_inflight(w->quota) == 0) {
+	if (TAILQ_EMPTY(&w->requests) && mcp_worker_active(w->mcp) == 0 &&
+	    http_server_connections(w->http) == 0 && quota_inflight(w->quota) == 0) {
 		event_base_loopexit(w->base, NULL);
 		return;
 	}
@@ -268,6 +269,7 @@ static void worker_wake(evutil_socket_t fd, short what, void *arg)
 	}
 	if (drain && !event_pending(w->drain_check_ev, EV_TIMEOUT, NULL)) {
 		http_server_drain(w->http);
+		mcp_worker_drain(w->mcp); /* server streams end: their clients reconnect elsewhere */
 		worker_drain_check(-1, 0, w);
 	}
 }
@@ -279,6 +281,7 @@ static void *worker_main(void *arg)
 	event_base_dispatch(w->base);
 	/* Drained, or forced at drain_timeout: whatever is still here is cut. */
 	request_abort_all(w);
+	mcp_worker_abort_all(w->mcp);
 	atomic_store(&w->exited, true);
 	return NULL;
 }
@@ -305,8 +308,10 @@ static bool worker_init(struct server *s, struct worker *w, int id)
 	w->quota = quota_new(w->base, c);
 	w->metrics = metrics_shard(id);
 	w->wake_ev = event_new(w->base, -1, 0, worker_wake, w);
+	w->mcp = mcp_worker_new(w);
 	w->drain_check_ev = evtimer_new(w->base, worker_drain_check, w);
-	if (w->upstream == NULL || w->quota == NULL || w->wake_ev == NULL || w->drain_check_ev == NULL)
+	if (w->upstream == NULL || w->quota == NULL || w->wake_ev == NULL ||
+	    w->drain_check_ev == NULL || w->mcp == NULL)
 		return false;
 	for (size_t i = 0; i < c->server.n_listen && n_fds < 16; i++) {
 		int fd = listen_socket(&c->server.listen[i]);
@@ -329,6 +334,7 @@ static bool worker_init(struct server *s, struct worker *w, int id)
 
 static void worker_destroy(struct worker *w)
 {
+	mcp_worker_free(w->mcp); /* its exchanges' connections belong to w->http */
 	if (w->http)
 		http_server_free(w->http);
 	worker_free_balancers(w);
@@ -375,6 +381,7 @@ static void server_prepare(struct server *s, struct config *c)
 	for (size_t i = 0; i < c->n_instances; i++)
 		c->instances[i].state = health_state(c->instances[i].name);
 	health_checker_sync(s->checker, c);
+	mcp_publish(c); /* MCP server states, retired servers, the workers' snapshot lists */
 	alerts_configure(c);
 	accesslog_open(c->log.access_log);
 	if (s->admin)
@@ -820,6 +827,8 @@ int server_run(struct config *cfg, const char *config_path)
 		goto out;
 
 	health_registry_init();
+	if (!mcp_global_init())
+		goto out;
 	metrics_init(s.n_workers);
 	health_set_transition_hook(on_health_transition, NULL);
 	metrics_add_gauge_source(gauge_source, &s);
@@ -840,6 +849,8 @@ int server_run(struct config *cfg, const char *config_path)
 	if (s.checker == NULL || (cfg->admin.address && s.admin == NULL))
 		goto out;
 	server_prepare(&s, cfg);
+	if (!mcp_main_start(s.base))
+		goto out;
 	s.view = json_object();
 	s.view_ev = evtimer_new(s.base, view_refresh, &s);
 	if (s.view == NULL || s.view_ev == NULL)
@@ -898,6 +909,7 @@ out:
 	if (s.view_quota)
 		quota_free(s.view_quota);
 	json_decref(s.view);
+	mcp_main_stop();
 	health_checker_free(s.checker);
 	alerts_shutdown();
 	if (s.base)
@@ -906,6 +918,7 @@ out:
 	accesslog_close();
 	metrics_free();
 	quota_global_free();
+	mcp_global_free();
 	health_registry_free();
 	curl_global_cleanup();
 	if (rc == 0)

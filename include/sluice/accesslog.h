@@ -22,6 +22,8 @@ void accesslog_reopen(void);
  * record carries them (log.payloads: true). Keys never appear: only
  * key_fingerprint. */
 void accesslog_write(const struct request_record *r);
+/* A line another module built (JSON, no newline; the MCP gateway's), written the same way. */
+void accesslog_write_line(const char *line, size_t len);
 /* At exit, after the workers stopped. */
 void accesslog_close(void);
 

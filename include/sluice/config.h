@@ -218,6 +218,9 @@ struct config_consumer_key {
 };
 
 struct config_route;
+struct mcp_conf;
+struct mcp_route_conf;
+struct mcp_consumer_conf;
 
 struct config_consumer {
 	char *name;
@@ -231,9 +234,11 @@ struct config_consumer {
 	int max_concurrent;   /* 0: no cap */
 	int rejected_code;    /* default 429 */
 	char *rejected_msg;   /* NULL: a generic message */
+	struct mcp_consumer_conf *mcp; /* mcp_tools (include/sluice/mcp.h); never NULL once loaded */
 };
 
 enum route_auth { ROUTE_AUTH_NONE, ROUTE_AUTH_KEY };
+enum route_type { ROUTE_TYPE_LLM, ROUTE_TYPE_MCP }; /* `type:` llm (default) | mcp */
 enum balancer_algorithm {
 	BALANCER_ROUNDROBIN,
 	BALANCER_CHASH,
@@ -274,6 +279,8 @@ struct config_plugin {
 struct config_route {
 	char *name;
 	size_t index;
+	enum route_type type;       /* mcp routes have `mcp` and no targets, models or plugins */
+	struct mcp_route_conf *mcp; /* type mcp only (include/sluice/mcp.h) */
 	char **paths;         /* each starts with "/"; no query */
 	size_t n_paths;
 	char **models;        /* empty: any model. For one path, a route listing the requested
@@ -316,6 +323,7 @@ struct config {
 	size_t n_consumers;
 	struct config_route *routes;
 	size_t n_routes;
+	struct mcp_conf *mcp; /* mcp_servers (include/sluice/mcp.h); never NULL once loaded */
 };
 
 /* Errors collected by the loader: each is one line,

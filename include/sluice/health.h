@@ -66,6 +66,19 @@ void health_checker_free(struct health_checker *hc);
 /* Is an active probe configured for the instance? (admin API, tests) */
 bool health_checker_probing(const struct health_checker *hc, const char *instance);
 
+/* Probes another module runs itself (the MCP gateway's ping checks, src/mcp/mcp_probe.c),
+ * on the main thread: one result into st's active streak, judged by check's thresholds
+ * (healthy.successes, unhealthy.http_failures / tcp_failures / timeouts), with the same
+ * transitions, log lines, alerts and metrics as the checker's own probes. */
+enum health_probe_result {
+	HEALTH_PROBE_OK,
+	HEALTH_PROBE_HTTP_FAIL,
+	HEALTH_PROBE_TCP_FAIL,
+	HEALTH_PROBE_TIMEOUT,
+};
+void health_active_report(struct instance_state *st, const struct config_active_check *check,
+                          enum health_probe_result r, long status, const char *detail);
+
 /* ---------------------------------------------------------------- workers: per request */
 
 enum health_gate {

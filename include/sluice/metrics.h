@@ -4,6 +4,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <jansson.h>
 
@@ -35,6 +36,13 @@ struct metrics_shard *metrics_shard(int worker_id);
 
 /* Worker, once per finished request, after the access log line. */
 void metrics_record_request(struct metrics_shard *s, const struct request_record *r);
+
+/* Worker, once per MCP message (src/mcp/mcp_log.c): sluice_mcp_requests_total{route,server,
+ * method,tool,outcome} and sluice_mcp_request_duration_seconds{route,server,method}. Every
+ * label is a configured name or from a bounded set (the caller guarantees it). */
+void metrics_record_mcp(struct metrics_shard *s, const char *route, const char *server,
+                        const char *method, const char *tool, const char *outcome,
+                        uint64_t duration_us);
 
 /* Rare events, from any thread (a mutex inside). */
 void metrics_health_transition(const char *instance, bool healthy);

@@ -21,6 +21,7 @@ struct request;
 struct balancer;
 struct quota;
 struct metrics_shard;
+struct mcp_worker;
 
 TAILQ_HEAD(request_list, request);
 
@@ -42,6 +43,7 @@ struct worker {
 	struct config *balancers_config;
 	struct quota *quota;             /* this worker's quota client (memory / Redis) */
 	struct metrics_shard *metrics;   /* this worker's metric counters */
+	struct mcp_worker *mcp;          /* this worker's MCP sessions and exchanges (src/mcp) */
 	struct request_list requests; /* live requests (for shutdown) */
 	uint64_t n_requests;          /* accepted so far: request-id sequence */
 	uint64_t rng;                 /* xorshift state for ids and balancing */

@@ -1,0 +1,480 @@
+"""test_mcp.py — the MCP gateway (issue 11) with the official MCP TypeScript SDK.
+
+Two real MCP servers built with @modelcontextprotocol/sdk's Streamable HTTP server transport
+(tests/mcp/servers.mjs: `search`, the high-level McpServer with a tool that sends progress
+notifications, a prompt and a resource; `tickets`, the low-level Server with a paginated
+tools/list) sit behind one `type: mcp` route. The SDK's own client (tests/mcp/client.mjs)
+talks to Sluice; raw HTTP from here checks what the SDK hides (headers, statuses, bodies).
+
+tests/mcp's locked dependencies are installed with `npm ci` when node_modules is missing or
+stale (stamped like tests/sdk); without node 18+ or npm, or without the registry, the test is
+skipped with the reason.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import harness
+from harness import Raw
+
+MCP_DIR = os.path.join(harness.SOURCE_DIR, "tests", "mcp")
+STAMP = ".sluice-install-stamp"
+NODE_TIMEOUT = 60
+SEARCH_TOOLS = ["search__search", "search__slow_search", "search__whoami"]
+TICKET_TOOLS = ["tickets__create_ticket", "tickets__list_tickets", "tickets__close_ticket",
+                "tickets__delete_ticket", "tickets__delete_all"]
+NETWORK_ERRORS = re.compile(r"ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMEDOUT|"
+                            r"ENETUNREACH|EHOSTUNREACH|network|request to \S+ failed", re.I)
+ACCEPT = "application/json, text/event-stream"
+
+
+def _digest():
+    h = hashlib.sha256()
+    for name in ("package.json", "package-lock.json"):
+        with open(os.path.join(MCP_DIR, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+def prepare_node(workdir):
+    """None when tests/mcp is installed and node works, else why the test is skipped."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        return "node and npm are needed for the MCP SDK test (scripts/deps.sh installs them)"
+    out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=20)
+    m = re.match(r"v(\d+)\.", out.stdout.strip())
+    if not m or int(m.group(1)) < 18:
+        return "node %s is too old for @modelcontextprotocol/sdk (18 or later)" % out.stdout
+    lock_dir = os.path.join(harness.SOURCE_DIR, "tests", "output")
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, ".mcp-npm-ci.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stamp = os.path.join(MCP_DIR, "node_modules", STAMP)
+        if os.path.exists(stamp) and harness.read_text(stamp).strip() == _digest():
+            return None
+        log = os.path.join(workdir, "npm-ci.log")
+        env = dict(os.environ, npm_config_fetch_retries="1", npm_config_fetch_timeout="20000",
+                   npm_config_update_notifier="false")
+        with open(log, "wb") as f:
+            p = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=MCP_DIR, env=env,
+                               stdout=f, stderr=subprocess.STDOUT, timeout=120)
+        text = harness.read_text(log)
+        if p.returncode != 0:
+            if NETWORK_ERRORS.search(text):
+                return "`npm ci` in tests/mcp could not reach the registry; see %s" % log
+            raise AssertionError("`npm ci` in tests/mcp failed:\n%s" % text[-2000:])
+        with open(stamp, "w") as f:
+            f.write(_digest() + "\n")
+    return None
+
+
+class NodeServer:
+    """One tests/mcp/servers.mjs process."""
+
+    def __init__(self, workdir, kind, port=0):
+        self.kind = kind
+        self.log_path = os.path.join(workdir, "%s.log" % kind)
+        self.proc = harness._spawn([shutil.which("node"), os.path.join(MCP_DIR, "servers.mjs"),
+                                    "--kind", kind, "--port", str(port)],
+                                   self.log_path, self.log_path, env=dict(os.environ))
+        m = harness.wait_until(lambda: re.search(r"listening (\d+)",
+                                                 harness.read_text(self.log_path)),
+                               message="the %s MCP server to listen" % kind)
+        self.port = int(m.group(1))
+
+    def url(self):
+        return "http://127.0.0.1:%d/mcp" % self.port
+
+    def stats(self):
+        return harness.http_request(self.port, "GET", "/_stats").json()
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__delete_*",),
+               servers=("search", "tickets"), tickets_limit=None, checks=False):
+    srv = []
+    if "search" in servers:
+        srv.append({"name": "search", "endpoint": search.url(),
+                    "auth": {"header": {"Authorization": "Bearer upstream-search-key"}},
+                    "timeouts": {"connect": Raw("2s"), "first_byte": Raw("10s")}})
+    if "tickets" in servers:
+        t = {"name": "tickets", "endpoint": tickets.url(), "timeouts": {"connect": Raw("2s")}}
+        if tickets_limit:
+            t["limits"] = [{"requests": tickets_limit, "window": Raw("1h")}]
+        if checks:
+            t["checks"] = {"active": {"interval": Raw("200ms"), "timeout": Raw("1s"),
+                                      "failures": 1, "successes": 1}}
+        srv.append(t)
+    cfg = {
+        "server": {"listen": [{"address": "127.0.0.1:%d" % port}], "workers": 2},
+        "admin": {"listen": "127.0.0.1:%d" % admin_port, "key": Raw("testkey")},
+        "log": {"level": Raw("debug"), "access_log": access_log},
+        "mcp_servers": srv,
+        "consumers": [
+            {"name": "alice", "keys": ["alice-key"]},
+            {"name": "bob", "keys": ["bob-key"],
+             "mcp_tools": {"allow": ["search__*"], "deny": ["search__whoami"]}},
+            {"name": "carol", "keys": ["carol-key"],
+             "mcp_tools": {"limits": [{"requests": 2, "window": Raw("1h")}]}},
+        ],
+        "routes": [{"name": "tools", "type": Raw("mcp"), "paths": ["/mcp"],
+                    "auth": Raw("key-auth"),
+                    "mcp": {"servers": list(servers),
+                            "tools": {"allow": [], "deny": list(deny)}}}],
+    }
+    return harness.to_yaml(cfg) + "\n"
+
+
+class MCPTest(harness.SluiceTestCase):
+
+    def setUp(self):
+        super().setUp()
+        reason = prepare_node(self.workdir)
+        if reason:
+            self.skipTest(reason)
+        self.search = NodeServer(self.workdir, "search")
+        self.tickets = NodeServer(self.workdir, "tickets")
+        self.port, self.admin_port = harness.free_port(), harness.free_port()
+        self.access_log = os.path.join(self.workdir, "access.log")
+        self.gw = self.start_sluice(self.config(), port=self.port)
+
+    def config(self, **kw):
+        return mcp_config(self.port, self.admin_port, self.search, self.tickets,
+                          self.access_log, **kw)
+
+    def log_files(self):
+        return super().log_files() + [self.search.log_path, self.tickets.log_path,
+                                      os.path.join(self.workdir, "client.log")]
+
+    # -- helpers ---------------------------------------------------------------------
+    def client(self, scenario, key="alice-key", wait=True, **env):
+        e = dict(os.environ, URL="http://127.0.0.1:%d/mcp" % self.port, API_KEY=key,
+                 SCENARIO=scenario, **{k.upper(): str(v) for k, v in env.items()})
+        out = os.path.join(self.workdir, "client-%s.out" % scenario)
+        p = subprocess.Popen([shutil.which("node"), os.path.join(MCP_DIR, "client.mjs")],
+                             cwd=MCP_DIR, env=e, stdout=open(out, "wb"),
+                             stderr=open(os.path.join(self.workdir, "client.log"), "ab"),
+                             start_new_session=True)
+        if not wait:
+            return p, out
+        try:
+            p.wait(NODE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            self.fail("client.mjs %s did not finish" % scenario)
+        lines = harness.read_text(out).strip().splitlines()
+        self.assertTrue(lines, "client.mjs printed nothing")
+        return json.loads(lines[-1])
+
+    def rpc(self, method, params=None, session=None, key="alice-key", id_=1, extra=None):
+        headers = {"Authorization": "Bearer " + key, "Accept": ACCEPT}
+        if session:
+            headers["Mcp-Session-Id"] = session
+            headers["MCP-Protocol-Version"] = "2025-06-18"
+        headers.update(extra or {})
+        msg = {"jsonrpc": "2.0", "method": method}
+        if id_ is not None:
+            msg["id"] = id_
+        if params is not None:
+            msg["params"] = params
+        r = harness.http_request(self.port, "POST", "/mcp", headers=headers, json_body=msg)
+        return r, self.body(r)
+
+    @staticmethod
+    def body(r):
+        ctype = r.header("content-type") or ""
+        if ctype.startswith("text/event-stream"):
+            msgs = [json.loads(e.data) for e in harness.parse_sse(r.body) if e.data]
+            return msgs[-1] if msgs else None
+        return json.loads(r.body) if r.body.strip() else None
+
+    def session(self, key="alice-key"):
+        r, b = self.rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                       "clientInfo": {"name": "raw", "version": "1"}}, key=key)
+        self.assertEqual(r.status, 200, r)
+        sid = r.header("mcp-session-id")
+        self.assertTrue(sid)
+        r, _ = self.rpc("notifications/initialized", session=sid, key=key, id_=None)
+        self.assertEqual(r.status, 202, r)
+        return sid
+
+    def access_lines(self):
+        return [json.loads(l) for l in harness.read_text(self.access_log).splitlines()
+                if '"type":"mcp"' in l]
+
+    def admin(self, path):
+        return harness.http_request(self.admin_port, "GET", path,
+                                    headers={"Authorization": "Bearer testkey"})
+
+    # -- tests -----------------------------------------------------------------------
+    def test_sdk_full_session(self):
+        out = self.client("full")
+        s = out["steps"]
+        for name in ("initialize", "list_tools", "call", "progress", "whoami", "paginated_call",
+                     "prompts", "resources", "ping", "terminate"):
+            self.assertTrue(s[name]["ok"], "%s: %r" % (name, s[name]))
+        self.assertEqual(s["initialize"]["server"]["name"], "sluice/tools")
+        self.assertTrue(s["initialize"]["session"].startswith("s1."))
+        # merged, prefixed, the route's deny list applied, tickets' 3 pages followed
+        self.assertEqual(s["list_tools"]["names"],
+                         SEARCH_TOOLS + ["tickets__create_ticket", "tickets__list_tickets",
+                                         "tickets__close_ticket"])
+        self.assertEqual(s["list_tools"]["pages"], 3)
+        self.assertEqual(s["call"]["text"], "results for sluice")
+        self.assertEqual(s["progress"]["progress"], [1, 2, 3, 4])
+        self.assertEqual(s["progress"]["text"], "done in 4 steps")
+        self.assertEqual(s["paginated_call"]["text"], "close_ticket: x")
+        # the server's credentials from the configuration, never the client's key
+        self.assertEqual(json.loads(s["whoami"]["text"]),
+                         {"authorization": "Bearer upstream-search-key"})
+        # a denied tool: a JSON-RPC error, and it never reached the server
+        self.assertFalse(s["denied_call"]["ok"])
+        self.assertEqual(s["denied_call"]["code"], -32602)
+        self.assertEqual(s["unknown_call"]["code"], -32602)
+        ts = self.tickets.stats()
+        self.assertNotIn("delete_ticket", ts["calls"])
+        self.assertEqual(ts["calls"].get("close_ticket"), 1)
+        self.assertEqual(s["prompts"]["names"], ["search__summarize"])
+        self.assertEqual(s["prompts"]["text"], "Summarize: abc")
+        self.assertEqual(s["resources"]["uris"], ["search__search://index"])
+        self.assertEqual(s["resources"]["text"], "the whole index")
+        # DELETE ended the session on both servers
+        harness.wait_until(lambda: self.search.stats()["sessions_closed"] == 1 and
+                           self.tickets.stats()["sessions_closed"] == 1,
+                           message="both servers to see the session end")
+        for st in (self.search.stats(), self.tickets.stats()):
+            self.assertEqual(st["initialize"], 1)
+            self.assertNotIn("alice-key", json.dumps(st))
+        # one access-log line per message, hashed session
+        lines = harness.wait_until(
+            lambda: [l for l in self.access_lines() if l["http_method"] == "DELETE"] and
+            self.access_lines(), message="the DELETE's access-log line")
+        calls = [l for l in lines if l["rpc_method"] == "tools/call"]
+        self.assertEqual(sorted(l["tool"] for l in calls),
+                         sorted(["search", "slow_search", "whoami", "close_ticket",
+                                 "delete_ticket", "nosuch__tool"]))
+        denied = [l for l in calls if l["tool"] == "delete_ticket"][0]
+        self.assertEqual((denied["outcome"], denied["upstream"], denied["rpc_error"]),
+                         ("denied", "tickets", -32602))
+        sess = {l["session"] for l in lines}
+        self.assertEqual(len(sess), 1)
+        self.assertRegex(sess.pop(), r"^[0-9a-f]{12}$")
+        self.assertNotIn(s["initialize"]["session"], harness.read_text(self.access_log))
+        for l in lines:
+            self.assertEqual(l["consumer"], "alice")
+        # metrics: bounded labels
+        text = self.admin("/metrics").body.decode()
+        self.assertRegex(text, r'sluice_mcp_requests_total\{route="tools",server="search",'
+                               r'method="tools/call",tool="search",outcome="ok"\} 1')
+        self.assertRegex(text, r'sluice_mcp_requests_total\{route="tools",server="tickets",'
+                               r'method="tools/call",tool="other",outcome="denied"\} 1')
+        self.assertIn("sluice_mcp_request_duration_seconds_bucket", text)
+
+    def test_consumer_filter_and_rate_limits(self):
+        out = self.client("list", key="bob-key")
+        self.assertEqual(out["steps"]["list_tools"]["names"],
+                         ["search__search", "search__slow_search"])
+        out = self.client("calls", key="bob-key", tool="search__whoami", calls=1)
+        self.assertEqual(out["calls"][0]["code"], -32602)
+        self.assertNotIn("whoami", self.search.stats()["calls"])
+        # carol: 2 calls an hour; the third answers 429 with Retry-After, never forwarded
+        sid = self.session("carol-key")
+        for i in range(2):
+            r, b = self.rpc("tools/call", {"name": "search__search",
+                                           "arguments": {"query": "c%d" % i}},
+                            session=sid, key="carol-key", id_=10 + i)
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(b["result"]["content"][0]["text"], "results for c%d" % i)
+        r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "c2"}},
+                        session=sid, key="carol-key", id_=12)
+        self.assertEqual(r.status, 429, r)
+        self.assertGreater(int(r.header("retry-after")), 0)
+        self.assertEqual((b["id"], b["error"]["code"]), (12, -32029))
+        self.assertEqual(self.search.stats()["calls"]["search"], 2)
+        # the SDK sees the 429 too
+        out = self.client("calls", key="carol-key", calls=1)
+        self.assertEqual(out["calls"][0]["code"], 429)
+
+    def test_server_limit(self):
+        self.gw.reload(self.config(tickets_limit=1))
+        self.gw.wait_log(r"reloaded")
+        sid = self.session()
+        r, b = self.rpc("tools/call", {"name": "tickets__create_ticket", "arguments": {}},
+                        session=sid, id_=1)
+        self.assertEqual((r.status, "result" in b), (200, True), r)
+        # another consumer's call: the server's own limit counts every consumer
+        carol = self.session("carol-key")
+        r, b = self.rpc("tools/call", {"name": "tickets__create_ticket", "arguments": {}},
+                        session=carol, key="carol-key", id_=2)
+        self.assertEqual(r.status, 429, r)
+        self.assertIn("mcp_server:tickets:requests:1h", b["error"]["message"])
+        # the other server is not limited
+        r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "x"}},
+                        session=sid, id_=3)
+        self.assertEqual(r.status, 200, r)
+
+    def test_wrong_key_401(self):
+        out = self.client("list", key="wrong-key")
+        self.assertFalse(out["steps"]["initialize"]["ok"])
+        self.assertEqual(out["steps"]["initialize"]["code"], 401)
+        r, b = self.rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
+                                       "clientInfo": {"name": "x", "version": "1"}},
+                        key="wrong-key")
+        self.assertEqual(r.status, 401)
+        self.assertEqual(b["error"]["code"], -32001)
+        r = harness.http_request(self.port, "POST", "/mcp", headers={"Accept": ACCEPT},
+                                 json_body={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        self.assertEqual(r.status, 401)
+        self.assertEqual(self.search.stats()["initialize"], 0)
+        self.assertEqual(self.tickets.stats()["initialize"], 0)
+
+    def test_sessions_are_pinned_across_workers_and_unforgeable(self):
+        sid = self.session()
+        # fresh connections spread over both workers; every one finds the session
+        for i in range(12):
+            r, b = self.rpc("tools/call", {"name": "search__search",
+                                           "arguments": {"query": "p%d" % i}},
+                            session=sid, id_=100 + i)
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(b["result"]["content"][0]["text"], "results for p%d" % i)
+        self.assertEqual(self.search.stats()["initialize"], 1)
+        # a tampered, a foreign-consumer and a garbage id: 404, nothing forwarded
+        before = self.search.stats()["calls"]["search"]
+        bad = sid[:-3] + ("AAA" if not sid.endswith("AAA") else "BBB")
+        for s, key in ((bad, "alice-key"), (sid, "bob-key"), ("nonsense", "alice-key")):
+            r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "z"}},
+                            session=s, key=key)
+            self.assertEqual(r.status, 404, r)
+            self.assertEqual(b["error"]["code"], -32004)
+        self.assertEqual(self.search.stats()["calls"]["search"], before)
+        # the admin API lists the session and the servers' health
+        a = self.admin("/mcp").json()
+        self.assertEqual(a["open_sessions"], 1)
+        self.assertEqual(sorted(x["name"] for x in a["servers"]), ["search", "tickets"])
+        self.assertTrue(all(x["healthy"] for x in a["servers"]))
+        self.assertEqual(a["sessions"][0]["consumer"], "alice")
+        self.assertEqual(a["sessions"][0]["servers"], "search,tickets")
+        # the server-to-client stream (GET) is merged and ends when asked to
+        with harness.HTTPConn(self.port) as c:
+            c.send_request("GET", "/mcp", headers={"Authorization": "Bearer alice-key",
+                                                   "Accept": "text/event-stream",
+                                                   "Mcp-Session-Id": sid})
+            head = c.read_head()
+            self.assertEqual(head.status, 200)
+            self.assertTrue(head.header("content-type").startswith("text/event-stream"))
+        harness.wait_until(lambda: self.search.stats()["get_streams"] >= 1 and
+                           self.tickets.stats()["get_streams"] >= 1,
+                           message="both servers to get the GET stream")
+        r = harness.http_request(self.port, "DELETE", "/mcp", headers={
+            "Authorization": "Bearer alice-key", "Mcp-Session-Id": sid})
+        self.assertEqual(r.status, 200)
+        harness.wait_until(lambda: self.admin("/mcp").json()["open_sessions"] == 0,
+                           message="the session to be closed in the admin view")
+
+    def test_server_killed_mid_session(self):
+        flag = os.path.join(self.workdir, "killed.flag")
+        p, out = self.client("killed", wait=False, wait_file=flag, tool_dead="tickets__list_tickets",
+                             tool_alive="search__search")
+        harness.wait_until(lambda: '"ready"' in harness.read_text(out),
+                           timeout=NODE_TIMEOUT, message="the client to initialise")
+        self.tickets.kill()
+        open(flag, "w").close()
+        p.wait(NODE_TIMEOUT)
+        res = json.loads(harness.read_text(out).strip().splitlines()[-1])
+        s = res["steps"]
+        self.assertTrue(s["list_tools"]["ok"])
+        self.assertFalse(s["dead_call"]["ok"])
+        self.assertEqual(s["dead_call"]["code"], -32050)
+        self.assertIn("tickets", s["dead_call"]["error"])
+        self.assertTrue(s["alive_call"]["ok"], s["alive_call"])
+        self.assertEqual(s["alive_call"]["text"], "results for still")
+        self.assertTrue(s["list_after"]["ok"], s["list_after"])
+        self.assertEqual(s["list_after"]["names"], SEARCH_TOOLS)
+
+    def test_reload_keeps_sessions_and_removing_a_server_ends_them(self):
+        old = self.session()
+        # a reload that denies search__search: the open session keeps its snapshot
+        off = self.gw.reload(self.config(deny=("tickets__delete_*", "search__search")))
+        self.gw.wait_log(r"reloaded", since=off)
+        r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "o"}},
+                        session=old, id_=5)
+        self.assertEqual((r.status, b["result"]["content"][0]["text"]), (200, "results for o"))
+        new = self.session()
+        r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "n"}},
+                        session=new, id_=6)
+        self.assertEqual(b["error"]["code"], -32602)
+        # removing tickets ends every session that has it: 404, the client re-initialises
+        off = self.gw.reload(self.config(servers=("search",)))
+        self.gw.wait_log(r"reloaded", since=off)
+        for sid in (old, new):
+            r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"q": 1}},
+                            session=sid, id_=7)
+            self.assertEqual(r.status, 404, r)
+            self.assertEqual(b["error"]["code"], -32004)
+        out = self.client("list")
+        self.assertEqual(out["steps"]["list_tools"]["names"], SEARCH_TOOLS)
+
+    def test_active_checks_by_ping(self):
+        off = self.gw.reload(self.config(checks=True))
+        self.gw.wait_log(r"mcp server tickets: active checks \(MCP ping\) started", since=off)
+
+        def tickets_state():
+            return [x for x in self.admin("/mcp").json()["servers"] if x["name"] == "tickets"][0]
+
+        harness.wait_until(lambda: tickets_state()["probes_ok"] >= 2,
+                           message="two successful pings of tickets")
+        st = self.tickets.stats()
+        self.assertEqual(st["initialize"], 1, "the probe keeps one session: %r" % st)
+        self.assertGreaterEqual(st["methods"].get("ping", 0), 2)
+        sid = self.session()
+        self.tickets.kill()
+        harness.wait_until(lambda: not tickets_state()["healthy"],
+                           message="tickets to turn unhealthy after a failed ping")
+        self.gw.wait_log(r"mcp:tickets.*unhealthy")
+        # its tools are gone from the list at once; a call says why; search still answers
+        r, b = self.rpc("tools/list", {}, session=sid, id_=2)
+        self.assertEqual([t["name"] for t in b["result"]["tools"]], SEARCH_TOOLS)
+        r, b = self.rpc("tools/call", {"name": "tickets__list_tickets", "arguments": {}},
+                        session=sid, id_=3)
+        self.assertEqual(b["error"]["code"], -32050)
+        self.assertIn("unhealthy", b["error"]["message"])
+        r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "h"}},
+                        session=sid, id_=4)
+        self.assertEqual(b["result"]["content"][0]["text"], "results for h")
+
+    def test_protocol_errors(self):
+        h = {"Authorization": "Bearer alice-key", "Accept": ACCEPT}
+        r = harness.http_request(self.port, "POST", "/mcp", headers=h, body=b"{not json")
+        self.assertEqual((r.status, r.json()["error"]["code"]), (400, -32700))
+        r = harness.http_request(self.port, "POST", "/mcp", headers=h,
+                                 json_body={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        self.assertEqual((r.status, r.json()["error"]["code"]), (400, -32600))
+        r = harness.http_request(self.port, "POST", "/mcp", headers=h,
+                                 json_body=[{"jsonrpc": "2.0", "id": 1, "method": "ping"}])
+        self.assertEqual(r.status, 400)
+        r = harness.http_request(self.port, "PUT", "/mcp", headers=h, body=b"{}")
+        self.assertEqual(r.status, 405)
+        r = harness.http_request(self.port, "POST", "/mcp", headers=h, body=b"{}",
+                                 content_type="text/plain")
+        self.assertEqual(r.status, 415)
+        sid = self.session()
+        r, b = self.rpc("tools/list", {"cursor": "forged"}, session=sid)
+        self.assertEqual(b["error"]["code"], -32602)
+        r, b = self.rpc("ping", session=sid, id_="p")
+        self.assertEqual(b, {"jsonrpc": "2.0", "id": "p", "result": {}})
+        r, _ = self.rpc("ping", session=sid, extra={"MCP-Protocol-Version": "1999-01-01"})
+        self.assertEqual(r.status, 400)
+
+
+if __name__ == "__main__":
+    harness.main()

@@ -1,0 +1,152 @@
+// servers.mjs: one real MCP server built with the official SDK's Streamable HTTP server
+// transport, for tests/integration/test_mcp.py. Two kinds:
+//   --kind search   the high-level McpServer: tools search, slow_search (sends progress
+//                   notifications while it works), whoami; a prompt and a resource
+//   --kind tickets  the low-level Server with a paginated tools/list (2 tools a page)
+// Stateful: each initialize gets its own session (Mcp-Session-Id) and transport.
+// Also answers GET /_stats (JSON): what arrived, for the test's assertions.
+//
+// Usage: node servers.mjs --kind search --port 0   (prints "listening PORT" when ready)
+
+import http from 'node:http';
+import { randomUUID } from 'node:crypto';
+import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
+import { Server } from '@modelcontextprotocol/sdk/server/index.js';
+import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
+import {
+  ListToolsRequestSchema, CallToolRequestSchema, isInitializeRequest,
+} from '@modelcontextprotocol/sdk/types.js';
+import { z } from 'zod';
+
+const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) => {
+  if (a.startsWith('--')) acc.push([a.slice(2), all[i + 1]]);
+  return acc;
+}, []));
+const kind = args.kind || 'search';
+const port = Number(args.port || 0);
+
+const stats = {
+  kind, initialize: 0, sessions_closed: 0, calls: {}, auth: [], methods: {}, get_streams: 0,
+  client_keys_seen: [],
+};
+const transports = new Map();
+
+function countCall(name) { stats.calls[name] = (stats.calls[name] || 0) + 1; }
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function searchServer() {
+  const s = new McpServer({ name: 'search', version: '1.0.0' },
+    { instructions: 'Searches the index.' });
+  s.registerTool('search', {
+    description: 'Search the index', inputSchema: { query: z.string() },
+  }, async ({ query }) => {
+    countCall('search');
+    return { content: [{ type: 'text', text: `results for ${query}` }] };
+  });
+  s.registerTool('slow_search', {
+    description: 'Search slowly, reporting progress', inputSchema: { steps: z.number() },
+  }, async ({ steps }, extra) => {
+    countCall('slow_search');
+    const token = extra._meta?.progressToken;
+    for (let i = 1; i <= steps; i++) {
+      await sleep(20);
+      if (token !== undefined) {
+        await extra.sendNotification({ method: 'notifications/progress',
+          params: { progressToken: token, progress: i, total: steps, message: `step ${i}` } });
+      }
+    }
+    return { content: [{ type: 'text', text: `done in ${steps} steps` }] };
+  });
+  s.registerTool('whoami', { description: 'Echo what the server was called with' },
+    async (extra) => {
+      countCall('whoami');
+      const h = extra.requestInfo?.headers || {};
+      return { content: [{ type: 'text', text: JSON.stringify({ authorization: h.authorization ?? null }) }] };
+    });
+  s.registerPrompt('summarize', { description: 'Summarize', argsSchema: { text: z.string() } },
+    ({ text }) => ({ messages: [{ role: 'user', content: { type: 'text', text: `Summarize: ${text}` } }] }));
+  s.registerResource('index', 'search://index', { description: 'The index' },
+    async (uri) => ({ contents: [{ uri: uri.href, text: 'the whole index' }] }));
+  return s.server;
+}
+
+const TICKET_TOOLS = ['create_ticket', 'list_tickets', 'close_ticket', 'delete_ticket', 'delete_all'];
+
+function ticketsServer() {
+  const s = new Server({ name: 'tickets', version: '1.0.0' }, { capabilities: { tools: {} } });
+  s.setRequestHandler(ListToolsRequestSchema, async (req) => {
+    const start = req.params?.cursor ? Number(req.params.cursor) : 0;
+    const page = TICKET_TOOLS.slice(start, start + 2).map((name) => ({
+      name, description: `${name} a ticket`,
+      inputSchema: { type: 'object', properties: { title: { type: 'string' } } },
+    }));
+    const next = start + 2 < TICKET_TOOLS.length ? String(start + 2) : undefined;
+    return next ? { tools: page, nextCursor: next } : { tools: page };
+  });
+  s.setRequestHandler(CallToolRequestSchema, async (req) => {
+    const name = req.params.name;
+    countCall(name);
+    if (!TICKET_TOOLS.includes(name)) {
+      return { isError: true, content: [{ type: 'text', text: `no tool ${name}` }] };
+    }
+    return { content: [{ type: 'text', text: `${name}: ${req.params.arguments?.title ?? 'ok'}` }] };
+  });
+  return s;
+}
+
+async function readBody(req) {
+  const chunks = [];
+  for await (const c of req) chunks.push(c);
+  const text = Buffer.concat(chunks).toString('utf8');
+  return text ? JSON.parse(text) : undefined;
+}
+
+const httpServer = http.createServer(async (req, res) => {
+  try {
+    if (req.url === '/_stats') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(stats));
+      return;
+    }
+    stats.auth.push(req.headers.authorization ?? null);
+    if (stats.auth.length > 200) stats.auth.shift();
+    if (req.headers['x-api-key'] || req.headers.apikey) stats.client_keys_seen.push(true);
+    const sid = req.headers['mcp-session-id'];
+    let body;
+    if (req.method === 'POST') {
+      body = await readBody(req);
+      const m = body?.method ?? (body && 'result' in body ? 'response' : 'other');
+      stats.methods[m] = (stats.methods[m] || 0) + 1;
+    }
+    if (req.method === 'GET') stats.get_streams++;
+    let t = sid ? transports.get(sid) : undefined;
+    if (!t) {
+      if (sid || req.method !== 'POST' || !isInitializeRequest(body)) {
+        res.writeHead(sid ? 404 : 400, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({ jsonrpc: '2.0', id: null,
+          error: { code: -32000, message: sid ? 'Session not found' : 'Bad Request: no session' } }));
+        return;
+      }
+      stats.initialize++;
+      t = new StreamableHTTPServerTransport({
+        sessionIdGenerator: () => randomUUID(),
+        onsessioninitialized: (id) => transports.set(id, t),
+      });
+      t.onclose = () => {
+        if (t.sessionId && transports.delete(t.sessionId)) stats.sessions_closed++;
+      };
+      const server = kind === 'tickets' ? ticketsServer() : searchServer();
+      await server.connect(t);
+    }
+    await t.handleRequest(req, res, body);
+  } catch (e) {
+    if (!res.headersSent) {
+      res.writeHead(500, { 'content-type': 'text/plain' });
+    }
+    res.end(String(e?.stack || e));
+  }
+});
+
+httpServer.listen(port, '127.0.0.1', () => {
+  console.log(`listening ${httpServer.address().port}`);
+});
