@@ -215,6 +215,29 @@ static void test_flush_and_limits(void **state)
 	config_unref(c);
 }
 
+static void test_governance_example(void **state)
+{
+	struct config_errors e;
+	setenv("SLUICE_ADMIN_KEY", "admin", 1);
+	setenv("APP_TEAM_KEY", "team", 1);
+	setenv("MODERATION_API_KEY", "mod", 1);
+	setenv("ALERT_WEBHOOK_URL", "http://127.0.0.1:9/hook", 1);
+	struct config *c = config_load(TEST_DATA_DIR "/../../../conf/examples/governance.yaml", &e);
+	for (size_t i = 0; c == NULL && i < e.n; i++)
+		print_error("%s\n", e.msgs[i]);
+	assert_non_null(c);
+	static const char *const chat[] = {"request_limits",   "prompt_guard",    "moderation",
+	                                   "prompt_decorator", "request_override", "response_guard",
+	                                   "loop_guard"};
+	const struct config_route *r = config_find_route(c, "chat");
+	assert_int_equal(r->n_plugins, PT_ARRAY_LEN(chat));
+	for (size_t i = 0; i < PT_ARRAY_LEN(chat); i++)
+		assert_string_equal(r->plugins[i].name, chat[i]);
+	assert_int_equal(r->plugin_phases, POLICY_PHASE_REQUEST | POLICY_PHASE_RESPONSE);
+	assert_int_equal(config_find_route(c, "messages")->n_plugins, 6);
+	config_unref(c);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -224,6 +247,7 @@ int main(void)
 	        cmocka_unit_test(test_chat_chunks),
 	        cmocka_unit_test(test_chat_completion),
 	        cmocka_unit_test(test_flush_and_limits),
+	        cmocka_unit_test(test_governance_example),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
