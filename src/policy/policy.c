@@ -323,7 +323,8 @@ static void request_resumed(void *arg, enum policy_verdict v)
 		if (v == POLICY_PENDING)
 			return;
 	}
-	run->req_done(run->req_done_arg, v); /* may free run */
+	if (run->req_done != NULL)
+		run->req_done(run->req_done_arg, v); /* may free run */
 }
 
 enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto, json_t *body,
@@ -403,6 +404,22 @@ static struct choice *get_choice(struct policy_run *run, unsigned index)
 	return c;
 }
 
+/* Field by field: zeroing the whole struct (its rule buffer) costs more than the call on
+ * short stream events. */
+static void text_init(struct policy_text *t, unsigned choice, const char *text, size_t len,
+                      bool final, struct evbuffer *out)
+{
+	t->choice = choice;
+	t->text = text;
+	t->len = len;
+	t->final = final;
+	t->out = out;
+	t->finish_reason = NULL;
+	t->action = NULL;
+	t->rule[0] = '\0';
+	t->alert = NULL;
+}
+
 static size_t last_response_plugin(const struct choice *c, size_t n)
 {
 	size_t last = SIZE_MAX;
@@ -429,11 +446,8 @@ static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, 
 		bool fin = final || finish != NULL;
 		struct evbuffer *dst = i == last ? out : run->scratch[flip];
 		if (len > 0 || fin) {
-			struct policy_text t = {.choice = c->s.choice,
-			                        .text = text,
-			                        .len = len,
-			                        .final = fin,
-			                        .out = dst};
+			struct policy_text t;
+			text_init(&t, c->s.choice, text, len, fin, dst);
 			enum policy_verdict v = pl->def->on_response_text(c->states[i], &t);
 			record(run, pl->name, t.action, t.rule, t.alert);
 			if (v == POLICY_STOP && finish == NULL)
@@ -521,7 +535,8 @@ enum policy_verdict policy_run_done(struct policy_run *run, policy_done_fn done,
 			const struct config_plugin *pl = &rt->plugins[i];
 			if (c->states[i] == NULL || pl->def->on_response_done == NULL)
 				continue;
-			struct policy_text t = {.choice = c->s.choice, .text = "", .final = true};
+			struct policy_text t;
+			text_init(&t, c->s.choice, "", 0, true, NULL);
 			enum policy_verdict v = pl->def->on_response_done(c->states[i], &t);
 			record(run, pl->name, t.action, t.rule, t.alert);
 			if (v == POLICY_PENDING) {
