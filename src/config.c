@@ -13,11 +13,12 @@
 #include <unistd.h>
 
 #include <openssl/evp.h>
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
 
+#include "sluice/config_section.h"
 #include "sluice/config_tree.h"
 #include "sluice/mcp.h"
+#include "sluice/policy.h"
+#include "sluice/policy_chain.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -47,13 +48,6 @@ static const int default_active_unhealthy_statuses[] = {429, 404, 500, 501, 502,
 static const int default_passive_statuses[] = {500, 502, 503, 504, 0};
 /* fallback.on: FALLBACK_ALL; route auth: key-auth when any consumer is declared, else none;
  * active check type: the endpoint's scheme; active check host: the endpoint's host:port. */
-
-/* Plugin conf defaults (filled into the conf handed to the plugin modules). */
-static const char *const default_guard_roles[] = {"user", NULL};
-#define DEFAULT_GUARD_HISTORY          "last"
-#define DEFAULT_RESPONSE_GUARD_ACTION  "mask"
-#define DEFAULT_LOOP_GUARD_MAX_REPEATS 8
-#define DEFAULT_LOOP_GUARD_WINDOW      512
 
 static const char *const provider_endpoints[] = {
         [PROVIDER_OPENAI] = "https://api.openai.com/v1/chat/completions",
@@ -85,12 +79,6 @@ static const char *const hash_on_names[] = {"consumer", "header", "client_ip", N
 static const char *const log_level_names[] = {"debug", "info", "warn", "error", NULL};
 static const char *const trigger_names[] = {"unhealthy", "quota",         "http_429", "http_5xx",
                                             "timeout",   "connect_error", NULL};
-static const char *const history_names[] = {"last", "all", NULL};
-static const char *const action_names[] = {"mask", "block", NULL};
-static const char *const guard_role_names[] = {"system",    "developer", "user",
-                                               "assistant", "tool",      NULL};
-static const char *const decorator_role_names[] = {"system", "developer", "user", "assistant",
-                                                   NULL};
 
 /* Enums are written through int pointers by the field table below. */
 _Static_assert(sizeof(enum provider) == sizeof(int), "enum size");
@@ -381,25 +369,6 @@ static const struct field target_fields[] = {
 };
 #undef T
 
-/* Plugins: keys only; each plugin's builder below reads them and fills its defaults. */
-static const struct field prompt_guard_fields[] = {
-	CUSTOM("deny", 0), CUSTOM("allow", 0), CUSTOM("roles", 0), CUSTOM("history", 0),
-};
-static const struct field prompt_decorator_fields[] = {
-	CUSTOM("prepend", 0), CUSTOM("append", 0),
-};
-static const struct field decorator_message_fields[] = {
-	CUSTOM("role", REQ), CUSTOM("content", REQ),
-};
-static const struct field request_override_fields[] = {
-	CUSTOM("set", 0), CUSTOM("cap", 0), CUSTOM("remove", 0),
-};
-static const struct field response_guard_fields[] = {
-	CUSTOM("deny", 0), CUSTOM("action", 0),
-};
-static const struct field loop_guard_fields[] = {
-	CUSTOM("max_repeats", 0), CUSTOM("window", 0),
-};
 // clang-format on
 #undef CUSTOM
 #undef STR
@@ -495,10 +464,18 @@ struct key_ref {
 	const struct cnode *node;
 };
 
+/* What a module parsing its own section sees of the loader (config_section.h). */
+struct config_section {
+	struct loader *ld;
+	const struct cnode *at; /* the entry being parsed: where an error with no node goes */
+};
+
 struct loader {
 	const char *file; /* name used in messages */
 	struct problem *probs;
 	size_t n_probs, cap_probs;
+	size_t n_failed; /* errors found, including those not repeated (csec_error_count) */
+	struct config_section sec;
 	struct config *c;
 	bool consumers_declared;
 	struct key_ref *keys; /* every consumer key, to find one used twice */
@@ -536,6 +513,7 @@ static void err(struct loader *ld, const struct cnode *at, const char *path, con
 static void err(struct loader *ld, const struct cnode *at, const char *path, const char *fmt, ...)
 {
 	va_list ap;
+	ld->n_failed++;
 	if (at != NULL && at->unexpanded)
 		return; /* its unset variable is the error; what follows from it is noise */
 	va_start(ap, fmt);
@@ -546,6 +524,7 @@ static void err(struct loader *ld, const struct cnode *at, const char *path, con
 static void tree_report(void *arg, unsigned line, unsigned col, const char *path, const char *msg)
 {
 	struct loader *ld = arg;
+	ld->n_failed++;
 	add_problem(ld, line, col,
 	            path[0] != '\0' ? xasprintf("%s:%u:%u: %s: %s", ld->file, line, col, path, msg)
 	                            : xasprintf("%s:%u:%u: %s", ld->file, line, col, msg));
@@ -1108,6 +1087,30 @@ static bool parse_duration_node(struct loader *ld, const struct cnode *v, const 
 	return true;
 }
 
+static bool parse_size_node(struct loader *ld, const struct cnode *v, const char *path,
+                            bool nonzero, uint64_t *out)
+{
+	const char *s = scalar_text(v);
+	uint64_t bytes;
+	if (s == NULL) {
+		err(ld, v, path, "must be a size such as 16MiB, not %s", what(v));
+		return false;
+	}
+	if (!config_parse_size(s, &bytes)) {
+		err(ld, v, path,
+		    "invalid size \"%s\": use bytes or a number with a unit: KiB, MiB, GiB "
+		    "(powers of 1024) or KB, MB, GB (powers of 1000)",
+		    s);
+		return false;
+	}
+	if (nonzero && bytes == 0) {
+		err(ld, v, path, "must be greater than zero");
+		return false;
+	}
+	*out = bytes;
+	return true;
+}
+
 static bool parse_statuses(struct loader *ld, const struct cnode *v, const char *path, int **out,
                            size_t *n_out)
 {
@@ -1238,23 +1241,10 @@ static void parse_value(struct loader *ld, const struct field *f, const struct c
 		(void)parse_duration_node(ld, v, path, f->flags & FL_NONZERO,
 		                          FIELD_PTR(uint64_t, obj, f->off));
 		break;
-	case F_SIZE: {
-		const char *s = scalar_text(v);
-		uint64_t bytes;
-		if (s == NULL) {
-			err(ld, v, path, "must be a size such as 16MiB, not %s", what(v));
-		} else if (!config_parse_size(s, &bytes)) {
-			err(ld, v, path,
-			    "invalid size \"%s\": use bytes or a number with a unit: KiB, MiB, GiB "
-			    "(powers of 1024) or KB, MB, GB (powers of 1000)",
-			    s);
-		} else if ((f->flags & FL_NONZERO) && bytes == 0) {
-			err(ld, v, path, "must be greater than zero");
-		} else {
-			*FIELD_PTR(uint64_t, obj, f->off) = bytes;
-		}
+	case F_SIZE:
+		(void)parse_size_node(ld, v, path, f->flags & FL_NONZERO,
+		                      FIELD_PTR(uint64_t, obj, f->off));
 		break;
-	}
 	case F_WORKERS: {
 		const char *s = scalar_text(v);
 		long long x;
@@ -2037,230 +2027,8 @@ static void parse_instances(struct loader *ld, const struct cnode *v)
  * Routes and their plugins.
  * ========================================================================================== */
 
-static json_t *regex_list(struct loader *ld, const struct cnode *v, const char *path)
-{
-	char p[PATH_LEN];
-	json_t *arr = jcheck(json_array());
-	const struct cnode *seq = v ? as_seq(ld, v, path) : NULL;
-
-	for (size_t i = 0; seq != NULL && i < seq->n; i++) {
-		const char *ip = at_index(p, path, i);
-		const char *re = as_str(ld, seq->kids[i], ip);
-		int code;
-		PCRE2_SIZE off;
-		if (re == NULL)
-			continue;
-		if (re[0] == '\0') {
-			err(ld, seq->kids[i], ip, "must not be empty (it would match everything)");
-			continue;
-		}
-		pcre2_code *rc = pcre2_compile((PCRE2_SPTR)re, PCRE2_ZERO_TERMINATED, PCRE2_UTF,
-		                               &code, &off, NULL);
-		if (rc == NULL) {
-			PCRE2_UCHAR msg[256];
-			if (pcre2_get_error_message(code, msg, sizeof msg) < 0)
-				strcpy((char *)msg, "unknown error");
-			err(ld, seq->kids[i], ip, "invalid regular expression: %s at offset %zu",
-			    (const char *)msg, (size_t)off);
-			continue;
-		}
-		pcre2_code_free(rc);
-		json_array_append_new(arr, jcheck(json_string(re)));
-	}
-	return arr;
-}
-
-/* A list of names out of `names`, or def when absent. */
-static json_t *name_list(struct loader *ld, const struct cnode *v, const char *path,
-                         const char *const *names, const char *const *def)
-{
-	char p[PATH_LEN], h[128];
-	json_t *arr = jcheck(json_array());
-	if (v == NULL) {
-		for (size_t i = 0; def[i] != NULL; i++)
-			json_array_append_new(arr, jcheck(json_string(def[i])));
-		return arr;
-	}
-	const struct cnode *seq = as_seq(ld, v, path);
-	for (size_t i = 0; seq != NULL && i < seq->n; i++) {
-		const char *ip = at_index(p, path, i);
-		const char *s = as_str(ld, seq->kids[i], ip);
-		if (s == NULL)
-			continue;
-		if (find_name(names, s) < 0) {
-			err(ld, seq->kids[i], ip, "unknown role \"%s\"%s", s,
-			    hint_names(h, sizeof h, s, names));
-			continue;
-		}
-		json_array_append_new(arr, jcheck(json_string(s)));
-	}
-	return arr;
-}
-
-static json_t *enum_json(struct loader *ld, const struct cnode *v, const char *path,
-                         const char *const *names, const char *def)
-{
-	int i;
-	if (v == NULL || !parse_enum(ld, v, path, names, &i))
-		return jcheck(json_string(def));
-	return jcheck(json_string(names[i]));
-}
-
-static json_t *int_json(struct loader *ld, const struct cnode *v, const char *path, long long min,
-                        long long max, long long def)
-{
-	long long x = def;
-	if (v != NULL)
-		(void)parse_int(ld, v, path, min, max, &x);
-	return jcheck(json_integer(x));
-}
-
-static json_t *build_prompt_guard(struct loader *ld, const struct cnode *m, const char *path)
-{
-	char p[PATH_LEN];
-	json_t *conf = jcheck(json_object());
-	json_object_set_new(conf, "deny", regex_list(ld, get(m, "deny"), at_key(p, path, "deny")));
-	json_object_set_new(conf, "allow",
-	                    regex_list(ld, get(m, "allow"), at_key(p, path, "allow")));
-	json_object_set_new(conf, "roles",
-	                    name_list(ld, get(m, "roles"), at_key(p, path, "roles"),
-	                              guard_role_names, default_guard_roles));
-	json_object_set_new(conf, "history",
-	                    enum_json(ld, get(m, "history"), at_key(p, path, "history"),
-	                              history_names, DEFAULT_GUARD_HISTORY));
-	return conf;
-}
-
-static json_t *decorator_messages(struct loader *ld, const struct cnode *v, const char *path)
-{
-	char p[PATH_LEN], kp[PATH_LEN], h[128];
-	json_t *arr = jcheck(json_array());
-	const struct cnode *seq = v ? as_seq(ld, v, path) : NULL;
-
-	for (size_t i = 0; seq != NULL && i < seq->n; i++) {
-		const char *ip = at_index(p, path, i);
-		const struct cnode *m = as_map(ld, seq->kids[i], ip);
-		if (m == NULL)
-			continue;
-		section(ld, m, ip, FIELDS(decorator_message_fields), NULL);
-		const struct cnode *rv = get(m, "role"), *cv = get(m, "content");
-		const char *role = rv ? as_str(ld, rv, at_key(kp, ip, "role")) : NULL;
-		const char *content = cv ? as_str(ld, cv, at_key(kp, ip, "content")) : NULL;
-		if (role != NULL && find_name(decorator_role_names, role) < 0) {
-			err(ld, rv, at_key(kp, ip, "role"), "unknown role \"%s\"%s", role,
-			    hint_names(h, sizeof h, role, decorator_role_names));
-			role = NULL;
-		}
-		if (role == NULL || content == NULL)
-			continue;
-		json_t *msg = json_pack("{s:s, s:s}", "role", role, "content", content);
-		if (msg == NULL) {
-			err(ld, cv, at_key(kp, ip, "content"), "must be valid UTF-8");
-			continue;
-		}
-		json_array_append_new(arr, msg);
-	}
-	return arr;
-}
-
-static json_t *build_prompt_decorator(struct loader *ld, const struct cnode *m, const char *path)
-{
-	char p[PATH_LEN];
-	json_t *conf = jcheck(json_object());
-	json_object_set_new(conf, "prepend",
-	                    decorator_messages(ld, get(m, "prepend"), at_key(p, path, "prepend")));
-	json_object_set_new(conf, "append",
-	                    decorator_messages(ld, get(m, "append"), at_key(p, path, "append")));
-	return conf;
-}
-
-static json_t *build_request_override(struct loader *ld, const struct cnode *m, const char *path)
-{
-	char p[PATH_LEN], ip[PATH_LEN];
-	json_t *conf = jcheck(json_object());
-
-	const struct cnode *set = sub_map(ld, m, "set", path, p);
-	json_t *jset = set ? to_json(ld, set, p) : NULL;
-	json_object_set_new(conf, "set", jset ? jset : jcheck(json_object()));
-
-	json_t *cap = jcheck(json_object());
-	const struct cnode *cm = sub_map(ld, m, "cap", path, p);
-	for (size_t i = 0; cm != NULL && i < cm->n; i++) {
-		const char *name = scalar_text(CNODE_KEY(cm, i));
-		const struct cnode *v = CNODE_VAL(cm, i);
-		if (name == NULL)
-			continue;
-		bool numeric = v->kind == CNODE_SCALAR && !v->quoted && !v->null &&
-		               (looks_int(v->str) || looks_float(v->str));
-		if (!numeric) {
-			err(ld, v, at_key(ip, p, name), "must be a number");
-			continue;
-		}
-		json_t *num = scalar_json(ld, v, at_key(ip, p, name));
-		if (num == NULL)
-			continue;
-		if (json_number_value(num) < 0) {
-			err(ld, v, ip, "must not be negative");
-			json_decref(num);
-			continue;
-		}
-		json_object_set_new(cap, name, num);
-	}
-	json_object_set_new(conf, "cap", cap);
-
-	json_t *remove = jcheck(json_array());
-	char **list = NULL;
-	size_t n = 0;
-	const struct cnode *rv = get(m, "remove");
-	if (rv != NULL &&
-	    parse_strlist(ld, rv, at_key(p, path, "remove"), FL_NONEMPTY, &list, &n)) {
-		for (size_t i = 0; i < n; i++)
-			json_array_append_new(remove, jcheck(json_string(list[i])));
-	}
-	free_strv(list, n);
-	json_object_set_new(conf, "remove", remove);
-	return conf;
-}
-
-static json_t *build_response_guard(struct loader *ld, const struct cnode *m, const char *path)
-{
-	char p[PATH_LEN];
-	json_t *conf = jcheck(json_object());
-	json_object_set_new(conf, "deny", regex_list(ld, get(m, "deny"), at_key(p, path, "deny")));
-	json_object_set_new(conf, "action",
-	                    enum_json(ld, get(m, "action"), at_key(p, path, "action"), action_names,
-	                              DEFAULT_RESPONSE_GUARD_ACTION));
-	return conf;
-}
-
-static json_t *build_loop_guard(struct loader *ld, const struct cnode *m, const char *path)
-{
-	char p[PATH_LEN];
-	json_t *conf = jcheck(json_object());
-	json_object_set_new(conf, "max_repeats",
-	                    int_json(ld, get(m, "max_repeats"), at_key(p, path, "max_repeats"), 2,
-	                             1000000, DEFAULT_LOOP_GUARD_MAX_REPEATS));
-	json_object_set_new(conf, "window",
-	                    int_json(ld, get(m, "window"), at_key(p, path, "window"), 1, 1048576,
-	                             DEFAULT_LOOP_GUARD_WINDOW));
-	return conf;
-}
-
-struct plugin_def {
-	const char *name;
-	const struct field *fields;
-	size_t n_fields;
-	json_t *(*build)(struct loader *ld, const struct cnode *m, const char *path);
-};
-
-static const struct plugin_def plugin_defs[] = {
-        {"prompt_guard", FIELDS(prompt_guard_fields), build_prompt_guard},
-        {"prompt_decorator", FIELDS(prompt_decorator_fields), build_prompt_decorator},
-        {"request_override", FIELDS(request_override_fields), build_request_override},
-        {"response_guard", FIELDS(response_guard_fields), build_response_guard},
-        {"loop_guard", FIELDS(loop_guard_fields), build_loop_guard},
-};
-
+/* A route's plugins, in order: each `- name: {...}` goes to its policy's conf_parse
+ * (src/policy/), which reports its own errors through ld->sec and returns its compiled state. */
 static void parse_plugins(struct loader *ld, const struct cnode *v, const char *path,
                           struct config_route *r)
 {
@@ -2282,23 +2050,24 @@ static void parse_plugins(struct loader *ld, const struct cnode *v, const char *
 		}
 		const struct cnode *k = CNODE_KEY(item, 0), *conf = CNODE_VAL(item, 0);
 		const char *name = scalar_text(k);
-		const struct plugin_def *def = NULL;
 		if (name == NULL)
 			continue;
-		for (size_t j = 0; j < ARRAY_LEN(plugin_defs); j++) {
-			if (strcmp(plugin_defs[j].name, name) == 0)
-				def = &plugin_defs[j];
-		}
+		const struct policy_def *def = policy_find(name);
 		if (def == NULL) {
 			struct nearest near = {.word = name};
-			for (size_t j = 0; j < ARRAY_LEN(plugin_defs); j++)
-				consider(&near, plugin_defs[j].name);
+			for (size_t j = 0; policy_at(j) != NULL; j++)
+				consider(&near, policy_at(j)->name);
 			err(ld, k, ip, "unknown plugin \"%s\"%s", name, hint(h, sizeof h, &near));
 			continue;
 		}
+		/* Once per route: against the entries written before, even those refused. */
 		bool repeated = false;
-		for (size_t j = 0; j < r->n_plugins; j++) {
-			if (strcmp(r->plugins[j].name, name) == 0) {
+		for (size_t j = 0; def->conf_label == NULL && j < i; j++) {
+			const struct cnode *prev = seq->kids[j];
+			const char *pn = prev->kind == CNODE_MAP && prev->n == 1
+			                         ? scalar_text(CNODE_KEY(prev, 0))
+			                         : NULL;
+			if (pn != NULL && strcmp(pn, name) == 0) {
 				err(ld, k, ip, "plugin %s is already configured on this route",
 				    name);
 				repeated = true;
@@ -2314,10 +2083,36 @@ static void parse_plugins(struct loader *ld, const struct cnode *v, const char *
 			if (m == NULL)
 				continue;
 		}
-		section(ld, m, cp, def->fields, def->n_fields, NULL);
-		r->plugins[r->n_plugins].name = xstrdup(name);
-		r->plugins[r->n_plugins].conf = def->build(ld, m, cp);
-		r->n_plugins++;
+		size_t failed = ld->n_failed;
+		ld->sec.at = k;
+		void *pc = def->conf_parse(&ld->sec, m, cp);
+		ld->sec.at = NULL;
+		if (pc == NULL) {
+			/* a policy must say why: never drop one silently */
+			if (ld->n_failed == failed)
+				err(ld, k, ip, "plugin %s could not be configured", name);
+			continue;
+		}
+		/* An external plugin is known by its own name: one of each per route too. */
+		const char *label = def->conf_label ? def->conf_label(pc) : def->name;
+		for (size_t j = 0; def->conf_label != NULL && j < r->n_plugins; j++) {
+			if (strcmp(r->plugins[j].name, label) == 0) {
+				err(ld, k, ip, "plugin %s is already configured on this route",
+				    label);
+				repeated = true;
+				break;
+			}
+		}
+		if (repeated) {
+			def->conf_free(pc);
+			continue;
+		}
+		struct config_plugin *pl = &r->plugins[r->n_plugins++];
+		pl->name = xstrdup(label);
+		pl->def = def;
+		pl->conf = pc;
+		pl->phases = def->conf_phases ? def->conf_phases(pc) : def->phases;
+		r->plugin_phases |= pl->phases;
 	}
 }
 
@@ -2776,7 +2571,7 @@ static void free_route(struct config_route *r)
 	free(r->targets);
 	for (size_t i = 0; i < r->n_plugins; i++) {
 		free(r->plugins[i].name);
-		json_decref(r->plugins[i].conf);
+		r->plugins[i].def->conf_free(r->plugins[i].conf);
 	}
 	free(r->plugins);
 	mcp_config_free_route(r->mcp);
@@ -2852,6 +2647,7 @@ static struct config *load_text(const char *text, size_t len, const char *name,
                                 struct config_errors *errs)
 {
 	struct loader ld = {.file = name ? name : "<string>"};
+	ld.sec.ld = &ld;
 	struct config *c = xcalloc(1, sizeof *c);
 	unsigned char digest[32];
 
@@ -3030,4 +2826,291 @@ struct config_consumer *config_find_consumer(const struct config *c, const char 
 struct config_route *config_find_route(const struct config *c, const char *name)
 {
 	return c ? find_route_loaded(c, name) : NULL;
+}
+
+/* ============================================================================================
+ * config_section.h: the helpers above, for modules that parse their own section (policies).
+ * Thin wrappers, so that a module's messages are the loader's.
+ * ========================================================================================== */
+
+_Static_assert(CSEC_PATH_LEN == PATH_LEN, "one path length");
+_Static_assert((unsigned)CSEC_NONEMPTY == FL_NONEMPTY && (unsigned)CSEC_LOWER == FL_LOWER &&
+                       (unsigned)CSEC_NAME == FL_NAME && (unsigned)CSEC_TOKEN == FL_TOKEN &&
+                       (unsigned)CSEC_MIN1 == FL_MIN1,
+               "csec flags are the loader's");
+#define CSEC_FLAGS (FL_NONEMPTY | FL_LOWER | FL_NAME | FL_TOKEN | FL_MIN1)
+
+void csec_error(struct config_section *s, const struct cnode *at, const char *path, const char *fmt,
+                ...)
+{
+	struct loader *ld = s->ld;
+	va_list ap;
+	ld->n_failed++;
+	if (at == NULL)
+		at = s->at;
+	if (at != NULL && at->unexpanded)
+		return;
+	va_start(ap, fmt);
+	vreport(ld, at ? at->line : 1, at ? at->col : 1, path, fmt, ap);
+	va_end(ap);
+}
+
+size_t csec_error_count(const struct config_section *s)
+{
+	return s->ld->n_failed;
+}
+
+const char *csec_path_key(char *buf, const char *parent, const char *key)
+{
+	return at_key(buf, parent, key);
+}
+
+const char *csec_path_index(char *buf, const char *parent, size_t i)
+{
+	return at_index(buf, parent, i);
+}
+
+const struct cnode *csec_get(const struct cnode *map, const char *key)
+{
+	return get(map, key);
+}
+
+const struct cnode *csec_map(struct config_section *s, const struct cnode *n, const char *path)
+{
+	return as_map(s->ld, n, path);
+}
+
+const struct cnode *csec_seq(struct config_section *s, const struct cnode *n, const char *path)
+{
+	return as_seq(s->ld, n, path);
+}
+
+bool csec_keys(struct config_section *s, const struct cnode *map, const char *path,
+               const char *const *keys, const char *const *required)
+{
+	struct loader *ld = s->ld;
+	size_t failed = ld->n_failed;
+	char h[128];
+
+	if (map == NULL)
+		return true;
+	for (size_t i = 0; i < map->n; i++) {
+		const struct cnode *k = CNODE_KEY(map, i);
+		const char *key = scalar_text(k);
+		if (key == NULL || find_name(keys, key) >= 0)
+			continue; /* a non-scalar key is reported by the tree */
+		if (!k->quoted && strcmp(key, "<<") == 0)
+			continue; /* reported by the tree */
+		err(ld, k, path, "unknown key \"%s\"%s", key, hint_names(h, sizeof h, key, keys));
+	}
+	for (size_t i = 0; required != NULL && required[i] != NULL; i++) {
+		if (get(map, required[i]) == NULL)
+			err(ld, map, path, "missing required key \"%s\"", required[i]);
+	}
+	return ld->n_failed == failed;
+}
+
+bool csec_int(struct config_section *s, const struct cnode *n, const char *path, long long min,
+              long long max, long long *out)
+{
+	return parse_int(s->ld, n, path, min, max, out);
+}
+
+bool csec_number(struct config_section *s, const struct cnode *n, const char *path, double min,
+                 double max, double *out)
+{
+	bool numeric = n->kind == CNODE_SCALAR && !n->quoted && !n->null &&
+	               (looks_int(n->str) || looks_float(n->str));
+	if (!numeric) {
+		err(s->ld, n, path, "must be a number");
+		return false;
+	}
+	double d = strtod(n->str, NULL);
+	if (!isfinite(d)) {
+		err(s->ld, n, path, "number %s is out of range", n->str);
+		return false;
+	}
+	if (d < min && min == 0 && isinf(max)) {
+		err(s->ld, n, path, "must not be negative");
+		return false;
+	}
+	if (d < min || d > max) {
+		if (isinf(max))
+			err(s->ld, n, path, "must be a number of at least %g", min);
+		else
+			err(s->ld, n, path, "must be a number from %g to %g", min, max);
+		return false;
+	}
+	*out = d;
+	return true;
+}
+
+bool csec_bool(struct config_section *s, const struct cnode *n, const char *path, bool *out)
+{
+	if (!parse_bool(scalar_text(n), out)) {
+		err(s->ld, n, path, "must be true or false");
+		return false;
+	}
+	return true;
+}
+
+const char *csec_string(struct config_section *s, const struct cnode *n, const char *path,
+                        unsigned flags)
+{
+	const char *v = as_str(s->ld, n, path);
+	const char *problem = v ? str_problem(flags & CSEC_FLAGS, v) : NULL;
+	if (problem != NULL) {
+		err(s->ld, n, path, "%s", problem);
+		return NULL;
+	}
+	return v;
+}
+
+bool csec_enum(struct config_section *s, const struct cnode *n, const char *path,
+               const char *const *names, int *out)
+{
+	return parse_enum(s->ld, n, path, names, out);
+}
+
+bool csec_name(struct config_section *s, const struct cnode *n, const char *path,
+               const char *const *names, const char *word, int *out)
+{
+	char h[128];
+	const char *v = as_str(s->ld, n, path);
+	if (v == NULL)
+		return false;
+	int k = find_name(names, v);
+	if (k < 0) {
+		err(s->ld, n, path, "unknown %s \"%s\"%s", word, v,
+		    hint_names(h, sizeof h, v, names));
+		return false;
+	}
+	*out = k;
+	return true;
+}
+
+bool csec_enum_bits(struct config_section *s, const struct cnode *n, const char *path,
+                    const char *const *names, const char *word, unsigned *bits)
+{
+	char p[PATH_LEN];
+	const struct cnode *seq = as_seq(s->ld, n, path);
+	bool ok = seq != NULL;
+
+	*bits = 0;
+	for (size_t i = 0; seq != NULL && i < seq->n; i++) {
+		const char *ip = at_index(p, path, i);
+		int k;
+		if (word ? csec_name(s, seq->kids[i], ip, names, word, &k)
+		         : parse_enum(s->ld, seq->kids[i], ip, names, &k))
+			*bits |= k < 32 ? 1u << k : 0;
+		else
+			ok = false;
+	}
+	return ok;
+}
+
+bool csec_duration(struct config_section *s, const struct cnode *n, const char *path, bool nonzero,
+                   uint64_t *ms)
+{
+	return parse_duration_node(s->ld, n, path, nonzero, ms);
+}
+
+bool csec_size(struct config_section *s, const struct cnode *n, const char *path, bool nonzero,
+               uint64_t *bytes)
+{
+	return parse_size_node(s->ld, n, path, nonzero, bytes);
+}
+
+const char *csec_url(struct config_section *s, const struct cnode *n, const char *path)
+{
+	const char *v = as_str(s->ld, n, path);
+	const char *problem = v ? url_problem(v, NULL, NULL) : NULL;
+	if (problem != NULL) {
+		err(s->ld, n, path, "%s", problem);
+		return NULL;
+	}
+	return v;
+}
+
+bool csec_strlist(struct config_section *s, const struct cnode *n, const char *path, unsigned flags,
+                  char ***out, size_t *n_out)
+{
+	*out = NULL;
+	*n_out = 0;
+	return parse_strlist(s->ld, n, path, flags & CSEC_FLAGS, out, n_out);
+}
+
+void csec_strv_free(char **v, size_t n)
+{
+	free_strv(v, n);
+}
+
+bool csec_regex_list(struct config_section *s, const struct cnode *n, const char *path,
+                     uint32_t options, uint32_t jit_options, pcre2_code ***out, size_t *n_out)
+{
+	char p[PATH_LEN];
+	const struct cnode *seq = as_seq(s->ld, n, path);
+	bool ok = seq != NULL;
+
+	*out = NULL;
+	*n_out = 0;
+	if (seq == NULL || seq->n == 0)
+		return ok;
+	*out = xcalloc(seq->n, sizeof **out);
+	for (size_t i = 0; i < seq->n; i++) {
+		const char *ip = at_index(p, path, i);
+		const char *re = as_str(s->ld, seq->kids[i], ip);
+		int code;
+		PCRE2_SIZE off;
+		if (re == NULL) {
+			ok = false;
+			continue;
+		}
+		if (re[0] == '\0') {
+			err(s->ld, seq->kids[i], ip,
+			    "must not be empty (it would match everything)");
+			ok = false;
+			continue;
+		}
+		pcre2_code *rc = pcre2_compile((PCRE2_SPTR)re, PCRE2_ZERO_TERMINATED,
+		                               PCRE2_UTF | options, &code, &off, NULL);
+		if (rc == NULL) {
+			PCRE2_UCHAR msg[256];
+			if (pcre2_get_error_message(code, msg, sizeof msg) < 0)
+				strcpy((char *)msg, "unknown error");
+			err(s->ld, seq->kids[i], ip, "invalid regular expression: %s at offset %zu",
+			    (const char *)msg, (size_t)off);
+			ok = false;
+			continue;
+		}
+		/* Without JIT support the interpreter runs the same pattern: not an error. */
+		(void)pcre2_jit_compile(rc, jit_options ? jit_options : PCRE2_JIT_COMPLETE);
+		(*out)[(*n_out)++] = rc;
+	}
+	return ok;
+}
+
+void csec_regex_free(pcre2_code **v, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		pcre2_code_free(v[i]);
+	free(v);
+}
+
+bool csec_headers(struct config_section *s, const struct cnode *n, const char *path,
+                  struct config_kv **out, size_t *n_out)
+{
+	size_t failed = s->ld->n_failed;
+	*out = parse_kv(s->ld, n, path, true, n_out);
+	return s->ld->n_failed == failed;
+}
+
+void csec_kv_free(struct config_kv *kv, size_t n)
+{
+	free_kv(kv, n);
+}
+
+json_t *csec_json(struct config_section *s, const struct cnode *n, const char *path)
+{
+	return to_json(s->ld, n, path);
 }

@@ -265,15 +265,18 @@ struct config_target {
 	unsigned weight;  /* default 100; 0 = drained */
 };
 
-/* One plugin entry of a route, in configured order. The conf is validated
- * (known plugin name, known keys, regexes compile) at load; modules that
- * implement a plugin compile their own state from conf. Every key the plugin
- * knows is present in conf: omitted ones are filled with their defaults
- * (docs/configuration.md), so modules need no defaults of their own. Regexes
- * were checked with pcre2_compile(..., PCRE2_UTF, ...). */
+struct policy_def;
+
+/* One plugin entry of a route, in configured order: the policy that runs it (policy.h) and the
+ * state its conf_parse compiled from the entry's mapping (regexes JIT-compiled, defaults
+ * filled), immutable and shared by every thread; freed with the snapshot by
+ * def->conf_free. */
 struct config_plugin {
-	char *name;   /* prompt_guard | prompt_decorator | request_override | response_guard | loop_guard */
-	json_t *conf; /* the plugin's mapping, as JSON */
+	char *name;                   /* in metrics and logs: the policy's name (prompt_guard, ...),
+	                                 for an external plugin the plugin's own */
+	const struct policy_def *def; /* src/policy/: never NULL */
+	void *conf;                   /* what def's functions receive as conf; never NULL */
+	unsigned phases;              /* policy_phase_bits this entry runs in */
 };
 
 struct config_route {
@@ -305,6 +308,7 @@ struct config_route {
 	size_t n_targets;
 	struct config_plugin *plugins;
 	size_t n_plugins;
+	unsigned plugin_phases; /* OR of the plugins' phases: 0 when the route has none */
 };
 
 struct config {

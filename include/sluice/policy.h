@@ -3,9 +3,9 @@
  * The second of the pipeline's two extension axes (design.md §12). Each built-in policy
  * is one file under src/policy/ (prompt_guard.c, response_guard.c, …) exporting one
  * `const struct policy_def`; src/policy/policy.c lists them in a static array, runs a
- * route's chain, and is the only policy file src/request.c calls. Operators' own
- * policies are shared objects loaded at config load (plugin.h) that provide the same
- * table.
+ * route's chain, and is the only policy file src/request.c calls (policy_chain.h).
+ * Operators' own policies are shared objects loaded at config load (plugin.h) that provide
+ * the same functions.
  *
  * Phases (a route runs its `plugins:` list in order in every phase):
  *   on_request        the parsed client body, in the client's protocol: rewrite it in
@@ -16,8 +16,9 @@
  *   on_response_text  the output text of one choice, in order, as it is produced (each
  *                     stream event's text; a non-stream answer's whole text at once):
  *                     pass it on, hold part of it back, rewrite it, or stop the answer.
- *   on_response_done  the answer is complete (non-stream: before it is sent, and may
- *                     still refuse it asynchronously; stream: after the last event).
+ *   on_response_done  the choice's text is complete (non-stream: before the answer is
+ *                     sent; stream: before its last event): the policy may still withhold
+ *                     it (POLICY_STOP), also asynchronously (POLICY_PENDING).
  * A route without policies pays nothing: no parse beyond today's, no allocation.
  *
  * Every decision is visible: a policy that acts sets `action` (a fixed string, e.g.
@@ -46,67 +47,89 @@ struct upstream;
 
 enum policy_verdict {
 	POLICY_CONTINUE, /* go on (the text/body may have been rewritten) */
-	POLICY_REFUSE,   /* on_request / on_response_done: answer with the error filled in */
+	POLICY_REFUSE,   /* on_request: answer with the error filled in */
 	POLICY_PENDING,  /* decided later: the policy calls resume() exactly once */
-	POLICY_STOP,     /* on_response_text: end the answer now with finish_reason */
+	POLICY_STOP,     /* response phases: end the answer now with finish_reason */
 };
 
 /* What a policy may use beyond its own state: the worker's loop and upstream engine
- * (for calls to external services), and the request's identity for logs. */
+ * (for calls to external services), and the request's identity for logs. Strings belong
+ * to the request and live as long as it does. */
 struct policy_env {
 	struct event_base *base;
 	struct upstream *upstream; /* the worker's libcurl multi (upstream.h) */
 	const char *request_id;
 	const char *route;
-	const char *consumer;      /* NULL on auth: none routes */
+	const char *consumer; /* NULL on auth: none routes */
 };
+
+/*
+ * Asynchronous decisions (POLICY_PENDING). The policy starts its work on the worker's loop
+ * (never blocking it) and later calls the resume function it was given exactly once, from
+ * a loop callback — never from inside the phase function that returned POLICY_PENDING.
+ * resume may end the request and free everything it owns, the policy's pending state
+ * included: it is the last thing the policy does, touching nothing afterwards. The same
+ * holds for policy_stream.stop().
+ */
 
 /* ------------------------------------------------------------------ on_request */
 
 struct policy_request {
 	const struct policy_env *env;
-	enum proto proto;   /* the client's protocol: which shape body has */
-	json_t *body;       /* the client's body (an object), mutable in place */
-	bool changed;       /* set by a policy that changed body (the body is re-serialised) */
+	enum proto proto; /* the client's protocol: which shape body has */
+	json_t *body;     /* the client's body (an object), mutable in place */
+	bool changed;     /* set by a policy that changed body (the body is re-serialised) */
 	/* POLICY_REFUSE: what the client is told */
-	int status;         /* 0 = 400 */
-	const char *code;   /* e.g. "prompt_blocked", "too_many_messages" */
-	char message[256];
+	int status;        /* 0 = 400 */
+	const char *type;  /* OpenAI error type; NULL = "invalid_request_error" */
+	const char *code;  /* e.g. "prompt_blocked", "max_messages_exceeded" */
+	char message[256]; /* never quotes the blocked content */
 	/* the decision, for metrics and logs (fixed strings) */
 	const char *action;
 	char rule[128];
-	/* POLICY_PENDING: call resume(resume_arg, verdict) once, from the loop, never from
-	 * inside on_request. cancel() may be called instead when the client leaves. */
+	/* POLICY_PENDING: call resume(resume_arg, POLICY_CONTINUE or POLICY_REFUSE) once (see
+	 * above). pending is the policy's own: what request_cancel needs to stop the work. */
 	void (*resume)(void *resume_arg, enum policy_verdict v);
 	void *resume_arg;
+	void *pending;
 };
 
-/* ------------------------------------------------------------------ on_response_text */
+/* ------------------------------------------------------------------ response phases */
 
-/* One stream (or non-stream answer) as the policies see it. */
+/* One choice of one answer (stream or non-stream) as the policies see it: the pipeline
+ * keeps one per choice index, for as long as the answer runs. */
 struct policy_stream {
 	const struct policy_env *env;
-	bool streaming;     /* false: a non-stream answer (one call with final = true) */
-	/* A policy that decides asynchronously (moderation) stops the answer through this,
-	 * from the loop; the pipeline ends the stream with finish_reason and cancels the
-	 * upstream. Safe to call once; later calls are ignored. */
+	bool streaming;  /* false: a non-stream answer (one text call with final = true) */
+	unsigned choice; /* the choice index */
+	/* Stop the answer from the loop, for a decision taken asynchronously (moderation of a
+	 * stream window): the pipeline ends the stream with finish_reason and cancels the
+	 * upstream; after on_response_done it withholds the choice's text instead. The first
+	 * call counts; later ones are ignored. May free the caller's state (see above). */
 	void (*stop)(struct policy_stream *s, const char *policy, const char *action,
 	             const char *finish_reason);
+	/* A policy whose on_response_done returned POLICY_PENDING calls this exactly once when
+	 * it has decided (after stop() when it withholds the text). May free the caller's
+	 * state (see above). */
+	void (*resume)(struct policy_stream *s);
 	void *pipeline; /* private to the pipeline */
 };
 
 struct policy_text {
-	unsigned choice;        /* the choice index the text belongs to */
-	const char *text;       /* new output text, UTF-8, in order; may be empty */
+	unsigned choice;  /* the choice index the text belongs to */
+	const char *text; /* new output text, UTF-8, in order; may be empty */
 	size_t len;
-	bool final;             /* the choice's text is complete: release everything held */
-	struct evbuffer *out;   /* append what may go to the client now (may be less than
-	                           text: held back; or different: rewritten) */
+	bool final;           /* the choice's text is complete: release everything held */
+	struct evbuffer *out; /* append what may go to the client now (may be less than
+	                         text: held back; or different: rewritten); never split
+	                         a UTF-8 sequence */
 	/* POLICY_STOP */
 	const char *finish_reason; /* "content_filter" or "length" */
 	/* the decision, for metrics and logs (fixed strings) */
 	const char *action;
 	char rule[128];
+	const char *alert; /* an alert event type to raise for this decision, e.g.
+	                      "loop_detected" (alerts.h); NULL: none */
 };
 
 /* ------------------------------------------------------------------ the table */
@@ -121,12 +144,16 @@ struct policy_def {
 	unsigned phases;  /* policy_phase_bits this policy runs in */
 
 	/* Configuration: parse this policy's mapping (node may be NULL for "- name:" with
-	 * defaults) into compiled, immutable state (regexes JIT-compiled here, never per
-	 * request). Errors are reported through sec with file:line (config_section.h).
-	 * Returns NULL on error. conf_free releases it with the snapshot. */
-	void *(*conf_parse)(struct config_section *sec, const struct cnode *node,
-	                    const char *path);
+	 * defaults) into compiled, immutable state shared by every worker (regexes
+	 * JIT-compiled here, never per request). Errors are reported through sec with
+	 * file:line (config_section.h). Returns NULL on error. conf_free releases it with the
+	 * snapshot. */
+	void *(*conf_parse)(struct config_section *sec, const struct cnode *node, const char *path);
 	void (*conf_free)(void *conf);
+	/* Policies whose configured entries differ in name and phases (external: each
+	 * plugin its own); NULL: name and phases above. */
+	const char *(*conf_label)(const void *conf);
+	unsigned (*conf_phases)(const void *conf);
 
 	/* on_request; NULL when the policy has no request phase. */
 	enum policy_verdict (*on_request)(const void *conf, struct policy_request *req);
@@ -135,11 +162,12 @@ struct policy_def {
 	void (*request_cancel)(const void *conf, struct policy_request *req);
 
 	/* Response phases; NULL when the policy has none. State is per choice: the pipeline
-	 * calls response_begin for each choice index it sees. */
+	 * calls response_begin for each choice index it sees (NULL: out of memory). */
 	void *(*response_begin)(const void *conf, struct policy_stream *s, unsigned choice);
 	enum policy_verdict (*on_response_text)(void *state, struct policy_text *t);
-	/* After the choice's final text. May return POLICY_PENDING (non-stream only: the
-	 * answer waits) and later resume through s; or POLICY_REFUSE. */
+	/* After the choice's final text (t->text empty): POLICY_CONTINUE, POLICY_STOP (the
+	 * choice's text is withheld, t->finish_reason) or POLICY_PENDING (then s->resume). NULL:
+	 * nothing to do. */
 	enum policy_verdict (*on_response_done)(void *state, struct policy_text *t);
 	void (*response_end)(void *state); /* frees the state; cancels pending work */
 };

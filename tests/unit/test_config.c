@@ -13,6 +13,8 @@
 #include <openssl/evp.h>
 
 #include "sluice/config.h"
+#include "sluice/policy.h"
+#include "sluice/policy_chain.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define EXAMPLES_DIR TEST_DATA_DIR "/../../../conf/examples"
@@ -502,36 +504,18 @@ static void test_full_contract(void **state)
 	assert_int_equal(r->targets[2].priority, 1);
 	assert_int_equal(r->targets[2].weight, 100);
 
-	/* plugins, in order, with their defaults filled in */
+	/* plugins, in order, each compiled by its policy (their defaults and decisions are
+	 * tested in tests/unit/test_policy_*.c) */
 	assert_int_equal(r->n_plugins, 5);
 	const char *names[] = {"prompt_guard", "prompt_decorator", "request_override",
 	                       "response_guard", "loop_guard"};
-	for (size_t i = 0; i < 5; i++)
+	for (size_t i = 0; i < 5; i++) {
 		assert_string_equal(r->plugins[i].name, names[i]);
-	json_t *pg = r->plugins[0].conf;
-	assert_string_equal(json_string_value(json_array_get(json_object_get(pg, "deny"), 0)),
-	                    "(?i)ignore (all )?previous instructions");
-	assert_int_equal(json_array_size(json_object_get(pg, "allow")), 0);
-	assert_string_equal(json_string_value(json_array_get(json_object_get(pg, "roles"), 0)),
-	                    "user");
-	assert_string_equal(json_string_value(json_object_get(pg, "history")), "last");
-	json_t *pre = json_array_get(json_object_get(r->plugins[1].conf, "prepend"), 0);
-	assert_string_equal(json_string_value(json_object_get(pre, "role")), "system");
-	assert_string_equal(json_string_value(json_object_get(pre, "content")),
-	                    "Answer in the user's language.");
-	json_t *ro = r->plugins[2].conf;
-	assert_int_equal(
-	        json_integer_value(json_object_get(json_object_get(ro, "cap"), "max_tokens")),
-	        4096);
-	assert_string_equal(json_string_value(json_array_get(json_object_get(ro, "remove"), 0)),
-	                    "logit_bias");
-	assert_int_equal(json_object_size(json_object_get(ro, "set")), 0);
-	json_t *rg = r->plugins[3].conf;
-	assert_string_equal(json_string_value(json_array_get(json_object_get(rg, "deny"), 0)),
-	                    "\\b\\d{16}\\b");
-	assert_string_equal(json_string_value(json_object_get(rg, "action")), "mask");
-	assert_int_equal(json_integer_value(json_object_get(r->plugins[4].conf, "max_repeats")), 8);
-	assert_int_equal(json_integer_value(json_object_get(r->plugins[4].conf, "window")), 512);
+		assert_ptr_equal(r->plugins[i].def, policy_find(names[i]));
+		assert_non_null(r->plugins[i].conf);
+		assert_int_equal(r->plugins[i].phases, r->plugins[i].def->phases);
+	}
+	assert_int_equal(r->plugin_phases, POLICY_PHASE_REQUEST | POLICY_PHASE_RESPONSE);
 
 	/* references */
 	struct config *again = config_ref(c);
