@@ -17,7 +17,6 @@ What lives here:
 
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -409,6 +408,12 @@ class FaultCase(qh.QuotaTestCase):
         return wait_until(find, message="the access log line of request %s" % request_id)
 
     # -- leaks -----------------------------------------------------------------------
+    def wait_no_clients(self, gw):
+        """Until sluice has closed its side of every client connection (after readiness
+        probes, before a baseline census)."""
+        wait_until(lambda: self.census(gw)["client"] == 0,
+                   message="sluice to close the probe connections")
+
     def census(self, gw, upstream_ports=()):
         return fd_census(gw.pid, client_ports=(gw.port,), upstream_ports=upstream_ports)
 

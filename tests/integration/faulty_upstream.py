@@ -219,8 +219,9 @@ class FaultyUpstream:
                 self._send(c, chunk(sse_event(i)))
         else:
             body = completion_body()
-            self._send(c, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:len(body) // 2])
+            head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+            self._send(c, head + body[:len(body) // 2])
         # Let sluice read what was sent before the RST discards it.
         time.sleep(0.2)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

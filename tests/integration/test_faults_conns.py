@@ -56,7 +56,7 @@ class ConnCase(FaultCase):
             [fault_instance("m", self.mock.url(), pool=4)],
             [fault_route("chat", ["m"], [("m", 10)], auth="none")],
             server=server, workers=workers, access_log=False, log_level="info")
-        wait_until(lambda: self.census(gw)["client"] == 0, message="probe connections to close")
+        self.wait_no_clients(gw)
         return gw
 
     def mixed_clients(self, gw, threads=4, per_thread=5):

@@ -66,7 +66,7 @@ class LogDiskTest(FaultCase):
         self.mock = self.start_mock()
         gw = self.start_gateway([fault_instance("m", self.mock.url(), pool=4)],
                                 [fault_route("chat", ["m"], [("m", 10)])], access_log=log_path)
-        wait_until(lambda: self.census(gw)["client"] == 0, message="probe connections to close")
+        self.wait_no_clients(gw)
         return gw
 
     def load(self, gw, per_thread=15):
@@ -183,7 +183,7 @@ class ReloadStormTest(FaultCase):
                                           options={"variant": v})],
                 routes=[fault_route("chat", ["m"], [("m", 10)])]))
         gw = self.start_gateway(**variants[0])
-        wait_until(lambda: self.census(gw)["client"] == 0, message="probe connections to close")
+        self.wait_no_clients(gw)
         baseline = self.census(gw, (mock.port,))
         m0 = self.metrics(gw)
         gen0 = self.status(gw)["config_generation"]

@@ -46,7 +46,7 @@ class RedisFaultTest(FaultCase):
             [fault_instance("m", self.mock.url(), pool=4)],
             [fault_route("chat", ["m"], [("m", 10)])], consumers=consumers,
             store=qh.redis_store(self.redis.port, on_error=on_error, timeout="300ms"))
-        wait_until(lambda: self.census(self.gw)["client"] == 0, message="probe connections to close")
+        self.wait_no_clients(self.gw)
         self.ports = (self.mock.port, self.redis.port)
         self.baseline = self.census(self.gw, self.ports)
         return self.gw

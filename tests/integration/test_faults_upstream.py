@@ -28,6 +28,7 @@ fault. Timeouts on `bad`: first_byte 2 s, idle 2 s; the slow upstream waits 15 s
 hanging one up to 60 s.
 """
 
+import signal
 import threading
 import unittest
 
@@ -64,7 +65,7 @@ class ByteFaultTest(FaultCase):
         self.pooled = (self.mock.port,)
         # The readiness probes' connections are closed by the client; wait until sluice
         # has closed its side before taking the baseline.
-        wait_until(lambda: self.census(self.gw)["client"] == 0, message="probe connections to close")
+        self.wait_no_clients(self.gw)
         self.baseline = self.census(self.gw, self.ports + self.pooled)
         self.rss0 = self.gw.rss_kib()
         return self.gw
@@ -317,7 +318,7 @@ class StopTest(FaultCase):
         ]
         gw = self.start_gateway(instances, [
             fault_route("fb", ["m-fb"], [("primary", 10), ("second", 5)])])
-        wait_until(lambda: self.census(gw)["client"] == 0, message="probe connections to close")
+        self.wait_no_clients(gw)
         ports = (primary.port, second.port)
         baseline = self.census(gw, ports)
 
@@ -333,14 +334,14 @@ class StopTest(FaultCase):
 
         wait_until(lambda: served_by("primary", 0, 20), message="traffic on the primary")
         at_stop = len(load.snapshot())
-        primary.proc.send_signal(harness.signal.SIGSTOP)
+        primary.proc.send_signal(signal.SIGSTOP)
         try:
             wait_until(lambda: served_by("second", at_stop, 40), harness.DEADLINE + 20,
                        lambda: "traffic to move to the second mock (%r)" % load.snapshot()[-5:])
             wait_until(lambda: not self.instances(gw)["primary"]["healthy"],
                        message="the stopped primary to be marked unhealthy")
         finally:
-            primary.proc.send_signal(harness.signal.SIGCONT)
+            primary.proc.send_signal(signal.SIGCONT)
         at_cont = len(load.snapshot())
         wait_until(lambda: served_by("primary", at_cont, 40), harness.DEADLINE + 20,
                    lambda: "traffic to return to the primary (%r)" % load.snapshot()[-5:])
