@@ -282,10 +282,12 @@ def main():
     try:
         while True:
             now = time.monotonic()
-            if now >= deadline:
-                break
             if not gw.alive():
                 problems.append("sluice died (exit %s)" % gw.proc.returncode)
+                break
+            if now >= deadline:
+                rss.append((int(round((now - start) / 60)), gw.rss_kib()))  # the last minute
+                log("end: RSS %d KiB, %d requests" % (rss[-1][1], load.total()))
                 break
             if now >= next_reload:
                 reloads += 1
