@@ -71,6 +71,7 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <jansson.h>
 
@@ -219,6 +220,10 @@ struct proto_codec {
 	 * does (which the pipeline already calls). */
 	void (*stream_usage)(const struct sse_event *ev, struct record_usage *u);
 };
+
+/* Token counts read from upstream answers are clamped to this: no real usage comes
+ * near it, and sums of a few counts can then neither wrap nor leave json_int_t. */
+#define PROTO_USAGE_MAX ((uint64_t)1 << 40)
 
 /* Messages requires max_tokens; the pivot may have none (docs/providers.md). */
 #define PROTO_MESSAGES_DEFAULT_MAX_TOKENS 4096

@@ -185,6 +185,7 @@ static json_t *image_block(const json_t *part, size_t mi, struct proto_error *er
 	const json_t *u = json_is_object(iu) ? json_object_get(iu, "url") : iu;
 	const char *s = json_string_value(u);
 	size_t n = s ? json_string_length(u) : 0;
+	json_t *b;
 
 	if (s == NULL) {
 		BAD(err, "messages[%zu]: image_url.url must be a string", mi);
@@ -200,15 +201,20 @@ static json_t *image_block(const json_t *part, size_t mi, struct proto_error *er
 			return NULL;
 		}
 		const char *data = m + sizeof(marker) - 1;
-		return json_pack("{s:s,s:{s:s,s:s%,s:s%}}", "type", "image", "source", "type",
-		                 "base64", "media_type", s + 5, (size_t)(m - (s + 5)), "data", data,
-		                 (size_t)(s + n - data));
+		b = json_pack("{s:s,s:{s:s,s:s%,s:s%}}", "type", "image", "source", "type",
+		              "base64", "media_type", s + 5, (size_t)(m - (s + 5)), "data", data,
+		              (size_t)(s + n - data));
+	} else if ((n > 7 && memcmp(s, "http://", 7) == 0) ||
+	           (n > 8 && memcmp(s, "https://", 8) == 0)) {
+		b = json_pack("{s:s,s:{s:s,s:O}}", "type", "image", "source", "type", "url", "url",
+		              u);
+	} else {
+		BAD(err, "messages[%zu]: image_url.url must be a data: or http(s) URL", mi);
+		return NULL;
 	}
-	if ((n > 7 && memcmp(s, "http://", 7) == 0) || (n > 8 && memcmp(s, "https://", 8) == 0))
-		return json_pack("{s:s,s:{s:s,s:O}}", "type", "image", "source", "type", "url",
-		                 "url", u);
-	BAD(err, "messages[%zu]: image_url.url must be a data: or http(s) URL", mi);
-	return NULL;
+	if (b == NULL)
+		NOMEM(err);
+	return b;
 }
 
 static json_t *text_block(const json_t *text)
@@ -363,6 +369,42 @@ nomem:
 	json_decref(b);
 	NOMEM(err);
 	return NULL;
+}
+
+/* One user, assistant or tool message → its Messages role and blocks (NULL with *err). */
+static json_t *message_blocks(const json_t *m, size_t i, const char **role, struct proto_error *err)
+{
+	const char *r = str(m, "role");
+	const json_t *content = json_object_get(m, "content");
+	json_t *blocks = json_array(), *tr;
+	bool ok = false;
+
+	if (blocks == NULL) {
+		NOMEM(err);
+		return NULL;
+	}
+	if (is(r, "user")) {
+		*role = "user";
+		ok = content_blocks(content, true, i, blocks, err);
+	} else if (is(r, "assistant")) {
+		*role = "assistant";
+		ok = content_blocks(content, false, i, blocks, err) &&
+		     tool_use_blocks(json_object_get(m, "tool_calls"), i, blocks, err);
+	} else if (is(r, "tool")) {
+		*role = "user"; /* tool results travel in the next user turn */
+		tr = tool_result_block(m, i, err);
+		ok = tr != NULL && push(blocks, tr);
+		if (tr != NULL && !ok)
+			NOMEM(err);
+	} else {
+		BAD(err, "messages[%zu].role: must be system, developer, user, assistant or tool",
+		    i);
+	}
+	if (!ok) {
+		json_decref(blocks);
+		return NULL;
+	}
+	return blocks;
 }
 
 /* Append blocks as one message of role, merged into the previous message when it has
@@ -567,49 +609,20 @@ static json_t *msg_request_from_chat(const json_t *chat, const struct config_ins
 	json_array_foreach(msgs, i, m)
 	{
 		const char *role = str(m, "role");
-		const json_t *content = json_object_get(m, "content");
 		json_t *blocks;
 
 		if (is(role, "system") || is(role, "developer")) {
 			/* Messages has one system prompt: every system or developer message
 			 * joins it, in order, wherever it stood. */
-			if (!content_blocks(content, false, i, system, err))
+			if (!content_blocks(json_object_get(m, "content"), false, i, system, err))
 				goto fail;
 			continue;
 		}
-		blocks = json_array();
+		blocks = message_blocks(m, i, &role, err);
 		if (blocks == NULL)
+			goto fail;
+		if (!append_message(messages, role, blocks))
 			goto nomem;
-		if (is(role, "user")) {
-			if (!content_blocks(content, true, i, blocks, err))
-				goto fail_blocks;
-		} else if (is(role, "assistant")) {
-			if (!content_blocks(content, false, i, blocks, err) ||
-			    !tool_use_blocks(json_object_get(m, "tool_calls"), i, blocks, err))
-				goto fail_blocks;
-			role = "assistant";
-		} else if (is(role, "tool")) {
-			json_t *tr = tool_result_block(m, i, err);
-			if (tr == NULL)
-				goto fail_blocks;
-			if (!push(blocks, tr)) {
-				json_decref(blocks);
-				goto nomem;
-			}
-			role = "user"; /* tool results travel in the next user turn */
-		} else {
-			BAD(err,
-			    "messages[%zu].role: must be system, developer, user, assistant or "
-			    "tool",
-			    i);
-			goto fail_blocks;
-		}
-		if (!append_message(messages, is(role, "assistant") ? "assistant" : "user", blocks))
-			goto nomem;
-		continue;
-	fail_blocks:
-		json_decref(blocks);
-		goto fail;
 	}
 	if (model != NULL && !set(out, "model", json_string(model)))
 		goto nomem;
@@ -662,13 +675,12 @@ static json_t *chat_usage(uint64_t input, uint64_t cache_read, uint64_t cache_cr
 	                 (json_int_t)cache_read);
 }
 
-/* Counts are clamped to 2^40: no real usage comes near, and sums cannot wrap. */
 static uint64_t count(const json_t *o, const char *k)
 {
 	const json_t *v = json_object_get(o, k);
 	json_int_t i = json_is_integer(v) ? json_integer_value(v) : 0;
 
-	return i <= 0 ? 0 : i > ((json_int_t)1 << 40) ? (uint64_t)1 << 40 : (uint64_t)i;
+	return i <= 0 ? 0 : (uint64_t)i > PROTO_USAGE_MAX ? PROTO_USAGE_MAX : (uint64_t)i;
 }
 
 static json_t *usage_of_messages(const json_t *u)
@@ -756,60 +768,144 @@ static json_t *image_part(const json_t *b, size_t mi, struct proto_error *err)
 {
 	const json_t *src = json_object_get(b, "source");
 	const char *type = str(src, "type");
+	json_t *url = NULL, *part;
 
-	if (is(type, "url") && json_is_string(json_object_get(src, "url")))
-		return json_pack("{s:s,s:{s:O}}", "type", "image_url", "image_url", "url",
-		                 json_object_get(src, "url"));
-	if (is(type, "base64") && json_is_string(json_object_get(src, "media_type")) &&
-	    json_is_string(json_object_get(src, "data"))) {
+	if (is(type, "url") && json_is_string(json_object_get(src, "url"))) {
+		url = json_incref(json_object_get(src, "url"));
+	} else if (is(type, "base64") && json_is_string(json_object_get(src, "media_type")) &&
+	           json_is_string(json_object_get(src, "data"))) {
 		struct evbuffer *u = evbuffer_new();
-		json_t *url, *part;
-		if (u == NULL)
-			return NULL;
-		if (evbuffer_add(u, "data:", 5) != 0 ||
-		    !add_text(u, json_object_get(src, "media_type"), NULL) ||
-		    evbuffer_add(u, ";base64,", 8) != 0 ||
-		    !add_text(u, json_object_get(src, "data"), NULL)) {
+		if (u != NULL && evbuffer_add(u, "data:", 5) == 0 &&
+		    add_text(u, json_object_get(src, "media_type"), NULL) &&
+		    evbuffer_add(u, ";base64,", 8) == 0 &&
+		    add_text(u, json_object_get(src, "data"), NULL))
+			url = take_string(u);
+		if (u != NULL)
 			evbuffer_free(u);
-			NOMEM(err);
-			return NULL;
-		}
-		url = take_string(u);
-		evbuffer_free(u);
-		part = json_pack("{s:s,s:{s:o}}", "type", "image_url", "image_url", "url", url);
-		if (part == NULL)
-			NOMEM(err);
-		return part;
+	} else {
+		BAD(err, "messages[%zu]: an image source must be base64 (media_type, data) or url",
+		    mi);
+		return NULL;
 	}
-	BAD(err, "messages[%zu]: an image source must be base64 (media_type, data) or url", mi);
-	return NULL;
+	part = json_pack("{s:s,s:{s:o}}", "type", "image_url", "image_url", "url", url);
+	if (part == NULL)
+		NOMEM(err);
+	return part;
 }
 
-/* User blocks → (tool messages, then one user message). Texts only: the content is one
- * string (adjacent text blocks joined by a newline), which every chat server takes;
- * with images, an array of parts. Images inside tool results follow in that user
- * message (chat tool messages carry text only). */
+/* A tool_result block → a tool message appended to msgs (its text joined by newlines);
+ * its images go to parts, for the user message that follows (chat tool messages carry
+ * text only). */
+static bool tool_result_to_chat(const json_t *b, size_t mi, size_t bi, json_t *msgs, json_t *parts,
+                                bool *images, struct proto_error *err)
+{
+	const json_t *id = json_object_get(b, "tool_use_id");
+	const json_t *c = json_object_get(b, "content");
+	struct evbuffer *t;
+	json_t *tm;
+	size_t j;
+	const json_t *inner;
+	bool ok = false;
+
+	if (!json_is_string(id)) {
+		BAD(err, "messages[%zu].content[%zu].tool_use_id: must be a string", mi, bi);
+		return false;
+	}
+	if (c != NULL && !json_is_null(c) && !json_is_string(c) && !json_is_array(c)) {
+		BAD(err, "messages[%zu].content[%zu].content: must be a string or blocks", mi, bi);
+		return false;
+	}
+	t = evbuffer_new();
+	if (t == NULL)
+		goto nomem;
+	if (json_is_string(c) && !add_text(t, c, NULL))
+		goto nomem;
+	json_array_foreach(c, j, inner)
+	{
+		const char *type = str(inner, "type");
+		json_t *ip;
+
+		if (is(type, "text") && json_is_string(json_object_get(inner, "text"))) {
+			if (!add_text(t, json_object_get(inner, "text"), "\n"))
+				goto nomem;
+		} else if (is(type, "image")) {
+			ip = image_part(inner, mi, err);
+			if (ip == NULL)
+				goto done;
+			if (!push(parts, ip))
+				goto nomem;
+			*images = true;
+		} else {
+			UNSUPPORTED(
+			        err,
+			        "messages[%zu].content[%zu]: tool results may hold text and images "
+			        "only on this instance (OpenAI chat)",
+			        mi, bi);
+			goto done;
+		}
+	}
+	tm = json_pack("{s:s,s:O,s:o}", "role", "tool", "tool_call_id", id, "content",
+	               take_string(t));
+	ok = tm != NULL && push(msgs, tm);
+	if (ok)
+		goto done;
+nomem:
+	NOMEM(err);
+done:
+	if (t)
+		evbuffer_free(t);
+	return ok;
+}
+
+/* The user message of parts: one string when they are all texts (joined by a newline,
+ * which every chat server takes), the array of parts otherwise. */
+static bool user_message(json_t *parts, bool images, json_t *msgs)
+{
+	struct evbuffer *t;
+	size_t i;
+	const json_t *p;
+	bool ok = true;
+
+	if (json_array_size(parts) == 0)
+		return true;
+	if (images)
+		return push(msgs, json_pack("{s:s,s:O}", "role", "user", "content", parts));
+	t = evbuffer_new();
+	if (t == NULL)
+		return false;
+	json_array_foreach(parts, i, p)
+	{
+		ok = ok && add_text(t, json_object_get(p, "text"), "\n");
+	}
+	ok = ok && push(msgs, json_pack("{s:s,s:o}", "role", "user", "content", take_string(t)));
+	evbuffer_free(t);
+	return ok;
+}
+
+/* User blocks → tool messages (one per tool_result, first: they answer the assistant's
+ * calls), then one user message with the rest. */
 static bool user_blocks_to_chat(const json_t *blocks, size_t mi, json_t *msgs,
                                 struct proto_error *err)
 {
 	json_t *parts = json_array();
 	bool images = false, ok = false;
-	size_t i, j;
-	const json_t *b, *inner;
+	size_t i;
+	const json_t *b;
 
 	if (parts == NULL)
 		goto nomem;
 	json_array_foreach(blocks, i, b)
 	{
 		const char *type = str(b, "type");
+		const json_t *src = json_object_get(b, "source");
 		json_t *p;
 
-		if (is(type, "text")) {
-			if (!json_is_string(json_object_get(b, "text"))) {
-				BAD(err, "messages[%zu].content[%zu].text: must be a string", mi,
-				    i);
+		if (is(type, "tool_result")) {
+			if (!tool_result_to_chat(b, mi, i, msgs, parts, &images, err))
 				goto done;
-			}
+			continue;
+		}
+		if (is(type, "text") && json_is_string(json_object_get(b, "text"))) {
 			p = json_pack("{s:s,s:O}", "type", "text", "text",
 			              json_object_get(b, "text"));
 		} else if (is(type, "image")) {
@@ -817,65 +913,13 @@ static bool user_blocks_to_chat(const json_t *blocks, size_t mi, json_t *msgs,
 			if (p == NULL)
 				goto done;
 			images = true;
-		} else if (is(type, "document") &&
-		           is(str(json_object_get(b, "source"), "type"), "text") &&
-		           json_is_string(json_object_get(json_object_get(b, "source"), "data"))) {
+		} else if (is(type, "document") && is(str(src, "type"), "text") &&
+		           json_is_string(json_object_get(src, "data"))) {
 			p = json_pack("{s:s,s:O}", "type", "text", "text",
-			              json_object_get(json_object_get(b, "source"), "data"));
-		} else if (is(type, "tool_result")) {
-			const json_t *id = json_object_get(b, "tool_use_id");
-			const json_t *c = json_object_get(b, "content");
-			struct evbuffer *t;
-			json_t *tm;
-
-			if (!json_is_string(id)) {
-				BAD(err, "messages[%zu].content[%zu].tool_use_id: must be a string",
-				    mi, i);
-				goto done;
-			}
-			t = evbuffer_new();
-			if (t == NULL)
-				goto nomem;
-			if (json_is_string(c)) {
-				add_text(t, c, NULL);
-			} else if (json_is_array(c)) {
-				json_array_foreach(c, j, inner)
-				{
-					if (is(str(inner, "type"), "text") &&
-					    json_is_string(json_object_get(inner, "text"))) {
-						add_text(t, json_object_get(inner, "text"), "\n");
-					} else if (is(str(inner, "type"), "image")) {
-						json_t *ip = image_part(inner, mi, err);
-						if (ip == NULL || !push(parts, ip)) {
-							evbuffer_free(t);
-							goto done;
-						}
-						images = true;
-					} else {
-						evbuffer_free(t);
-						UNSUPPORTED(err,
-						            "messages[%zu].content[%zu]: tool "
-						            "results may "
-						            "hold text and images only on this "
-						            "instance",
-						            mi, i);
-						goto done;
-					}
-				}
-			} else if (c != NULL && !json_is_null(c)) {
-				evbuffer_free(t);
-				BAD(err,
-				    "messages[%zu].content[%zu].content: must be a string or "
-				    "blocks",
-				    mi, i);
-				goto done;
-			}
-			tm = json_pack("{s:s,s:O,s:o}", "role", "tool", "tool_call_id", id,
-			               "content", take_string(t));
-			evbuffer_free(t);
-			if (tm == NULL || !push(msgs, tm))
-				goto nomem;
-			continue;
+			              json_object_get(src, "data"));
+		} else if (is(type, "text")) {
+			BAD(err, "messages[%zu].content[%zu].text: must be a string", mi, i);
+			goto done;
 		} else {
 			UNSUPPORTED(err,
 			            "messages[%zu].content[%zu]: blocks of type \"%s\" cannot be "
@@ -887,31 +931,9 @@ static bool user_blocks_to_chat(const json_t *blocks, size_t mi, json_t *msgs,
 		if (p == NULL || !push(parts, p))
 			goto nomem;
 	}
-	if (json_array_size(parts) == 0) {
-		ok = true;
+	ok = user_message(parts, images, msgs);
+	if (ok)
 		goto done;
-	}
-	if (!images) {
-		struct evbuffer *t = evbuffer_new();
-		json_t *s;
-		if (t == NULL)
-			goto nomem;
-		json_array_foreach(parts, i, b)
-		{
-			if (!add_text(t, json_object_get(b, "text"), "\n")) {
-				evbuffer_free(t);
-				goto nomem;
-			}
-		}
-		s = take_string(t);
-		evbuffer_free(t);
-		ok = push(msgs, json_pack("{s:s,s:o}", "role", "user", "content", s));
-	} else {
-		ok = push(msgs, json_pack("{s:s,s:O}", "role", "user", "content", parts));
-	}
-	if (!ok)
-		goto nomem;
-	goto done;
 nomem:
 	NOMEM(err);
 done:

@@ -177,13 +177,14 @@ static bool count_of(const json_t *obj, const char *key, uint64_t *out)
 
 	if (json_is_integer(v)) {
 		json_int_t i = json_integer_value(v);
-		*out = i > 0 ? (uint64_t)i : 0;
+		*out = i <= 0 ? 0 : (uint64_t)i > PROTO_USAGE_MAX ? PROTO_USAGE_MAX : (uint64_t)i;
 		return true;
 	}
 	if (json_is_real(v)) {
 		double d = json_real_value(v);
-		/* Below 2^63: the conversion is defined and totals cannot wrap. */
-		*out = d > 0 && d < 9.2e18 ? (uint64_t)d : 0;
+		*out = d > 0 && d < (double)PROTO_USAGE_MAX ? (uint64_t)d
+		       : d > 0                              ? PROTO_USAGE_MAX
+		                                            : 0;
 		return true;
 	}
 	return false;

@@ -95,7 +95,7 @@ static uint64_t count(const json_t *o, const char *k)
 	const json_t *v = json_object_get(o, k);
 	json_int_t i = json_is_integer(v) ? json_integer_value(v) : 0;
 
-	return i <= 0 ? 0 : i > ((json_int_t)1 << 40) ? (uint64_t)1 << 40 : (uint64_t)i;
+	return i <= 0 ? 0 : (uint64_t)i > PROTO_USAGE_MAX ? PROTO_USAGE_MAX : (uint64_t)i;
 }
 
 /* ================================================================== Responses request → pivot */
@@ -456,6 +456,13 @@ static json_t *resp_request_to_chat(const json_t *body, struct proto_error *err)
 			        stateful_keys[i]);
 			return NULL;
 		}
+	}
+	/* The API's default is to store; a client that asks for it explicitly means to
+	 * come back to the response, which this instance cannot give it. */
+	if (json_is_true(json_object_get(body, "store"))) {
+		UNSUPPORTED(err, "store: this instance keeps no responses (OpenAI chat); send "
+		                 "store: false or leave it out");
+		return NULL;
 	}
 	if (json_is_true(json_object_get(body, "background"))) {
 		UNSUPPORTED(err, "background: background responses are not supported on this "

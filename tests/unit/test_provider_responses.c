@@ -36,7 +36,7 @@ static void test_request_string_input(void **state)
 	json_t *out =
 	        to_chat("{\"model\":\"gpt-4.1\",\"input\":\"Tell me a joke\",\"instructions\":"
 	                "\"Talk like a pirate.\",\"max_output_tokens\":200,\"temperature\":0.7,"
-	                "\"store\":true,\"stream\":true}",
+	                "\"store\":false,\"stream\":true}",
 	                &err);
 
 	assert_non_null(out);
@@ -116,6 +116,7 @@ static void test_request_refused(void **state)
 	        {"{\"input\":\"x\",\"prompt\":{\"id\":\"pmpt_1\"}}", "unsupported_on_instance",
 	         "prompt"},
 	        {"{\"input\":\"x\",\"background\":true}", "unsupported_on_instance", "background"},
+	        {"{\"input\":\"x\",\"store\":true}", "unsupported_on_instance", "store"},
 	        {"{\"input\":\"x\",\"tools\":[{\"type\":\"web_search\"}]}",
 	         "unsupported_on_instance", "web_search"},
 	        {"{\"input\":\"x\",\"tools\":[{\"type\":\"web_search_preview\"}]}",
