@@ -68,7 +68,6 @@
 #ifndef SLUICE_PROVIDER_H
 #define SLUICE_PROVIDER_H
 
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -311,7 +310,9 @@ json_t *proto_openai_error(const struct proto_error_out *e);
  * rate_limit_error, 5xx server_error, …). */
 const char *proto_type_for_status(int status);
 /* Read an OpenAI-shaped error body {"error":{message,type,code}} (code may be a string
- * or a number) into *err with a generic code; false when body is not that shape. */
+ * or a number; vLLM's older {"object":"error",…} too) into *err: its type and code when
+ * the gateway knows them (static strings), else ones from the status. False when body
+ * is not that shape. */
 bool proto_openai_error_to_err(const char *body, size_t len, int status, struct proto_error *err);
 
 #endif

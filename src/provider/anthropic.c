@@ -1552,8 +1552,8 @@ struct proto_encoder {
 	enum block_kind open; /* the open block, BLOCK_NONE when none */
 	int open_index;       /* its index */
 	int open_tool;        /* the pivot tool index of an open tool_use block */
+	json_t *open_id;      /* and its id (a reference) */
 	int next_index;
-	int max_tool;            /* highest pivot tool index opened, -1 none */
 	const char *stop_reason; /* static; NULL until a finish_reason arrives */
 	struct record_usage usage;
 	bool has_usage;
@@ -1567,12 +1567,14 @@ static struct proto_encoder *msg_encoder_new(const struct proto_reply_ctx *ctx)
 		return NULL;
 	e->ctx = ctx;
 	e->thinking = thinking_asked(ctx);
-	e->max_tool = -1;
 	return e;
 }
 
 static void msg_encoder_free(struct proto_encoder *e)
 {
+	if (e == NULL)
+		return;
+	json_decref(e->open_id);
 	free(e);
 }
 
@@ -1656,10 +1658,13 @@ static bool enc_tool_calls(struct proto_encoder *e, const json_t *calls, struct 
 
 		if (t < 0 || t > MESSAGES_MAX_BLOCKS)
 			return false;
-		if (e->open != BLOCK_TOOL || e->open_tool != (int)t) {
-			/* A tool call starts with its id and name; pieces of a call whose
-			 * block is already closed (interleaved calls) cannot be expressed. */
-			if (!json_is_string(id) || !json_is_string(name) || (int)t <= e->max_tool)
+		/* A call starts with its id and name. Pieces carry its index, some servers
+		 * repeat the id on every piece, and some (Gemini) give every call index 0:
+		 * a new id is a new call. A piece of a call whose block is already closed
+		 * (interleaved calls) cannot be expressed in Messages. */
+		if (e->open != BLOCK_TOOL || e->open_tool != (int)t ||
+		    (json_is_string(id) && !json_equal(id, e->open_id))) {
+			if (!json_is_string(id) || !json_is_string(name))
 				return false;
 			if (!enc_open(e, BLOCK_TOOL,
 			              json_pack("{s:s,s:O,s:O,s:{}}", "type", "tool_use", "id", id,
@@ -1667,7 +1672,8 @@ static bool enc_tool_calls(struct proto_encoder *e, const json_t *calls, struct 
 			              out))
 				return false;
 			e->open_tool = (int)t;
-			e->max_tool = (int)t;
+			json_decref(e->open_id);
+			e->open_id = json_incref((json_t *)id);
 		}
 		if (json_is_string(args) && json_string_length(args) > 0 &&
 		    !enc_delta(e,

@@ -1,6 +1,7 @@
 /* provider.c — the provider and protocol tables, and the helpers their entries share. */
 #include "sluice/provider.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 

@@ -1235,7 +1235,6 @@ struct proto_encoder {
 	json_t *output;      /* finished items, in order */
 	enum item_kind open; /* the item being streamed */
 	int open_tool;       /* its pivot tool index (ITEM_CALL) */
-	int max_tool;        /* highest pivot tool index opened, -1 none */
 	char item_id[200];
 	char model[RESPONSES_NAME_MAX]; /* the upstream's, from the first chunk naming one */
 	json_t *call_id, *call_name;    /* of the open function call */
@@ -1252,7 +1251,6 @@ static struct proto_encoder *resp_encoder_new(const struct proto_reply_ctx *ctx)
 		return NULL;
 	e->ctx = ctx;
 	e->created = now_or(ctx);
-	e->max_tool = -1;
 	e->output = json_array();
 	e->text = evbuffer_new();
 	if (e->output == NULL || e->text == NULL) {
@@ -1393,17 +1391,18 @@ static bool enc_calls(struct proto_encoder *e, const json_t *calls, struct evbuf
 
 		if (t < 0 || t > RESPONSES_MAX_ITEMS)
 			return false;
-		if (e->open != ITEM_CALL || e->open_tool != (int)t) {
-			/* A call starts with its id and name; a piece for a call already
-			 * closed (interleaved calls) cannot be expressed. */
-			if (!json_is_string(id) || !json_is_string(name) || (int)t <= e->max_tool ||
-			    !enc_close(e, out))
+		/* A call starts with its id and name; a new id is a new call (some servers
+		 * give every call index 0, some repeat the id on every piece). A piece of
+		 * a call already closed (interleaved calls) cannot be expressed. */
+		if (e->open != ITEM_CALL || e->open_tool != (int)t ||
+		    (json_is_string(id) && !json_equal(id, e->call_id))) {
+			if (!json_is_string(id) || !json_is_string(name) || !enc_close(e, out))
 				return false;
 			oi = output_index(e);
 			snprintf(e->item_id, sizeof(e->item_id), "fc_%s_%d",
 			         e->ctx && e->ctx->request_id ? e->ctx->request_id : "0", oi);
 			e->open = ITEM_CALL;
-			e->open_tool = e->max_tool = (int)t;
+			e->open_tool = (int)t;
 			e->call_id = json_incref((json_t *)id);
 			e->call_name = json_incref((json_t *)name);
 			if (!put(e, out, "response.output_item.added",

@@ -795,6 +795,54 @@ static void test_encode_interleaved_tools(void **state)
 	json_decref(a2);
 }
 
+/* Gemini gives every call index 0; some servers repeat the id on every piece. */
+static void test_encode_tool_quirks(void **state)
+{
+	const struct proto_codec *m = msgs();
+	struct proto_encoder *e = m->encoder_new(NULL);
+	struct evbuffer *out = evbuffer_new();
+	struct client_events ev;
+	json_t *two = load_json("{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":["
+	                        "{\"index\":0,\"id\":\"a\",\"function\":{\"name\":\"f\","
+	                        "\"arguments\":\"{}\"}},{\"index\":0,\"id\":\"b\",\"function\":"
+	                        "{\"name\":\"g\",\"arguments\":\"{\\\"x\\\":1}\"}}]}}]}");
+	json_t *rep1 = load_json("{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+	                         "\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"h\","
+	                         "\"arguments\":\"{\\\"y\\\":\"}}]}}]}");
+	json_t *rep2 = load_json("{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{"
+	                         "\"index\":0,\"id\":\"c\",\"function\":{\"arguments\":"
+	                         "\"2}\"}}]}}]}");
+
+	assert_true(m->encode(e, two, out));
+	m->stream_end(e, NULL, out);
+	parse_client(out, &ev);
+	/* message_start, [start a, ping, delta, stop], [start b, delta, stop], message_delta,
+	 * message_stop */
+	assert_int_equal(ev.n, 10);
+	assert_str_at(ev.data[1], "content_block.id", "a");
+	assert_str_at(ev.data[5], "content_block.id", "b");
+	assert_int_at(ev.data[5], "index", 1);
+	assert_str_at(ev.data[6], "delta.partial_json", "{\"x\":1}");
+	client_free(&ev);
+	m->encoder_free(e);
+
+	evbuffer_drain(out, evbuffer_get_length(out));
+	e = m->encoder_new(NULL);
+	assert_true(m->encode(e, rep1, out));
+	assert_true(m->encode(e, rep2, out));
+	m->stream_end(e, NULL, out);
+	parse_client(out, &ev);
+	/* one block: message_start, start, ping, delta, delta, stop, message_delta, stop */
+	assert_int_equal(ev.n, 8);
+	assert_str_at(ev.data[4], "delta.partial_json", "2}");
+	client_free(&ev);
+	m->encoder_free(e);
+	evbuffer_free(out);
+	json_decref(two);
+	json_decref(rep1);
+	json_decref(rep2);
+}
+
 /* ================================================================== errors and usage */
 
 static void test_error_to_openai(void **state)
@@ -949,6 +997,7 @@ int main(void)
 	        cmocka_unit_test(test_encode_thinking),
 	        cmocka_unit_test(test_encode_cut_and_empty),
 	        cmocka_unit_test(test_encode_interleaved_tools),
+	        cmocka_unit_test(test_encode_tool_quirks),
 	        cmocka_unit_test(test_error_to_openai),
 	        cmocka_unit_test(test_error_body),
 	        cmocka_unit_test(test_stream_usage),

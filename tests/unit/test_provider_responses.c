@@ -447,6 +447,34 @@ static void test_stream_error(void **state)
 	evbuffer_free(out);
 }
 
+/* Calls all at index 0 with their own ids (Gemini): one function_call item each. */
+static void test_encode_same_index(void **state)
+{
+	const struct proto_codec *c = resp();
+	struct proto_encoder *e = c->encoder_new(NULL);
+	struct evbuffer *out = evbuffer_new();
+	struct client_events ev;
+	json_t *two = load_json("{\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":["
+	                        "{\"index\":0,\"id\":\"a\",\"function\":{\"name\":\"f\","
+	                        "\"arguments\":\"{}\"}},{\"index\":0,\"id\":\"b\",\"function\":"
+	                        "{\"name\":\"g\",\"arguments\":\"[]\"}}]},\"finish_reason\":"
+	                        "\"tool_calls\"}]}");
+
+	assert_true(c->encode(e, two, out));
+	c->stream_end(e, NULL, out);
+	parse_client(out, &ev);
+	assert_numbered(&ev);
+	assert_string_equal(ev.names[ev.n - 1], "response.completed");
+	assert_int_equal(json_array_size(at(ev.data[ev.n - 1], "response.output")), 2);
+	assert_str_at(ev.data[ev.n - 1], "response.output.0.call_id", "a");
+	assert_str_at(ev.data[ev.n - 1], "response.output.1.call_id", "b");
+	assert_str_at(ev.data[ev.n - 1], "response.output.1.arguments", "[]");
+	client_free(&ev);
+	c->encoder_free(e);
+	json_decref(two);
+	evbuffer_free(out);
+}
+
 /* ================================================================== Responses stream → pivot */
 
 static void test_decode_streams(void **state)
@@ -583,6 +611,7 @@ int main(void)
 	        cmocka_unit_test(test_encode_tools),
 	        cmocka_unit_test(test_encode_incomplete),
 	        cmocka_unit_test(test_stream_error),
+	        cmocka_unit_test(test_encode_same_index),
 	        cmocka_unit_test(test_decode_streams),
 	        cmocka_unit_test(test_decode_broken),
 	        cmocka_unit_test(test_stream_usage),
