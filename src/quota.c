@@ -113,6 +113,24 @@ void quota_window_bounds(const struct config_window *w, uint64_t now, uint64_t *
 
 /* ---------------------------------------------------------------- the plan */
 
+/*
+ * Amounts come from the client (max_tokens, n, the size of its prompt) and from the
+ * upstream (its usage): every sum saturates, and one charge is at most QUOTA_MAX_AMOUNT —
+ * the largest limit the loader accepts, and the largest integer a Lua number (the Redis
+ * scripts' arithmetic) holds exactly.
+ */
+#define QUOTA_MAX_AMOUNT 9007199254740991ull /* 2^53 - 1 */
+
+static uint64_t sat_add(uint64_t a, uint64_t b)
+{
+	return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+static uint64_t clamp_amount(uint64_t v)
+{
+	return v > QUOTA_MAX_AMOUNT ? QUOTA_MAX_AMOUNT : v;
+}
+
 static uint64_t limit_value(const struct config_limit *l)
 {
 	return l->requests > 0 ? l->requests : l->tokens;
@@ -133,7 +151,7 @@ static uint64_t amount_for(const struct config_limit *l, uint64_t prompt, uint64
 	case LIMIT_COMPLETION_TOKENS:
 		return completion;
 	default:
-		return prompt + completion;
+		return clamp_amount(sat_add(prompt, completion));
 	}
 }
 
@@ -274,7 +292,7 @@ static void compute_result(struct quota_ticket *t, bool admitted, uint64_t now)
 				retry = ms;
 		}
 		if (is_token_limit(r->limit)) {
-			uint64_t after = admitted ? used + r->amount : used;
+			uint64_t after = admitted ? sat_add(used, r->amount) : used;
 			uint64_t remaining = limit > after ? limit - after : 0;
 			uint64_t reset = r->end > now ? r->end - now : 0;
 			if (r->limit->type == LIMIT_SLIDING)
@@ -687,7 +705,13 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	if (t->pending != NULL || t->holds)
 		quota_cancel(q, t);
 	memset(t, 0, sizeof(*t));
-	plan_build(t, consumer, in, est_prompt, est_completion, now_ms());
+	/* The client chooses max_tokens and n: one attempt reserves at most the instance's
+	 * max_reservation of completion tokens, so that no single request can take a whole
+	 * shared quota while it runs (a larger answer is charged in full at settlement). */
+	if (in != NULL && est_completion > in->max_reservation)
+		est_completion = in->max_reservation;
+	plan_build(t, consumer, in, clamp_amount(est_prompt), clamp_amount(est_completion),
+	           now_ms());
 	if (atomic_load_explicit(&posthoc_for_bench, memory_order_relaxed) == 1)
 		for (unsigned i = 0; i < t->n_res; i++) /* benchmark only, see quota_new */
 			if (is_token_limit(t->res[i].limit))
@@ -724,9 +748,12 @@ void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint
 
 	if (!t->holds)
 		return;
+	prompt = clamp_amount(prompt);
+	completion = clamp_amount(completion);
 	for (unsigned i = 0; i < t->n_res; i++) {
 		const struct quota_reservation *r = &t->res[i];
 		uint64_t actual = amount_for(r->limit, prompt, completion);
+		/* Both are at most QUOTA_MAX_AMOUNT: the difference fits. */
 		deltas[i] = (int64_t)actual - (int64_t)r->amount;
 	}
 	apply_deltas(q, t, deltas);
