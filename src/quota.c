@@ -742,7 +742,8 @@ static void apply_deltas(struct quota *q, struct quota_ticket *t, const int64_t 
 	t->holds = false;
 }
 
-void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion)
+static void settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion,
+                   bool count_request)
 {
 	int64_t deltas[QUOTA_MAX_COUNTERS];
 
@@ -752,11 +753,24 @@ void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint
 	completion = clamp_amount(completion);
 	for (unsigned i = 0; i < t->n_res; i++) {
 		const struct quota_reservation *r = &t->res[i];
-		uint64_t actual = amount_for(r->limit, prompt, completion);
+		uint64_t actual = is_token_limit(r->limit) || count_request
+		                          ? amount_for(r->limit, prompt, completion)
+		                          : 0;
 		/* Both are at most QUOTA_MAX_AMOUNT: the difference fits. */
 		deltas[i] = (int64_t)actual - (int64_t)r->amount;
 	}
 	apply_deltas(q, t, deltas);
+}
+
+void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion)
+{
+	settle(q, t, prompt, completion, true);
+}
+
+void quota_settle_tokens(struct quota *q, struct quota_ticket *t, uint64_t prompt,
+                         uint64_t completion)
+{
+	settle(q, t, prompt, completion, false);
 }
 
 void quota_release(struct quota *q, struct quota_ticket *t)

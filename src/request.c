@@ -57,6 +57,17 @@
 /* Targets tracked without allocation; larger routes allocate. */
 #define SMALL_TARGETS 32
 
+/*
+ * What the current attempt costs when it ends (docs/quotas.md §3): the upstream is charged
+ * for what it was asked to do, not for what reached the client — a client that leaves
+ * before the answer still cost the upstream its work.
+ */
+enum attempt_cost {
+	COST_NOTHING, /* never reached an upstream, or refused it and failed over: released */
+	COST_REQUEST, /* the upstream's refusal is the answer: the request counts, no tokens */
+	COST_WORK,    /* the upstream was asked to work: the request, and its tokens */
+};
+
 enum reply_mode {
 	REPLY_NONE,     /* no upstream answer yet */
 	REPLY_BUFFERED, /* collecting a whole upstream answer */
@@ -102,6 +113,7 @@ struct request {
 	/* quota: the current attempt's reservation */
 	struct quota_ticket ticket;
 	bool ticket_held;              /* admitted and not yet settled or released */
+	enum attempt_cost cost;        /* of the current attempt, if it ended now */
 	bool quota_pending;            /* waiting on the store */
 	bool quota_denied;             /* some candidate was refused by a quota */
 	struct quota_ticket denial;    /* the first refusal, for the 429 */
@@ -765,6 +777,7 @@ static void attempt_reset(struct request *r)
 		r->sse_ready = false;
 	}
 	r->mode = REPLY_NONE;
+	r->cost = COST_NOTHING;
 	r->client_paused = false;
 	memset(&r->usage, 0, sizeof(r->usage));
 	r->output_text_bytes = 0;
@@ -815,6 +828,8 @@ static bool attempt_start(struct request *r)
 		reply_error(r, 500, "server_error", "internal_error", "cannot start the upstream transfer");
 		return false;
 	}
+	/* From here the upstream may be working on it, whether or not the client stays. */
+	r->cost = COST_WORK;
 	return true;
 }
 
@@ -1020,6 +1035,31 @@ static void stream_error_event(struct request *r, const char *code, const char *
 	evbuffer_free(b);
 }
 
+/*
+ * What an attempt that ended without reaching the client costs (docs/quotas.md §3). The
+ * upstream refused: a connect error (it never saw the request), a reset before any answer
+ * or an error status (like a 5xx) — the request counts only when that refusal is the
+ * client's answer. It timed out after the request was sent: it was working, so the tokens
+ * are charged even when another candidate takes over.
+ */
+static enum attempt_cost ended_attempt_cost(enum upstream_result res, int status,
+                                            const char *detail)
+{
+	switch (res) {
+	case UPSTREAM_OK:
+		return status >= 400 ? COST_REQUEST : COST_WORK;
+	case UPSTREAM_TIMEOUT:
+		/* upstream.c names a timeout before the connection was made this way. */
+		return strcmp(detail, "connect timeout") == 0 ? COST_NOTHING : COST_WORK;
+	case UPSTREAM_CONNECT_ERROR:
+		return COST_NOTHING;
+	case UPSTREAM_ERROR:
+	case UPSTREAM_ABORTED:
+	default:
+		return COST_REQUEST;
+	}
+}
+
 /* Give this attempt up and try the next candidate. */
 static void fail_over(struct request *r, enum upstream_result res, int status, const char *detail)
 {
@@ -1027,7 +1067,12 @@ static void fail_over(struct request *r, enum upstream_result res, int status, c
 	r->last_status = status;
 	snprintf(r->last_detail, sizeof(r->last_detail), "%s", detail);
 	if (r->ticket_held) {
-		quota_release(r->w->quota, &r->ticket);
+		/* The request is counted by the attempt that ends it; work done here is charged. */
+		if (r->cost == COST_WORK)
+			quota_settle_tokens(r->w->quota, &r->ticket, r->est_prompt,
+			                    usage_estimate_text(r->output_text_bytes));
+		else
+			quota_release(r->w->quota, &r->ticket);
 		r->ticket_held = false;
 	}
 	attempt_reset(r);
@@ -1089,6 +1134,7 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	}
 	unsigned trigger = res == UPSTREAM_OK ? trigger_for_status(r->route, status)
 	                                      : trigger_for_result(res);
+	r->cost = ended_attempt_cost(res, status, detail);
 	attempt_end(r, res, status, outcome_name(res, status));
 	if (res == UPSTREAM_OK && status == 429) {
 		/* "Name: value\r\n" lines, not NUL-terminated: compare at line starts. */
@@ -1186,20 +1232,17 @@ static void reply_error(struct request *r, int status, const char *type, const c
 	request_finish(r);
 }
 
-/* Charge what the answer used: the upstream's usage, or our estimate. */
+/*
+ * Charge what the upstream was asked to do (docs/quotas.md §3): its usage, or — when it
+ * said nothing, or the client left before it could — the prompt estimate and the text
+ * produced so far. An error status passed through counts the request and no tokens; an
+ * attempt that never reached the upstream costs nothing.
+ */
 static void settle(struct request *r)
 {
 	struct record_usage *u = &r->usage;
 
-	/* An upstream that refused (4xx/5xx passed through) or never answered did
-	 * no work for us: give the reservation back rather than guess. */
-	if (r->ticket_held && !u->present && (r->rec.upstream_status == 0 || r->rec.upstream_status >= 400) &&
-	    r->output_text_bytes == 0) {
-		quota_release(r->w->quota, &r->ticket);
-		r->ticket_held = false;
-	}
-
-	if (!u->present && (r->ticket_held || r->output_text_bytes > 0)) {
+	if (!u->present && r->cost == COST_WORK && (r->ticket_held || r->output_text_bytes > 0)) {
 		u->present = true;
 		u->estimated = true;
 		u->prompt = r->est_prompt;
@@ -1207,7 +1250,12 @@ static void settle(struct request *r)
 		u->total = u->prompt + u->completion;
 	}
 	if (r->ticket_held) {
-		quota_settle(r->w->quota, &r->ticket, u->prompt, u->completion);
+		if (r->cost == COST_WORK)
+			quota_settle(r->w->quota, &r->ticket, u->prompt, u->completion);
+		else if (r->cost == COST_REQUEST)
+			quota_settle(r->w->quota, &r->ticket, 0, 0);
+		else
+			quota_release(r->w->quota, &r->ticket);
 		r->ticket_held = false;
 	}
 	r->rec.usage = *u;

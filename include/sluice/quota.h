@@ -115,7 +115,13 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 /* Replace the reservation with the real usage (as reported, or estimated). Fire and
  * forget: one round trip with Redis. No-op when t holds nothing. */
 void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion);
-/* A failed attempt gives its whole reservation back (tokens and the request count). */
+/* An attempt that the upstream worked on but that fails over to the next candidate (a
+ * timeout after the request was sent): its tokens are charged like quota_settle, its
+ * request counts are given back — a request counts once, on the attempt that ends it. */
+void quota_settle_tokens(struct quota *q, struct quota_ticket *t, uint64_t prompt,
+                         uint64_t completion);
+/* A failed attempt gives its whole reservation back (tokens and the request count): one
+ * that never reached an upstream, or that the upstream refused. */
 void quota_release(struct quota *q, struct quota_ticket *t);
 /* The request went away while its admission was pending: cb will not run; a reservation
  * the admission makes is released when the reply arrives. Also releases a held one. */
