@@ -213,8 +213,9 @@ bool store_memory_admit(struct mem_counter *cs, size_t n, uint64_t now)
 			struct mem_entry *e = find_or_add(&shards[shard_of(cs[i].hash)], &cs[i]);
 			/* Out of memory: admit without counting rather than refuse everyone. */
 			if (e != NULL)
-				e->value = e->value > UINT64_MAX - cs[i].amount ? UINT64_MAX
-				                                                : e->value + cs[i].amount;
+				e->value = e->value > UINT64_MAX - cs[i].amount
+				                   ? UINT64_MAX
+				                   : e->value + cs[i].amount;
 		}
 	}
 

@@ -453,13 +453,28 @@ class RedisServer:
                 return sorted(set(out))
 
     def counter_sum(self, pattern, db=0):
-        """Sum of the integer values of the keys matching pattern."""
+        """Sum of the integer values of the counter keys matching pattern (a counter's
+        reservation set, the same key + ":r", is not a counter)."""
         total = 0
         for k in self.keys(pattern, db=db):
+            if k.endswith(":r"):
+                continue
             v = self.cmd("GET", k, db=db)
             if v is not None:
                 total += int(v)
         return total
+
+    def live_reservations(self, pattern="*", db=0):
+        """{set key: [member]} of the live reservations ("<token>:<amount>") in the
+        reservation sets matching pattern; dead tokens (no ":") are left out."""
+        out = {}
+        for k in self.keys(pattern, db=db):
+            if not k.endswith(":r"):
+                continue
+            live = [m for m in self.cmd("ZRANGE", k, 0, -1, db=db) if ":" in m]
+            if live:
+                out[k] = live
+        return out
 
 
 # ---------------------------------------------------------------------------------------
