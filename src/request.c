@@ -201,9 +201,75 @@ static void reply_json(struct request *r, const json_t *obj)
 	request_finish(r);
 }
 
+static const char *get_client_header(void *arg, const char *name);
+
+/* A route this consumer (NULL: no key) may call; the same rule as auth_check's. */
+static bool consumer_may_use(const struct config_route *rt, const void *arg)
+{
+	const struct config_consumer *cons = arg;
+
+	if (rt->auth == ROUTE_AUTH_NONE)
+		return true;
+	if (cons == NULL)
+		return false;
+	if (cons->n_routes == 0)
+		return true;
+	for (size_t i = 0; i < cons->n_routes; i++)
+		if (cons->routes[i] == rt ||
+		    (cons->routes[i] != NULL && strcmp(cons->routes[i]->name, rt->name) == 0))
+			return true;
+	return false;
+}
+
+/*
+ * The model list says what a gateway serves and to whom: when any route is key-auth, it
+ * takes a valid key — read with each key-auth route's own key headers, in route order —
+ * and lists only the models of the routes its consumer may use (and of auth: none
+ * routes). Returns the list, or NULL after answering 401 (or 500).
+ */
+static json_t *models_for_caller(struct request *r)
+{
+	const struct config *c = r->config;
+	const struct config_consumer *cons = NULL;
+	enum auth_result worst = AUTH_NONE_REQUIRED;
+	json_t *list;
+
+	for (size_t i = 0; i < c->n_routes && cons == NULL; i++) {
+		const struct config_route *rt = &c->routes[i];
+		enum auth_result res;
+
+		if (rt->auth == ROUTE_AUTH_NONE)
+			continue;
+		res = auth_check(c, rt, get_client_header, r->http, &cons, r->key_fp);
+		if (res == AUTH_UNKNOWN || worst == AUTH_NONE_REQUIRED)
+			worst = res;
+	}
+	if (cons != NULL) {
+		r->rec.consumer = cons->name;
+		r->rec.key_fingerprint = r->key_fp;
+	} else if (worst == AUTH_UNKNOWN) {
+		r->rec.key_fingerprint = r->key_fp;
+		reply_error(r, 401, "authentication_error", "invalid_api_key",
+		            "invalid API key (fingerprint %s)", r->key_fp);
+		return NULL;
+	} else if (worst == AUTH_MISSING) {
+		reply_error(r, 401, "authentication_error", "missing_api_key",
+		            "no API key: send it as Authorization: Bearer <key>");
+		return NULL;
+	}
+	list = router_models_json_for(c, consumer_may_use, cons);
+	if (list == NULL)
+		reply_error(r, 500, "server_error", "internal_error",
+		            "cannot build the model list");
+	return list;
+}
+
 static void handle_models(struct request *r)
 {
-	json_t *list = router_models_json(r->config);
+	json_t *list = models_for_caller(r);
+
+	if (list == NULL)
+		return;
 	reply_json(r, list);
 	json_decref(list);
 }
@@ -211,7 +277,10 @@ static void handle_models(struct request *r)
 /* GET /v1/models/{id}: one entry of the list, or 404 like OpenAI. */
 static void handle_model(struct request *r, const char *id)
 {
-	json_t *list = router_models_json(r->config);
+	json_t *list = models_for_caller(r);
+
+	if (list == NULL)
+		return;
 	json_t *data = json_object_get(list, "data"), *m, *found = NULL;
 	size_t i;
 
@@ -742,9 +811,12 @@ static bool shape_body(struct request *r)
 	if (same_model && !drop_model && !want_usage && no_options)
 		return true;
 	/* The common case — another model name and/or usage for a stream — is a
-	 * splice of the client's bytes: no re-serialisation of the whole body. */
-	if (no_options && !drop_model && so == NULL && json_object_size(r->body) > 0)
-		return splice_body(r, same_model ? NULL : in->model, want_usage);
+	 * splice of the client's bytes: no re-serialisation of the whole body. The splice
+	 * finds "model" in the raw bytes; a name written with escapes ("mod\u0065l", which
+	 * the parse understood) is not found there, and the body is rebuilt below. */
+	if (no_options && !drop_model && so == NULL && json_object_size(r->body) > 0 &&
+	    splice_body(r, same_model ? NULL : in->model, want_usage))
+		return true;
 
 	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
 	if (b == NULL)
@@ -906,8 +978,9 @@ static size_t content_bytes(const char *data, size_t len, struct evbuffer *keep)
 	while ((p = memmem(p, (size_t)(end - p), key, sizeof(key) - 1)) != NULL) {
 		p += sizeof(key) - 1;
 		const char *q = p;
+		/* An escape takes two bytes, unless the data ends inside it. */
 		while (q < end && *q != '"')
-			q += (*q == '\\') ? 2 : 1;
+			q += (*q == '\\' && end - q >= 2) ? 2 : 1;
 		total += (size_t)(q - p);
 		if (keep)
 			evbuffer_add(keep, p, (size_t)(q - p)); /* still JSON-escaped: fine for a log */
@@ -1060,7 +1133,23 @@ static enum attempt_cost ended_attempt_cost(enum upstream_result res, int status
 	}
 }
 
-/* Give this attempt up and try the next candidate. */
+/* What a client is told about a failed attempt, after the instance's name: a generic
+ * reason. The detail — libcurl's text, the upstream's address — is the operator's: it goes
+ * to the error log, with the request id. */
+static const char *client_reason(enum upstream_result res)
+{
+	switch (res) {
+	case UPSTREAM_TIMEOUT:
+		return "timed out";
+	case UPSTREAM_CONNECT_ERROR:
+		return "could not be reached";
+	default:
+		return "failed";
+	}
+}
+
+/* Give this attempt up and try the next candidate. detail is what the client may see
+ * should every candidate fail. */
 static void fail_over(struct request *r, enum upstream_result res, int status, const char *detail)
 {
 	r->last_res = res;
@@ -1112,11 +1201,19 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 		attempt_end(r, res, status, outcome);
 		if (res != UPSTREAM_OK || sse_pending(&r->sse) != 0) {
 			const char *why = res == UPSTREAM_OK ? "the stream ended inside an event" : detail;
+			char msg[200];
 			log_warn("[%s] instance %s: stream failed after the first byte: %s", r->id,
 			         in->name, why);
-			stream_error_event(r, res == UPSTREAM_TIMEOUT ? "upstream_timeout"
-			                                              : "upstream_stream_error",
-			                   why);
+			if (res == UPSTREAM_OK)
+				snprintf(msg, sizeof(msg), "instance '%s': %s", in->name, why);
+			else
+				snprintf(msg, sizeof(msg),
+				         "instance '%s' %s after the stream started", in->name,
+				         client_reason(res));
+			stream_error_event(r,
+			                   res == UPSTREAM_TIMEOUT ? "upstream_timeout"
+			                                           : "upstream_stream_error",
+			                   msg);
 			r->rec.error_code = "upstream_stream_error";
 		}
 		r->rec.status = status;
@@ -1151,11 +1248,15 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	}
 	if (trigger & (r->route->fallback.on | FALLBACK_LISTED)) {
 		char why[300];
-		if (res == UPSTREAM_OK)
+		if (res == UPSTREAM_OK) {
 			snprintf(why, sizeof(why), "%s answered HTTP %d", in->name, status);
-		else
-			snprintf(why, sizeof(why), "%s: %s", in->name, detail);
-		log_info("[%s] failing over from %s: %s", r->id, in->name, why);
+			log_info("[%s] failing over from %s: %s", r->id, in->name, why);
+		} else {
+			log_info("[%s] failing over from %s: %s: %s", r->id, in->name,
+			         upstream_result_name(res), detail);
+			snprintf(why, sizeof(why), "instance '%s' %s", in->name,
+			         client_reason(res));
+		}
 		fail_over(r, res, status, why);
 		return;
 	}
@@ -1164,13 +1265,13 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 		log_warn("[%s] instance %s: %s: %s", r->id, in->name, upstream_result_name(res), detail);
 		if (res == UPSTREAM_TIMEOUT)
 			reply_error(r, code, "timeout_error", "upstream_timeout",
-			            "instance '%s' timed out: %s", in->name, detail);
+			            "instance '%s' %s", in->name, client_reason(res));
 		else if (res == UPSTREAM_CONNECT_ERROR)
 			reply_error(r, code, "upstream_error", "upstream_connect_error",
-			            "cannot connect to instance '%s': %s", in->name, detail);
+			            "instance '%s' %s", in->name, client_reason(res));
 		else
-			reply_error(r, code, "upstream_error", "upstream_error",
-			            "instance '%s' failed: %s", in->name, detail);
+			reply_error(r, code, "upstream_error", "upstream_error", "instance '%s' %s",
+			            in->name, client_reason(res));
 		return;
 	}
 

@@ -1,5 +1,7 @@
-"""test_quota_faults.py — quota counters under Redis faults: a redis-server stopped (SIGSTOP)
-while admissions and settlements are in flight, and resumed (SIGCONT), under a small load.
+"""test_quota_faults.py — quota counters under Redis faults, and what hostile or failing
+peers make of a request (issue 12): a redis-server stopped (SIGSTOP) while admissions and
+settlements are in flight, and resumed (SIGCONT), under a small load; request bodies and
+upstream answers the byte-level code must survive.
 
   RedisStallAccountingTest   with on_error allow and deny: once Redis is back and the
                              requests have finished, every Redis counter holds exactly what
@@ -8,6 +10,13 @@ while admissions and settlements are in flight, and resumed (SIGCONT), under a s
                              out retried after the reconnect), no live member left in any
                              reservation set
 
+  RequestFaultTest           a member name written with escapes ("mod\u0065l") is
+                             still found and replaced; an SSE event whose data ends in a
+                             backslash is counted to its end, not past it; errors sent to
+                             clients name the instance and a generic reason, never the
+                             upstream's address or libcurl's text (those go to the error
+                             log, with the request id)
+
 Every request costs the same (quota_helpers.chat(4, 4): 8 tokens, one request), so a
 counter's consistency is arithmetic: the consumer's token counter is 8 × its request
 counter, and equals the instance's. A reservation left over breaks that (it holds the
@@ -15,11 +24,13 @@ estimate, 4 + 7 + 4 = 15 tokens, not 8) and stays until its lease ends (minutes)
 for the counters to be consistent, with a deadline, fails on a leak.
 """
 
+import json
 import re
 import threading
 
 import harness
 import quota_helpers as qh
+from sched_support import FixedUpstream
 from harness import wait_until
 from quota_helpers import CHAT, bearer, chat, consumer, limit
 
@@ -163,6 +174,104 @@ class RedisStallAccountingTest(qh.QuotaTestCase):
                      % (load.count(200), shared, c))
         self.assertGreaterEqual(c["requests"], shared)
         self.assertLessEqual(c["requests"], load.count(200))
+
+
+class RequestFaultTest(qh.QuotaTestCase):
+
+    def test_escaped_member_names_are_understood(self):
+        """JSON allows a member name written with escapes. The body splice that replaces
+        "model" scans the raw bytes; a name it cannot recognise there must not make the
+        request fail (it used to: 500) — the body is rebuilt instead."""
+        mock = self.start_mock()
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("m", mock.url(), model="up-model")],
+            routes=[qh.quota_route("chat", [CHAT], ["m"], auth="none")])
+        for stream in (False, True):
+            m = qh.marker()
+            raw = ('{"mod\\u0065l":"client-model","messages":[{"role":"user","content":'
+                   '"%s"}],"mock":{"tokens":3}%s}' % (m, ',"stream":true' if stream else ""))
+            with harness.HTTPConn(gw.port) as c:
+                c.send_request("POST", CHAT, body=raw.encode())
+                r = c.read_response()
+            self.assertEqual(r.status, 200, "stream=%s: %r" % (stream, r))
+            sent = json.loads(mock.wait_request(m)["body"])
+            self.assertEqual(sent["model"], "up-model", repr(sent))
+            self.assertEqual(sent["messages"][0]["content"], m)
+            if stream:
+                self.assertTrue(r.body.rstrip().endswith(b"data: [DONE]"), repr(r.body[-80:]))
+                self.assertEqual(sent["stream_options"], {"include_usage": True})
+
+    def test_sse_data_ending_in_a_backslash(self):
+        """An event whose data ends inside a string escape ("...\\" then the end of the
+        line): the text scan for the usage estimate stops at the end of the data. The
+        logged output is exactly the event's text, and the estimate counts its 4 bytes
+        (1 token), not one past them."""
+        up = FixedUpstream(200, body=b'data: {"choices":[{"index":0,"delta":{"content":"abc\\'
+                           b'\n\ndata: [DONE]\n\n', content_type="text/event-stream")
+        self.addCleanup(up.close)
+        k = qh.make_key("bs")
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("m", up.url())],
+            consumers=[consumer("bs", [k], [limit(100000, "1h")])],
+            routes=[qh.quota_route("chat", [CHAT], ["m"])], payloads=True)
+        rid = "bs-" + qh.marker()
+        head, events, complete, rest = harness.stream_request(
+            gw.port, CHAT, chat(4, 4, stream=True), headers=dict(bearer(k), **{"x-request-id": rid}))
+        self.assertEqual(head.status, 200, repr(head))
+        self.assertTrue(complete)
+        entry = wait_until(lambda: next((e for e in qh.read_access_log(gw.access_log)
+                                         if e.get("request_id") == rid), None),
+                           message="the stream's access-log line")
+        self.assertEqual(entry["usage"]["completion"], 1, repr(entry))
+        self.assertTrue(entry["usage"]["estimated"])
+        self.assertEqual(entry["output"], "abc\\", repr(entry))
+
+    def test_errors_do_not_show_upstream_details(self):
+        """What failed is the client's business (the instance, a reason), how it failed is
+        the operator's: the upstream's address and libcurl's messages go to the error log
+        with the request id, not to the client — as a JSON error, as the message of an
+        every-candidate-failed 502, or inside a stream's error event."""
+        dead1, dead2 = harness.closed_port(), harness.closed_port()
+        mock = self.start_mock()
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("dead1", "http://127.0.0.1:%d/v1/chat/completions" % dead1),
+                       qh.quota_instance("dead2", "http://127.0.0.1:%d/v1/chat/completions" % dead2),
+                       qh.quota_instance("live", mock.url())],
+            routes=[qh.quota_route("one", ["/one" + CHAT], ["dead1"], auth="none",
+                                   fallback_on=[]),
+                    qh.quota_route("two", ["/two" + CHAT], [("dead1", 2), ("dead2", 1)],
+                                   auth="none"),
+                    qh.quota_route("cut", [CHAT], ["live"], auth="none")])
+        leaks = ["127.0.0.1", str(dead1), str(dead2), str(mock.port), "Failed to connect",
+                 "Connection refused", "Couldn't connect", "curl", "transfer closed",
+                 "port "]
+
+        def assertClean(text, what, instance):
+            for bad in leaks:
+                self.assertNotIn(bad, text, "%s shows %r: %s" % (what, bad, text))
+            self.assertIn(instance, text, what)
+
+        for path, code, inst in (("/one" + CHAT, "upstream_connect_error", "dead1"),
+                                 ("/two" + CHAT, "upstream_connect_error", "dead2")):
+            rid = "err-" + qh.marker()
+            r = harness.http_request(gw.port, "POST", path, json_body=chat(4, 4),
+                                     headers={"x-request-id": rid})
+            self.assertOpenAIError(r, 502)
+            self.assertEqual(r.json()["error"]["code"], code, repr(r))
+            assertClean(r.json()["error"]["message"], path, inst)
+            # The operator still gets the details, with the request id.
+            gw.wait_log(r"\[%s\] .*%s.*(Connection refused|Failed to connect|"
+                        r"Couldn't connect)" % (re.escape(rid), inst))
+        rid = "cut-" + qh.marker()
+        head, events, complete, rest = harness.stream_request(
+            gw.port, CHAT, chat(4, 50, stream=True, mock={"disconnect_after": 3}),
+            headers={"x-request-id": rid})
+        self.assertEqual(head.status, 200, repr(head))
+        errors = [e for e in events if e.is_error]
+        self.assertEqual(len(errors), 1, repr(events[-3:]))
+        assertClean(errors[0].data, "the stream's error event", "live")
+        gw.wait_log(r"\[%s\] instance live: stream failed after the first byte: \S"
+                    % re.escape(rid))
 
 
 if __name__ == "__main__":

@@ -692,6 +692,52 @@ class KeyAuthTest(qh.QuotaTestCase):
         self.assertEqual(fps, {qh.sha256_hex(self.k_plain)[:12]})
         self.assertKeysNeverLeaked(gw, self.all_keys)
 
+    def test_model_list_needs_a_key(self):
+        """GET /v1/models and /v1/models/{id}: when any route is key-auth, a valid key is
+        required, and the list has only the models of the routes its consumer may use
+        (and of auth: none routes)."""
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("m", self.mock.url())],
+            consumers=[consumer("plain", [self.k_plain]),
+                       consumer("other_only", [self.k_other], routes=["other"])],
+            routes=[qh.quota_route("chat", [CHAT], ["m"], models=["m-chat"]),
+                    qh.quota_route("other", [self.OTHER], ["m"], models=["m-other"]),
+                    qh.quota_route("custom", [self.CUSTOM], ["m"], models=["m-custom"],
+                                   key_headers=["x-team-key"]),
+                    qh.quota_route("open", [self.OPEN], ["m"], models=["m-open"],
+                                   auth="none")])
+
+        def models(headers, path="/v1/models"):
+            return http_request(gw.port, "GET", path, headers=headers)
+
+        for path in ("/v1/models", "/models", "/v1/models/m-open"):
+            self.assertAuthError(models(None, path), 401, "missing_api_key")
+            self.assertAuthError(models(bearer(self.k_wrong), path), 401, "invalid_api_key")
+        r = models(bearer(self.k_plain))
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual([m["id"] for m in r.json()["data"]],
+                         ["m-chat", "m-other", "m-custom", "m-open"])
+        # Its own key header identifies the consumer too.
+        r = models({"x-team-key": self.k_other})
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual([m["id"] for m in r.json()["data"]], ["m-other", "m-open"])
+        r = models(bearer(self.k_other), "/v1/models/m-other")
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(r.json()["id"], "m-other")
+        self.assertAuthError(models(bearer(self.k_other), "/v1/models/m-chat"), 404,
+                             "model_not_found")
+        r = models(bearer(self.k_plain), "/v1/models/m-chat")
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(self.mock.stats()["requests"], 0)
+        self.assertKeysNeverLeaked_logs(gw, self.all_keys)
+
+    def assertKeysNeverLeaked_logs(self, gw, keys):
+        for what, text in (("stderr log", gw.log()),
+                           ("access log", harness.read_text(gw.access_log))):
+            self.assertTrue(text, "%s is empty: the check would prove nothing" % what)
+            for k in keys:
+                self.assertFalse(k in text, "a key appears in the %s" % what)
+
     def test_key_rotation_by_reload(self):
         k_new = key("new")
         gw = self.start_gateway(**self.config([self.k_plain]))
