@@ -94,6 +94,12 @@ bool redis_store_command(struct redis_store *rs, int argc, const char **argv, co
 
 /* Interpreting replies (bytes from outside: any type, size or nesting is handled). */
 
+struct redisReader;
+/* A hiredis reader that builds replies the way the store's connections do: arrays of
+ * more than 4096 elements are refused (an error, not a 16 GiB allocation). For the fuzz
+ * target; free it with redisReaderFree. */
+struct redisReader *redis_reply_reader_new(void);
+
 /* NULL (no reply) or an error reply. */
 bool redis_reply_is_error(const struct redisReply *r);
 /* An error reply starting with NOSCRIPT. */

@@ -311,6 +311,116 @@ static void on_timeout(evutil_socket_t fd, short what, void *arg)
 	teardown(rs, why, true);
 }
 
+/* ---------------------------------------------------------------- reply objects */
+
+/*
+ * Replies are built by these rather than by hiredis's defaults, to bound what one reply
+ * may make us allocate: hiredis 0.14 allocates an array's element vector from the count
+ * the server announces, so "*2147483647\r\n" — 13 bytes — would ask for 16 GiB. No reply
+ * Sluice expects has more than REDIS_MAX_REPLY_ELEMENTS elements (an admission of 16
+ * counters has 33); a larger array is refused as out of memory, which fails the connection
+ * like any protocol error. The objects are hiredis's redisReply, freed by freeReplyObject.
+ */
+#define REDIS_MAX_REPLY_ELEMENTS 4096
+
+/* Hang r in its parent array (hiredis builds the parent first, with every slot). */
+static bool reply_link(const redisReadTask *task, redisReply *r)
+{
+	redisReply *parent;
+
+	if (task->parent == NULL)
+		return true;
+	parent = task->parent->obj;
+	if (parent == NULL || parent->type != REDIS_REPLY_ARRAY || task->idx < 0 ||
+	    (size_t)task->idx >= parent->elements)
+		return false;
+	parent->element[task->idx] = r;
+	return true;
+}
+
+static void *reply_string(const redisReadTask *task, char *str, size_t len)
+{
+	redisReply *r;
+	char *copy;
+
+	if (len >= SIZE_MAX / 2 || (copy = malloc(len + 1)) == NULL)
+		return NULL;
+	if ((r = calloc(1, sizeof(*r))) == NULL) {
+		free(copy);
+		return NULL;
+	}
+	memcpy(copy, str, len);
+	copy[len] = '\0'; /* for hiredis's own users; ours go by len */
+	r->type = task->type;
+	r->str = copy;
+	r->len = len;
+	if (!reply_link(task, r)) {
+		freeReplyObject(r);
+		return NULL;
+	}
+	return r;
+}
+
+static void *reply_array(const redisReadTask *task, int elements)
+{
+	redisReply *r;
+
+	if (elements < 0 || elements > REDIS_MAX_REPLY_ELEMENTS)
+		return NULL;
+	if ((r = calloc(1, sizeof(*r))) == NULL)
+		return NULL;
+	r->type = REDIS_REPLY_ARRAY;
+	if (elements > 0 && (r->element = calloc((size_t)elements, sizeof(*r->element))) == NULL) {
+		free(r);
+		return NULL;
+	}
+	r->elements = (size_t)elements;
+	if (!reply_link(task, r)) {
+		freeReplyObject(r);
+		return NULL;
+	}
+	return r;
+}
+
+static void *reply_scalar(const redisReadTask *task, int type, long long v)
+{
+	redisReply *r = calloc(1, sizeof(*r));
+
+	if (r == NULL)
+		return NULL;
+	r->type = type;
+	r->integer = v;
+	if (!reply_link(task, r)) {
+		free(r);
+		return NULL;
+	}
+	return r;
+}
+
+static void *reply_integer(const redisReadTask *task, long long v)
+{
+	return reply_scalar(task, REDIS_REPLY_INTEGER, v);
+}
+
+static void *reply_nil(const redisReadTask *task)
+{
+	return reply_scalar(task, REDIS_REPLY_NIL, 0);
+}
+
+/* Not const: hiredis's reader holds a plain pointer to its table. */
+static redisReplyObjectFunctions reply_functions = {
+        .createString = reply_string,
+        .createArray = reply_array,
+        .createInteger = reply_integer,
+        .createNil = reply_nil,
+        .freeObject = freeReplyObject,
+};
+
+struct redisReader *redis_reply_reader_new(void)
+{
+	return redisReaderCreateWithFunctions(&reply_functions);
+}
+
 /* ---------------------------------------------------------------- replies */
 
 /*
@@ -405,7 +515,8 @@ enum redis_verdict redis_reply_admit(const struct redisReply *r, size_t n, uint6
 
 bool redis_reply_values(const struct redisReply *r, size_t n, uint64_t *out)
 {
-	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->element == NULL || r->elements != n)
+	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != n ||
+	    (n > 0 && r->element == NULL))
 		return false;
 	for (size_t i = 0; i < n; i++)
 		if (!redis_reply_u64(r->element[i], &out[i]))
@@ -615,6 +726,7 @@ static void rs_connect(struct redis_store *rs)
 		return;
 	}
 	ac->data = rs;
+	ac->c.reader->fn = &reply_functions; /* nothing was read yet */
 	if (redisLibeventAttach(ac, rs->base) != REDIS_OK) {
 		redisAsyncFree(ac);
 		mark_down(rs, "cannot attach to the event loop");

@@ -29,6 +29,8 @@
 #include "sluice/log.h"
 #include "sluice/quota.h"
 
+#include "../../src/store.h"
+
 /* ---------------------------------------------------------------- the redis-server */
 
 static pid_t redis_pid = -1;
@@ -1044,6 +1046,91 @@ static void test_waiting_settlement_expires(void **state)
 	test_cleanup();
 }
 
+/* ---------------------------------------------------------------- replies (no server) */
+
+/* The reply read from raw bytes, as the store's connections read it; NULL on a protocol
+ * error or an incomplete reply. */
+static redisReply *read_reply(const char *bytes, size_t len)
+{
+	struct redisReader *rd = redis_reply_reader_new();
+	void *reply = NULL;
+
+	assert_non_null(rd);
+	assert_int_equal(redisReaderFeed(rd, bytes, len), REDIS_OK);
+	if (redisReaderGetReply(rd, &reply) != REDIS_OK)
+		reply = NULL;
+	redisReaderFree(rd);
+	return reply;
+}
+
+#define READ(lit) read_reply(lit, sizeof(lit) - 1)
+
+/* Replies are bytes from outside: any type, size or nesting, read by type and length. */
+static void test_reply_handling(void **state)
+{
+	uint64_t cur[2], prev[2], v;
+	char text[16];
+	redisReply *r;
+
+	/* 13 bytes announcing 2^31 elements: refused, not a 16 GiB allocation */
+	assert_null(READ("*2147483647\r\n"));
+	assert_null(READ("*4097\r\n"));
+	r = READ("*2\r\n*4097\r\n:1\r\n");
+	assert_null(r);
+
+	/* the admission's answer: exactly 1 + 2n integers, verdict 0 or 1 */
+	r = READ("*5\r\n:1\r\n:100\r\n:-3\r\n:500\r\n:0\r\n");
+	assert_non_null(r);
+	assert_int_equal(redis_reply_admit(r, 2, cur, prev), REDIS_VERDICT_ADMITTED);
+	assert_int_equal(cur[0], 100);
+	assert_int_equal(prev[0], 0); /* negative → 0 */
+	assert_int_equal(cur[1], 500);
+	assert_int_equal(redis_reply_admit(r, 1, cur, prev), REDIS_VERDICT_BAD);
+	assert_int_equal(redis_reply_admit(r, (SIZE_MAX - 1) / 2 + 1, cur, prev),
+	                 REDIS_VERDICT_BAD);
+	freeReplyObject(r);
+	r = READ("*1\r\n:-1\r\n"); /* a dead token's answer */
+	assert_int_equal(redis_reply_admit(r, 0, cur, prev), REDIS_VERDICT_BAD);
+	freeReplyObject(r);
+	r = READ("*3\r\n:0\r\n$1\r\n1\r\n:0\r\n");
+	assert_int_equal(redis_reply_admit(r, 1, cur, prev), REDIS_VERDICT_BAD);
+	freeReplyObject(r);
+
+	/* counters: nil, integers, decimal strings that fit; nothing else */
+	r = READ("*6\r\n$-1\r\n$20\r\n18446744073709551615\r\n$20\r\n18446744073709551616\r\n"
+	         "$3\r\n1\0"
+	         "2\r\n$2\r\n-1\r\n$0\r\n\r\n");
+	assert_non_null(r);
+	assert_true(redis_reply_u64(r->element[0], &v));
+	assert_int_equal(v, 0);
+	assert_true(redis_reply_u64(r->element[1], &v));
+	assert_true(v == UINT64_MAX);
+	for (size_t i = 2; i < 6; i++)
+		assert_false(redis_reply_u64(r->element[i], &v));
+	assert_false(redis_reply_values(r, 6, (uint64_t[6]){0}));
+	assert_false(redis_reply_values(r, 2, (uint64_t[2]){0}));
+	freeReplyObject(r);
+
+	/* errors: NOSCRIPT by its bytes; a text for the log is printable and bounded */
+	r = READ("-NOSCRIPT No matching script\r\n");
+	assert_true(redis_reply_is_noscript(r));
+	assert_true(redis_reply_is_error(r));
+	freeReplyObject(r);
+	r = READ("-NOSCRIP\r\n");
+	assert_false(redis_reply_is_noscript(r));
+	freeReplyObject(r);
+	r = READ("-ERR a\x01"
+	         "b\x7f\r\n");
+	assert_int_equal(redis_reply_describe(r, text, sizeof(text)), 8);
+	assert_string_equal(text, "ERR a?b?");
+	assert_int_equal(redis_reply_describe(r, text, 4), 3);
+	assert_string_equal(text, "ERR");
+	freeReplyObject(r);
+	assert_true(redis_reply_is_error(NULL));
+	assert_int_equal(redis_reply_describe(NULL, text, sizeof(text)), 8);
+	assert_string_equal(text, "no reply");
+}
+
 /* AUTH and SELECT: keys land in the configured db; a wrong password is a store error. */
 static void test_password_and_db(void **state)
 {
@@ -1138,6 +1225,7 @@ static void test_reconfigure(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+	        cmocka_unit_test(test_reply_handling),
 	        cmocka_unit_test(test_admit_settle),
 	        cmocka_unit_test(test_peek_and_noscript),
 	        cmocka_unit_test(test_cancel),
