@@ -417,7 +417,7 @@ static void memory_adjust(const struct quota_ticket *t, const int64_t *deltas)
  * an adjustment whose reply is lost is simply sent again; an admission whose reply is lost
  * is undone by token, which also stops it should it still run later on the old
  * connection; and a reservation nobody settles within its lease is reclaimed by the next
- * admission on its counter.
+ * admission (with the same prefix).
  */
 
 /* How long a reservation may stay unsettled before it is presumed orphaned: the longest
@@ -453,21 +453,20 @@ static bool argv_alloc(size_t argc, size_t text, const char ***argv, size_t **le
 	return true;
 }
 
-/* The reservation set of a bucket is its key with this suffix. */
-static const char zset_suffix[] = ":r";
+/* The reservations and the dead tokens: <prefix> and these (store_redis.c has the layout). */
+static const char reservations_key[] = "reservations";
+static const char dead_key[] = "reservations:dead";
 
-/* Appends "<prefix><series>:<start>" (with zset, the bucket's reservation set) at *bufp
- * as argv[i]. */
+/* Appends "<prefix><series>:<start>" at *bufp as argv[i]. */
 static void put_key(const struct quota_ticket *t, const struct quota_reservation *r, uint64_t start,
-                    bool zset, const char *prefix, const char **argv, size_t *lens, int i,
-                    char **bufp)
+                    const char *prefix, const char **argv, size_t *lens, int i, char **bufp)
 {
 	char *p = *bufp;
 	size_t n = strlen(prefix);
 
 	memcpy(p, prefix, n);
 	n += series_write(p + n, r->limit, series_consumer(t, r));
-	n += (size_t)sprintf(p + n, ":%" PRIu64 "%s", start, zset ? zset_suffix : "");
+	n += (size_t)sprintf(p + n, ":%" PRIu64, start);
 	argv[i] = p;
 	lens[i] = n;
 	*bufp = p + n + 1;
@@ -492,15 +491,64 @@ static void put_num(uint64_t v, const char **argv, size_t *lens, int i, char **b
 	*bufp += n + 1;
 }
 
-/* Room for one key (zset suffix included) and its terminator. */
+/* argv[0] and argv[1]: the reservations and the dead tokens under prefix. */
+static void put_registry(const char *prefix, const char **argv, size_t *lens, char **bufp)
+{
+	size_t n = strlen(prefix);
+
+	memcpy(*bufp, prefix, n);
+	memcpy(*bufp + n, reservations_key, sizeof(reservations_key));
+	argv[0] = *bufp;
+	lens[0] = n + sizeof(reservations_key) - 1;
+	*bufp += lens[0] + 1;
+	memcpy(*bufp, prefix, n);
+	memcpy(*bufp + n, dead_key, sizeof(dead_key));
+	argv[1] = *bufp;
+	lens[1] = n + sizeof(dead_key) - 1;
+	*bufp += lens[1] + 1;
+}
+
+/* Appends a reservation's record — its token, then "|<amount>|<key length>|<key>" per
+ * counter, the buckets being keys[0..n) — as argv[i]. The admission stores it, the
+ * settlement names it again: both build it here, byte for byte the same. */
+static void put_record(const char *token, unsigned n, const char *const *keys, const size_t *klens,
+                       const uint64_t *amounts, const char **argv, size_t *lens, int i, char **bufp)
+{
+	char *p = *bufp;
+
+	memcpy(p, token, QUOTA_TOKEN_LEN);
+	p += QUOTA_TOKEN_LEN;
+	for (unsigned k = 0; k < n; k++) {
+		p += sprintf(p, "|%" PRIu64 "|%zu|", amounts[k], klens[k]);
+		memcpy(p, keys[k], klens[k]);
+		p += klens[k];
+	}
+	*p = '\0';
+	argv[i] = *bufp;
+	lens[i] = (size_t)(p - *bufp);
+	*bufp = p + 1;
+}
+
+/* Room for one bucket's key and its terminator. */
 static size_t key_room(const struct quota_ticket *t, const struct quota_reservation *r,
                        const char *prefix)
 {
-	return strlen(prefix) + series_len(r->limit, series_consumer(t, r)) + 1 + 20 +
-	       sizeof(zset_suffix);
+	return strlen(prefix) + series_len(r->limit, series_consumer(t, r)) + 1 + 20 + 1;
 }
 
 #define NUM_ROOM 21 /* a uint64_t in decimal and its terminator */
+
+/* Room for the two registry keys, and for a record of n counters whose keys take
+ * key_text bytes. */
+static size_t registry_room(const char *prefix)
+{
+	return 2 * strlen(prefix) + sizeof(reservations_key) + sizeof(dead_key);
+}
+
+static size_t record_room(unsigned n, size_t key_text)
+{
+	return QUOTA_TOKEN_LEN + 1 + n * (3 + 2 * NUM_ROOM) + key_text;
+}
 
 /* ---------------------------------------------------------------- redis: adjustments */
 
@@ -602,31 +650,45 @@ static void adjust_send(struct quota_adjust *a)
 		retry_push(q, a);
 }
 
-/* An ADJUST for n counters, its text room; keys and arguments are put by the caller:
- * argv[0..2n) the bucket and set of each counter, then token, now, tomb, and
- * (amount, charge) per counter. */
-static struct quota_adjust *adjust_new(struct quota *q, unsigned n, size_t key_text, uint64_t epoch,
+/* An ADJUST for n counters: argv[0..2) the registry, argv[2..2+n) the buckets, then
+ * token, now, tomb, the record and (amount, charge) per counter, put by the caller in
+ * text bytes. */
+static struct quota_adjust *adjust_new(struct quota *q, unsigned n, size_t text, uint64_t epoch,
                                        uint64_t deadline, char **buf)
 {
 	struct quota_adjust *a;
 	const char **argv;
 	size_t *lens;
 	void *block;
-	int argc = (int)(4 * n + 3);
+	int argc = (int)(3 * n + 6);
 
-	if (!argv_alloc((size_t)argc, key_text + QUOTA_TOKEN_LEN + 1 + (2 + 2 * n) * NUM_ROOM,
-	                &argv, &lens, buf, &block, sizeof(*a)))
+	if (!argv_alloc((size_t)argc, text, &argv, &lens, buf, &block, sizeof(*a)))
 		return NULL;
 	a = block;
 	memset(a, 0, sizeof(*a));
 	a->q = q;
 	a->epoch = epoch;
 	a->deadline = deadline;
-	a->nkeys = (int)(2 * n);
+	a->nkeys = (int)(2 + n);
 	a->argc = argc;
 	a->argv = argv;
 	a->lens = lens;
 	return a;
+}
+
+/* Token, now, tomb and the per-counter (amount, charge) of an ADJUST. */
+static void put_adjust_args(struct quota_adjust *a, unsigned n, const char *token, uint64_t tomb,
+                            const uint64_t *amounts, const uint64_t *charges, char **buf)
+{
+	int base = (int)(2 + n);
+
+	put_bytes(token, QUOTA_TOKEN_LEN, a->argv, a->lens, base, buf);
+	put_num(now_ms(), a->argv, a->lens, base + 1, buf);
+	put_num(tomb, a->argv, a->lens, base + 2, buf);
+	for (unsigned i = 0; i < n; i++) {
+		put_num(amounts[i], a->argv, a->lens, base + 4 + (int)(2 * i), buf);
+		put_num(charges[i], a->argv, a->lens, base + 5 + (int)(2 * i), buf);
+	}
 }
 
 /* Settle (charges[i] on counter i) or release (all 0) a reservation held by t. */
@@ -634,7 +696,8 @@ static void redis_adjust(struct quota *q, const struct quota_ticket *t, const ui
 {
 	const char *prefix;
 	struct quota_adjust *a;
-	size_t text = 0;
+	uint64_t amounts[QUOTA_MAX_COUNTERS];
+	size_t key_text = 0;
 	unsigned n = t->n_res;
 	char *buf;
 
@@ -643,57 +706,61 @@ static void redis_adjust(struct quota *q, const struct quota_ticket *t, const ui
 		return;
 	}
 	prefix = redis_store_prefix(q->redis);
-	for (unsigned i = 0; i < n; i++)
-		text += 2 * key_room(t, &t->res[i], prefix);
-	a = adjust_new(q, n, text, t->epoch, t->deadline, &buf);
+	for (unsigned i = 0; i < n; i++) {
+		key_text += key_room(t, &t->res[i], prefix);
+		amounts[i] = t->res[i].amount;
+	}
+	a = adjust_new(q, n,
+	               registry_room(prefix) + 2 * key_text + record_room(n, key_text) +
+	                       (3 + 2 * n) * NUM_ROOM + QUOTA_TOKEN_LEN + 1,
+	               t->epoch, t->deadline, &buf);
 	if (a == NULL) {
 		log_error("quota: out of memory: a redis settlement is lost (reclaimed by its "
 		          "lease)");
 		return;
 	}
-	for (unsigned i = 0; i < n; i++) {
-		put_key(t, &t->res[i], t->res[i].start, false, prefix, a->argv, a->lens,
-		        (int)(2 * i), &buf);
-		put_key(t, &t->res[i], t->res[i].start, true, prefix, a->argv, a->lens,
-		        (int)(2 * i + 1), &buf);
-		put_num(t->res[i].amount, a->argv, a->lens, (int)(2 * n + 3 + 2 * i), &buf);
-		put_num(charges[i], a->argv, a->lens, (int)(2 * n + 4 + 2 * i), &buf);
-	}
-	put_bytes(t->token, strlen(t->token), a->argv, a->lens, (int)(2 * n), &buf);
-	put_num(now_ms(), a->argv, a->lens, (int)(2 * n + 1), &buf);
-	put_num(0, a->argv, a->lens, (int)(2 * n + 2), &buf);
+	put_registry(prefix, a->argv, a->lens, &buf);
+	for (unsigned i = 0; i < n; i++)
+		put_key(t, &t->res[i], t->res[i].start, prefix, a->argv, a->lens, (int)(2 + i),
+		        &buf);
+	put_record(t->token, n, a->argv + 2, a->lens + 2, amounts, a->argv, a->lens,
+	           (int)(2 + n + 3), &buf);
+	put_adjust_args(a, n, t->token, 0, amounts, charges, &buf);
 	adjust_send(a);
 }
 
 /*
  * For an admission in flight: release what it reserved (its requester left), or, when its
  * reply was lost (undo), give back whatever it may have reserved and leave its token dead
- * for lease_ms, so that the admission reserves nothing should it still run.
+ * for lease_ms, so that the admission reserves nothing should it still run. Its keys and
+ * record are in its own argv.
  */
 static void pending_adjust(struct quota_pending *p, bool undo)
 {
+	static const uint64_t none[QUOTA_MAX_COUNTERS];
 	struct quota_adjust *a;
-	size_t text = 0;
+	size_t text = (3 + 2 * p->n) * NUM_ROOM + QUOTA_TOKEN_LEN + 1;
 	unsigned n = p->n;
+	int nkeys = (int)(2 + 2 * n);
 	char *buf;
 
+	for (int i = 0; i < 2; i++)
+		text += p->lens[i] + 1;
 	for (unsigned i = 0; i < n; i++)
-		text += p->lens[4 * i] + 1 + p->lens[4 * i + 2] + 1;
+		text += p->lens[2 + 2 * i] + 1;
+	text += p->lens[nkeys + 4] + 1;
 	a = adjust_new(p->q, n, text, p->epoch, p->deadline, &buf);
 	if (a == NULL) {
 		log_error("quota: out of memory: a redis release is lost (reclaimed by its lease)");
 		return;
 	}
-	for (unsigned i = 0; i < n; i++) {
-		put_bytes(p->argv[4 * i], p->lens[4 * i], a->argv, a->lens, (int)(2 * i), &buf);
-		put_bytes(p->argv[4 * i + 2], p->lens[4 * i + 2], a->argv, a->lens,
-		          (int)(2 * i + 1), &buf);
-		put_num(p->amounts[i], a->argv, a->lens, (int)(2 * n + 3 + 2 * i), &buf);
-		put_num(0, a->argv, a->lens, (int)(2 * n + 4 + 2 * i), &buf);
-	}
-	put_bytes(p->token, strlen(p->token), a->argv, a->lens, (int)(2 * n), &buf);
-	put_num(now_ms(), a->argv, a->lens, (int)(2 * n + 1), &buf);
-	put_num(undo ? p->lease_ms : 0, a->argv, a->lens, (int)(2 * n + 2), &buf);
+	for (int i = 0; i < 2; i++)
+		put_bytes(p->argv[i], p->lens[i], a->argv, a->lens, i, &buf);
+	for (unsigned i = 0; i < n; i++)
+		put_bytes(p->argv[2 + 2 * i], p->lens[2 + 2 * i], a->argv, a->lens, (int)(2 + i),
+		          &buf);
+	put_bytes(p->argv[nkeys + 4], p->lens[nkeys + 4], a->argv, a->lens, (int)(2 + n + 3), &buf);
+	put_adjust_args(a, n, p->token, undo ? p->lease_ms : 0, p->amounts, none, &buf);
 	adjust_send(a);
 }
 
@@ -766,22 +833,25 @@ static bool redis_admit(struct quota *q, struct quota_ticket *t, const struct co
 	const char *prefix = redis_store_prefix(q->redis);
 	struct quota_pending *p;
 	const char **argv;
-	size_t *lens, text = QUOTA_TOKEN_LEN + 1 + 3 * NUM_ROOM;
+	size_t *lens, key_text = 0, text;
 	char *buf;
 	void *block;
-	int n = (int)t->n_res;
+	unsigned n = t->n_res;
+	int nkeys = (int)(2 + 2 * n), argc = (int)(6 * n + 7);
 	uint64_t now = now_ms(), lease = lease_ms(in);
 
-	for (int i = 0; i < n; i++)
-		text += 4 * key_room(t, &t->res[i], prefix) + 4 * NUM_ROOM;
-	if (!argv_alloc((size_t)(8 * n + 4), text, &argv, &lens, &buf, &block, sizeof(*p)))
+	for (unsigned i = 0; i < n; i++)
+		key_text += key_room(t, &t->res[i], prefix);
+	text = registry_room(prefix) + 2 * key_text + record_room(n, key_text) +
+	       (4 + 4 * n) * NUM_ROOM + QUOTA_TOKEN_LEN + 1;
+	if (!argv_alloc((size_t)argc, text, &argv, &lens, &buf, &block, sizeof(*p)))
 		return false;
 	p = block;
 	memset(p, 0, sizeof(*p));
 	p->q = q;
 	p->t = t;
-	p->n = t->n_res;
-	p->argc = 8 * n + 4;
+	p->n = n;
+	p->argc = argc;
 	p->argv = argv;
 	p->lens = lens;
 	p->epoch = redis_store_epoch(q->redis);
@@ -790,29 +860,42 @@ static bool redis_admit(struct quota *q, struct quota_ticket *t, const struct co
 	 * dead token its reclaim leaves. */
 	p->deadline = now + 2 * lease;
 	next_token(q, p->token);
-	put_bytes(p->token, QUOTA_TOKEN_LEN, argv, lens, 4 * n, &buf);
-	put_num(now, argv, lens, 4 * n + 1, &buf);
-	put_num(now + lease, argv, lens, 4 * n + 2, &buf);
-	put_num(lease, argv, lens, 4 * n + 3, &buf);
-	for (int i = 0; i < n; i++) {
+	put_registry(prefix, argv, lens, &buf);
+	for (unsigned i = 0; i < n; i++) {
 		const struct quota_reservation *r = &t->res[i];
-		int a = 4 * n + 4 + 4 * i;
+		int a = nkeys + 5 + (int)(4 * i);
 		p->amounts[i] = r->amount;
-		put_key(t, r, r->start, false, prefix, argv, lens, 4 * i, &buf);
-		put_key(t, r, r->prev_start, false, prefix, argv, lens, 4 * i + 1, &buf);
-		put_key(t, r, r->start, true, prefix, argv, lens, 4 * i + 2, &buf);
-		put_key(t, r, r->prev_start, true, prefix, argv, lens, 4 * i + 3, &buf);
+		put_key(t, r, r->start, prefix, argv, lens, (int)(2 + 2 * i), &buf);
+		/* The previous bucket is read only by a sliding window. */
+		if (r->prev_weight > 0)
+			put_key(t, r, r->prev_start, prefix, argv, lens, (int)(3 + 2 * i), &buf);
+		else
+			put_bytes("", 0, argv, lens, (int)(3 + 2 * i), &buf);
 		put_num(limit_value(r->limit), argv, lens, a, &buf);
 		put_num(r->amount, argv, lens, a + 1, &buf);
 		put_num(r->prev_weight, argv, lens, a + 2, &buf);
 		put_num(2 * (r->end - r->start), argv, lens, a + 3, &buf);
 	}
+	put_bytes(p->token, QUOTA_TOKEN_LEN, argv, lens, nkeys, &buf);
+	put_num(now, argv, lens, nkeys + 1, &buf);
+	put_num(now + lease, argv, lens, nkeys + 2, &buf);
+	put_num(lease, argv, lens, nkeys + 3, &buf);
+	{
+		/* The record names the current buckets: argv[2], argv[4], ... */
+		const char *keys[QUOTA_MAX_COUNTERS];
+		size_t klens[QUOTA_MAX_COUNTERS];
+		for (unsigned i = 0; i < n; i++) {
+			keys[i] = argv[2 + 2 * i];
+			klens[i] = lens[2 + 2 * i];
+		}
+		put_record(p->token, n, keys, klens, p->amounts, argv, lens, nkeys + 4, &buf);
+	}
 	t->epoch = p->epoch;
 	t->deadline = p->deadline;
 	memcpy(t->token, p->token, sizeof(t->token));
 	t->pending = p;
-	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADMIT, 4 * n, 8 * n + 4, argv, lens,
-	                      admit_done, p)) {
+	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADMIT, nkeys, argc, argv, lens, admit_done,
+	                      p)) {
 		t->pending = NULL;
 		free(p);
 		return false;
@@ -1220,9 +1303,9 @@ struct quota_peek *quota_peek(struct quota *q, const struct config_consumer *con
 			p->argv[0] = "MGET";
 			p->lens[0] = 4;
 			for (int i = 0; i < k; i++) {
-				put_key(&p->t, &p->t.res[i], p->t.res[i].start, false, prefix,
-				        p->argv, p->lens, 1 + 2 * i, &buf);
-				put_key(&p->t, &p->t.res[i], p->t.res[i].prev_start, false, prefix,
+				put_key(&p->t, &p->t.res[i], p->t.res[i].start, prefix, p->argv,
+				        p->lens, 1 + 2 * i, &buf);
+				put_key(&p->t, &p->t.res[i], p->t.res[i].prev_start, prefix,
 				        p->argv, p->lens, 2 + 2 * i, &buf);
 			}
 			p->cb = cb;

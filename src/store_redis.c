@@ -42,105 +42,113 @@
 #define HANDSHAKE_MIN_MS 1000
 
 /*
- * The data, per counter bucket (docs/quotas.md §8 has the why):
+ * The data (docs/quotas.md §8 has the why):
  *
- *   K     "<prefix><limit id>:<consumer|*>:<window start>": a string, the settled use plus
- *         every live reservation (what the admission rule reads, what MGET shows);
- *   K:r   a sorted set of the bucket's reservations, by token (unique per admission):
- *           "<token>:<amount>"  a live reservation; score: its lease's end (ms)
- *           "<token>"           a dead token; score: when it may be forgotten (ms)
+ *   <counter key>              a string per counter bucket: the settled use plus every live
+ *                              reservation (what the admission rule reads, what MGET shows)
+ *   <prefix>reservations       a sorted set of every live reservation; the member is its
+ *                              record — "<token>" (32 hex digits, unique per admission), then
+ *                              "|<amount>|<key length>|<key>" per counter — and the score the
+ *                              end of its lease (ms)
+ *   <prefix>reservations:dead  a sorted set of dead tokens: undone or reclaimed; the score is
+ *                              when they may be forgotten (ms)
  *
- * A reservation is settled, released or undone by its token, so each of those is
- * idempotent (the first removes the live member, a repeat finds nothing) and can be sent
- * again after a lost reply. An undo for an admission whose reply was lost leaves a dead
- * token, so that the admission, should it still run later, reserves nothing. A live
- * reservation past its lease (its owner died, or lost Redis for longer than the lease) is
- * reclaimed by the next admission on its bucket and leaves a dead token, so that a late
- * settlement still charges what was used — once.
+ * A reservation is settled, released or undone by its record, so each of those is
+ * idempotent (the first removes the live record, a repeat finds nothing) and can be sent
+ * again after a lost reply. An undo for an admission whose reply was lost leaves its token
+ * dead, so that the admission, should it still run later, reserves nothing. A reservation
+ * past its lease (its owner died, or lost Redis for longer than the lease) is reclaimed by
+ * the next admission with the same prefix, and its token left dead, so that a late
+ * settlement still charges what was used — once. The scripts touch the counters named in
+ * a reclaimed record, which they were not given as keys: one more reason why Redis Cluster
+ * is not supported.
  */
 
-/* ADMIT — KEYS: for counter i, KEYS[4i-3] its current bucket, KEYS[4i-2] the previous one,
- * KEYS[4i-1] and KEYS[4i] their reservation sets. ARGV[1] token, ARGV[2] now (ms),
- * ARGV[3] the lease's end (ms), ARGV[4] how long a dead token is kept (ms); then for
- * counter i, ARGV[4+4i-3] limit, ARGV[4+4i-2] amount, ARGV[4+4i-1] weight of the previous
- * bucket in millionths (0: fixed window), ARGV[4+4i] TTL in ms.
- * Expired reservations are reclaimed first (at most 64 per set and call). Every counter
- * admits while its weighted use is below its limit; then, and only then, the amounts are
- * added and the token recorded (all or nothing, atomically: a script runs alone).
+/* ADMIT — KEYS[1] the reservations, KEYS[2] the dead tokens; then for counter i,
+ * KEYS[2+2i-1] its current bucket and KEYS[2+2i] the previous one ("" for a fixed window:
+ * read only when the weight is not 0). ARGV[1] token, ARGV[2] now (ms), ARGV[3] the
+ * lease's end (ms), ARGV[4] how long a dead token is kept (ms), ARGV[5] the record; then
+ * for counter i, ARGV[5+4i-3] limit, ARGV[5+4i-2] amount, ARGV[5+4i-1] weight of the
+ * previous bucket in millionths (0: fixed window), ARGV[5+4i] TTL in ms.
+ * Up to 16 expired reservations are reclaimed first. Every counter admits while its
+ * weighted use is below its limit; then, and only then, the amounts are added and the
+ * record kept (all or nothing, atomically: a script runs alone).
  * Returns {admitted, cur1, prev1, cur2, prev2, ...} as read before any change, or {-1}
  * when the token is dead (this admission was undone before it ran). */
 static const char script_admit[] =
+        "local R, D = KEYS[1], KEYS[2]\n"
         "local token, now, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])\n"
-        "local function reclaim(k, z)\n"
-        "  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, 64)\n"
-        "  for _, m in ipairs(old) do\n"
-        "    redis.call('ZREM', z, m)\n"
-        "    local t, a = string.match(m, '^(%x+):(%d+)$')\n"
-        "    if t then\n"
-        "      if redis.call('EXISTS', k) == 1 then\n"
-        "        local v = redis.call('DECRBY', k, a)\n"
-        "        if v < 0 then redis.call('INCRBY', k, -v) end\n"
-        "      end\n"
-        "      redis.call('ZADD', z, now + tomb, t)\n"
+        "local old = redis.call('ZRANGEBYSCORE', R, '-inf', now, 'LIMIT', 0, 16)\n"
+        "for _, m in ipairs(old) do\n"
+        "  redis.call('ZREM', R, m)\n"
+        "  local pos = 33\n"
+        "  while true do\n"
+        "    local a, l, p = string.match(m, '^|(%d+)|(%d+)|()', pos)\n"
+        "    if not a then break end\n"
+        "    local k = string.sub(m, p, p + tonumber(l) - 1)\n"
+        "    pos = p + tonumber(l)\n"
+        "    if redis.call('EXISTS', k) == 1 then\n"
+        "      local v = redis.call('DECRBY', k, a)\n"
+        "      if v < 0 then redis.call('INCRBY', k, -v) end\n"
         "    end\n"
         "  end\n"
+        "  redis.call('ZADD', D, now + tomb, string.sub(m, 1, 32))\n"
         "end\n"
-        "local n = #KEYS / 4\n"
+        "if #old > 0 then redis.call('ZREMRANGEBYSCORE', D, '-inf', now) end\n"
+        "if redis.call('ZSCORE', D, token) then return {-1} end\n"
+        "local n = (#KEYS - 2) / 2\n"
         "local out = {1}\n"
         "local ok = 1\n"
         "for i = 1, n do\n"
-        "  local k, z, a = KEYS[4*i-3], KEYS[4*i-1], 4 + 4*(i-1)\n"
+        "  local a = 5 + 4*(i-1)\n"
         "  local w = tonumber(ARGV[a+3])\n"
-        "  reclaim(k, z)\n"
-        "  if w > 0 then reclaim(KEYS[4*i-2], KEYS[4*i]) end\n"
-        "  if redis.call('ZSCORE', z, token) then return {-1} end\n"
-        "  local cur = tonumber(redis.call('GET', k) or 0)\n"
+        "  local cur = tonumber(redis.call('GET', KEYS[2+2*i-1]) or 0)\n"
         "  local prev = 0\n"
-        "  if w > 0 then prev = tonumber(redis.call('GET', KEYS[4*i-2]) or 0) end\n"
+        "  if w > 0 then prev = tonumber(redis.call('GET', KEYS[2+2*i]) or 0) end\n"
         "  out[2*i] = cur\n"
         "  out[2*i+1] = prev\n"
         "  if cur + math.floor(prev * w / 1000000) >= tonumber(ARGV[a+1]) then ok = 0 end\n"
         "end\n"
         "if ok == 1 then\n"
         "  for i = 1, n do\n"
-        "    local k, z, a = KEYS[4*i-3], KEYS[4*i-1], 4 + 4*(i-1)\n"
-        "    local ttl = tonumber(ARGV[a+4])\n"
-        "    redis.call('INCRBY', k, ARGV[a+2])\n"
-        "    redis.call('PEXPIRE', k, ttl)\n"
-        "    redis.call('ZADD', z, ARGV[3], token .. ':' .. ARGV[a+2])\n"
-        "    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end\n"
+        "    local a = 5 + 4*(i-1)\n"
+        "    redis.call('INCRBY', KEYS[2+2*i-1], ARGV[a+2])\n"
+        "    redis.call('PEXPIRE', KEYS[2+2*i-1], ARGV[a+4])\n"
         "  end\n"
+        "  redis.call('ZADD', R, ARGV[3], ARGV[5])\n"
         "end\n"
         "out[1] = ok\n"
         "return out\n";
 
-/* ADJUST — settle, release or undo one reservation by its token. KEYS: for counter i,
- * KEYS[2i-1] the bucket it was reserved in, KEYS[2i] its reservation set. ARGV[1] token,
- * ARGV[2] now (ms), ARGV[3] 0, or for an undo how long to keep the dead token (ms); then
- * for counter i, ARGV[3+2i-1] the amount reserved, ARGV[3+2i] the amount to charge.
+/* ADJUST — settle, release or undo one reservation by its record. KEYS[1] the
+ * reservations, KEYS[2] the dead tokens, then for counter i, KEYS[2+i] the bucket it was
+ * reserved in. ARGV[1] token, ARGV[2] now (ms), ARGV[3] 0, or for an undo how long to keep
+ * the token dead (ms), ARGV[4] the record; then for counter i, ARGV[4+2i-1] the amount
+ * reserved, ARGV[4+2i] the amount to charge.
  * A live reservation becomes the charge; a reclaimed one (dead token) is charged in full,
- * once; nothing is done for a token already settled. An undo that finds nothing live
- * leaves a dead token, so that its admission reserves nothing if it still runs. A bucket
- * that expired is left alone (its window is over); a counter never goes below zero (and
- * keeps its TTL). */
+ * once; nothing is done for one already settled. An undo that finds nothing live leaves
+ * the token dead. A bucket that expired is left alone (its window is over); a counter never
+ * goes below zero (and keeps its TTL). */
 static const char script_adjust[] =
+        "local R, D = KEYS[1], KEYS[2]\n"
         "local token, now, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])\n"
-        "for i = 1, #KEYS / 2 do\n"
-        "  local k, z = KEYS[2*i-1], KEYS[2*i]\n"
-        "  local amount, charge = ARGV[2+2*i], tonumber(ARGV[3+2*i])\n"
-        "  local d = 0\n"
-        "  if redis.call('ZREM', z, token .. ':' .. amount) == 1 then\n"
-        "    d = charge - tonumber(amount)\n"
-        "  else\n"
-        "    if redis.call('ZREM', z, token) == 1 then d = charge end\n"
-        "    if tomb > 0 then\n"
-        "      redis.call('ZADD', z, now + tomb, token)\n"
-        "      if redis.call('PTTL', z) < tomb then redis.call('PEXPIRE', z, tomb) end\n"
-        "    end\n"
+        "local live = redis.call('ZREM', R, ARGV[4]) == 1\n"
+        "local reclaimed = false\n"
+        "if not live then\n"
+        "  if tomb > 0 then\n"
+        "    redis.call('ZADD', D, now + tomb, token)\n"
+        "    redis.call('ZREMRANGEBYSCORE', D, '-inf', now)\n"
+        "    return 1\n"
         "  end\n"
-        "  if d ~= 0 and redis.call('EXISTS', k) == 1 then\n"
-        "    local v = redis.call('INCRBY', k, d)\n"
-        "    if v < 0 then redis.call('INCRBY', k, -v) end\n"
+        "  reclaimed = redis.call('ZREM', D, token) == 1\n"
+        "  if not reclaimed then return 1 end\n"
+        "end\n"
+        "for i = 1, #KEYS - 2 do\n"
+        "  local d = tonumber(ARGV[4+2*i])\n"
+        "  if live then d = d - tonumber(ARGV[4+2*i-1]) end\n"
+        "  if d ~= 0 and redis.call('EXISTS', KEYS[2+i]) == 1 then\n"
+        "    local v = redis.call('INCRBY', KEYS[2+i], d)\n"
+        "    if v < 0 then redis.call('INCRBY', KEYS[2+i], -v) end\n"
         "  end\n"
         "end\n"
         "return 1\n";

@@ -39,9 +39,9 @@ struct quota_pending;
  * Redis reservations (docs/quotas.md §8). Each carries a token (QUOTA_TOKEN_LEN hex
  * digits, unique per admission). One that is not settled within its lease — the
  * instance's timeouts.total plus QUOTA_LEASE_GRACE_MS after its admission — is presumed
- * orphaned and is reclaimed by the next admission on its counter. Settlements that cannot
- * reach Redis wait for the next connection, at most QUOTA_RETRY_MAX per worker (beyond,
- * the oldest is dropped) and until two leases after their admission.
+ * orphaned and is reclaimed by the next admission with the same prefix. Settlements that
+ * cannot reach Redis wait for the next connection, at most QUOTA_RETRY_MAX per worker
+ * (beyond, the oldest is dropped) and until two leases after their admission.
  */
 #define QUOTA_TOKEN_LEN      32
 #define QUOTA_LEASE_GRACE_MS 60000

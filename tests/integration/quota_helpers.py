@@ -463,11 +463,11 @@ class RedisServer:
                 return sorted(set(out))
 
     def counter_sum(self, pattern, db=0):
-        """Sum of the integer values of the counter keys matching pattern (a counter's
-        reservation set, the same key + ":r", is not a counter)."""
+        """Sum of the integer values of the counter keys matching pattern (the reservation
+        registries, <prefix>reservations and <prefix>reservations:dead, are not counters)."""
         total = 0
         for k in self.keys(pattern, db=db):
-            if k.endswith(":r"):
+            if k.endswith("reservations") or k.endswith("reservations:dead"):
                 continue
             v = self.cmd("GET", k, db=db)
             if v is not None:
@@ -475,13 +475,13 @@ class RedisServer:
         return total
 
     def live_reservations(self, pattern="*", db=0):
-        """{set key: [member]} of the live reservations ("<token>:<amount>") in the
-        reservation sets matching pattern; dead tokens (no ":") are left out."""
+        """{registry key: [record]} of the live reservations in the reservation registries
+        (<prefix>reservations) matching pattern."""
         out = {}
         for k in self.keys(pattern, db=db):
-            if not k.endswith(":r"):
+            if not k.endswith("reservations"):
                 continue
-            live = [m for m in self.cmd("ZRANGE", k, 0, -1, db=db) if ":" in m]
+            live = self.cmd("ZRANGE", k, 0, -1, db=db)
             if live:
                 out[k] = live
         return out

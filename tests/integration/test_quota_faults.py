@@ -7,8 +7,8 @@ upstream answers the byte-level code must survive.
                              requests have finished, every Redis counter holds exactly what
                              the requests it admitted were charged — no reservation left over
                              (a late admission undone by its token, settlements that timed
-                             out retried after the reconnect), no live member left in any
-                             reservation set
+                             out retried after the reconnect), no live record left in the
+                             reservation registry
 
   RequestFaultTest           a member name written with escapes ("mod\u0065l") is
                              still found and replaced; an SSE event whose data ends in a
