@@ -223,7 +223,7 @@ static bool consumer_may_use(const struct config_route *rt, const void *arg)
 }
 
 /*
- * The model list says what a gateway serves and to whom: when any route is key-auth, it
+ * The model list says what a gateway serves and to whom: when every route is key-auth, it
  * takes a valid key — read with each key-auth route's own key headers, in route order —
  * and lists only the models of the routes its consumer may use (and of auth: none
  * routes). Returns the list, or NULL after answering 401 (or 500).
@@ -233,14 +233,17 @@ static json_t *models_for_caller(struct request *r)
 	const struct config *c = r->config;
 	const struct config_consumer *cons = NULL;
 	enum auth_result worst = AUTH_NONE_REQUIRED;
+	bool any_open = false;
 	json_t *list;
 
 	for (size_t i = 0; i < c->n_routes && cons == NULL; i++) {
 		const struct config_route *rt = &c->routes[i];
 		enum auth_result res;
 
-		if (rt->auth == ROUTE_AUTH_NONE)
+		if (rt->auth == ROUTE_AUTH_NONE) {
+			any_open = true;
 			continue;
+		}
 		res = auth_check(c, rt, get_client_header, r->http, &cons, r->key_fp);
 		if (res == AUTH_UNKNOWN || worst == AUTH_NONE_REQUIRED)
 			worst = res;
@@ -253,7 +256,8 @@ static json_t *models_for_caller(struct request *r)
 		reply_error(r, 401, "authentication_error", "invalid_api_key",
 		            "invalid API key (fingerprint %s)", r->key_fp);
 		return NULL;
-	} else if (worst == AUTH_MISSING) {
+	} else if (worst == AUTH_MISSING && !any_open) {
+		/* With no key, a caller sees the auth: none routes' models, if there are any. */
 		reply_error(r, 401, "authentication_error", "missing_api_key",
 		            "no API key: send it as Authorization: Bearer <key>");
 		return NULL;

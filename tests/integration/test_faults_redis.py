@@ -204,12 +204,10 @@ class RedisFaultTest(FaultCase):
                          "on_error allow: every request is served through the stall")
         self.assertGreaterEqual(len(during), 40)
 
-    @unittest.expectedFailure
     def test_stall_under_load_allow_counter_consistent(self):
-        # BUG (issue 12 §1, §1b.6; the reservation-token fix lands separately): admissions
-        # that time out while Redis is stopped still run when it resumes and keep their
-        # reservation (est. prompt + max_tokens), and settlements sent during the stall are
-        # dropped: the Redis counter ends far above what was served.
+        # Issue 12 §1, §1b.6: admissions that time out while Redis is stopped may still run
+        # when it resumes; their reservation token makes them undo themselves, and
+        # settlements sent during the stall wait for the next connection.
         self.stall("allow")
         self.assert_counter_consistent()
 
@@ -223,10 +221,9 @@ class RedisFaultTest(FaultCase):
         self.assertEqual([r for r in self.tail if r.kind != "ok"], [],
                          "still refused after Redis resumed")
 
-    @unittest.expectedFailure
     def test_stall_under_load_deny_counter_consistent(self):
-        # BUG: as test_stall_under_load_allow_counter_consistent — with deny, the late
-        # admissions are of requests that were answered 503 and never served.
+        # As test_stall_under_load_allow_counter_consistent — with deny, the late admissions
+        # are of requests that were answered 503 and never served.
         self.stall("deny")
         self.assert_counter_consistent()
 

@@ -693,9 +693,9 @@ class KeyAuthTest(qh.QuotaTestCase):
         self.assertKeysNeverLeaked(gw, self.all_keys)
 
     def test_model_list_needs_a_key(self):
-        """GET /v1/models and /v1/models/{id}: when any route is key-auth, a valid key is
-        required, and the list has only the models of the routes its consumer may use
-        (and of auth: none routes)."""
+        """GET /v1/models and /v1/models/{id}: a caller sees only the models of the routes it
+        may use: with no key, those of auth: none routes (401 when there are none); with a
+        valid key, its consumer's routes and the auth: none ones; a wrong key is 401."""
         gw = self.start_gateway(
             instances=[qh.quota_instance("m", self.mock.url())],
             consumers=[consumer("plain", [self.k_plain]),
@@ -711,8 +711,11 @@ class KeyAuthTest(qh.QuotaTestCase):
             return http_request(gw.port, "GET", path, headers=headers)
 
         for path in ("/v1/models", "/models", "/v1/models/m-open"):
-            self.assertAuthError(models(None, path), 401, "missing_api_key")
             self.assertAuthError(models(bearer(self.k_wrong), path), 401, "invalid_api_key")
+        r = models(None)
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual([m["id"] for m in r.json()["data"]], ["m-open"])
+        self.assertAuthError(models(None, "/v1/models/m-chat"), 404, "model_not_found")
         r = models(bearer(self.k_plain))
         self.assertEqual(r.status, 200, repr(r))
         self.assertEqual([m["id"] for m in r.json()["data"]],
@@ -730,6 +733,16 @@ class KeyAuthTest(qh.QuotaTestCase):
         self.assertEqual(r.status, 200, repr(r))
         self.assertEqual(self.mock.stats()["requests"], 0)
         self.assertKeysNeverLeaked_logs(gw, self.all_keys)
+
+    def test_model_list_without_open_routes_needs_a_key(self):
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("m", self.mock.url())],
+            consumers=[consumer("plain", [self.k_plain])],
+            routes=[qh.quota_route("chat", [CHAT], ["m"], models=["m-chat"])])
+        for path in ("/v1/models", "/v1/models/m-chat"):
+            self.assertAuthError(http_request(gw.port, "GET", path), 401, "missing_api_key")
+        r = http_request(gw.port, "GET", "/v1/models", headers=bearer(self.k_plain))
+        self.assertEqual([m["id"] for m in r.json()["data"]], ["m-chat"])
 
     def assertKeysNeverLeaked_logs(self, gw, keys):
         for what, text in (("stderr log", gw.log()),
