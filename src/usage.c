@@ -87,7 +87,7 @@ static bool scan_members(const char *buf, size_t len, const char *const *names, 
 	const char *p = buf, *e = buf + len;
 
 	for (size_t i = 0; i < n; i++)
-		found[i].p = NULL;
+		found[i] = (struct span){NULL, 0};
 	p = skip_ws(p, e);
 	if (p >= e || *p != '{')
 		return false;
