@@ -31,10 +31,12 @@ static const char *skip_ws(const char *p, const char *e)
 static const char *skip_string(const char *p, const char *e)
 {
 	for (p++; p < e; p++) {
-		if (*p == '\\')
-			p++;
-		else if (*p == '"')
+		if (*p == '\\') {
+			if (++p == e)
+				break; /* the escape is cut: never step past the end */
+		} else if (*p == '"') {
 			return p + 1;
+		}
 	}
 	return NULL;
 }
