@@ -50,7 +50,9 @@ export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=1:abort_on_erro
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}print_stacktrace=1:halt_on_error=1"
 log="$work/last.log"
 set +e
-"$build/tests/fuzz/$name" "${args[@]}" "$work/corpus" ${seeds[@]+"${seeds[@]}"} >"$log" 2>&1
+TIMEFORMAT='%U %S'
+{ time "$build/tests/fuzz/$name" "${args[@]}" "$work/corpus" ${seeds[@]+"${seeds[@]}"} \
+    >"$log" 2>&1; } 2>"$work/last.cpu"
 rc=$?
 set -e
 if [ $rc -ne 0 ]; then
@@ -58,7 +60,7 @@ if [ $rc -ne 0 ]; then
   echo "fuzz: $name FOUND SOMETHING (exit $rc); inputs in $work/artifacts/, log $log" >&2
   exit 1
 fi
-# The run's figures, for the record: executions, time, coverage.
-grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" >&2 || true
-grep -E "^Done [0-9]+ runs" "$log" >&2 || true
-echo "fuzz: $name clean after ${secs}s" >&2
+# The run's figures, for the record: executions, CPU time (user + system, all processes).
+runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{n += $1} END {print n + 0}')
+cpu=$(awk '{printf "%.1f", ($1 + $2) / 60}' "$work/last.cpu")
+echo "fuzz: $name clean: ${secs}s, $cpu CPU-minutes, $runs inputs" >&2

@@ -1228,10 +1228,11 @@ static void test_parse_load(void **state)
 	        parse_load("vllm:num_requests_running 2\r\nvllm:num_requests_waiting\t3 17", &l));
 	assert_true(l.waiting == 3.0 && l.running == 2.0 && l.kv_cache == -1);
 
-	/* strtod skipped the line end and read the next line's number. */
+	/* A number on the next line is not this sample's value. */
 	assert_false(parse_load("vllm:num_requests_waiting \n7\n", &l));
 	assert_true(l.waiting == 0);
-	/* ... and took hex floats, "infinity" and trailing garbage. */
+	/* strtod took hex floats, "infinity" and a number followed by garbage; and it
+	 * needed a NUL after the page to stop at the last line (read past it here). */
 	assert_false(
 	        parse_load("vllm:num_requests_waiting 0x10\n"
 	                   "vllm:num_requests_waiting infinity\n"
@@ -1239,6 +1240,9 @@ static void test_parse_load(void **state)
 	                   "vllm:num_requests_waiting 1e5000000000000000000000000000000000000000"
 	                   "0000000000000000000000000000000000000000000000000000000000000\n",
 	                   &l));
+	assert_true(
+	        parse_load("vllm:num_requests_waiting 7", &l)); /* the last byte is the number's */
+	assert_true(l.waiting == 7.0);
 	/* The text format's own words. */
 	assert_true(
 	        parse_load("vllm:num_requests_waiting +Inf\nvllm:kv_cache_usage_perc NaN\n", &l));
