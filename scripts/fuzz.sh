@@ -61,6 +61,6 @@ if [ $rc -ne 0 ]; then
   exit 1
 fi
 # The run's figures, for the record: executions, CPU time (user + system, all processes).
-runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{n += $1} END {print n + 0}')
+runs=$(grep -oE '^#[0-9]+' "$log" | tail -n 1 | tr -d '#')
 cpu=$(awk '{printf "%.1f", ($1 + $2) / 60}' "$work/last.cpu")
 echo "fuzz: $name clean: ${secs}s, $cpu CPU-minutes, $runs inputs" >&2
