@@ -4,7 +4,7 @@
 #        scripts/fuzz.sh --list             the targets, one a line
 # Exits non-zero on any finding (crash, leak, UBSan report, timeout, out-of-memory); the
 # input that found it is kept in build-fuzz/fuzz-work/TARGET/artifacts/. The seeds in
-# tests/fuzz/corpus/TARGET/ are read, never written: new inputs go to the work directory,
+# tests/fuzz/corpus/fuzz_NAME/ (or corpus/NAME/) are read, never written: new inputs go to the work directory,
 # which later runs start from. FUZZ_JOBS=N runs N processes at once (N CPUs busy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +39,15 @@ work="$build/fuzz-work/$name"
 mkdir -p "$work/corpus" "$work/artifacts"
 args=(-max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1
       -artifact_prefix="$work/artifacts/")
-[ -f "tests/fuzz/$name.dict" ] && args+=(-dict="tests/fuzz/$name.dict")
+# Seeds and dictionary under the target's name, with or without the fuzz_ prefix.
+short=${name#fuzz_}
+for d in "tests/fuzz/$name.dict" "tests/fuzz/$short.dict"; do
+  [ -f "$d" ] && { args+=(-dict="$d"); break; }
+done
 seeds=()
-[ -d "tests/fuzz/corpus/$name" ] && seeds=("tests/fuzz/corpus/$name")
+for d in "tests/fuzz/corpus/$name" "tests/fuzz/corpus/$short"; do
+  [ -d "$d" ] && seeds+=("$d")
+done
 jobs=${FUZZ_JOBS:-1}
 [ "$jobs" -gt 1 ] && args+=(-fork="$jobs" -ignore_crashes=0)
 
