@@ -7,11 +7,13 @@ set -euo pipefail
 # (tests/integration/test_operations.py, test_status_page.py, test_tls_notify.py).
 # nodejs and npm: the OpenAI SDK test (tests/integration/test_openai_sdk.py, tests/sdk/);
 # only when no `node` is on PATH, so a node installed another way (NodeSource, nvm) is kept.
+# clang and libclang-rt-14-dev (libFuzzer, clang's sanitizer runtimes): the clang build and
+# the fuzz targets (scripts/test.sh, scripts/fuzz.sh, tests/fuzz/).
 NODE_PKGS=()
 command -v node >/dev/null 2>&1 || NODE_PKGS=(nodejs npm)
 PKGS=(build-essential cmake pkg-config
       libevent-dev libcurl4-openssl-dev libjansson-dev libssl-dev libhiredis-dev
-      libyaml-dev libpcre2-dev libcmocka-dev
+      libyaml-dev libpcre2-dev libcmocka-dev clang libclang-rt-14-dev
       python3 curl redis-server openssl prometheus chromium
       ${NODE_PKGS[@]+"${NODE_PKGS[@]}"} "$@")
 

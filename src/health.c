@@ -15,6 +15,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -40,6 +41,8 @@
 #define PROBE_BODY_MAX   (64 * 1024)
 #define SCRAPE_BODY_MAX  (4 * 1024 * 1024)
 #define REGISTRY_BUCKETS 256
+/* Longest sample value token read ("-1.2345678901234567e+308" is 24 bytes). */
+#define HEALTH_SAMPLE_MAX 64
 
 enum source { SRC_START, SRC_ACTIVE, SRC_PASSIVE, SRC_TRIAL };
 static const char *const source_names[] = {"start", "active", "passive", "trial"};
@@ -447,6 +450,94 @@ void health_retry_after(struct instance_state *st, const struct config_instance 
 		log_warn(
 		        "instance %s: 429 with Retry-After %llu s: out of rotation until it passes",
 		        st->name, (unsigned long long)seconds);
+}
+
+/* 2DIGIT / 4DIGIT fields of an HTTP-date. */
+static bool date_digits(const char *p, size_t n, int *out)
+{
+	int v = 0;
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] < '0' || p[i] > '9')
+			return false;
+		v = v * 10 + (p[i] - '0');
+	}
+	*out = v;
+	return true;
+}
+
+/* Days since 1970-01-01 of a proleptic Gregorian date (month 1..12). */
+static int64_t days_from_civil(int64_t y, int m, int d)
+{
+	y -= m <= 2;
+	int64_t era = (y >= 0 ? y : y - 399) / 400;
+	int64_t yoe = y - era * 400;
+	int64_t doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+	int64_t doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+	return era * 146097 + doe - 719468;
+}
+
+/* IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT" (RFC 9110 §5.6.7), the one form
+ * senders must use; the two obsolete forms are not read (a 429 without a usable
+ * Retry-After just keeps the instance in rotation). */
+static bool imf_fixdate(const char *p, size_t n, int64_t *unix_s)
+{
+	static const char days[] = "MonTueWedThuFriSatSun";
+	static const char months[] = "JanFebMarAprMayJunJulAugSepOctNovDec";
+	static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+	int day, year, hh, mm, ss, month = -1;
+
+	if (n != 29 || p[3] != ',' || p[4] != ' ' || p[7] != ' ' || p[11] != ' ' || p[16] != ' ' ||
+	    p[19] != ':' || p[22] != ':' || p[25] != ' ' || memcmp(p + 26, "GMT", 3) != 0)
+		return false;
+	bool day_ok = false;
+	for (int i = 0; i < 7; i++)
+		day_ok |= memcmp(p, days + 3 * i, 3) == 0;
+	for (int i = 0; i < 12; i++)
+		if (memcmp(p + 8, months + 3 * i, 3) == 0)
+			month = i;
+	if (!day_ok || month < 0 || !date_digits(p + 5, 2, &day) ||
+	    !date_digits(p + 12, 4, &year) || !date_digits(p + 17, 2, &hh) ||
+	    !date_digits(p + 20, 2, &mm) || !date_digits(p + 23, 2, &ss))
+		return false;
+	bool leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+	if (day < 1 || day > mdays[month] || (month == 1 && day == 29 && !leap) || hh > 23 ||
+	    mm > 59 || ss > 60)
+		return false;
+	*unix_s = days_from_civil(year, month + 1, day) * 86400 + hh * 3600 + mm * 60 + ss;
+	return true;
+}
+
+bool health_parse_retry_after(const char *v, size_t len, int64_t now_unix_s, uint64_t *seconds)
+{
+	const char *p = v, *end = len > 0 ? v + len : v;
+
+	while (p < end && (*p == ' ' || *p == '\t'))
+		p++;
+	while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+		end--;
+	if (p == end)
+		return false;
+	if (*p >= '0' && *p <= '9') {
+		/* delta-seconds: saturate past the cap, so no count of digits can wrap. */
+		uint64_t n = 0;
+		for (; p < end; p++) {
+			if (*p < '0' || *p > '9')
+				return false;
+			if (n <= HEALTH_RETRY_AFTER_MAX_S)
+				n = n * 10 + (uint64_t)(*p - '0');
+		}
+		*seconds = n < HEALTH_RETRY_AFTER_MAX_S ? n : HEALTH_RETRY_AFTER_MAX_S;
+		return true;
+	}
+	int64_t at;
+	if (!imf_fixdate(p, (size_t)(end - p), &at))
+		return false;
+	/* Both within years 0..9999 (and now from the clock): the difference cannot wrap. */
+	int64_t d = at - now_unix_s;
+	*seconds = d <= 0                         ? 0
+	           : d < HEALTH_RETRY_AFTER_MAX_S ? (uint64_t)d
+	                                          : HEALTH_RETRY_AFTER_MAX_S;
+	return true;
 }
 
 void health_inflight_add(struct instance_state *st, int delta)
@@ -1295,8 +1386,41 @@ static size_t scrape_on_body(void *arg, const char *data, size_t len)
 	return len;
 }
 
-/* The value of one sample line "name{labels} value [timestamp]" after the
- * name; false when it is not a number. */
+/* A sample value token as the text format writes it (Go's ParseFloat): a
+ * decimal float, or NaN / Inf with a sign. strtod alone would also take hex
+ * floats, "infinity" and "nan(...)", and would read past the token. */
+static bool sample_number(const char *p, size_t n, double *out)
+{
+	static const struct {
+		const char *text;
+		double v;
+	} words[] = {{"nan", NAN}, {"inf", INFINITY}, {"+inf", INFINITY}, {"-inf", -INFINITY}};
+	char buf[HEALTH_SAMPLE_MAX];
+
+	if (n == 0 || n >= sizeof(buf))
+		return false;
+	for (size_t i = 0; i < sizeof(words) / sizeof(words[0]); i++) {
+		if (strlen(words[i].text) == n && strncasecmp(words[i].text, p, n) == 0) {
+			*out = words[i].v;
+			return true;
+		}
+	}
+	for (size_t i = 0; i < n; i++)
+		if (!((p[i] >= '0' && p[i] <= '9') || p[i] == '.' || p[i] == 'e' || p[i] == 'E' ||
+		      p[i] == '+' || p[i] == '-'))
+			return false;
+	memcpy(buf, p, n);
+	buf[n] = '\0';
+	char *stop;
+	double v = strtod(buf, &stop);
+	if (stop != buf + n)
+		return false;
+	*out = v;
+	return true;
+}
+
+/* The value of one sample line "name{labels} value [timestamp]", p just after
+ * the name; false when it is not a number. */
 static bool sample_value(const char *p, const char *end, double *out)
 {
 	if (p < end && *p == '{') {
@@ -1315,16 +1439,15 @@ static bool sample_value(const char *p, const char *end, double *out)
 	}
 	if (p >= end || (*p != ' ' && *p != '\t'))
 		return false;
-	char *stop;
-	double v = strtod(p, &stop);
-	if (stop == p || stop > end)
-		return false;
-	*out = v;
-	return true;
+	while (p < end && (*p == ' ' || *p == '\t'))
+		p++;
+	const char *tok = p;
+	while (p < end && *p != ' ' && *p != '\t' && *p != '\r')
+		p++;
+	return sample_number(tok, (size_t)(p - tok), out);
 }
 
-/* Sum the vLLM gauges over their label sets (one per model served). */
-static void scrape_parse(const char *body, size_t len, double *waiting, double *running, double *kv)
+bool health_parse_load(const char *body, size_t len, struct health_load *out)
 {
 	static const char *const names[] = {
 	        "vllm:num_requests_waiting", "vllm:num_requests_running",
@@ -1332,7 +1455,7 @@ static void scrape_parse(const char *body, size_t len, double *waiting, double *
 	};
 	double sum[4] = {0, 0, 0, 0};
 	bool seen[4] = {false, false, false, false};
-	const char *p = body, *end = body + len;
+	const char *p = body, *end = len > 0 ? body + len : body;
 
 	while (p < end) {
 		const char *eol = memchr(p, '\n', (size_t)(end - p));
@@ -1349,11 +1472,13 @@ static void scrape_parse(const char *body, size_t len, double *waiting, double *
 				}
 			}
 		}
-		p = eol + 1;
+		p = eol < end ? eol + 1 : end;
 	}
-	*waiting = sum[0];
-	*running = sum[1];
-	*kv = seen[2] ? sum[2] : seen[3] ? sum[3] : -1;
+	out->waiting = sum[0];
+	out->running = sum[1];
+	out->kv_cache = seen[2] ? sum[2] : seen[3] ? sum[3] : -1;
+	out->age_us = 0;
+	return seen[0] || seen[1] || seen[2] || seen[3];
 }
 
 static void scrape_on_done(void *arg, enum upstream_result res, const char *detail)
@@ -1370,11 +1495,12 @@ static void scrape_on_done(void *arg, enum upstream_result res, const char *deta
 		          s->x.status);
 		return;
 	}
-	double waiting, running, kv;
-	scrape_parse(s->body ? s->body : "", s->len, &waiting, &running, &kv);
-	atomic_store(&s->st->load_waiting, waiting);
-	atomic_store(&s->st->load_running, running);
-	atomic_store(&s->st->load_kv, kv);
+	/* A page without the vLLM names still counts as an answer: nothing waiting. */
+	struct health_load l;
+	health_parse_load(s->body, s->len, &l);
+	atomic_store(&s->st->load_waiting, l.waiting);
+	atomic_store(&s->st->load_running, l.running);
+	atomic_store(&s->st->load_kv, l.kv_cache);
 	atomic_store(&s->st->load_interval_us, s->interval_ms * 1000);
 	atomic_store(&s->st->load_at_us, http_now_us());
 }

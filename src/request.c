@@ -26,6 +26,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/time.h>
+#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -1299,17 +1300,12 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	r->cost = ended_attempt_cost(res, status, detail);
 	attempt_end(r, res, status, outcome_name(res, status));
 	if (res == UPSTREAM_OK && status == 429) {
-		/* "Name: value\r\n" lines, not NUL-terminated: compare at line starts. */
-		size_t n = evbuffer_get_length(r->xfer.headers);
-		const char *h = n ? (const char *)evbuffer_pullup(r->xfer.headers, (ev_ssize_t)n) : NULL;
-		for (const char *p = h, *end = h + n; p != NULL && p < end;) {
-			const char *eol = memchr(p, '\n', (size_t)(end - p));
-			if ((size_t)(end - p) > 13 && strncasecmp(p, "retry-after: ", 13) == 0) {
-				health_retry_after(r->state, in, strtoull(p + 13, NULL, 10), http_now_us());
-				break;
-			}
-			p = eol ? eol + 1 : end;
-		}
+		const char *v;
+		size_t vl;
+		uint64_t secs;
+		if (upstream_xfer_find_header(&r->xfer, "retry-after", &v, &vl) &&
+		    health_parse_retry_after(v, vl, (int64_t)time(NULL), &secs))
+			health_retry_after(r->state, in, secs, http_now_us());
 	}
 	if (trigger & (r->route->fallback.on | FALLBACK_LISTED)) {
 		char why[300];

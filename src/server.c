@@ -180,8 +180,10 @@ static void worker_free_balancers(struct worker *w)
 	if (w->balancers_config) {
 		for (size_t i = 0; i < w->balancers_config->n_routes; i++)
 			balancer_free(w->balancers[i]);
+		/* In-flight transfers of the old snapshot may still use these: each
+		 * is freed by the last transfer holding it (upstream.h). */
 		for (size_t i = 0; w->urls && i < w->balancers_config->n_instances; i++)
-			curl_url_cleanup(w->urls[i]);
+			upstream_url_release(w->urls[i]);
 	}
 	free(w->balancers);
 	free(w->urls);
@@ -207,14 +209,8 @@ static void worker_apply_config(struct worker *w, struct config *c)
 		for (size_t i = 0; i < c->n_routes; i++)
 			w->balancers[i] = balancer_new(&c->routes[i]);
 		/* Parsed once per worker and snapshot; NULL (parse per request) on error. */
-		for (size_t i = 0; i < c->n_instances; i++) {
-			w->urls[i] = curl_url();
-			if (w->urls[i] &&
-			    curl_url_set(w->urls[i], CURLUPART_URL, c->instances[i].url, 0) != CURLUE_OK) {
-				curl_url_cleanup(w->urls[i]);
-				w->urls[i] = NULL;
-			}
-		}
+		for (size_t i = 0; i < c->n_instances; i++)
+			w->urls[i] = upstream_url_new(c->instances[i].url);
 		w->balancers_config = c;
 	}
 	if (w->quota)

@@ -33,6 +33,12 @@ struct upstream {
 	int running;
 };
 
+struct upstream_url {
+	CURLU *h;         /* owned */
+	unsigned holders; /* running transfers started with it */
+	bool released;    /* the owner let go: free with the last holder */
+};
+
 struct upstream_sock {
 	struct upstream *up;
 	struct event *ev;
@@ -151,6 +157,43 @@ void upstream_free(struct upstream *up)
 	free(up);
 }
 
+/* ---------------------------------------------------------------- pre-parsed URLs */
+
+struct upstream_url *upstream_url_new(const char *url)
+{
+	struct upstream_url *u = calloc(1, sizeof(*u));
+	if (u == NULL)
+		return NULL;
+	u->h = curl_url();
+	if (u->h == NULL || curl_url_set(u->h, CURLUPART_URL, url, 0) != CURLUE_OK) {
+		curl_url_cleanup(u->h);
+		free(u);
+		return NULL;
+	}
+	return u;
+}
+
+static void url_free(struct upstream_url *u)
+{
+	curl_url_cleanup(u->h);
+	free(u);
+}
+
+static void url_drop(struct upstream_url *u)
+{
+	if (--u->holders == 0 && u->released)
+		url_free(u);
+}
+
+void upstream_url_release(struct upstream_url *u)
+{
+	if (u == NULL)
+		return;
+	u->released = true;
+	if (u->holders == 0)
+		url_free(u);
+}
+
 /* ---------------------------------------------------------------- transfer callbacks */
 
 static bool header_passed_through(const char *name, size_t len)
@@ -167,19 +210,73 @@ static bool header_passed_through(const char *name, size_t len)
 	return true;
 }
 
+/* RFC 9110 §5.6.2 tchar. */
+static bool is_tchar(unsigned char c)
+{
+	if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+		return true;
+	return c != '\0' && memchr("!#$%&'*+-.^_`|~", c, 15) != NULL;
+}
+
+/*
+ * One response header line as libcurl hands it over: "Name: value" and its line
+ * end. The line is split into name and value only when every byte is lawful: the
+ * name a token, the value free of control bytes but HTAB — CR, LF and NUL above
+ * all. Everything downstream (the client's response head, Content-Type) may then
+ * treat the pair as text. A line that fails is dropped, not the transfer: libcurl
+ * has already framed the response itself, and a header the gateway does not pass
+ * on cannot split the head it writes; failing the answer would turn one odd
+ * header into an outage.
+ */
+static bool header_split(const char *line, size_t len, const char **name, size_t *name_len,
+                         const char **val, size_t *val_len)
+{
+	const char *end = line + len, *colon = NULL;
+
+	if (end > line && end[-1] == '\n')
+		end--;
+	if (end > line && end[-1] == '\r')
+		end--;
+	for (const char *p = line; p < end; p++) {
+		if (*p == ':') {
+			colon = p;
+			break;
+		}
+		if (!is_tchar((unsigned char)*p))
+			return false;
+	}
+	if (colon == NULL || colon == line)
+		return false;
+	for (const char *p = colon + 1; p < end; p++) {
+		unsigned char c = (unsigned char)*p;
+		if ((c < 0x20 && c != '\t') || c == 0x7f)
+			return false;
+	}
+	const char *v = colon + 1;
+	while (v < end && (*v == ' ' || *v == '\t'))
+		v++;
+	while (end > v && (end[-1] == ' ' || end[-1] == '\t'))
+		end--;
+	*name = line;
+	*name_len = (size_t)(colon - line);
+	*val = v;
+	*val_len = (size_t)(end - v);
+	return true;
+}
+
 static size_t header_cb(char *line, size_t size, size_t nmemb, void *arg)
 {
 	struct upstream_xfer *x = arg;
 	size_t len = size * nmemb;
 
 	x->last_activity_us = http_now_us();
-	if (len >= 5 && strncmp(line, "HTTP/", 5) == 0) {
+	if (len >= 5 && memcmp(line, "HTTP/", 5) == 0) {
 		/* A new response head (after a 1xx, or a redirect): start over. */
 		evbuffer_drain(x->headers, evbuffer_get_length(x->headers));
 		x->content_type[0] = '\0';
 		return len;
 	}
-	if (len <= 2 && (line[0] == '\r' || line[0] == '\n')) {
+	if (len <= 2 && (len == 0 || line[0] == '\r' || line[0] == '\n')) {
 		long status = 0;
 		curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
 		if (status >= 100 && status < 200)
@@ -192,24 +289,22 @@ static size_t header_cb(char *line, size_t size, size_t nmemb, void *arg)
 			return 0;
 		return len;
 	}
-	const char *colon = memchr(line, ':', len);
-	if (colon == NULL)
+	const char *name, *v;
+	size_t nlen, vlen;
+	if (!header_split(line, len, &name, &nlen, &v, &vlen)) {
+		log_debug("upstream: response header line of %zu bytes dropped: not a token name, "
+		          "or control bytes in its value",
+		          len);
 		return len;
-	size_t nlen = (size_t)(colon - line);
-	const char *v = colon + 1, *end = line + len;
-	while (v < end && (*v == ' ' || *v == '\t'))
-		v++;
-	while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
-		end--;
-	if (nlen == 12 && strncasecmp(line, "content-type", 12) == 0) {
-		size_t vl = (size_t)(end - v) < sizeof(x->content_type) - 1 ? (size_t)(end - v)
-		                                                            : sizeof(x->content_type) - 1;
+	}
+	if (nlen == 12 && strncasecmp(name, "content-type", 12) == 0) {
+		size_t vl = vlen < sizeof(x->content_type) - 1 ? vlen : sizeof(x->content_type) - 1;
 		memcpy(x->content_type, v, vl);
 		x->content_type[vl] = '\0';
-	} else if (header_passed_through(line, nlen)) {
-		evbuffer_add(x->headers, line, nlen);
+	} else if (header_passed_through(name, nlen)) {
+		evbuffer_add(x->headers, name, nlen);
 		evbuffer_add(x->headers, ": ", 2);
-		evbuffer_add(x->headers, v, (size_t)(end - v));
+		evbuffer_add(x->headers, v, vlen);
 		evbuffer_add(x->headers, "\r\n", 2);
 	}
 	return len;
@@ -322,9 +417,9 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 		upstream_xfer_header(x, "Content-Type: application/json");
 
 	CURL *e = x->easy;
-	/* A reused handle keeps its last CURLU, which wins over CURLOPT_URL: set both. */
-	curl_easy_setopt(e, CURLOPT_CURLU, x->curlu);
-	if (x->curlu == NULL)
+	/* A CURLU wins over CURLOPT_URL: set both, so a reused handle takes the right one. */
+	curl_easy_setopt(e, CURLOPT_CURLU, x->url ? x->url->h : NULL);
+	if (x->url == NULL)
 		curl_easy_setopt(e, CURLOPT_URL, url);
 	/* NOBODY first: clearing it turns a handle back into GET. */
 	curl_easy_setopt(e, CURLOPT_NOBODY, method && strcmp(method, "HEAD") == 0 ? 1L : 0L);
@@ -361,11 +456,15 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	x->head_us = x->first_body_us = 0;
 	if (curl_multi_add_handle(up->multi, e) != CURLM_OK) {
 		curl_easy_setopt(e, CURLOPT_HTTPHEADER, NULL);
+		curl_easy_setopt(e, CURLOPT_CURLU, NULL);
 		up->pool[up->n_pool++] = e; /* came from the pool or fits back */
 		x->easy = NULL;
+		x->url = NULL;
 		return false;
 	}
 	x->running = true;
+	if (x->url)
+		x->url->holders++;
 	xfer_arm_timer_us(x, to->first_byte * 1000);
 	/* Start connecting now rather than on the next loop turn; completions
 	 * found here are delivered from the loop (check_ev), never from inside
@@ -375,9 +474,9 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	return true;
 }
 
-void upstream_xfer_curlu(struct upstream_xfer *x, CURLU *u)
+void upstream_xfer_curlu(struct upstream_xfer *x, struct upstream_url *u)
 {
-	x->curlu = u;
+	x->url = u;
 }
 
 void upstream_xfer_resume(struct upstream_xfer *x)
@@ -397,6 +496,11 @@ static void xfer_release_handle(struct upstream_xfer *x)
 	curl_multi_remove_handle(up->multi, x->easy);
 	curl_easy_setopt(x->easy, CURLOPT_HTTPHEADER, NULL);
 	curl_easy_setopt(x->easy, CURLOPT_ERRORBUFFER, NULL);
+	curl_easy_setopt(x->easy, CURLOPT_CURLU, NULL);
+	if (x->url) {
+		url_drop(x->url);
+		x->url = NULL;
+	}
 	if (up->n_pool < EASY_POOL_MAX)
 		up->pool[up->n_pool++] = x->easy;
 	else
@@ -427,6 +531,30 @@ void upstream_xfer_cleanup(struct upstream_xfer *x)
 		event_free(x->timer);
 		x->timer = NULL;
 	}
+}
+
+bool upstream_xfer_find_header(const struct upstream_xfer *x, const char *name, const char **val,
+                               size_t *val_len)
+{
+	size_t nlen = strlen(name), n = x->headers ? evbuffer_get_length(x->headers) : 0;
+	if (n == 0)
+		return false;
+	/* Lines are "Name: value\r\n" with clean bytes (header_cb): no CR but the last. */
+	const char *h = (const char *)evbuffer_pullup(x->headers, (ev_ssize_t)n);
+
+	for (const char *p = h, *end = h + n; h != NULL && p < end;) {
+		const char *eol = memchr(p, '\r', (size_t)(end - p));
+		if (eol == NULL)
+			break;
+		if ((size_t)(eol - p) >= nlen + 2 && p[nlen] == ':' &&
+		    strncasecmp(p, name, nlen) == 0) {
+			*val = p + nlen + 2;
+			*val_len = (size_t)(eol - *val);
+			return true;
+		}
+		p = eol + 2;
+	}
+	return false;
 }
 
 static enum upstream_result classify(struct upstream_xfer *x, CURLcode rc, const char **detail)

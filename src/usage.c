@@ -31,10 +31,12 @@ static const char *skip_ws(const char *p, const char *e)
 static const char *skip_string(const char *p, const char *e)
 {
 	for (p++; p < e; p++) {
-		if (*p == '\\')
-			p++;
-		else if (*p == '"')
+		if (*p == '\\') {
+			if (++p == e)
+				break; /* the escape is cut: never step past the end */
+		} else if (*p == '"') {
 			return p + 1;
+		}
 	}
 	return NULL;
 }
@@ -87,7 +89,7 @@ static bool scan_members(const char *buf, size_t len, const char *const *names, 
 	const char *p = buf, *e = buf + len;
 
 	for (size_t i = 0; i < n; i++)
-		found[i].p = NULL;
+		found[i] = (struct span){NULL, 0};
 	p = skip_ws(p, e);
 	if (p >= e || *p != '{')
 		return false;

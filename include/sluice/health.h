@@ -117,6 +117,12 @@ void health_report(struct instance_state *st, const struct config_instance *in,
 void health_retry_after(struct instance_state *st, const struct config_instance *in,
                         uint64_t seconds, uint64_t now_us);
 
+/* A Retry-After value (RFC 9110 §10.2.3) as received (bytes, not NUL-terminated,
+ * surrounding blanks allowed): delta-seconds, or an IMF-fixdate HTTP-date taken
+ * relative to now_unix_s (a past date is 0). Capped at HEALTH_RETRY_AFTER_MAX_S;
+ * no input can overflow it. False when the value is neither. Pure. */
+bool health_parse_retry_after(const char *v, size_t len, int64_t now_unix_s, uint64_t *seconds);
+
 void health_inflight_add(struct instance_state *st, int delta);
 int health_inflight(const struct instance_state *st);
 bool health_is_healthy(const struct instance_state *st);
@@ -142,6 +148,11 @@ struct health_load {
 	uint64_t age_us; /* since the scrape */
 };
 bool health_load_get(const struct instance_state *st, uint64_t now_us, struct health_load *out);
+/* The gauges above from a scraped text exposition (bytes, not NUL-terminated): each
+ * summed over its samples, whatever their labels; a value is a decimal float, NaN or
+ * ±Inf, anything else skips the sample. Sets age_us 0. True when at least one sample
+ * was read (false leaves 0 waiting, 0 running, kv_cache -1). Pure. */
+bool health_parse_load(const char *body, size_t len, struct health_load *out);
 
 /* ---------------------------------------------------------------- admin API, metrics */
 

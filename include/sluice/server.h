@@ -16,6 +16,7 @@ struct event_base;
 struct event;
 struct http_server;
 struct upstream;
+struct upstream_url;
 struct server;
 struct request;
 struct balancer;
@@ -39,7 +40,8 @@ struct worker {
 	struct upstream *upstream;
 	struct config *config; /* this worker's current snapshot: one reference */
 	struct balancer **balancers;     /* per route of balancers_config (== config) */
-	CURLU **urls;                    /* per instance of balancers_config: pre-parsed */
+	struct upstream_url **urls;      /* per instance of balancers_config: pre-parsed, owned
+	                                    (a transfer keeps its own until it ends) */
 	struct config *balancers_config;
 	struct quota *quota;             /* this worker's quota client (memory / Redis) */
 	struct metrics_shard *metrics;   /* this worker's metric counters */

@@ -55,7 +55,7 @@ struct upstream_xfer {
 	struct upstream *up;
 	CURL *easy;
 	struct curl_slist *req_headers;
-	CURLU *curlu;
+	struct upstream_url *url; /* borrowed for the next start; held while running */
 	const struct upstream_ops *ops;
 	void *arg;
 	struct event *timer;
@@ -82,15 +82,35 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
                          const char *body, size_t len, const struct upstream_timeouts *to,
                          bool tls_verify, long keepalive_idle_s);
 /* Use a pre-parsed URL for the next upstream_xfer_start (parsing it costs ~10%
- * of a small request); NULL: parse the url string. The handle must outlive the
- * transfer and belong to this thread. */
-void upstream_xfer_curlu(struct upstream_xfer *x, CURLU *u);
+ * of a small request); NULL: parse the url string. u must belong to this
+ * thread; the transfer holds it until it ends, so u may be released meanwhile. */
+void upstream_xfer_curlu(struct upstream_xfer *x, struct upstream_url *u);
 void upstream_xfer_resume(struct upstream_xfer *x);
 /* Stop a running transfer; on_done is not called. Not from inside on_head/on_body. */
 void upstream_xfer_cancel(struct upstream_xfer *x);
 /* Release what the transfer holds (after on_done or cancel); it can be started again. */
 void upstream_xfer_cleanup(struct upstream_xfer *x);
 
+/* The value of the first passed-through response header called name (any case),
+ * as bytes (not NUL-terminated), surrounding whitespace removed: valid until the
+ * transfer is started again or cleaned up. False when there is none. */
+bool upstream_xfer_find_header(const struct upstream_xfer *x, const char *name, const char **val,
+                               size_t *val_len);
+
 const char *upstream_result_name(enum upstream_result r);
+
+/*
+ * A pre-parsed upstream URL (a CURLU), shared by the transfers of one thread.
+ * libcurl reads the handle again after the start (to reconnect, on a retry over
+ * a dead reused connection), so it must outlive every transfer started with it:
+ * each running transfer counts as one holder, and upstream_url_release only
+ * marks it released; the last of the owner and the transfers frees it. The
+ * count is a plain integer: everything happens on the owning thread.
+ */
+struct upstream_url;
+/* NULL when url does not parse (or out of memory): use the url string instead. */
+struct upstream_url *upstream_url_new(const char *url);
+/* The owner's reference; NULL is ignored. */
+void upstream_url_release(struct upstream_url *u);
 
 #endif

@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -1136,6 +1137,128 @@ static void test_load_parse(void **state)
 	evhttp_free(srv);
 }
 
+/* ---------------------------------------------------------------- pure parsers */
+
+/* A copy in an exact-size heap block: ASan sees any read past the value. */
+static char *exact(const char *s, size_t n)
+{
+	char *p = malloc(n ? n : 1);
+	assert_non_null(p);
+	memcpy(p, s, n);
+	return p;
+}
+
+static bool retry_after(const char *s, int64_t now, uint64_t *out)
+{
+	size_t n = strlen(s);
+	char *p = exact(s, n);
+	bool ok = health_parse_retry_after(p, n, now, out);
+	free(p);
+	return ok;
+}
+
+static void test_parse_retry_after(void **state)
+{
+	uint64_t v;
+	const int64_t now = 784111777; /* Sun, 06 Nov 1994 08:49:37 GMT */
+
+	assert_true(retry_after("120", now, &v));
+	assert_int_equal(v, 120);
+	assert_true(retry_after("  7\t", now, &v));
+	assert_int_equal(v, 7);
+	assert_true(retry_after("0", now, &v));
+	assert_int_equal(v, 0);
+	/* Capped, however many digits (strtoull wrapped or saturated at 2^64-1). */
+	assert_true(retry_after("3601", now, &v));
+	assert_int_equal(v, HEALTH_RETRY_AFTER_MAX_S);
+	assert_true(retry_after("99999999999999999999999999999999999999", now, &v));
+	assert_int_equal(v, HEALTH_RETRY_AFTER_MAX_S);
+	/* What strtoull accepted: signs, blanks inside, trailing garbage, hex. */
+	assert_false(retry_after("-5", now, &v));
+	assert_false(retry_after("+5", now, &v));
+	assert_false(retry_after("5 s", now, &v));
+	assert_false(retry_after("12x", now, &v));
+	assert_false(retry_after("0x10", now, &v));
+	assert_false(retry_after("", now, &v));
+	assert_false(retry_after("   ", now, &v));
+	/* The value of a header line that ends without a CR: no read past it. */
+	char *p = exact("12", 1);
+	assert_true(health_parse_retry_after(p, 1, now, &v));
+	assert_int_equal(v, 1);
+	free(p);
+
+	/* HTTP-date, relative to now. */
+	assert_true(retry_after("Sun, 06 Nov 1994 08:51:37 GMT", now, &v));
+	assert_int_equal(v, 120);
+	assert_true(retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now, &v));
+	assert_int_equal(v, 0);
+	assert_true(retry_after("Sat, 05 Nov 1994 08:49:37 GMT", now, &v)); /* past */
+	assert_int_equal(v, 0);
+	assert_true(retry_after("Fri, 01 Jan 2100 00:00:00 GMT", now, &v));
+	assert_int_equal(v, HEALTH_RETRY_AFTER_MAX_S);
+	assert_true(retry_after("Tue, 29 Feb 2000 00:00:00 GMT", 951782400 - 10, &v));
+	assert_int_equal(v, 10);
+	assert_false(retry_after("Thu, 29 Feb 2001 00:00:00 GMT", now, &v)); /* no such day */
+	assert_false(retry_after("Sun, 31 Apr 1994 08:49:37 GMT", now, &v));
+	assert_false(retry_after("Sun, 06 Nov 1994 24:00:00 GMT", now, &v));
+	assert_false(retry_after("Sun, 06 Nov 1994 08:49:37 UTC", now, &v));
+	assert_false(retry_after("Sunday, 06-Nov-94 08:49:37 GMT", now, &v)); /* obsolete forms */
+	assert_false(retry_after("Sun Nov  6 08:49:37 1994", now, &v));
+	assert_false(retry_after("Sun, 06 Nov 1994 08:49:37 GMT trailing", now, &v));
+}
+
+static bool parse_load(const char *s, struct health_load *l)
+{
+	size_t n = strlen(s);
+	char *p = exact(s, n);
+	bool ok = health_parse_load(p, n, l);
+	free(p);
+	return ok;
+}
+
+static void test_parse_load(void **state)
+{
+	struct health_load l;
+
+	assert_true(parse_load(old_vllm_metrics, &l));
+	assert_true(l.waiting == 5.0 && l.running == 5.0 && l.kv_cache == 0.25);
+
+	/* The last line without its newline, CRLF, tabs, a timestamp. */
+	assert_true(
+	        parse_load("vllm:num_requests_running 2\r\nvllm:num_requests_waiting\t3 17", &l));
+	assert_true(l.waiting == 3.0 && l.running == 2.0 && l.kv_cache == -1);
+
+	/* A number on the next line is not this sample's value. */
+	assert_false(parse_load("vllm:num_requests_waiting \n7\n", &l));
+	assert_true(l.waiting == 0);
+	/* strtod took hex floats, "infinity" and a number followed by garbage; and it
+	 * needed a NUL after the page to stop at the last line (read past it here). */
+	assert_false(
+	        parse_load("vllm:num_requests_waiting 0x10\n"
+	                   "vllm:num_requests_waiting infinity\n"
+	                   "vllm:num_requests_waiting 5abc\n"
+	                   "vllm:num_requests_waiting 1e5000000000000000000000000000000000000000"
+	                   "0000000000000000000000000000000000000000000000000000000000000\n",
+	                   &l));
+	assert_true(
+	        parse_load("vllm:num_requests_waiting 7", &l)); /* the last byte is the number's */
+	assert_true(l.waiting == 7.0);
+	/* The text format's own words. */
+	assert_true(
+	        parse_load("vllm:num_requests_waiting +Inf\nvllm:kv_cache_usage_perc NaN\n", &l));
+	assert_true(isinf(l.waiting) && isnan(l.kv_cache));
+	/* A NUL is a byte like any other. */
+	static const char nul[] = "vllm:num_requests_running 4\0\nvllm:num_requests_running 1\n";
+	char *p = exact(nul, sizeof(nul) - 1);
+	assert_true(health_parse_load(p, sizeof(nul) - 1, &l));
+	assert_true(l.running == 1.0);
+	free(p);
+	assert_false(health_parse_load(NULL, 0, &l));
+	assert_true(l.waiting == 0 && l.running == 0 && l.kv_cache == -1);
+	/* Unterminated labels. */
+	assert_false(parse_load("vllm:num_requests_running{a=\"}\" 3", &l));
+}
+
 int main(void)
 {
 	/* SLUICE_TEST_LOG=debug shows what the module logs. */
@@ -1177,6 +1300,8 @@ int main(void)
 	        cmocka_unit_test_setup_teardown(test_probe_reload, probe_setup, probe_teardown),
 	        cmocka_unit_test_setup_teardown(test_load_scrape, probe_setup, probe_teardown),
 	        cmocka_unit_test_setup_teardown(test_load_parse, probe_setup, probe_teardown),
+	        cmocka_unit_test(test_parse_retry_after),
+	        cmocka_unit_test(test_parse_load),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	curl_global_cleanup();
