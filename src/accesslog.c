@@ -267,6 +267,12 @@ size_t accesslog_format(const struct request_record *r, char *buf, size_t len)
 	} else {
 		put(&l, "null", 4);
 	}
+	/* In price units, exact to the micro-unit it is counted in; only where a price applies. */
+	if (r->priced) {
+		put_key(&l, "cost");
+		putf(&l, "%" PRIu64 ".%06u", r->cost_micros / RECORD_COST_UNIT,
+		     (unsigned)(r->cost_micros % RECORD_COST_UNIT));
+	}
 
 	/* Payloads only when request.c put them in the record (log.payloads). */
 	if (r->prompt_payload)

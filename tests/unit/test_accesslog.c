@@ -375,6 +375,33 @@ static void test_concurrent_writers(void **state)
 		free(w[i].payload);
 }
 
+/* cost: in price units, exact to the micro-unit, only when a price applies */
+static void test_cost_field(void **state)
+{
+	struct fixture *f = *state;
+	char buf[4096];
+	struct request_record r = full_record();
+
+	accesslog_format(&r, buf, sizeof(buf));
+	assert_null(strstr(buf, "\"cost\""));
+	r.priced = true;
+	r.cost_micros = 1234567;
+	accesslog_format(&r, buf, sizeof(buf));
+	assert_non_null(strstr(buf, ",\"cost\":1.234567"));
+	r.cost_micros = 7;
+	accesslog_format(&r, buf, sizeof(buf));
+	assert_non_null(strstr(buf, ",\"cost\":0.000007"));
+	r.cost_micros = 0; /* priced, and free: still said */
+	assert_true(accesslog_open(f->path));
+	accesslog_write(&r);
+	size_t n;
+	json_t **v = read_lines(f->path, &n);
+	assert_int_equal(n, 1);
+	assert_true(json_is_real(json_object_get(v[0], "cost")));
+	assert_true(json_real_value(json_object_get(v[0], "cost")) == 0.0);
+	free_lines(v, n);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -384,6 +411,7 @@ int main(void)
 	        cmocka_unit_test_setup_teardown(test_reopen_after_rename, setup, teardown),
 	        cmocka_unit_test_setup_teardown(test_switch_and_off, setup, teardown),
 	        cmocka_unit_test_setup_teardown(test_concurrent_writers, setup, teardown),
+	        cmocka_unit_test_setup_teardown(test_cost_field, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
