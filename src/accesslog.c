@@ -16,8 +16,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +37,21 @@ static _Atomic int al_fd = -1; /* what workers write to; -1 while off */
 static int al_stable = -1;     /* the descriptor number kept across reopens (main thread) */
 static char al_target[4096];   /* "stdout", a path, or "" when off (main thread) */
 static _Atomic uint64_t al_last_warn_us;
+
+/*
+ * A line cut short by a failed write — a full disk: the kernel writes what fits, then refuses
+ * the rest — would have the next line appended to its fragment: two records on one line that
+ * is not JSON. The unwritten rest of such a line is kept and written before any other line, so
+ * that the line ends whole once there is room again. al_torn is read by every write without
+ * the lock (the fast path stays lock-free); the rest is under al_torn_lock. A rest longer than
+ * the buffer (a line with payloads) is replaced by "\n": its fragment then stays a line of its
+ * own, never glued to the next one. A reopen forgets the rest (it belongs to the old file).
+ */
+#define TORN_REST_MAX 65536
+static pthread_mutex_t al_torn_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_bool al_torn;
+static char al_rest[TORN_REST_MAX]; /* under al_torn_lock */
+static size_t al_rest_len;
 
 /* ---------------------------------------------------------------- line builder */
 
@@ -267,6 +284,12 @@ size_t accesslog_format(const struct request_record *r, char *buf, size_t len)
 	} else {
 		put(&l, "null", 4);
 	}
+	/* In price units, exact to the micro-unit it is counted in; only where a price applies. */
+	if (r->priced) {
+		put_key(&l, "cost");
+		putf(&l, "%" PRIu64 ".%06u", r->cost_micros / RECORD_COST_UNIT,
+		     (unsigned)(r->cost_micros % RECORD_COST_UNIT));
+	}
 
 	/* Payloads only when request.c put them in the record (log.payloads). */
 	if (r->prompt_payload)
@@ -334,11 +357,13 @@ void accesslog_write_line(const char *text, size_t len)
 		free(line);
 }
 
-static void write_all(int fd, const char *line, size_t n)
+/* Returns how much of line was written: less than n only after a failed write (logged). */
+static size_t write_some(int fd, const char *line, size_t n)
 {
 	/* One write(2): with O_APPEND on a file the kernel writes the whole line
 	 * at the end, so lines of concurrent workers never interleave. A short
-	 * write only happens on a pipe or socket that is full: finish the line. */
+	 * write happens on a pipe or socket that is full (finish the line), or on a
+	 * full disk (then the next write fails). */
 	size_t off = 0;
 	while (off < n) {
 		ssize_t w = write(fd, line + off, n - off);
@@ -350,6 +375,64 @@ static void write_all(int fd, const char *line, size_t n)
 		}
 		off += (size_t)w;
 	}
+	return off;
+}
+
+/* Under al_torn_lock: line was cut after its first off bytes. */
+static void keep_rest(const char *line, size_t n, size_t off)
+{
+	if (off == 0 || off >= n)
+		return; /* nothing written, or everything: no fragment */
+	if (n - off <= sizeof(al_rest)) {
+		memcpy(al_rest, line + off, n - off);
+		al_rest_len = n - off;
+	} else {
+		al_rest[0] = '\n';
+		al_rest_len = 1;
+	}
+	atomic_store_explicit(&al_torn, true, memory_order_release);
+}
+
+static void forget_rest(void)
+{
+	pthread_mutex_lock(&al_torn_lock);
+	al_rest_len = 0;
+	atomic_store_explicit(&al_torn, false, memory_order_release);
+	pthread_mutex_unlock(&al_torn_lock);
+}
+
+static void write_all(int fd, const char *line, size_t n)
+{
+	size_t off;
+
+	if (!atomic_load_explicit(&al_torn, memory_order_acquire)) {
+		off = write_some(fd, line, n);
+		if (off > 0 && off < n) {
+			/* A line another worker appends in the instant before the rest is kept
+			 * would still be glued to the fragment: only when the disk frees up in that
+			 * instant. */
+			pthread_mutex_lock(&al_torn_lock);
+			keep_rest(line, n, off);
+			pthread_mutex_unlock(&al_torn_lock);
+		}
+		return;
+	}
+	pthread_mutex_lock(&al_torn_lock);
+	if (al_rest_len > 0) {
+		off = write_some(fd, al_rest, al_rest_len);
+		if (off < al_rest_len) {
+			/* Still no room: this line is lost, as every line is while the disk is
+			 * full. */
+			memmove(al_rest, al_rest + off, al_rest_len - off);
+			al_rest_len -= off;
+			pthread_mutex_unlock(&al_torn_lock);
+			return;
+		}
+		al_rest_len = 0;
+		atomic_store_explicit(&al_torn, false, memory_order_release);
+	}
+	keep_rest(line, n, write_some(fd, line, n));
+	pthread_mutex_unlock(&al_torn_lock);
 }
 
 /* A new descriptor for target, or -1 (logged). */
@@ -378,6 +461,7 @@ static bool install(int fd)
 		return false;
 	}
 	close(fd);
+	forget_rest(); /* a torn line's rest belongs to the file it was cut in */
 	return true;
 }
 
@@ -422,6 +506,7 @@ void accesslog_reopen(void)
 void accesslog_close(void)
 {
 	atomic_store(&al_fd, -1);
+	forget_rest();
 	if (al_stable >= 0)
 		close(al_stable);
 	al_stable = -1;

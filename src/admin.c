@@ -179,7 +179,8 @@ static bool authorized(const struct admin *a, const struct http_request *req, bo
 
 static void reply_json(struct http_request *req, int status, json_t *j)
 {
-	char *s = j ? json_dumps(j, JSON_INDENT(2)) : NULL;
+	/* 15 significant digits: a cost of 0.000123 shows as that, not 0.00012300000000000001. */
+	char *s = j ? json_dumps(j, JSON_INDENT(2) | JSON_REAL_PRECISION(15)) : NULL;
 	json_decref(j);
 	if (s == NULL) {
 		http_reply_error(req, 500, "server_error", "internal_error",

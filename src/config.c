@@ -30,6 +30,13 @@
 
 /* Token and request limits are counted in Redis' Lua (doubles): keep them exact there. */
 #define LIMIT_MAX 9007199254740991ull
+/* Prices and cost limits are decimal numbers of at most this many decimals, kept as integer
+ * micro-units (docs/quotas.md §4): what the counters hold is exact, also in Lua. */
+#define COST_DECIMALS 6
+#define COST_UNIT     1000000ull /* micro-units per unit: 10^COST_DECIMALS */
+/* The largest price per million tokens: one unit per token. Far above any real price, and it
+ * keeps tokens x price (at most 2^53 x 10^12) inside the quota module's 128-bit arithmetic. */
+#define PRICE_MAX_MICROS (1000000ull * COST_UNIT)
 /* A config file larger than this is a mistake, not a configuration. */
 #define CONFIG_MAX_FILE_SIZE MIB(64)
 #define PATH_LEN             384
@@ -66,7 +73,7 @@ static const char *const provider_names[] = {"openai",       "openai-compatible"
                                              "openrouter",   "gemini",
                                              "anthropic",    NULL};
 static const char *const strategy_names[] = {"total_tokens", "prompt_tokens", "completion_tokens",
-                                             NULL};
+                                             "cost", NULL};
 static const char *const limit_type_names[] = {"fixed", "sliding", NULL};
 static const char *const check_type_names[] = {"http", "https", "tcp", NULL};
 static const char *const store_type_names[] = {"memory", "redis", NULL};
@@ -244,6 +251,7 @@ static const struct field instance_fields[] = {
 	UINT("max_reservation", max_reservation, 1, 1000000000, 32768),
 	CUSTOM("checks", 0),
 	CUSTOM("load", 0),
+	CUSTOM("price", 0), /* per million tokens; cached_input defaults to input */
 };
 static const struct field auth_fields[] = {
 	CUSTOM("header", 0),
@@ -1767,6 +1775,81 @@ static char *limit_id(const struct config_limit *l, const char *owner_kind, cons
 	                 win);
 }
 
+/* "DIGITS[.DIGITS]" with at most COST_DECIMALS decimals, in micro-units, at most max. No sign,
+ * no exponent: what is written is what is counted, without a float's rounding. */
+static bool parse_micros(const char *s, uint64_t max, uint64_t *out)
+{
+	uint64_t v = 0, scale = COST_UNIT, whole_max = max / COST_UNIT;
+	const char *p = s;
+
+	if (s == NULL || !(*p >= '0' && *p <= '9'))
+		return false;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		uint64_t d = (uint64_t)(*p - '0');
+		if (v > whole_max / 10 || v * 10 + d > whole_max)
+			return false; /* the whole part alone is above max */
+		v = v * 10 + d;
+	}
+	v *= COST_UNIT;
+	if (*p == '.') {
+		p++;
+		if (!(*p >= '0' && *p <= '9'))
+			return false;
+		for (; *p >= '0' && *p <= '9'; p++) {
+			if (scale == 1)
+				return false; /* more decimals than a micro-unit */
+			scale /= 10;
+			v += (uint64_t)(*p - '0') * scale;
+		}
+	}
+	if (*p != '\0' || v > max)
+		return false;
+	*out = v;
+	return true;
+}
+
+static void parse_price(struct loader *ld, const struct cnode *m, const char *path,
+                        struct config_price *pr)
+{
+	static const char *const keys[] = {"input", "cached_input", "output"};
+	uint64_t *dst[] = {&pr->input, &pr->cached_input, &pr->output};
+	char kp[PATH_LEN], h[128];
+
+	if (m == NULL)
+		return;
+	pr->set = true;
+	for (size_t i = 0; i < m->n; i++) {
+		const struct cnode *k = CNODE_KEY(m, i);
+		const char *key = scalar_text(k);
+		if (key == NULL || (!k->quoted && strcmp(key, "<<") == 0))
+			continue; /* reported by the tree */
+		size_t j = 0;
+		while (j < ARRAY_LEN(keys) && strcmp(keys[j], key) != 0)
+			j++;
+		if (j == ARRAY_LEN(keys)) {
+			struct nearest near = {.word = key};
+			for (size_t x = 0; x < ARRAY_LEN(keys); x++)
+				consider(&near, keys[x]);
+			err(ld, k, path, "unknown key \"%s\"%s", key, hint(h, sizeof h, &near));
+			continue;
+		}
+		const struct cnode *v = CNODE_VAL(m, i);
+		if (get(m, key) != v)
+			continue; /* a repeated key is reported by the tree */
+		if (!parse_micros(scalar_text(v), PRICE_MAX_MICROS, dst[j]))
+			err(ld, v, at_key(kp, path, key),
+			    "must be a price per million tokens: a number from 0 to %llu with at "
+			    "most "
+			    "%d decimals",
+			    PRICE_MAX_MICROS / COST_UNIT, COST_DECIMALS);
+	}
+	for (size_t j = 0; j < ARRAY_LEN(keys); j++)
+		if (j != 1 && get(m, keys[j]) == NULL)
+			err(ld, m, path, "missing required key \"%s\"", keys[j]);
+	if (get(m, "cached_input") == NULL)
+		pr->cached_input = pr->input; /* no cache discount known: never under-charge */
+}
+
 static bool parse_limit_value(struct loader *ld, const struct cnode *v, const char *path,
                               uint64_t *out)
 {
@@ -1777,6 +1860,26 @@ static bool parse_limit_value(struct loader *ld, const struct cnode *v, const ch
 	}
 	*out = (uint64_t)x;
 	return true;
+}
+
+/* A cost limit counts what the instance's price says: on one instance, that instance needs a
+ * price; on all instances (any), at least one must have one, or the limit counts nothing. */
+static void cost_needs_price(struct loader *ld, const struct cnode *m, const char *path,
+                             const struct config_instance *in, bool any)
+{
+	if (any) {
+		for (size_t i = 0; i < ld->c->n_instances; i++)
+			if (ld->c->instances[i].price.set)
+				return;
+		err(ld, m, path,
+		    "strategy cost needs a price: no instance has one (add price: { input, "
+		    "cached_input, output } to the instances it should count)");
+	} else if (in != NULL && !in->price.set) {
+		err(ld, m, path,
+		    "strategy cost needs a price: instance \"%s\" has none (add price: { input, "
+		    "cached_input, output } to it)",
+		    in->name ? in->name : "");
+	}
 }
 
 /*
@@ -1830,6 +1933,14 @@ static void parse_limits(struct loader *ld, const struct cnode *v, const char *p
 			    "for each");
 		} else if (lim == NULL && req == NULL) {
 			err(ld, m, ip, "missing required key \"limit\" (tokens) or \"requests\"");
+		} else if (lim != NULL && l->strategy == LIMIT_COST) {
+			if (!parse_micros(scalar_text(lim), LIMIT_MAX, &l->tokens) ||
+			    l->tokens == 0)
+				err(ld, lim, at_key(kp, ip, "limit"),
+				    "must be a cost in price units: a number from 0.000001 to "
+				    "%llu.%06llu with at most %d decimals",
+				    LIMIT_MAX / COST_UNIT, LIMIT_MAX % COST_UNIT, COST_DECIMALS);
+			cost_needs_price(ld, m, ip, l->instance, consumer && inst == NULL);
 		} else if (lim != NULL) {
 			(void)parse_limit_value(ld, lim, at_key(kp, ip, "limit"), &l->tokens);
 		} else {
@@ -1947,6 +2058,8 @@ static void parse_instance(struct loader *ld, const struct cnode *m, const char 
 	if (in->endpoint != NULL)
 		in->url = build_url(in->endpoint, in->auth_query, in->n_auth_query);
 
+	/* before the limits: a cost limit needs the price */
+	parse_price(ld, sub_map(ld, m, "price", path, p), p, &in->price);
 	parse_limits(ld, get(m, "limits"), at_key(p, path, "limits"), in, in->name, &in->limits,
 	             &in->n_limits);
 	if (in->n_limits > CONFIG_MAX_LIMITS)

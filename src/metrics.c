@@ -56,6 +56,7 @@ enum family {
 	F_FALLBACKS,
 	F_QUOTA_REJECTIONS,
 	F_TOKENS,
+	F_COST,
 	F_REQUEST_DURATION,
 	F_UPSTREAM_DURATION,
 	F_TTFT,
@@ -108,6 +109,7 @@ struct family_desc {
 	size_t n_bounds;
 	enum code_kind code;
 	bool histogram;
+	bool micros; /* counted in micro-units, shown in units (exact decimals) */
 };
 
 #define BOUNDS(a) .bounds = (a), .n_bounds = NB(a)
@@ -142,6 +144,12 @@ static const struct family_desc families[F_COUNT] = {
                               "Sluice estimated it.",
                       .labels = {"consumer", "upstream"},
                       .code = CODE_TOKEN_KIND},
+        [F_COST] = {.name = "sluice_cost_total",
+                    .help = "What the usage of answered requests cost at the answering "
+                            "instance's price, in its price units, by route, instance and "
+                            "consumer; only instances with a price.",
+                    .labels = {"route", "instance", "consumer"},
+                    .micros = true},
         [F_REQUEST_DURATION] = {.name = "sluice_request_duration_seconds",
                                 .help = "Time from a request's arrival to its last byte, by "
                                         "route.",
@@ -482,6 +490,9 @@ void metrics_record_request(struct metrics_shard *s, const struct request_record
 				            v[k]);
 	}
 
+	if (r->priced)
+		counter_add(s, F_COST, route, instance, consumer, 0, r->cost_micros);
+
 	if (r->status == 429 && r->limit_id != NULL)
 		counter_add(s, F_QUOTA_REJECTIONS, consumer, r->limit_id, NULL, 0, 1);
 }
@@ -776,6 +787,23 @@ static uint64_t load(const _Atomic uint64_t *v)
 	return atomic_load_explicit(v, memory_order_relaxed);
 }
 
+/* Micro-units as exact decimal units and a newline: 1500000 -> "1.5", 7 -> "0.000007". */
+static void put_micros(struct evbuffer *out, uint64_t v)
+{
+	char digits[8];
+	size_t n = 6;
+
+	if (v % RECORD_COST_UNIT == 0) {
+		evbuffer_add_printf(out, "%" PRIu64 "\n", v / RECORD_COST_UNIT);
+		return;
+	}
+	snprintf(digits, sizeof(digits), "%06u", (unsigned)(v % RECORD_COST_UNIT));
+	while (digits[n - 1] == '0')
+		n--;
+	digits[n] = '\0';
+	evbuffer_add_printf(out, "%" PRIu64 ".%s\n", v / RECORD_COST_UNIT, digits);
+}
+
 /* The series [from, to) share one key: one output series. */
 static void render_series(struct evbuffer *out, struct series **v, size_t from, size_t to)
 {
@@ -786,7 +814,10 @@ static void render_series(struct evbuffer *out, struct series **v, size_t from, 
 		for (size_t j = from; j < to; j++)
 			sum += load(&v[j]->value);
 		put_series_name(out, v[from], "", NULL, NULL);
-		evbuffer_add_printf(out, "%" PRIu64 "\n", sum);
+		if (d->micros)
+			put_micros(out, sum);
+		else
+			evbuffer_add_printf(out, "%" PRIu64 "\n", sum);
 		return;
 	}
 

@@ -154,12 +154,57 @@ static uint64_t limit_value(const struct config_limit *l)
 	return l->requests > 0 ? l->requests : l->tokens;
 }
 
-static bool is_token_limit(const struct config_limit *l)
+/* Token and cost limits count usage: charged whenever the upstream worked, also on an attempt
+ * that fails over (quota_settle_tokens). Request limits count requests. */
+static bool counts_usage(const struct config_limit *l)
 {
 	return l->requests == 0;
 }
 
-static uint64_t amount_for(const struct config_limit *l, uint64_t prompt, uint64_t completion)
+/* The limits the x-ratelimit-*-tokens headers speak of: tokens, not cost. */
+static bool counts_tokens(const struct config_limit *l)
+{
+	return l->requests == 0 && l->strategy != LIMIT_COST;
+}
+
+/*
+ * Cost. A price is per million tokens in micro-units (config_price), so tokens x price is in
+ * millionths of a micro-unit; the sum is rounded up once to a whole micro-unit — a charge is
+ * never below what the usage cost. Cached prompt tokens are part of prompt (as the upstreams
+ * report them) and are priced at cached_input instead of input.
+ */
+#define QUOTA_PRICE_TOKENS 1000000u /* a price is for this many tokens */
+
+static uint64_t price_cost(const struct config_price *p, uint64_t prompt, uint64_t cached,
+                           uint64_t completion)
+{
+	unsigned __int128 sum;
+
+	if (cached > prompt)
+		cached = prompt;
+	/* Counts below 2^64 and prices below 2^40 (the loader's bound): no product or sum wraps. */
+	sum = (unsigned __int128)(prompt - cached) * p->input +
+	      (unsigned __int128)cached * p->cached_input +
+	      (unsigned __int128)completion * p->output;
+	sum = (sum + QUOTA_PRICE_TOKENS - 1) / QUOTA_PRICE_TOKENS;
+	return sum > QUOTA_MAX_AMOUNT ? QUOTA_MAX_AMOUNT : (uint64_t)sum;
+}
+
+uint64_t quota_cost_micros(const struct config_instance *in, const struct record_usage *u)
+{
+	if (in == NULL || !in->price.set || u == NULL || !u->present)
+		return 0;
+	return price_cost(&in->price, u->prompt, u->cached, u->completion);
+}
+
+/* A cost limit counts only attempts on instances that have a price. */
+static bool limit_applies(const struct config_limit *l, const struct config_instance *in)
+{
+	return l->strategy != LIMIT_COST || (in != NULL && in->price.set);
+}
+
+static uint64_t amount_for(const struct config_limit *l, const struct config_instance *in,
+                           uint64_t prompt, uint64_t cached, uint64_t completion)
 {
 	if (l->requests > 0)
 		return 1;
@@ -168,13 +213,18 @@ static uint64_t amount_for(const struct config_limit *l, uint64_t prompt, uint64
 		return prompt;
 	case LIMIT_COMPLETION_TOKENS:
 		return completion;
+	case LIMIT_COST:
+		return in != NULL && in->price.set
+		               ? price_cost(&in->price, prompt, cached, completion)
+		               : 0;
 	default:
 		return clamp_amount(sat_add(prompt, completion));
 	}
 }
 
 static bool plan_add(struct quota_ticket *t, const struct config_limit *l, bool is_consumer,
-                     uint64_t prompt, uint64_t completion, uint64_t now)
+                     const struct config_instance *in, uint64_t prompt, uint64_t completion,
+                     uint64_t now)
 {
 	static atomic_bool warned;
 	struct quota_reservation *r;
@@ -191,7 +241,7 @@ static bool plan_add(struct quota_ticket *t, const struct config_limit *l, bool 
 	memset(r, 0, sizeof(*r));
 	r->limit = l;
 	r->is_consumer = is_consumer;
-	r->amount = amount_for(l, prompt, completion);
+	r->amount = amount_for(l, in, prompt, 0, completion);
 	quota_window_bounds(&l->window, now, &r->start, &r->end, &r->prev_start);
 	if (l->type == LIMIT_SLIDING && r->end > r->start) {
 		/* The previous bucket counts for the part of it the sliding window still covers. */
@@ -214,23 +264,24 @@ static void plan_build(struct quota_ticket *t, const struct config_consumer *con
 	if (cons != NULL) {
 		for (size_t i = 0; i < cons->n_limits; i++) {
 			const struct config_limit *l = &cons->limits[i];
-			if (is_token_limit(l) && l->instance != NULL && l->instance == in)
-				plan_add(t, l, true, prompt, completion, now);
+			if (counts_usage(l) && l->instance != NULL && l->instance == in)
+				plan_add(t, l, true, in, prompt, completion, now);
+		}
+		/* A cost limit on every instance: each attempt at its own instance's price. */
+		for (size_t i = 0; i < cons->n_limits; i++) {
+			const struct config_limit *l = &cons->limits[i];
+			if (counts_usage(l) && l->instance == NULL && limit_applies(l, in))
+				plan_add(t, l, true, in, prompt, completion, now);
 		}
 		for (size_t i = 0; i < cons->n_limits; i++) {
 			const struct config_limit *l = &cons->limits[i];
-			if (is_token_limit(l) && l->instance == NULL)
-				plan_add(t, l, true, prompt, completion, now);
-		}
-		for (size_t i = 0; i < cons->n_limits; i++) {
-			const struct config_limit *l = &cons->limits[i];
-			if (!is_token_limit(l) && (l->instance == NULL || l->instance == in))
-				plan_add(t, l, true, prompt, completion, now);
+			if (!counts_usage(l) && (l->instance == NULL || l->instance == in))
+				plan_add(t, l, true, in, prompt, completion, now);
 		}
 	}
 	if (in != NULL)
 		for (size_t i = 0; i < in->n_limits; i++)
-			plan_add(t, &in->limits[i], false, prompt, completion, now);
+			plan_add(t, &in->limits[i], false, in, prompt, completion, now);
 }
 
 static const char *series_consumer(const struct quota_ticket *t, const struct quota_reservation *r)
@@ -309,7 +360,7 @@ static void compute_result(struct quota_ticket *t, bool admitted, uint64_t now)
 			if (ms > retry)
 				retry = ms;
 		}
-		if (is_token_limit(r->limit)) {
+		if (counts_tokens(r->limit)) {
 			uint64_t after = admitted ? sat_add(used, r->amount) : used;
 			uint64_t remaining = limit > after ? limit - after : 0;
 			uint64_t reset = r->end > now ? r->end - now : 0;
@@ -990,6 +1041,7 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	if (t->pending != NULL || t->holds)
 		quota_cancel(q, t);
 	memset(t, 0, sizeof(*t));
+	t->instance = in;
 	/* The client chooses max_tokens and n: one attempt reserves at most the instance's
 	 * max_reservation of completion tokens, so that no single request can take a whole
 	 * shared quota while it runs (a larger answer is charged in full at settlement). */
@@ -999,7 +1051,7 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	           now_ms());
 	if (atomic_load_explicit(&posthoc_for_bench, memory_order_relaxed) == 1)
 		for (unsigned i = 0; i < t->n_res; i++) /* benchmark only, see quota_new */
-			if (is_token_limit(t->res[i].limit))
+			if (counts_usage(t->res[i].limit))
 				t->res[i].amount = 0;
 	if (t->n_res == 0) {
 		t->admitted = true;
@@ -1034,32 +1086,43 @@ static void apply_charges(struct quota *q, struct quota_ticket *t, const uint64_
 	t->holds = false;
 }
 
-static void settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion,
-                   bool count_request)
+static void settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t cached,
+                   uint64_t completion, bool count_request)
 {
 	uint64_t charges[QUOTA_MAX_COUNTERS];
 
 	if (!t->holds)
 		return;
 	prompt = clamp_amount(prompt);
+	cached = clamp_amount(cached);
 	completion = clamp_amount(completion);
 	for (unsigned i = 0; i < t->n_res; i++) {
 		const struct config_limit *l = t->res[i].limit;
-		charges[i] =
-		        is_token_limit(l) || count_request ? amount_for(l, prompt, completion) : 0;
+		charges[i] = counts_usage(l) || count_request
+		                     ? amount_for(l, t->instance, prompt, cached, completion)
+		                     : 0;
 	}
 	apply_charges(q, t, charges);
 }
 
 void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion)
 {
-	settle(q, t, prompt, completion, true);
+	settle(q, t, prompt, 0, completion, true);
+}
+
+void quota_settle_usage(struct quota *q, struct quota_ticket *t, const struct record_usage *u)
+{
+	if (u == NULL) {
+		settle(q, t, 0, 0, 0, true);
+		return;
+	}
+	settle(q, t, u->prompt, u->cached, u->completion, true);
 }
 
 void quota_settle_tokens(struct quota *q, struct quota_ticket *t, uint64_t prompt,
                          uint64_t completion)
 {
-	settle(q, t, prompt, completion, false);
+	settle(q, t, prompt, 0, completion, false);
 }
 
 void quota_release(struct quota *q, struct quota_ticket *t)
@@ -1182,11 +1245,11 @@ static void peek_plan(struct quota_ticket *t, const struct config_consumer *cons
 	if (cons != NULL) {
 		t->consumer_name = cons->name;
 		for (size_t i = 0; i < cons->n_limits; i++)
-			plan_add(t, &cons->limits[i], true, 0, 0, now);
+			plan_add(t, &cons->limits[i], true, NULL, 0, 0, now);
 	} else if (in != NULL) {
 		t->consumer_name = "*";
 		for (size_t i = 0; i < in->n_limits; i++)
-			plan_add(t, &in->limits[i], false, 0, 0, now);
+			plan_add(t, &in->limits[i], false, in, 0, 0, now);
 	}
 	for (unsigned i = 0; i < t->n_res; i++)
 		t->res[i].amount = 0;

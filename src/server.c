@@ -758,6 +758,15 @@ static json_t *limits_json(const struct quota_limit_state *st, size_t n)
 		                      (json_int_t)st[i].used, "remaining", (json_int_t)st[i].remaining,
 		                      "reset_s", (json_int_t)st[i].reset_s, "window_type",
 		                      config_limit_type_name(l->type));
+		if (o != NULL && l->requests == 0 && l->strategy == LIMIT_COST) {
+			/* Counted in micro-units, shown in price units (docs/quotas.md §4). */
+			json_object_set_new(o, "limit",
+			                    json_real((double)l->tokens / RECORD_COST_UNIT));
+			json_object_set_new(o, "used",
+			                    json_real((double)st[i].used / RECORD_COST_UNIT));
+			json_object_set_new(o, "remaining",
+			                    json_real((double)st[i].remaining / RECORD_COST_UNIT));
+		}
 		json_array_append_new(list, o);
 	}
 	return list;

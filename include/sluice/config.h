@@ -100,7 +100,13 @@ struct config_window {
 	unsigned months; /* "1mo" -> 1 */
 };
 
-enum limit_strategy { LIMIT_TOTAL_TOKENS, LIMIT_PROMPT_TOKENS, LIMIT_COMPLETION_TOKENS };
+/* LIMIT_COST counts what the usage costs at the instance's price (docs/quotas.md §4). */
+enum limit_strategy {
+	LIMIT_TOTAL_TOKENS,
+	LIMIT_PROMPT_TOKENS,
+	LIMIT_COMPLETION_TOKENS,
+	LIMIT_COST,
+};
 enum limit_type { LIMIT_FIXED, LIMIT_SLIDING };
 
 struct config_instance;
@@ -114,7 +120,8 @@ struct instance_state;
 struct config_limit {
 	struct config_instance *instance;
 	enum limit_strategy strategy; /* default total_tokens */
-	uint64_t tokens;              /* the "limit:" key */
+	uint64_t tokens;              /* the "limit:" key: tokens, or with strategy cost
+	                                 micro-units of the price currency (200 -> 200000000) */
 	uint64_t requests;            /* the "requests:" key */
 	struct config_window window;
 	enum limit_type type;         /* default fixed */
@@ -175,6 +182,15 @@ struct config_passive_check {
 	uint64_t cooldown;     /* ms, default 10s */
 };
 
+/* An instance's price per million tokens, in micro-units of any currency (0.40 -> 400000):
+ * that is also the price of one token in millionths of a micro-unit. */
+struct config_price {
+	bool set;              /* false: no price key (cost limits never count this instance) */
+	uint64_t input;        /* prompt tokens not read from a cache */
+	uint64_t cached_input; /* prompt tokens read from the cache; default: input */
+	uint64_t output;       /* completion tokens */
+};
+
 struct config_instance {
 	char *name;
 	size_t index;              /* position in config->instances */
@@ -201,6 +217,7 @@ struct config_instance {
 	struct config_limit *limits;
 	size_t n_limits;
 	unsigned max_reservation;  /* default 32768: completion tokens one attempt may reserve */
+	struct config_price price;
 	struct config_active_check active;
 	struct config_passive_check passive;
 	/* Runtime state kept across reloads by name (health, in-flight): attached by

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "sluice/config.h"
+#include "sluice/record.h"
 
 /*
  * The model (docs/quotas.md has the whole of it):
@@ -21,6 +22,9 @@
  * - Settlement replaces the reservation with the real usage; release gives it back.
  * - Bound: when reservations are not below the real usage, a counter never ends more
  *   than one request's real tokens above its limit, whatever the concurrency.
+ * - Cost limits (strategy cost) are token limits whose amounts are what the tokens cost at
+ *   the price of the attempt's instance, in integer micro-units, rounded up: the same
+ *   reservations, settlements and stores. They apply only to instances with a price.
  *
  * Threads: one struct quota per worker thread, used only from that thread and its
  * event_base. The memory store and the concurrency registry are process-wide and
@@ -88,6 +92,8 @@ struct quota_ticket {
 	struct quota_pending *pending;   /* a Redis admission in flight */
 	void (*cb)(void *arg, struct quota_ticket *t);
 	void *cb_arg;
+	/* the attempt's instance: its price settles the cost limits */
+	const struct config_instance *instance;
 };
 
 typedef void (*quota_cb)(void *arg, struct quota_ticket *t);
@@ -117,7 +123,9 @@ void quota_global_free(void);
  * Admission for one attempt on instance IN (consumer NULL for auth: none routes: only the
  * instance's own limits apply). Reserves est_prompt + est_completion on total_tokens
  * counters, est_prompt on prompt_tokens, est_completion on completion_tokens, 1 on request
- * counters. When t still holds a reservation from an earlier attempt, it is released first.
+ * counters, and on cost counters est_prompt x input + est_completion x output at IN's price
+ * (quota_cost_micros' rule; a cost limit on every instance is skipped when IN has no price).
+ * When t still holds a reservation from an earlier attempt, it is released first.
  *
  * Memory store (or Redis down with on_error allow/deny): QUOTA_DONE, result in *t, cb not
  * called. Redis: QUOTA_PENDING, cb(arg, t) later from the worker's loop, never from inside
@@ -128,8 +136,11 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
                               const struct config_consumer *consumer,
                               const struct config_instance *in, uint64_t est_prompt,
                               uint64_t est_completion, quota_cb cb, void *arg);
-/* Replace the reservation with the real usage (as reported, or estimated). Fire and
- * forget: one round trip with Redis. No-op when t holds nothing. */
+/* Replace the reservation with the real usage (as reported, or estimated): u's prompt
+ * (which includes its cached tokens), cached and completion. Fire and forget: one round trip
+ * with Redis. No-op when t holds nothing. */
+void quota_settle_usage(struct quota *q, struct quota_ticket *t, const struct record_usage *u);
+/* The same without cached tokens (cost limits price every prompt token at input). */
 void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion);
 /* An attempt that the upstream worked on but that fails over to the next candidate (a
  * timeout after the request was sent): its tokens are charged like quota_settle, its
@@ -142,6 +153,12 @@ void quota_release(struct quota *q, struct quota_ticket *t);
 /* The request went away while its admission was pending: cb will not run; a reservation
  * the admission makes is released when the reply arrives. Also releases a held one. */
 void quota_cancel(struct quota *q, struct quota_ticket *t);
+
+/* What usage u cost on instance IN, in micro-units of its price's currency (10^-6), rounded
+ * up: (prompt - cached) x input + cached x cached_input + completion x output, prices per
+ * million tokens. 0 when IN has no price or u is not present; at most 2^53 - 1. What the
+ * access log and sluice_cost_total show, and what quota_settle_usage charges. */
+uint64_t quota_cost_micros(const struct config_instance *in, const struct record_usage *u);
 
 /* Per-consumer max_concurrent, per node: process-wide atomics keyed by consumer name (so
  * in-flight counts survive reloads). Always true when the consumer has no cap (then

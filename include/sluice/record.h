@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #define RECORD_MAX_ATTEMPTS 8
+#define RECORD_COST_UNIT    1000000u /* cost_micros in one price unit */
 
 /* One try at one instance. outcome is a fixed string: "ok", "http_429",
  * "http_4xx", "http_5xx" (an upstream status passed through or failed over), "timeout",
@@ -51,6 +52,8 @@ struct request_record {
 	uint64_t upstream_us;    /* time spent waiting on upstreams */
 	uint64_t overhead_us;    /* total - upstream: the gateway's own time */
 	struct record_usage usage;
+	bool priced;          /* the instance that answered has a price: cost_micros applies */
+	uint64_t cost_micros; /* usage at that price (quota_cost_micros): 10^-6 price units */
 	const char *prompt_payload; /* only with log.payloads: true */
 	const char *output_payload;
 };

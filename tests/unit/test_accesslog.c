@@ -8,9 +8,11 @@
 #include <cmocka.h>
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -375,6 +377,82 @@ static void test_concurrent_writers(void **state)
 		free(w[i].payload);
 }
 
+/* cost: in price units, exact to the micro-unit, only when a price applies */
+static void test_cost_field(void **state)
+{
+	struct fixture *f = *state;
+	char buf[4096];
+	struct request_record r = full_record();
+
+	accesslog_format(&r, buf, sizeof(buf));
+	assert_null(strstr(buf, "\"cost\""));
+	r.priced = true;
+	r.cost_micros = 1234567;
+	accesslog_format(&r, buf, sizeof(buf));
+	assert_non_null(strstr(buf, ",\"cost\":1.234567"));
+	r.cost_micros = 7;
+	accesslog_format(&r, buf, sizeof(buf));
+	assert_non_null(strstr(buf, ",\"cost\":0.000007"));
+	r.cost_micros = 0; /* priced, and free: still said */
+	assert_true(accesslog_open(f->path));
+	accesslog_write(&r);
+	size_t n;
+	json_t **v = read_lines(f->path, &n);
+	assert_int_equal(n, 1);
+	assert_true(json_is_real(json_object_get(v[0], "cost")));
+	assert_true(json_real_value(json_object_get(v[0], "cost")) == 0.0);
+	free_lines(v, n);
+}
+
+/* Sets the file size limit of the process (the file system's "full" here): a write that
+ * crosses it is cut short, the next one fails with EFBIG, as on a full disk. */
+static void limit_file_size(rlim_t bytes)
+{
+	struct rlimit rl;
+	assert_int_equal(getrlimit(RLIMIT_FSIZE, &rl), 0);
+	rl.rlim_cur = bytes;
+	assert_int_equal(setrlimit(RLIMIT_FSIZE, &rl), 0);
+}
+
+/* A line cut by a full disk is finished before the next one once there is room again: no
+ * two records glued on one line. */
+static void test_torn_line_is_finished(void **state)
+{
+	struct fixture *f = *state;
+	struct request_record r = full_record();
+	char id[32];
+	struct stat st;
+	struct rlimit saved;
+	size_t n;
+
+	assert_int_equal(getrlimit(RLIMIT_FSIZE, &saved), 0);
+	signal(SIGXFSZ, SIG_IGN);
+	assert_true(accesslog_open(f->path));
+	r.request_id = id;
+	snprintf(id, sizeof(id), "first");
+	accesslog_write(&r);
+	assert_int_equal(stat(f->path, &st), 0);
+	/* room for a third of the next line */
+	limit_file_size((rlim_t)st.st_size * 4 / 3);
+	for (int i = 0; i < 3; i++) { /* cut, then refused: these are lost */
+		snprintf(id, sizeof(id), "lost-%d", i);
+		accesslog_write(&r);
+	}
+	assert_int_equal(setrlimit(RLIMIT_FSIZE, &saved), 0); /* room again */
+	snprintf(id, sizeof(id), "after");
+	accesslog_write(&r);
+	accesslog_write(&r);
+	signal(SIGXFSZ, SIG_DFL);
+
+	json_t **v = read_lines(f->path, &n); /* fails on a glued or cut line */
+	assert_int_equal(n, 4);
+	assert_string_equal(str(v[0], "request_id"), "first");
+	assert_string_equal(str(v[1], "request_id"), "lost-0"); /* its end written late */
+	assert_string_equal(str(v[2], "request_id"), "after");
+	assert_string_equal(str(v[3], "request_id"), "after");
+	free_lines(v, n);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -384,6 +462,8 @@ int main(void)
 	        cmocka_unit_test_setup_teardown(test_reopen_after_rename, setup, teardown),
 	        cmocka_unit_test_setup_teardown(test_switch_and_off, setup, teardown),
 	        cmocka_unit_test_setup_teardown(test_concurrent_writers, setup, teardown),
+	        cmocka_unit_test_setup_teardown(test_cost_field, setup, teardown),
+	        cmocka_unit_test_setup_teardown(test_torn_line_is_finished, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

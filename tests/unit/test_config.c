@@ -440,6 +440,8 @@ static void test_full_contract(void **state)
 	assert_int_equal(b->passive.cooldown, 10000);
 	assert_string_equal(b->load.metrics_url, "http://10.0.0.11:8000/metrics");
 	assert_int_equal(b->load.interval, 250);
+	assert_true(b->price.set); /* written, at zero */
+	assert_int_equal(b->price.input + b->price.cached_input + b->price.output, 0);
 
 	assert_string_equal(cc->auth_headers[0].value, "Bearer nlb-key");
 	assert_false(cc->active.enabled);
@@ -448,6 +450,12 @@ static void test_full_contract(void **state)
 	                    "https://dashscope.aliyuncs.com/compatible-mode/v1/chat/completions");
 	assert_string_equal(cloud->auth_headers[0].value, "Bearer aliyun-key");
 	assert_string_equal(cloud->limits[0].id, "instance:qwen-cloud:total_tokens:1h");
+	/* prices per million tokens, in micro-units */
+	assert_false(cc->price.set);
+	assert_true(cloud->price.set);
+	assert_int_equal(cloud->price.input, 400000);
+	assert_int_equal(cloud->price.cached_input, 100000);
+	assert_int_equal(cloud->price.output, 1200000);
 
 	/* the consumer: keys hashed, the sha256: one kept (sha256 of "foo") */
 	assert_int_equal(c->n_consumers, 1);
@@ -463,7 +471,7 @@ static void test_full_contract(void **state)
 	assert_int_equal(strlen(a->keys[0].fingerprint), 12);
 	assert_int_equal(a->n_routes, 1);
 	assert_ptr_equal(a->routes[0], config_find_route(c, "chat"));
-	assert_int_equal(a->n_limits, 4);
+	assert_int_equal(a->n_limits, 5);
 	assert_ptr_equal(a->limits[0].instance, cloud);
 	assert_int_equal(a->limits[0].tokens, 10000);
 	assert_string_equal(a->limits[0].id, "consumer:consumer_a:qwen-cloud:total_tokens:1h");
@@ -479,6 +487,11 @@ static void test_full_contract(void **state)
 	assert_int_equal(a->limits[3].window.ms, 60000);
 	assert_int_equal(a->limits[3].type, LIMIT_SLIDING);
 	assert_string_equal(a->limits[3].id, "consumer:consumer_a:*:requests:1m");
+	assert_null(a->limits[4].instance);
+	assert_int_equal(a->limits[4].strategy, LIMIT_COST);
+	assert_int_equal(a->limits[4].tokens, 200000000); /* micro-units */
+	assert_int_equal(a->limits[4].window.months, 1);
+	assert_string_equal(a->limits[4].id, "consumer:consumer_a:*:cost:1mo");
 	assert_int_equal(a->max_concurrent, 20);
 	assert_int_equal(a->rejected_code, 429);
 	assert_string_equal(a->rejected_msg, "Insufficient token, try in one hour");
@@ -1273,6 +1286,117 @@ static void test_err_limits(void **state)
 	        "consumers[0].limits[0] (consumer:c:*:total_tokens:1d): merge them");
 }
 
+/* Prices and cost limits: decimals read exactly, in micro-units; cached_input defaults to
+ * input (no discount known: never under-charge). */
+static void test_price_and_cost_limits(void **state)
+{
+	struct config *c = load_str("instances:\n"
+	                            "  - name: a\n"
+	                            "    provider: openai\n"
+	                            "    price: { input: 0.40, cached_input: 0.10, output: 1.20 }\n"
+	                            "    limits: [{ strategy: cost, limit: 12.5, window: 1d }]\n"
+	                            "  - name: b\n"
+	                            "    provider: openai\n"
+	                            "    price: { input: 3, output: 15.000001 }\n"
+	                            "  - name: c\n"
+	                            "    provider: openai\n"
+	                            "consumers:\n"
+	                            "  - name: u\n"
+	                            "    keys: [k]\n"
+	                            "    limits:\n"
+	                            "      - { strategy: cost, limit: 200, window: 1mo }\n"
+	                            "      - { instance: b, strategy: cost, limit: 0.000001, "
+	                            "window: 1h }\n"
+	                            "      - { strategy: cost, limit: 9007199254.740991, window: "
+	                            "1d }\n");
+	const struct config_instance *a = config_find_instance(c, "a");
+	const struct config_instance *b = config_find_instance(c, "b");
+	const struct config_consumer *u = config_find_consumer(c, "u");
+
+	assert_true(a->price.set);
+	assert_int_equal(a->price.input, 400000);
+	assert_int_equal(a->price.cached_input, 100000);
+	assert_int_equal(a->price.output, 1200000);
+	assert_int_equal(a->limits[0].strategy, LIMIT_COST);
+	assert_int_equal(a->limits[0].tokens, 12500000);
+	assert_string_equal(a->limits[0].id, "instance:a:cost:1d");
+	assert_int_equal(b->price.input, 3000000);
+	assert_int_equal(b->price.cached_input, 3000000);
+	assert_int_equal(b->price.output, 15000001);
+	assert_false(config_find_instance(c, "c")->price.set);
+	assert_int_equal(u->limits[0].tokens, 200000000);
+	assert_string_equal(u->limits[0].id, "consumer:u:*:cost:1mo");
+	assert_ptr_equal(u->limits[1].instance, b);
+	assert_int_equal(u->limits[1].tokens, 1);
+	assert_string_equal(u->limits[1].id, "consumer:u:b:cost:1h");
+	assert_int_equal(u->limits[2].tokens, 9007199254740991ull);
+	assert_string_equal(config_strategy_name(LIMIT_COST), "cost");
+	config_unref(c);
+}
+
+static void test_err_price_and_cost_limits(void **state)
+{
+#define PRICE_ERR                                                                                  \
+	"must be a price per million tokens: a number from 0 to 1000000 with at most 6 decimals"
+#define COST_ERR                                                                                   \
+	"must be a cost in price units: a number from 0.000001 to 9007199254.740991 with at most " \
+	"6 decimals"
+	EXPECT_ERRORS(
+	        "instances:\n"
+	        "  - name: a\n"
+	        "    provider: openai\n"
+	        "    price: { input: -1, cached_input: 0.0000001, output: 1e-3, inputs: 2 }\n"
+	        "  - name: b\n"
+	        "    provider: openai\n"
+	        "    price: { input: 1000001, output: \"x\" }\n"
+	        "  - name: c\n"
+	        "    provider: openai\n"
+	        "    price: 3\n"
+	        "    limits: [{ strategy: cost, limit: 5, window: 1d }]\n"
+	        "  - name: d\n"
+	        "    provider: openai\n"
+	        "    price: { input: 1.5 }\n"
+	        "consumers:\n"
+	        "  - name: u\n"
+	        "    keys: [k]\n"
+	        "    limits:\n"
+	        "      - { instance: c, strategy: cost, limit: 5, window: 1d }\n"
+	        "      - { strategy: cost, limit: 0, window: 1d }\n"
+	        "      - { strategy: cost, limit: 1.0000001, window: 1h }\n"
+	        "      - { strategy: cost, limit: 9007199254.740992, window: 1m }\n"
+	        "      - { strategy: cost, limit: 1., window: 1w }\n"
+	        "      - { strategy: cost, requests: 5, window: 1w }\n",
+	        "t.yaml:4:21: instances[0].price.input: " PRICE_ERR,
+	        "t.yaml:4:39: instances[0].price.cached_input: " PRICE_ERR,
+	        "t.yaml:4:58: instances[0].price.output: " PRICE_ERR,
+	        "t.yaml:4:64: instances[0].price: unknown key \"inputs\" (did you mean \"input\"?)",
+	        "t.yaml:7:21: instances[1].price.input: " PRICE_ERR,
+	        "t.yaml:7:38: instances[1].price.output: " PRICE_ERR,
+	        "t.yaml:10:12: instances[2].price: must be a mapping, not a string",
+	        "t.yaml:11:14: instances[2].limits[0]: strategy cost needs a price: instance \"c\" "
+	        "has none (add price: { input, cached_input, output } to it)",
+	        "t.yaml:14:12: instances[3].price: missing required key \"output\"",
+	        "t.yaml:19:9: consumers[0].limits[0]: strategy cost needs a price: instance \"c\" "
+	        "has none (add price: { input, cached_input, output } to it)",
+	        "t.yaml:20:34: consumers[0].limits[1].limit: " COST_ERR,
+	        "t.yaml:21:34: consumers[0].limits[2].limit: " COST_ERR,
+	        "t.yaml:22:34: consumers[0].limits[3].limit: " COST_ERR,
+	        "t.yaml:23:34: consumers[0].limits[4].limit: " COST_ERR,
+	        "t.yaml:24:11: consumers[0].limits[5]: \"strategy\" applies to token limits "
+	        "(limit:), not to requests:");
+	/* On every instance: at least one must have a price, or the limit counts nothing. */
+	EXPECT_ERRORS("instances: [{ name: a, provider: openai }]\n"
+	              "consumers:\n"
+	              "  - name: u\n"
+	              "    keys: [k]\n"
+	              "    limits: [{ strategy: cost, limit: 5, window: 1d }]\n",
+	              "t.yaml:5:14: consumers[0].limits[0]: strategy cost needs a price: no "
+	              "instance has one (add price: { input, cached_input, output } to the "
+	              "instances it should count)");
+#undef PRICE_ERR
+#undef COST_ERR
+}
+
 static void test_err_routes(void **state)
 {
 	EXPECT_ERRORS(
@@ -1507,6 +1631,8 @@ int main(void)
 	        cmocka_unit_test(test_err_server_admin_store),
 	        cmocka_unit_test(test_err_instances),
 	        cmocka_unit_test(test_err_limits),
+	        cmocka_unit_test(test_price_and_cost_limits),
+	        cmocka_unit_test(test_err_price_and_cost_limits),
 	        cmocka_unit_test(test_err_routes),
 	        cmocka_unit_test(test_err_file_missing),
 	        cmocka_unit_test(test_parse_duration),

@@ -494,6 +494,38 @@ static void test_concurrent_shards(void **state)
 	free(text);
 }
 
+/* sluice_cost_total: summed over workers in micro-units, shown in price units exactly; only
+ * records with a price. */
+static void test_cost_total(void **state)
+{
+	struct request_record r = base_record();
+	r.priced = true;
+	r.cost_micros = 1500000;
+	metrics_record_request(metrics_shard(0), &r);
+	r.cost_micros = 7;
+	metrics_record_request(metrics_shard(1), &r);
+	r.instance = "free";
+	r.cost_micros = 0;
+	metrics_record_request(metrics_shard(0), &r); /* priced at zero: a series at 0 */
+	r.instance = "unpriced";
+	r.priced = false;
+	metrics_record_request(metrics_shard(0), &r);
+	r.instance = "whole";
+	r.priced = true;
+	r.cost_micros = 3000000;
+	metrics_record_request(metrics_shard(1), &r);
+	char *t = render();
+	expect_line(t, "# TYPE sluice_cost_total counter");
+	expect_line(t, "sluice_cost_total{route=\"chat\",instance=\"b\",consumer=\"team-a\"} "
+	               "1.500007");
+	expect_line(t, "sluice_cost_total{route=\"chat\",instance=\"free\",consumer=\"team-a\"} "
+	               "0");
+	expect_line(t, "sluice_cost_total{route=\"chat\",instance=\"whole\",consumer=\"team-a\"} "
+	               "3");
+	assert_int_equal(count_samples(t, "sluice_cost_total"), 3);
+	free(t);
+}
+
 static void run_promtool(const char *text)
 {
 	FILE *p = popen("promtool check metrics >/tmp/sluice-promtool.out 2>&1", "w");
@@ -517,6 +549,8 @@ static void test_promtool_metrics(void **state)
 	record_mix();
 	struct request_record r = base_record();
 	r.route = "we\"ird\\route\nx";
+	r.priced = true; /* sluice_cost_total with a fraction */
+	r.cost_micros = 1234;
 	metrics_record_request(metrics_shard(0), &r);
 	metrics_health_event("b", false, "x");
 	metrics_reload(false);
@@ -946,6 +980,7 @@ int main(void)
 	                                        teardown_metrics),
 	        cmocka_unit_test_setup_teardown(test_concurrent_shards, setup_metrics,
 	                                        teardown_metrics),
+	        cmocka_unit_test_setup_teardown(test_cost_total, setup_metrics, teardown_metrics),
 	        cmocka_unit_test_setup_teardown(test_promtool_metrics, setup_metrics,
 	                                        teardown_metrics),
 	        cmocka_unit_test_setup_teardown(test_promtool_empty, setup_metrics,

@@ -818,6 +818,175 @@ static void test_peek(void **state)
 	fixture_free(f);
 }
 
+/* ---------------------------------------------------------------- cost */
+
+/* Prices per million tokens; the budgets are in the same units, counted in micro-units. */
+static const char cost_yaml[] = "instances:\n"
+                                "  - name: cloud\n"
+                                "    provider: openai\n"
+                                "    price: { input: 0.40, cached_input: 0.10, output: 1.20 }\n"
+                                "  - name: claude\n"
+                                "    provider: anthropic\n"
+                                "    price: { input: 3, cached_input: 0.30, output: 15 }\n"
+                                "    limits: [{ strategy: cost, limit: 0.05, window: 1d }]\n"
+                                "  - name: onprem\n"
+                                "    provider: openai-compatible\n"
+                                "    endpoint: http://127.0.0.1:1/v1/chat/completions\n"
+                                "consumers:\n"
+                                "  - name: team\n"
+                                "    keys: [k]\n"
+                                "    limits: [{ strategy: cost, limit: 0.01, window: 1h }]\n"
+                                "  - name: mixed\n"
+                                "    keys: [k2]\n"
+                                "    limits:\n"
+                                "      - { strategy: cost, limit: 0.001, window: 1mo }\n"
+                                "      - { instance: cloud, limit: 100000, window: 1h }\n";
+
+static struct record_usage usage3(uint64_t prompt, uint64_t cached, uint64_t completion)
+{
+	struct record_usage u = {.present = true,
+	                         .prompt = prompt,
+	                         .cached = cached,
+	                         .completion = completion,
+	                         .total = prompt + completion};
+	return u;
+}
+
+static void test_cost_price_arithmetic(void **state)
+{
+	struct fixture *f = fixture_new(cost_yaml);
+	const struct config_instance *cloud = instance(f, "cloud"), *claude = instance(f, "claude");
+	struct record_usage u;
+
+	/* (prompt - cached) x input + cached x cached_input + completion x output, per 10^6 */
+	u = usage3(1000, 600, 200);
+	assert_int_equal(quota_cost_micros(cloud, &u), 160 + 60 + 240);
+	assert_int_equal(quota_cost_micros(claude, &u), 1200 + 180 + 3000);
+	/* rounded up once, to the micro-unit: never under-charged */
+	u = usage3(1, 0, 0);
+	assert_int_equal(quota_cost_micros(cloud, &u), 1); /* 0.4 micro-units */
+	u = usage3(3, 0, 0);
+	assert_int_equal(quota_cost_micros(cloud, &u), 2); /* 1.2 */
+	u = usage3(5, 0, 0);
+	assert_int_equal(quota_cost_micros(cloud, &u), 2); /* exactly 2 */
+	u = usage3(0, 0, 0);
+	assert_int_equal(quota_cost_micros(cloud, &u), 0);
+	u = usage3(1, 1, 1); /* 0.1 + 1.2 = 1.3 → 2, not 1 + 1 + ... per part */
+	assert_int_equal(quota_cost_micros(cloud, &u), 2);
+	/* a cached count above the prompt (a confused upstream) is not a discount below zero */
+	u = usage3(10, 50, 0);
+	assert_int_equal(quota_cost_micros(cloud, &u), 1); /* 10 x 0.1 */
+	/* no price, no usage: nothing */
+	assert_int_equal(quota_cost_micros(instance(f, "onprem"), &u), 0);
+	assert_int_equal(quota_cost_micros(NULL, &u), 0);
+	u.present = false;
+	assert_int_equal(quota_cost_micros(cloud, &u), 0);
+	/* an upstream's absurd counts saturate at the largest charge, never wrap */
+	u = usage3(UINT64_MAX, 0, UINT64_MAX);
+	assert_int_equal(quota_cost_micros(claude, &u), 9007199254740991ull);
+	fixture_free(f);
+}
+
+static void test_cost_reserve_settle_reject(void **state)
+{
+	struct fixture *f = fixture_new(cost_yaml);
+	struct quota_ticket t = {0};
+	const struct config_limit *budget = &consumer(f, "team")->limits[0];
+	struct record_usage u;
+
+	quota_set_clock_for_tests(fake_clock);
+	atomic_store(&fake_now, utc(2025, 3, 1, 10, 15, 0));
+
+	/* reserved from the estimate at the instance's input and output prices */
+	assert_true(admit(f, &t, "team", "cloud", 1000, 500));
+	assert_int_equal(used_of(f, "team", NULL, 0), 400 + 600);
+	assert_false(t.have_headers); /* x-ratelimit-*-tokens speak of token limits only */
+	/* settled with the real usage, cached tokens at the cached price */
+	u = usage3(1000, 600, 200);
+	quota_settle_usage(f->q, &t, &u);
+	assert_int_equal(used_of(f, "team", NULL, 0), 460);
+	/* the old entry point prices every prompt token at input */
+	assert_true(admit(f, &t, "team", "cloud", 1000, 500));
+	quota_settle(f->q, &t, 1000, 200);
+	assert_int_equal(used_of(f, "team", NULL, 0), 460 + 640);
+
+	/* one budget across instances: each attempt priced by its own instance */
+	assert_true(admit(f, &t, "team", "claude", 1000, 500));
+	assert_int_equal(used_of(f, "team", NULL, 0), 1100 + 3000 + 7500);
+	assert_int_equal(used_of(f, NULL, "claude", 0), 10500); /* the instance's own cost limit */
+	u = usage3(1000, 0, 100);
+	quota_settle_usage(f->q, &t, &u);
+	assert_int_equal(used_of(f, "team", NULL, 0), 1100 + 4500);
+	assert_int_equal(used_of(f, NULL, "claude", 0), 4500);
+
+	/* spent: 5600 of 10000 micro-units; a request admits while below, then refused */
+	assert_true(admit(f, &t, "team", "claude", 1000, 500));
+	u = usage3(1000, 0, 300); /* 3000 + 4500 */
+	quota_settle_usage(f->q, &t, &u);
+	assert_int_equal(used_of(f, "team", NULL, 0), 13100);
+	assert_false(admit(f, &t, "team", "cloud", 1, 1));
+	assert_ptr_equal(t.denied_by, budget);
+	assert_true(t.denied_is_consumer);
+	assert_int_equal(t.retry_after_s, 45 * 60); /* the hour's end */
+	assert_false(t.have_headers);
+	assert_int_equal(used_of(f, "team", NULL, 0), 13100); /* a refusal reserves nothing */
+
+	/* an instance without a price is not counted by cost limits: still served */
+	assert_true(admit(f, &t, "team", "onprem", 1000, 500));
+	assert_int_equal(t.n_res, 0);
+	quota_settle(f->q, &t, 1000, 500);
+	assert_int_equal(used_of(f, "team", NULL, 0), 13100);
+
+	/* the next window starts afresh */
+	atomic_store(&fake_now, utc(2025, 3, 1, 11, 0, 0));
+	assert_true(admit(f, &t, "team", "cloud", 1, 1));
+	quota_release(f->q, &t);
+	assert_int_equal(used_of(f, "team", NULL, 0), 0);
+	fixture_free(f);
+}
+
+static void test_cost_with_token_limits(void **state)
+{
+	struct fixture *f = fixture_new(cost_yaml);
+	struct quota_ticket t = {0};
+	const struct config_consumer *mixed = consumer(f, "mixed");
+	struct record_usage u;
+
+	quota_set_clock_for_tests(fake_clock);
+	atomic_store(&fake_now, utc(2025, 1, 31, 23, 0, 0));
+	/* the token limit gives the headers even when the cost budget is tighter */
+	assert_true(admit(f, &t, "mixed", "cloud", 1000, 500));
+	assert_true(t.have_headers);
+	assert_int_equal(t.hdr_limit, 100000);
+	assert_int_equal(t.hdr_remaining, 100000 - 1500);
+	/* an attempt that fails over after the upstream worked: tokens and cost charged */
+	quota_settle_tokens(f->q, &t, 1000, 250);
+	assert_int_equal(used_of(f, "mixed", NULL, 0), 400 + 300);
+	assert_int_equal(used_of(f, "mixed", NULL, 1), 1250);
+	/* the budget (1000 micro-units a month) refuses; the token limit did not */
+	assert_true(admit(f, &t, "mixed", "cloud", 100, 100));
+	u = usage3(1000, 0, 0);
+	quota_settle_usage(f->q, &t, &u);
+	assert_false(admit(f, &t, "mixed", "cloud", 1, 1));
+	assert_ptr_equal(t.denied_by, &mixed->limits[0]);
+	assert_int_equal(t.retry_after_s, 3600); /* the month ends at midnight */
+	assert_true(t.have_headers);             /* the token limit's, on a cost refusal */
+	assert_int_equal(t.hdr_remaining, 100000 - 2250);
+	/* the month turns */
+	atomic_store(&fake_now, utc(2025, 2, 1, 0, 0, 0));
+	assert_true(admit(f, &t, "mixed", "cloud", 1, 1));
+	quota_release(f->q, &t);
+
+	/* the admin view: used / remaining / reset of a cost limit, in micro-units */
+	struct quota_limit_state st[4];
+	assert_int_equal(quota_peek_memory(mixed, NULL, st, 4), 2);
+	assert_ptr_equal(st[0].limit, &mixed->limits[0]);
+	assert_int_equal(st[0].used, 0);
+	assert_int_equal(st[0].remaining, 1000);
+	assert_int_equal(st[0].reset_s, 28 * 24 * 3600);
+	fixture_free(f);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -835,6 +1004,9 @@ int main(void)
 	        cmocka_unit_test(test_max_concurrent_threads),
 	        cmocka_unit_test(test_counters_survive_reload),
 	        cmocka_unit_test(test_peek),
+	        cmocka_unit_test(test_cost_price_arithmetic),
+	        cmocka_unit_test(test_cost_reserve_settle_reject),
+	        cmocka_unit_test(test_cost_with_token_limits),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1222,6 +1222,136 @@ static void test_reconfigure(void **state)
 	test_cleanup();
 }
 
+/* ---------------------------------------------------------------- cost */
+
+/* Cost limits ride on the same scripts, tokens and registry: their amounts are micro-units. */
+static struct config *load_cost_cfg(const char *prefix)
+{
+	char yaml[2048];
+	struct config_errors e;
+	struct config *c;
+
+	snprintf(yaml, sizeof(yaml),
+	         "store:\n"
+	         "  type: redis\n"
+	         "  redis: { address: \"127.0.0.1:%d\", prefix: \"%s\", timeout: 1s }\n"
+	         "  on_error: deny\n"
+	         "instances:\n"
+	         "  - name: cloud\n"
+	         "    provider: openai\n"
+	         "    price: { input: 0.40, cached_input: 0.10, output: 1.20 }\n"
+	         "  - name: claude\n"
+	         "    provider: anthropic\n"
+	         "    price: { input: 3, cached_input: 0.30, output: 15 }\n"
+	         "    limits: [{ strategy: cost, limit: 0.05, window: 1d }]\n"
+	         "consumers:\n"
+	         "  - name: team\n"
+	         "    keys: [k]\n"
+	         "    limits: [{ strategy: cost, limit: 0.01, window: 1h }]\n",
+	         redis_port, prefix);
+	c = config_load_string(yaml, strlen(yaml), "t.yaml", &e);
+	if (c == NULL) {
+		for (size_t i = 0; i < e.n; i++)
+			print_error("%s\n", e.msgs[i]);
+		config_errors_free(&e);
+		fail_msg("the YAML did not load");
+	}
+	return c;
+}
+
+static void settle_usage(struct node *n, struct quota_ticket *t, uint64_t prompt, uint64_t cached,
+                         uint64_t completion)
+{
+	struct record_usage u = {.present = true,
+	                         .prompt = prompt,
+	                         .cached = cached,
+	                         .completion = completion,
+	                         .total = prompt + completion};
+	quota_settle_usage(n->q, t, &u);
+	assert_true(drain(n, 2000));
+}
+
+static void test_cost_on_redis(void **state)
+{
+	NEED_REDIS();
+	test_setup_clock();
+	struct config *c = load_cost_cfg("t20:");
+	struct node n;
+	struct quota_ticket t = {0};
+	uint64_t got[3] = {0};
+	char key[256], ikey[256], next[256];
+
+	snprintf(key, sizeof(key), "t20:consumer:team:*:cost:1h:team:%llu", 1735725600000ull);
+	snprintf(ikey, sizeof(ikey), "t20:instance:claude:cost:1d:*:%llu", 1735689600000ull);
+	node_init(&n, c);
+
+	/* reserved from the estimate (micro-units: 1000 x 0.40 + 500 x 1.20), under a token */
+	assert_int_equal(admit_wait(&n, &t, c, "team", "cloud", 1000, 500), QUOTA_PENDING);
+	assert_true(t.admitted);
+	assert_false(t.store_error);
+	assert_false(t.have_headers);
+	assert_int_equal(redis_int("GET %s", key), 1000);
+	assert_int_equal(live_reservations("t20:", key), 1);
+	/* settled with cached tokens at the cached price: 400 x 0.40 + 600 x 0.10 + 200 x 1.20 */
+	settle_usage(&n, &t, 1000, 600, 200);
+	assert_int_equal(redis_int("GET %s", key), 460);
+	assert_int_equal(live_reservations("t20:", key), 0);
+
+	/* another instance, its own price, and its own cost limit beside the consumer's */
+	admit_wait(&n, &t, c, "team", "claude", 1000, 500);
+	assert_true(t.admitted);
+	assert_int_equal(redis_int("GET %s", key), 460 + 10500);
+	assert_int_equal(redis_int("GET %s", ikey), 10500);
+	settle_usage(&n, &t, 1000, 0, 100);
+	assert_int_equal(redis_int("GET %s", key), 460 + 4500);
+	assert_int_equal(redis_int("GET %s", ikey), 4500);
+
+	/* rounding up: 0.4 micro-units reserved as 1, 1.2 settled as 2 */
+	admit_wait(&n, &t, c, "team", "cloud", 1, 0);
+	assert_int_equal(redis_int("GET %s", key), 4961);
+	settle_usage(&n, &t, 3, 0, 0);
+	assert_int_equal(redis_int("GET %s", key), 4962);
+
+	/* spent past the budget, then refused with nothing reserved */
+	admit_wait(&n, &t, c, "team", "claude", 1000, 500);
+	assert_true(t.admitted);
+	settle_usage(&n, &t, 1000, 0, 300);
+	assert_int_equal(redis_int("GET %s", key), 12462);
+	admit_wait(&n, &t, c, "team", "cloud", 1, 1);
+	assert_false(t.admitted);
+	assert_false(t.store_error);
+	assert_ptr_equal(t.denied_by, &config_find_consumer(c, "team")->limits[0]);
+	assert_int_equal(t.retry_after_s, 40 * 60);
+	assert_int_equal(redis_int("GET %s", key), 12462);
+
+	/* the shared view */
+	struct quota_peek *p = quota_peek(n.q, config_find_consumer(c, "team"), NULL, peek_cb, got);
+	assert_non_null(p);
+	uint64_t deadline = mono_ms() + 2000;
+	while (got[2] == 0 && mono_ms() < deadline) {
+		pump(&n);
+		usleep(200);
+	}
+	assert_int_equal(got[2], 1);
+	assert_int_equal(got[0], 12462);
+	assert_int_equal(got[1], 0);
+
+	/* the next hour: a new bucket */
+	atomic_store(&fake_now, 1735725600000ull + 3600 * 1000);
+	snprintf(next, sizeof(next), "t20:consumer:team:*:cost:1h:team:%llu",
+	         1735725600000ull + 3600 * 1000);
+	admit_wait(&n, &t, c, "team", "cloud", 10, 10);
+	assert_true(t.admitted);
+	assert_int_equal(redis_int("GET %s", next), 16);
+	quota_release(n.q, &t);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", next), 0);
+	assert_int_equal(redis_int("GET %s", key), 12462);
+	node_free(&n);
+	config_unref(c);
+	test_cleanup();
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1240,6 +1370,7 @@ int main(void)
 	        cmocka_unit_test(test_waiting_settlement_expires),
 	        cmocka_unit_test(test_password_and_db),
 	        cmocka_unit_test(test_reconfigure),
+	        cmocka_unit_test(test_cost_on_redis),
 	};
 	signal(SIGPIPE, SIG_IGN);
 	return cmocka_run_group_tests(tests, group_setup, group_teardown);
