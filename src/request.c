@@ -781,7 +781,7 @@ static void reply_quota_rejection(struct request *r, const struct quota_ticket *
 		reply_error(r, status, "rate_limit_error", "quota_exceeded", "%s", c->rejected_msg);
 	else
 		reply_error(r, status, "rate_limit_error", "quota_exceeded",
-		            "token quota exhausted (%s); retry in %" PRIu64 " s",
+		            "quota exhausted (%s); retry in %" PRIu64 " s",
 		            t->denied_by ? t->denied_by->id : "limit", t->retry_after_s);
 }
 
@@ -930,6 +930,7 @@ static bool attempt_start(struct request *r)
 	r->attempts++;
 	r->attempt_start_us = http_now_us();
 	r->rec.instance = in->name;
+	r->rec.priced = in->price.set;
 	r->rec.model_upstream = in->model ? in->model : r->model;
 	if (!shape_body(r)) {
 		reply_error(r, 500, "server_error", "internal_error", "cannot build the upstream body");
@@ -1413,7 +1414,7 @@ static void settle(struct request *r)
 	}
 	if (r->ticket_held) {
 		if (r->cost == COST_WORK)
-			quota_settle(r->w->quota, &r->ticket, u->prompt, u->completion);
+			quota_settle_usage(r->w->quota, &r->ticket, u);
 		else if (r->cost == COST_REQUEST)
 			quota_settle(r->w->quota, &r->ticket, 0, 0);
 		else
@@ -1421,6 +1422,7 @@ static void settle(struct request *r)
 		r->ticket_held = false;
 	}
 	r->rec.usage = *u;
+	r->rec.cost_micros = r->rec.priced ? quota_cost_micros(r->instance, u) : 0;
 }
 
 /*

@@ -14,10 +14,8 @@ produce, and the prices are chosen so that costs are short decimals:
                    (Retry-After, no x-ratelimit-*-tokens, limit_id in the access log), shown in
                    /consumers in price units; one budget across instances, each priced by its
                    own; an unpriced instance still serves; an instance's own cost limit; the
-                   loader refuses a cost limit on an instance without a price. Cached tokens at
-                   cached_input, `cost` in the access log and sluice_cost_total need request.c
-                   to settle with quota_settle_usage and to fill the record's cost: those cases
-                   are marked expectedFailure until it does.
+                   loader refuses a cost limit on an instance without a price; cached tokens
+                   at cached_input; `cost` in the access log and sluice_cost_total.
   CostRedisTest    the same budget on one Redis for two gateways: one budget, counters in
                    micro-units.
 """
@@ -192,8 +190,6 @@ class CostBudgetTest(CostCase):
         self.assertRegex(err, r"%s:\d+:\d+: consumers\[0\]\.limits\[0\]: strategy cost needs "
                               r"a price: instance \"onprem\" has none" % re.escape(path))
 
-    # needs request.c to call quota_settle_usage
-    @unittest.expectedFailure
     def test_cached_tokens_at_the_cached_price(self):
         """The mock reports 60 of 160 prompt tokens as read from the cache: they cost
         cached_input, 60 x 250 per million = 0.015, not 0.06."""
@@ -205,9 +201,6 @@ class CostBudgetTest(CostCase):
                          (PROMPT + 60, 60))
         self.assertAlmostEqual(self.budget(gw)["used"], 0.1 + 0.015 + 0.8, places=6)
 
-    # needs request.c to call quota_settle_usage (and to fill the record's cost from
-    # quota_cost_micros)
-    @unittest.expectedFailure
     def test_access_log_cost(self):
         """`cost` in the access log, in price units, where the answering instance has a
         price; none on the unpriced instance."""
@@ -222,9 +215,6 @@ class CostBudgetTest(CostCase):
                                        ("cloud", 0.915)])
         self.assertNotIn("cost", self.access_log(gw, 4)[2])
 
-    # needs request.c to call quota_settle_usage (and to fill the record's cost from
-    # quota_cost_micros)
-    @unittest.expectedFailure
     def test_cost_metric(self):
         """sluice_cost_total{route,instance,consumer} adds each answered request's cost."""
         gw = self.gateway(budget=100)
