@@ -240,6 +240,8 @@ static const struct field instance_fields[] = {
 	BOOL("tls_verify", tls_verify, true),
 	CUSTOM("keepalive", 0),
 	CUSTOM("limits", 0),
+	/* The client's max_tokens × n is reserved up to this (docs/quotas.md §4). */
+	UINT("max_reservation", max_reservation, 1, 1000000000, 32768),
 	CUSTOM("checks", 0),
 	CUSTOM("load", 0),
 };

@@ -7,7 +7,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
+#include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <event2/event.h>
 
@@ -30,26 +33,41 @@
  * or one Lua script).
  */
 
+/* A settlement, release or undo of one Redis reservation (the ADJUST script), owned until
+ * Redis answered it. While Redis cannot be reached it waits in its quota's retry queue. */
+struct quota_adjust {
+	TAILQ_ENTRY(quota_adjust) link;
+	struct quota *q;
+	uint64_t epoch;    /* the store's at admission: another epoch's keys may be elsewhere */
+	uint64_t deadline; /* ms: dropped if not delivered by then (its lease has run out) */
+	int nkeys, argc;
+	const char **argv; /* in the same block */
+	size_t *lens;
+};
+
+TAILQ_HEAD(quota_adjust_list, quota_adjust);
+
 struct quota {
 	struct event_base *base;
 	struct redis_store *redis; /* NULL with the memory store */
 	bool freeing;
+	/* Reservation tokens: a per-worker random prefix and a sequence number. */
+	uint64_t token_seed, token_seq;
+	struct quota_adjust_list retry; /* adjustments waiting for Redis, oldest first */
+	size_t n_retry;
+	size_t n_dropped; /* since the last time Redis was reachable */
 };
 
-/* A Redis admission in flight. Owns its keys, so a cancelled one can still be released. */
+/* A Redis admission in flight. Owns its keys and token, so that a cancelled one can still
+ * be released and one whose reply was lost can be undone. */
 struct quota_pending {
 	struct quota *q;
 	struct quota_ticket *t; /* NULL once cancelled */
 	unsigned n;
 	uint64_t amounts[QUOTA_MAX_COUNTERS];
-	int argc; /* 2 keys then 4 arguments per counter */
-	const char **argv;
-	size_t *lens;
-};
-
-/* A fire-and-forget adjustment (settle, release). */
-struct quota_adjust {
-	int argc;
+	char token[QUOTA_TOKEN_LEN + 1];
+	uint64_t epoch, deadline, lease_ms;
+	int argc; /* 4 keys per counter, then 4 + 4 per counter arguments */
 	const char **argv;
 	size_t *lens;
 };
@@ -113,6 +131,24 @@ void quota_window_bounds(const struct config_window *w, uint64_t now, uint64_t *
 
 /* ---------------------------------------------------------------- the plan */
 
+/*
+ * Amounts come from the client (max_tokens, n, the size of its prompt) and from the
+ * upstream (its usage): every sum saturates, and one charge is at most QUOTA_MAX_AMOUNT —
+ * the largest limit the loader accepts, and the largest integer a Lua number (the Redis
+ * scripts' arithmetic) holds exactly.
+ */
+#define QUOTA_MAX_AMOUNT 9007199254740991ull /* 2^53 - 1 */
+
+static uint64_t sat_add(uint64_t a, uint64_t b)
+{
+	return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+static uint64_t clamp_amount(uint64_t v)
+{
+	return v > QUOTA_MAX_AMOUNT ? QUOTA_MAX_AMOUNT : v;
+}
+
 static uint64_t limit_value(const struct config_limit *l)
 {
 	return l->requests > 0 ? l->requests : l->tokens;
@@ -133,7 +169,7 @@ static uint64_t amount_for(const struct config_limit *l, uint64_t prompt, uint64
 	case LIMIT_COMPLETION_TOKENS:
 		return completion;
 	default:
-		return prompt + completion;
+		return clamp_amount(sat_add(prompt, completion));
 	}
 }
 
@@ -274,7 +310,7 @@ static void compute_result(struct quota_ticket *t, bool admitted, uint64_t now)
 				retry = ms;
 		}
 		if (is_token_limit(r->limit)) {
-			uint64_t after = admitted ? used + r->amount : used;
+			uint64_t after = admitted ? sat_add(used, r->amount) : used;
 			uint64_t remaining = limit > after ? limit - after : 0;
 			uint64_t reset = r->end > now ? r->end - now : 0;
 			if (r->limit->type == LIMIT_SLIDING)
@@ -375,7 +411,29 @@ static void memory_adjust(const struct quota_ticket *t, const int64_t *deltas)
 
 /* ---------------------------------------------------------------- redis store */
 
-/* One allocation holding argv, lens and the text they point to. */
+/*
+ * Every Redis reservation carries a token, unique per admission (docs/quotas.md §8 and
+ * store_redis.c's scripts): settling, releasing or undoing it by token is idempotent, so
+ * an adjustment whose reply is lost is simply sent again; an admission whose reply is lost
+ * is undone by token, which also stops it should it still run later on the old
+ * connection; and a reservation nobody settles within its lease is reclaimed by the next
+ * admission on its counter.
+ */
+
+/* How long a reservation may stay unsettled before it is presumed orphaned: the longest
+ * an attempt on the instance may run, and the time its settlement may take to arrive. */
+static uint64_t lease_ms(const struct config_instance *in)
+{
+	return (in != NULL ? in->timeouts.total : 0) + QUOTA_LEASE_GRACE_MS;
+}
+
+static void next_token(struct quota *q, char out[QUOTA_TOKEN_LEN + 1])
+{
+	snprintf(out, QUOTA_TOKEN_LEN + 1, "%016" PRIx64 "%016" PRIx64, q->token_seed,
+	         ++q->token_seq);
+}
+
+/* One allocation holding a header of head bytes, argv, lens and the text they point to. */
 static bool argv_alloc(size_t argc, size_t text, const char ***argv, size_t **lens, char **buf,
                        void **block, size_t head)
 {
@@ -395,19 +453,35 @@ static bool argv_alloc(size_t argc, size_t text, const char ***argv, size_t **le
 	return true;
 }
 
-/* Appends "<prefix><series>:<start>" at *bufp as argv[i]. */
+/* The reservation set of a bucket is its key with this suffix. */
+static const char zset_suffix[] = ":r";
+
+/* Appends "<prefix><series>:<start>" (with zset, the bucket's reservation set) at *bufp
+ * as argv[i]. */
 static void put_key(const struct quota_ticket *t, const struct quota_reservation *r, uint64_t start,
-                    const char *prefix, const char **argv, size_t *lens, int i, char **bufp)
+                    bool zset, const char *prefix, const char **argv, size_t *lens, int i,
+                    char **bufp)
 {
 	char *p = *bufp;
 	size_t n = strlen(prefix);
 
 	memcpy(p, prefix, n);
 	n += series_write(p + n, r->limit, series_consumer(t, r));
-	n += (size_t)sprintf(p + n, ":%" PRIu64, start);
+	n += (size_t)sprintf(p + n, ":%" PRIu64 "%s", start, zset ? zset_suffix : "");
 	argv[i] = p;
 	lens[i] = n;
 	*bufp = p + n + 1;
+}
+
+/* Appends bytes as argv[i]. */
+static void put_bytes(const char *s, size_t len, const char **argv, size_t *lens, int i,
+                      char **bufp)
+{
+	memcpy(*bufp, s, len);
+	(*bufp)[len] = '\0';
+	argv[i] = *bufp;
+	lens[i] = len;
+	*bufp += len + 1;
 }
 
 static void put_num(uint64_t v, const char **argv, size_t *lens, int i, char **bufp)
@@ -418,90 +492,212 @@ static void put_num(uint64_t v, const char **argv, size_t *lens, int i, char **b
 	*bufp += n + 1;
 }
 
-static void put_signed(int64_t v, const char **argv, size_t *lens, int i, char **bufp)
-{
-	int n = sprintf(*bufp, "%" PRId64, v);
-	argv[i] = *bufp;
-	lens[i] = (size_t)n;
-	*bufp += n + 1;
-}
-
+/* Room for one key (zset suffix included) and its terminator. */
 static size_t key_room(const struct quota_ticket *t, const struct quota_reservation *r,
                        const char *prefix)
 {
-	return strlen(prefix) + series_len(r->limit, series_consumer(t, r)) + 1 + 20 + 1;
+	return strlen(prefix) + series_len(r->limit, series_consumer(t, r)) + 1 + 20 +
+	       sizeof(zset_suffix);
+}
+
+#define NUM_ROOM 21 /* a uint64_t in decimal and its terminator */
+
+/* ---------------------------------------------------------------- redis: adjustments */
+
+static void adjust_send(struct quota_adjust *a);
+
+static void adjust_drop(struct quota *q, struct quota_adjust *a)
+{
+	if (q->n_dropped++ == 0)
+		log_warn("quota: a redis settlement could not be delivered in time (or more than "
+		         "%d were waiting) and was dropped; its reservation is reclaimed when its "
+		         "lease ends",
+		         QUOTA_RETRY_MAX);
+	free(a);
+}
+
+/* Keep a for the next connection, unless it is too late or too many wait already. */
+static void retry_push(struct quota *q, struct quota_adjust *a)
+{
+	if (now_ms() > a->deadline) {
+		adjust_drop(q, a);
+		return;
+	}
+	if (q->n_retry >= QUOTA_RETRY_MAX) {
+		struct quota_adjust *oldest = TAILQ_FIRST(&q->retry);
+		TAILQ_REMOVE(&q->retry, oldest, link);
+		q->n_retry--;
+		adjust_drop(q, oldest);
+	}
+	TAILQ_INSERT_TAIL(&q->retry, a, link);
+	q->n_retry++;
+}
+
+/* Redis is back (a handshake completed): send what waited, oldest first. */
+static void retry_flush(void *arg)
+{
+	struct quota *q = arg;
+	struct quota_adjust_list batch;
+	struct quota_adjust *a;
+
+	if (q->n_dropped > 0)
+		log_info("quota: %zu redis settlements were dropped while redis was unreachable",
+		         q->n_dropped);
+	q->n_dropped = 0;
+	if (q->n_retry > 0)
+		log_debug("quota: sending %zu redis settlements that waited for the connection",
+		          q->n_retry);
+	TAILQ_INIT(&batch);
+	TAILQ_CONCAT(&batch, &q->retry, link);
+	q->n_retry = 0;
+	while ((a = TAILQ_FIRST(&batch)) != NULL) {
+		TAILQ_REMOVE(&batch, a, link);
+		adjust_send(a); /* back on q->retry if it cannot go */
+	}
+}
+
+static void retry_clear(struct quota *q)
+{
+	struct quota_adjust *a;
+
+	while ((a = TAILQ_FIRST(&q->retry)) != NULL) {
+		TAILQ_REMOVE(&q->retry, a, link);
+		free(a);
+	}
+	q->n_retry = 0;
 }
 
 static void adjust_done(void *ctx, struct redisReply *reply)
 {
-	if (reply == NULL || reply->type == REDIS_REPLY_ERROR)
-		log_debug("quota: redis adjustment lost (%s)", reply ? reply->str : "no reply");
-	free(ctx);
+	struct quota_adjust *a = ctx;
+	struct quota *q = a->q;
+	char why[128];
+
+	if (!redis_reply_is_error(reply) || q->freeing) {
+		free(a);
+		return;
+	}
+	/* No reply, or an error: it may or may not have run. By token it can run twice. */
+	redis_reply_describe(reply, why, sizeof(why));
+	log_debug("quota: redis adjustment not confirmed (%s), kept for a retry", why);
+	retry_push(q, a);
 }
 
-/* Sends ADJUST for the non-zero deltas; keys built from t's reservations. */
-static void redis_adjust(struct quota *q, const struct quota_ticket *t, const int64_t *deltas)
+static void adjust_send(struct quota_adjust *a)
+{
+	struct quota *q = a->q;
+
+	/* Another server or namespace now: this reservation's keys are not there. */
+	if (q->redis == NULL || a->epoch != redis_store_epoch(q->redis)) {
+		free(a);
+		return;
+	}
+	if (now_ms() > a->deadline) {
+		adjust_drop(q, a);
+		return;
+	}
+	if (!redis_store_usable(q->redis) ||
+	    !redis_store_eval(q->redis, REDIS_SCRIPT_ADJUST, a->nkeys, a->argc, a->argv, a->lens,
+	                      adjust_done, a))
+		retry_push(q, a);
+}
+
+/* An ADJUST for n counters, its text room; keys and arguments are put by the caller:
+ * argv[0..2n) the bucket and set of each counter, then token, now, tomb, and
+ * (amount, charge) per counter. */
+static struct quota_adjust *adjust_new(struct quota *q, unsigned n, size_t key_text, uint64_t epoch,
+                                       uint64_t deadline, char **buf)
+{
+	struct quota_adjust *a;
+	const char **argv;
+	size_t *lens;
+	void *block;
+	int argc = (int)(4 * n + 3);
+
+	if (!argv_alloc((size_t)argc, key_text + QUOTA_TOKEN_LEN + 1 + (2 + 2 * n) * NUM_ROOM,
+	                &argv, &lens, buf, &block, sizeof(*a)))
+		return NULL;
+	a = block;
+	memset(a, 0, sizeof(*a));
+	a->q = q;
+	a->epoch = epoch;
+	a->deadline = deadline;
+	a->nkeys = (int)(2 * n);
+	a->argc = argc;
+	a->argv = argv;
+	a->lens = lens;
+	return a;
+}
+
+/* Settle (charges[i] on counter i) or release (all 0) a reservation held by t. */
+static void redis_adjust(struct quota *q, const struct quota_ticket *t, const uint64_t *charges)
 {
 	const char *prefix;
-	const char **argv;
-	size_t *lens, text = 0;
+	struct quota_adjust *a;
+	size_t text = 0;
+	unsigned n = t->n_res;
 	char *buf;
-	void *block;
-	int n = 0, k = 0;
 
-	if (q->redis == NULL || !redis_store_usable(q->redis) ||
-	    t->epoch != redis_store_epoch(q->redis)) {
-		log_debug("quota: redis unavailable, adjustment of %u counters dropped", t->n_res);
+	if (q->redis == NULL || t->epoch != redis_store_epoch(q->redis)) {
+		log_debug("quota: redis settings changed, adjustment of %u counters dropped", n);
 		return;
 	}
 	prefix = redis_store_prefix(q->redis);
-	for (unsigned i = 0; i < t->n_res; i++)
-		if (deltas[i] != 0) {
-			n++;
-			text += key_room(t, &t->res[i], prefix) + 22;
-		}
-	if (n == 0)
+	for (unsigned i = 0; i < n; i++)
+		text += 2 * key_room(t, &t->res[i], prefix);
+	a = adjust_new(q, n, text, t->epoch, t->deadline, &buf);
+	if (a == NULL) {
+		log_error("quota: out of memory: a redis settlement is lost (reclaimed by its "
+		          "lease)");
 		return;
-	if (!argv_alloc((size_t)(2 * n), text, &argv, &lens, &buf, &block, 0))
-		return;
-	for (unsigned i = 0; i < t->n_res; i++)
-		if (deltas[i] != 0) {
-			put_key(t, &t->res[i], t->res[i].start, prefix, argv, lens, k, &buf);
-			put_signed(deltas[i], argv, lens, n + k, &buf);
-			k++;
-		}
-	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADJUST, n, 2 * n, argv, lens, adjust_done,
-	                      block))
-		free(block);
-}
-
-/* Gives back what a cancelled admission reserved: its keys are still in its argv. */
-static void redis_release_pending(struct quota_pending *p)
-{
-	const char **argv;
-	size_t *lens, text = 0;
-	char *buf;
-	void *block;
-	int n = (int)p->n;
-
-	if (p->q->redis == NULL || !redis_store_usable(p->q->redis))
-		return;
-	for (int i = 0; i < n; i++)
-		text += p->lens[2 * i] + 1 + 22;
-	if (!argv_alloc((size_t)(2 * n), text, &argv, &lens, &buf, &block, 0))
-		return;
-	for (int i = 0; i < n; i++) {
-		memcpy(buf, p->argv[2 * i], p->lens[2 * i]);
-		buf[p->lens[2 * i]] = '\0';
-		argv[i] = buf;
-		lens[i] = p->lens[2 * i];
-		buf += p->lens[2 * i] + 1;
-		put_signed(-(int64_t)p->amounts[i], argv, lens, n + i, &buf);
 	}
-	if (!redis_store_eval(p->q->redis, REDIS_SCRIPT_ADJUST, n, 2 * n, argv, lens, adjust_done,
-	                      block))
-		free(block);
+	for (unsigned i = 0; i < n; i++) {
+		put_key(t, &t->res[i], t->res[i].start, false, prefix, a->argv, a->lens,
+		        (int)(2 * i), &buf);
+		put_key(t, &t->res[i], t->res[i].start, true, prefix, a->argv, a->lens,
+		        (int)(2 * i + 1), &buf);
+		put_num(t->res[i].amount, a->argv, a->lens, (int)(2 * n + 3 + 2 * i), &buf);
+		put_num(charges[i], a->argv, a->lens, (int)(2 * n + 4 + 2 * i), &buf);
+	}
+	put_bytes(t->token, strlen(t->token), a->argv, a->lens, (int)(2 * n), &buf);
+	put_num(now_ms(), a->argv, a->lens, (int)(2 * n + 1), &buf);
+	put_num(0, a->argv, a->lens, (int)(2 * n + 2), &buf);
+	adjust_send(a);
 }
+
+/*
+ * For an admission in flight: release what it reserved (its requester left), or, when its
+ * reply was lost (undo), give back whatever it may have reserved and leave its token dead
+ * for lease_ms, so that the admission reserves nothing should it still run.
+ */
+static void pending_adjust(struct quota_pending *p, bool undo)
+{
+	struct quota_adjust *a;
+	size_t text = 0;
+	unsigned n = p->n;
+	char *buf;
+
+	for (unsigned i = 0; i < n; i++)
+		text += p->lens[4 * i] + 1 + p->lens[4 * i + 2] + 1;
+	a = adjust_new(p->q, n, text, p->epoch, p->deadline, &buf);
+	if (a == NULL) {
+		log_error("quota: out of memory: a redis release is lost (reclaimed by its lease)");
+		return;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		put_bytes(p->argv[4 * i], p->lens[4 * i], a->argv, a->lens, (int)(2 * i), &buf);
+		put_bytes(p->argv[4 * i + 2], p->lens[4 * i + 2], a->argv, a->lens,
+		          (int)(2 * i + 1), &buf);
+		put_num(p->amounts[i], a->argv, a->lens, (int)(2 * n + 3 + 2 * i), &buf);
+		put_num(0, a->argv, a->lens, (int)(2 * n + 4 + 2 * i), &buf);
+	}
+	put_bytes(p->token, strlen(p->token), a->argv, a->lens, (int)(2 * n), &buf);
+	put_num(now_ms(), a->argv, a->lens, (int)(2 * n + 1), &buf);
+	put_num(undo ? p->lease_ms : 0, a->argv, a->lens, (int)(2 * n + 2), &buf);
+	adjust_send(a);
+}
+
+/* ---------------------------------------------------------------- redis: admission */
 
 /* The store failed for t: on_error decides. */
 static void store_failed(struct quota *q, struct quota_ticket *t)
@@ -518,55 +714,45 @@ static void store_failed(struct quota *q, struct quota_ticket *t)
 	memory_admit(t);
 }
 
-static bool parse_admit_reply(const redisReply *reply, struct quota_ticket *t, bool *admitted)
-{
-	if (reply == NULL || reply->type != REDIS_REPLY_ARRAY ||
-	    reply->elements != 1 + 2 * (size_t)t->n_res)
-		return false;
-	for (size_t i = 0; i < reply->elements; i++)
-		if (reply->element[i]->type != REDIS_REPLY_INTEGER)
-			return false;
-	*admitted = reply->element[0]->integer == 1;
-	for (unsigned i = 0; i < t->n_res; i++) {
-		long long cur = reply->element[1 + 2 * i]->integer,
-		          prev = reply->element[2 + 2 * i]->integer;
-		t->res[i].cur = cur > 0 ? (uint64_t)cur : 0;
-		t->res[i].prev = prev > 0 ? (uint64_t)prev : 0;
-	}
-	return true;
-}
-
 static void admit_done(void *ctx, struct redisReply *reply)
 {
 	struct quota_pending *p = ctx;
 	struct quota_ticket *t = p->t;
-	bool admitted = false;
+	uint64_t cur[QUOTA_MAX_COUNTERS], prev[QUOTA_MAX_COUNTERS];
+	enum redis_verdict v;
 
 	if (p->q->freeing) {
 		free(p);
 		return;
 	}
+	v = redis_reply_admit(reply, p->n, cur, prev);
+	if (v == REDIS_VERDICT_BAD) {
+		/* Lost to a timeout or a disconnect, or not understood: the script may have
+		 * reserved, or may still run on the old connection. Undo it by its token. */
+		pending_adjust(p, true);
+		if (reply != NULL) {
+			char why[200], text[128];
+			redis_reply_describe(reply, text, sizeof(text));
+			snprintf(why, sizeof(why), "unexpected reply to the admission script: %s",
+			         reply->type == REDIS_REPLY_ERROR ? text : "wrong shape");
+			redis_store_report_failure(p->q->redis, why);
+		}
+	} else if (t == NULL && v == REDIS_VERDICT_ADMITTED) {
+		pending_adjust(p, false); /* cancelled: give back what it reserved */
+	}
 	if (t == NULL) {
-		/* Cancelled: give back what the script reserved, if it did. */
-		if (reply != NULL && reply->type == REDIS_REPLY_ARRAY && reply->elements > 0 &&
-		    reply->element[0]->type == REDIS_REPLY_INTEGER &&
-		    reply->element[0]->integer == 1)
-			redis_release_pending(p);
 		free(p);
 		return;
 	}
 	t->pending = NULL;
-	if (parse_admit_reply(reply, t, &admitted)) {
-		t->backend = QUOTA_BACKEND_REDIS;
-		compute_result(t, admitted, now_ms());
-	} else {
-		if (reply != NULL) {
-			char why[160];
-			snprintf(why, sizeof(why), "unexpected reply to the admission script: %s",
-			         reply->type == REDIS_REPLY_ERROR && reply->str ? reply->str
-			                                                        : "wrong shape");
-			redis_store_report_failure(p->q->redis, why);
+	if (v != REDIS_VERDICT_BAD) {
+		for (unsigned i = 0; i < t->n_res; i++) {
+			t->res[i].cur = cur[i];
+			t->res[i].prev = prev[i];
 		}
+		t->backend = QUOTA_BACKEND_REDIS;
+		compute_result(t, v == REDIS_VERDICT_ADMITTED, now_ms());
+	} else {
 		store_failed(p->q, t);
 	}
 	free(p);
@@ -575,42 +761,58 @@ static void admit_done(void *ctx, struct redisReply *reply)
 }
 
 /* Queues the admission script; false when it could not be sent. */
-static bool redis_admit(struct quota *q, struct quota_ticket *t)
+static bool redis_admit(struct quota *q, struct quota_ticket *t, const struct config_instance *in)
 {
 	const char *prefix = redis_store_prefix(q->redis);
 	struct quota_pending *p;
 	const char **argv;
-	size_t *lens, text = 0;
+	size_t *lens, text = QUOTA_TOKEN_LEN + 1 + 3 * NUM_ROOM;
 	char *buf;
 	void *block;
 	int n = (int)t->n_res;
+	uint64_t now = now_ms(), lease = lease_ms(in);
 
 	for (int i = 0; i < n; i++)
-		text += 2 * key_room(t, &t->res[i], prefix) + 4 * 21;
-	if (!argv_alloc((size_t)(6 * n), text, &argv, &lens, &buf, &block, sizeof(*p)))
+		text += 4 * key_room(t, &t->res[i], prefix) + 4 * NUM_ROOM;
+	if (!argv_alloc((size_t)(8 * n + 4), text, &argv, &lens, &buf, &block, sizeof(*p)))
 		return false;
 	p = block;
 	memset(p, 0, sizeof(*p));
 	p->q = q;
 	p->t = t;
 	p->n = t->n_res;
-	p->argc = 6 * n;
+	p->argc = 8 * n + 4;
 	p->argv = argv;
 	p->lens = lens;
+	p->epoch = redis_store_epoch(q->redis);
+	p->lease_ms = lease;
+	/* Past this, a settlement has nothing left to find: the lease ended, and so did the
+	 * dead token its reclaim leaves. */
+	p->deadline = now + 2 * lease;
+	next_token(q, p->token);
+	put_bytes(p->token, QUOTA_TOKEN_LEN, argv, lens, 4 * n, &buf);
+	put_num(now, argv, lens, 4 * n + 1, &buf);
+	put_num(now + lease, argv, lens, 4 * n + 2, &buf);
+	put_num(lease, argv, lens, 4 * n + 3, &buf);
 	for (int i = 0; i < n; i++) {
 		const struct quota_reservation *r = &t->res[i];
+		int a = 4 * n + 4 + 4 * i;
 		p->amounts[i] = r->amount;
-		put_key(t, r, r->start, prefix, argv, lens, 2 * i, &buf);
-		put_key(t, r, r->prev_start, prefix, argv, lens, 2 * i + 1, &buf);
-		put_num(limit_value(r->limit), argv, lens, 2 * n + 4 * i, &buf);
-		put_num(r->amount, argv, lens, 2 * n + 4 * i + 1, &buf);
-		put_num(r->prev_weight, argv, lens, 2 * n + 4 * i + 2, &buf);
-		put_num(2 * (r->end - r->start), argv, lens, 2 * n + 4 * i + 3, &buf);
+		put_key(t, r, r->start, false, prefix, argv, lens, 4 * i, &buf);
+		put_key(t, r, r->prev_start, false, prefix, argv, lens, 4 * i + 1, &buf);
+		put_key(t, r, r->start, true, prefix, argv, lens, 4 * i + 2, &buf);
+		put_key(t, r, r->prev_start, true, prefix, argv, lens, 4 * i + 3, &buf);
+		put_num(limit_value(r->limit), argv, lens, a, &buf);
+		put_num(r->amount, argv, lens, a + 1, &buf);
+		put_num(r->prev_weight, argv, lens, a + 2, &buf);
+		put_num(2 * (r->end - r->start), argv, lens, a + 3, &buf);
 	}
-	t->epoch = redis_store_epoch(q->redis);
+	t->epoch = p->epoch;
+	t->deadline = p->deadline;
+	memcpy(t->token, p->token, sizeof(t->token));
 	t->pending = p;
-	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADMIT, 2 * n, 6 * n, argv, lens, admit_done,
-	                      p)) {
+	if (!redis_store_eval(q->redis, REDIS_SCRIPT_ADMIT, 4 * n, 8 * n + 4, argv, lens,
+	                      admit_done, p)) {
 		t->pending = NULL;
 		free(p);
 		return false;
@@ -643,6 +845,11 @@ struct quota *quota_new(struct event_base *base, const struct config *c)
 			         "reserve nothing (post-hoc charging)");
 	}
 	q->base = base;
+	TAILQ_INIT(&q->retry);
+	/* Tokens must not collide across workers, processes and nodes sharing one Redis. */
+	if (getrandom(&q->token_seed, sizeof(q->token_seed), 0) != sizeof(q->token_seed))
+		q->token_seed =
+		        (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)q ^ (uint64_t)getpid() << 32;
 	quota_configure(q, c);
 	return q;
 }
@@ -650,16 +857,21 @@ struct quota *quota_new(struct event_base *base, const struct config *c)
 void quota_configure(struct quota *q, const struct config *c)
 {
 	if (c->store.type == STORE_REDIS) {
-		if (q->redis == NULL)
-			q->redis = redis_store_new(q->base);
 		if (q->redis == NULL) {
-			log_error("quota: cannot create the redis store; counting locally");
-			return;
+			q->redis = redis_store_new(q->base);
+			if (q->redis == NULL) {
+				log_error("quota: cannot create the redis store; counting locally");
+				return;
+			}
+			redis_store_on_ready(q->redis, retry_flush, q);
 		}
 		redis_store_configure(q->redis, &c->store);
 	} else if (q->redis != NULL) {
-		redis_store_free(q->redis);
+		struct redis_store *rs = q->redis;
+		/* What its pending commands' completions start finds no store. */
 		q->redis = NULL;
+		redis_store_free(rs);
+		retry_clear(q);
 	}
 }
 
@@ -669,12 +881,20 @@ void quota_free(struct quota *q)
 		return;
 	q->freeing = true;
 	redis_store_free(q->redis);
+	/* Lost with the worker: their reservations are reclaimed when their leases end. */
+	if (q->n_retry > 0)
+		log_warn("quota: %zu redis settlements were still waiting for redis at exit",
+		         q->n_retry);
+	retry_clear(q);
 	free(q);
 }
 
 size_t quota_inflight(const struct quota *q)
 {
-	return q->redis != NULL ? redis_store_inflight(q->redis) : 0;
+	if (q->redis == NULL)
+		return 0;
+	/* Waiting adjustments count while a connection is being made: they go when it is. */
+	return redis_store_inflight(q->redis) + (redis_store_usable(q->redis) ? q->n_retry : 0);
 }
 
 /* ---------------------------------------------------------------- public: admission */
@@ -687,7 +907,13 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	if (t->pending != NULL || t->holds)
 		quota_cancel(q, t);
 	memset(t, 0, sizeof(*t));
-	plan_build(t, consumer, in, est_prompt, est_completion, now_ms());
+	/* The client chooses max_tokens and n: one attempt reserves at most the instance's
+	 * max_reservation of completion tokens, so that no single request can take a whole
+	 * shared quota while it runs (a larger answer is charged in full at settlement). */
+	if (in != NULL && est_completion > in->max_reservation)
+		est_completion = in->max_reservation;
+	plan_build(t, consumer, in, clamp_amount(est_prompt), clamp_amount(est_completion),
+	           now_ms());
 	if (atomic_load_explicit(&posthoc_for_bench, memory_order_relaxed) == 1)
 		for (unsigned i = 0; i < t->n_res; i++) /* benchmark only, see quota_new */
 			if (is_token_limit(t->res[i].limit))
@@ -699,7 +925,7 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	if (q->redis != NULL) {
 		t->cb = cb;
 		t->cb_arg = arg;
-		if (redis_store_usable(q->redis) && redis_admit(q, t))
+		if (redis_store_usable(q->redis) && redis_admit(q, t, in))
 			return QUOTA_PENDING;
 		t->cb = NULL;
 		store_failed(q, t);
@@ -709,38 +935,57 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	return QUOTA_DONE;
 }
 
-static void apply_deltas(struct quota *q, struct quota_ticket *t, const int64_t *deltas)
+/* Replace t's reservation on counter i with charges[i]. */
+static void apply_charges(struct quota *q, struct quota_ticket *t, const uint64_t *charges)
 {
-	if (t->backend == QUOTA_BACKEND_MEMORY)
+	int64_t deltas[QUOTA_MAX_COUNTERS];
+
+	if (t->backend == QUOTA_BACKEND_MEMORY) {
+		/* Both are at most QUOTA_MAX_AMOUNT: the difference fits. */
+		for (unsigned i = 0; i < t->n_res; i++)
+			deltas[i] = (int64_t)charges[i] - (int64_t)t->res[i].amount;
 		memory_adjust(t, deltas);
-	else if (t->backend == QUOTA_BACKEND_REDIS)
-		redis_adjust(q, t, deltas);
+	} else if (t->backend == QUOTA_BACKEND_REDIS) {
+		redis_adjust(q, t, charges);
+	}
 	t->holds = false;
+}
+
+static void settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion,
+                   bool count_request)
+{
+	uint64_t charges[QUOTA_MAX_COUNTERS];
+
+	if (!t->holds)
+		return;
+	prompt = clamp_amount(prompt);
+	completion = clamp_amount(completion);
+	for (unsigned i = 0; i < t->n_res; i++) {
+		const struct config_limit *l = t->res[i].limit;
+		charges[i] =
+		        is_token_limit(l) || count_request ? amount_for(l, prompt, completion) : 0;
+	}
+	apply_charges(q, t, charges);
 }
 
 void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion)
 {
-	int64_t deltas[QUOTA_MAX_COUNTERS];
+	settle(q, t, prompt, completion, true);
+}
 
-	if (!t->holds)
-		return;
-	for (unsigned i = 0; i < t->n_res; i++) {
-		const struct quota_reservation *r = &t->res[i];
-		uint64_t actual = amount_for(r->limit, prompt, completion);
-		deltas[i] = (int64_t)actual - (int64_t)r->amount;
-	}
-	apply_deltas(q, t, deltas);
+void quota_settle_tokens(struct quota *q, struct quota_ticket *t, uint64_t prompt,
+                         uint64_t completion)
+{
+	settle(q, t, prompt, completion, false);
 }
 
 void quota_release(struct quota *q, struct quota_ticket *t)
 {
-	int64_t deltas[QUOTA_MAX_COUNTERS];
+	static const uint64_t none[QUOTA_MAX_COUNTERS];
 
 	if (!t->holds)
 		return;
-	for (unsigned i = 0; i < t->n_res; i++)
-		deltas[i] = -(int64_t)t->res[i].amount;
-	apply_deltas(q, t, deltas);
+	apply_charges(q, t, none);
 }
 
 void quota_cancel(struct quota *q, struct quota_ticket *t)
@@ -931,22 +1176,16 @@ static void peek_done(void *ctx, struct redisReply *reply)
 	struct quota_peek *p = ctx;
 	struct quota_limit_state states[QUOTA_MAX_COUNTERS];
 	uint64_t now = now_ms();
+	uint64_t vals[2 * QUOTA_MAX_COUNTERS];
 	size_t n;
-	bool ok = reply != NULL && reply->type == REDIS_REPLY_ARRAY &&
-	          reply->elements == 2 * (size_t)p->t.n_res;
+	bool ok = redis_reply_values(reply, 2 * (size_t)p->t.n_res, vals);
 
 	if (!p->cancelled && !p->q->freeing) {
 		if (ok) {
 			for (unsigned i = 0; i < p->t.n_res; i++) {
-				const redisReply *a = reply->element[2 * i],
-				                 *b = reply->element[2 * i + 1];
-				p->t.res[i].cur = a->type == REDIS_REPLY_STRING
-				                          ? strtoull(a->str, NULL, 10)
-				                          : 0;
+				p->t.res[i].cur = vals[2 * i];
 				p->t.res[i].prev =
-				        b->type == REDIS_REPLY_STRING && p->t.res[i].prev_weight > 0
-				                ? strtoull(b->str, NULL, 10)
-				                : 0;
+				        p->t.res[i].prev_weight > 0 ? vals[2 * i + 1] : 0;
 			}
 			n = peek_states(&p->t, states, QUOTA_MAX_COUNTERS, now);
 		} else {
@@ -981,9 +1220,9 @@ struct quota_peek *quota_peek(struct quota *q, const struct config_consumer *con
 			p->argv[0] = "MGET";
 			p->lens[0] = 4;
 			for (int i = 0; i < k; i++) {
-				put_key(&p->t, &p->t.res[i], p->t.res[i].start, prefix, p->argv,
-				        p->lens, 1 + 2 * i, &buf);
-				put_key(&p->t, &p->t.res[i], p->t.res[i].prev_start, prefix,
+				put_key(&p->t, &p->t.res[i], p->t.res[i].start, false, prefix,
+				        p->argv, p->lens, 1 + 2 * i, &buf);
+				put_key(&p->t, &p->t.res[i], p->t.res[i].prev_start, false, prefix,
 				        p->argv, p->lens, 2 + 2 * i, &buf);
 			}
 			p->cb = cb;

@@ -58,6 +58,17 @@
 /* Targets tracked without allocation; larger routes allocate. */
 #define SMALL_TARGETS 32
 
+/*
+ * What the current attempt costs when it ends (docs/quotas.md §3): the upstream is charged
+ * for what it was asked to do, not for what reached the client — a client that leaves
+ * before the answer still cost the upstream its work.
+ */
+enum attempt_cost {
+	COST_NOTHING, /* never reached an upstream, or refused it and failed over: released */
+	COST_REQUEST, /* the upstream's refusal is the answer: the request counts, no tokens */
+	COST_WORK,    /* the upstream was asked to work: the request, and its tokens */
+};
+
 enum reply_mode {
 	REPLY_NONE,     /* no upstream answer yet */
 	REPLY_BUFFERED, /* collecting a whole upstream answer */
@@ -103,6 +114,7 @@ struct request {
 	/* quota: the current attempt's reservation */
 	struct quota_ticket ticket;
 	bool ticket_held;              /* admitted and not yet settled or released */
+	enum attempt_cost cost;        /* of the current attempt, if it ended now */
 	bool quota_pending;            /* waiting on the store */
 	bool quota_denied;             /* some candidate was refused by a quota */
 	struct quota_ticket denial;    /* the first refusal, for the 429 */
@@ -190,9 +202,75 @@ static void reply_json(struct request *r, const json_t *obj)
 	request_finish(r);
 }
 
+static const char *get_client_header(void *arg, const char *name);
+
+/* A route this consumer (NULL: no key) may call; the same rule as auth_check's. */
+static bool consumer_may_use(const struct config_route *rt, const void *arg)
+{
+	const struct config_consumer *cons = arg;
+
+	if (rt->auth == ROUTE_AUTH_NONE)
+		return true;
+	if (cons == NULL)
+		return false;
+	if (cons->n_routes == 0)
+		return true;
+	for (size_t i = 0; i < cons->n_routes; i++)
+		if (cons->routes[i] == rt ||
+		    (cons->routes[i] != NULL && strcmp(cons->routes[i]->name, rt->name) == 0))
+			return true;
+	return false;
+}
+
+/*
+ * The model list says what a gateway serves and to whom: when any route is key-auth, it
+ * takes a valid key — read with each key-auth route's own key headers, in route order —
+ * and lists only the models of the routes its consumer may use (and of auth: none
+ * routes). Returns the list, or NULL after answering 401 (or 500).
+ */
+static json_t *models_for_caller(struct request *r)
+{
+	const struct config *c = r->config;
+	const struct config_consumer *cons = NULL;
+	enum auth_result worst = AUTH_NONE_REQUIRED;
+	json_t *list;
+
+	for (size_t i = 0; i < c->n_routes && cons == NULL; i++) {
+		const struct config_route *rt = &c->routes[i];
+		enum auth_result res;
+
+		if (rt->auth == ROUTE_AUTH_NONE)
+			continue;
+		res = auth_check(c, rt, get_client_header, r->http, &cons, r->key_fp);
+		if (res == AUTH_UNKNOWN || worst == AUTH_NONE_REQUIRED)
+			worst = res;
+	}
+	if (cons != NULL) {
+		r->rec.consumer = cons->name;
+		r->rec.key_fingerprint = r->key_fp;
+	} else if (worst == AUTH_UNKNOWN) {
+		r->rec.key_fingerprint = r->key_fp;
+		reply_error(r, 401, "authentication_error", "invalid_api_key",
+		            "invalid API key (fingerprint %s)", r->key_fp);
+		return NULL;
+	} else if (worst == AUTH_MISSING) {
+		reply_error(r, 401, "authentication_error", "missing_api_key",
+		            "no API key: send it as Authorization: Bearer <key>");
+		return NULL;
+	}
+	list = router_models_json_for(c, consumer_may_use, cons);
+	if (list == NULL)
+		reply_error(r, 500, "server_error", "internal_error",
+		            "cannot build the model list");
+	return list;
+}
+
 static void handle_models(struct request *r)
 {
-	json_t *list = router_models_json(r->config);
+	json_t *list = models_for_caller(r);
+
+	if (list == NULL)
+		return;
 	reply_json(r, list);
 	json_decref(list);
 }
@@ -200,7 +278,10 @@ static void handle_models(struct request *r)
 /* GET /v1/models/{id}: one entry of the list, or 404 like OpenAI. */
 static void handle_model(struct request *r, const char *id)
 {
-	json_t *list = router_models_json(r->config);
+	json_t *list = models_for_caller(r);
+
+	if (list == NULL)
+		return;
 	json_t *data = json_object_get(list, "data"), *m, *found = NULL;
 	size_t i;
 
@@ -791,9 +872,12 @@ static bool shape_body(struct request *r)
 	if (same_model && !drop_model && !want_usage && no_options)
 		return true;
 	/* The common case — another model name and/or usage for a stream — is a
-	 * splice of the client's bytes: no re-serialisation of the whole body. */
-	if (no_options && !drop_model && so == NULL && json_object_size(r->body) > 0)
-		return splice_body(r, same_model ? NULL : in->model, want_usage);
+	 * splice of the client's bytes: no re-serialisation of the whole body. The splice
+	 * finds "model" in the raw bytes; a name written with escapes ("mod\u0065l", which
+	 * the parse understood) is not found there, and the body is rebuilt below. */
+	if (no_options && !drop_model && so == NULL && json_object_size(r->body) > 0 &&
+	    splice_body(r, same_model ? NULL : in->model, want_usage))
+		return true;
 
 	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
 	if (b == NULL)
@@ -826,6 +910,7 @@ static void attempt_reset(struct request *r)
 		r->sse_ready = false;
 	}
 	r->mode = REPLY_NONE;
+	r->cost = COST_NOTHING;
 	r->client_paused = false;
 	memset(&r->usage, 0, sizeof(r->usage));
 	r->output_text_bytes = 0;
@@ -876,6 +961,8 @@ static bool attempt_start(struct request *r)
 		reply_error(r, 500, "server_error", "internal_error", "cannot start the upstream transfer");
 		return false;
 	}
+	/* From here the upstream may be working on it, whether or not the client stays. */
+	r->cost = COST_WORK;
 	return true;
 }
 
@@ -952,8 +1039,9 @@ static size_t content_bytes(const char *data, size_t len, struct evbuffer *keep)
 	while ((p = memmem(p, (size_t)(end - p), key, sizeof(key) - 1)) != NULL) {
 		p += sizeof(key) - 1;
 		const char *q = p;
+		/* An escape takes two bytes, unless the data ends inside it. */
 		while (q < end && *q != '"')
-			q += (*q == '\\') ? 2 : 1;
+			q += (*q == '\\' && end - q >= 2) ? 2 : 1;
 		total += (size_t)(q - p);
 		if (keep)
 			evbuffer_add(keep, p, (size_t)(q - p)); /* still JSON-escaped: fine for a log */
@@ -1081,14 +1169,60 @@ static void stream_error_event(struct request *r, const char *code, const char *
 	evbuffer_free(b);
 }
 
-/* Give this attempt up and try the next candidate. */
+/*
+ * What an attempt that ended without reaching the client costs (docs/quotas.md §3). The
+ * upstream refused: a connect error (it never saw the request), a reset before any answer
+ * or an error status (like a 5xx) — the request counts only when that refusal is the
+ * client's answer. It timed out after the request was sent: it was working, so the tokens
+ * are charged even when another candidate takes over.
+ */
+static enum attempt_cost ended_attempt_cost(enum upstream_result res, int status,
+                                            const char *detail)
+{
+	switch (res) {
+	case UPSTREAM_OK:
+		return status >= 400 ? COST_REQUEST : COST_WORK;
+	case UPSTREAM_TIMEOUT:
+		/* upstream.c names a timeout before the connection was made this way. */
+		return strcmp(detail, "connect timeout") == 0 ? COST_NOTHING : COST_WORK;
+	case UPSTREAM_CONNECT_ERROR:
+		return COST_NOTHING;
+	case UPSTREAM_ERROR:
+	case UPSTREAM_ABORTED:
+	default:
+		return COST_REQUEST;
+	}
+}
+
+/* What a client is told about a failed attempt, after the instance's name: a generic
+ * reason. The detail — libcurl's text, the upstream's address — is the operator's: it goes
+ * to the error log, with the request id. */
+static const char *client_reason(enum upstream_result res)
+{
+	switch (res) {
+	case UPSTREAM_TIMEOUT:
+		return "timed out";
+	case UPSTREAM_CONNECT_ERROR:
+		return "could not be reached";
+	default:
+		return "failed";
+	}
+}
+
+/* Give this attempt up and try the next candidate. detail is what the client may see
+ * should every candidate fail. */
 static void fail_over(struct request *r, enum upstream_result res, int status, const char *detail)
 {
 	r->last_res = res;
 	r->last_status = status;
 	snprintf(r->last_detail, sizeof(r->last_detail), "%s", detail);
 	if (r->ticket_held) {
-		quota_release(r->w->quota, &r->ticket);
+		/* The request is counted by the attempt that ends it; work done here is charged. */
+		if (r->cost == COST_WORK)
+			quota_settle_tokens(r->w->quota, &r->ticket, r->est_prompt,
+			                    usage_estimate_text(r->output_text_bytes));
+		else
+			quota_release(r->w->quota, &r->ticket);
 		r->ticket_held = false;
 	}
 	attempt_reset(r);
@@ -1128,11 +1262,19 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 		attempt_end(r, res, status, outcome);
 		if (res != UPSTREAM_OK || sse_pending(&r->sse) != 0) {
 			const char *why = res == UPSTREAM_OK ? "the stream ended inside an event" : detail;
+			char msg[200];
 			log_warn("[%s] instance %s: stream failed after the first byte: %s", r->id,
 			         in->name, why);
-			stream_error_event(r, res == UPSTREAM_TIMEOUT ? "upstream_timeout"
-			                                              : "upstream_stream_error",
-			                   why);
+			if (res == UPSTREAM_OK)
+				snprintf(msg, sizeof(msg), "instance '%s': %s", in->name, why);
+			else
+				snprintf(msg, sizeof(msg),
+				         "instance '%s' %s after the stream started", in->name,
+				         client_reason(res));
+			stream_error_event(r,
+			                   res == UPSTREAM_TIMEOUT ? "upstream_timeout"
+			                                           : "upstream_stream_error",
+			                   msg);
 			r->rec.error_code = "upstream_stream_error";
 		}
 		r->rec.status = status;
@@ -1150,6 +1292,7 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	}
 	unsigned trigger = res == UPSTREAM_OK ? trigger_for_status(r->route, status)
 	                                      : trigger_for_result(res);
+	r->cost = ended_attempt_cost(res, status, detail);
 	attempt_end(r, res, status, outcome_name(res, status));
 	if (res == UPSTREAM_OK && status == 429) {
 		/* "Name: value\r\n" lines, not NUL-terminated: compare at line starts. */
@@ -1166,11 +1309,15 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	}
 	if (trigger & (r->route->fallback.on | FALLBACK_LISTED)) {
 		char why[300];
-		if (res == UPSTREAM_OK)
+		if (res == UPSTREAM_OK) {
 			snprintf(why, sizeof(why), "%s answered HTTP %d", in->name, status);
-		else
-			snprintf(why, sizeof(why), "%s: %s", in->name, detail);
-		log_info("[%s] failing over from %s: %s", r->id, in->name, why);
+			log_info("[%s] failing over from %s: %s", r->id, in->name, why);
+		} else {
+			log_info("[%s] failing over from %s: %s: %s", r->id, in->name,
+			         upstream_result_name(res), detail);
+			snprintf(why, sizeof(why), "instance '%s' %s", in->name,
+			         client_reason(res));
+		}
 		fail_over(r, res, status, why);
 		return;
 	}
@@ -1179,13 +1326,13 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 		log_warn("[%s] instance %s: %s: %s", r->id, in->name, upstream_result_name(res), detail);
 		if (res == UPSTREAM_TIMEOUT)
 			reply_error(r, code, "timeout_error", "upstream_timeout",
-			            "instance '%s' timed out: %s", in->name, detail);
+			            "instance '%s' %s", in->name, client_reason(res));
 		else if (res == UPSTREAM_CONNECT_ERROR)
 			reply_error(r, code, "upstream_error", "upstream_connect_error",
-			            "cannot connect to instance '%s': %s", in->name, detail);
+			            "instance '%s' %s", in->name, client_reason(res));
 		else
-			reply_error(r, code, "upstream_error", "upstream_error",
-			            "instance '%s' failed: %s", in->name, detail);
+			reply_error(r, code, "upstream_error", "upstream_error", "instance '%s' %s",
+			            in->name, client_reason(res));
 		return;
 	}
 
@@ -1247,20 +1394,17 @@ static void reply_error(struct request *r, int status, const char *type, const c
 	request_finish(r);
 }
 
-/* Charge what the answer used: the upstream's usage, or our estimate. */
+/*
+ * Charge what the upstream was asked to do (docs/quotas.md §3): its usage, or — when it
+ * said nothing, or the client left before it could — the prompt estimate and the text
+ * produced so far. An error status passed through counts the request and no tokens; an
+ * attempt that never reached the upstream costs nothing.
+ */
 static void settle(struct request *r)
 {
 	struct record_usage *u = &r->usage;
 
-	/* An upstream that refused (4xx/5xx passed through) or never answered did
-	 * no work for us: give the reservation back rather than guess. */
-	if (r->ticket_held && !u->present && (r->rec.upstream_status == 0 || r->rec.upstream_status >= 400) &&
-	    r->output_text_bytes == 0) {
-		quota_release(r->w->quota, &r->ticket);
-		r->ticket_held = false;
-	}
-
-	if (!u->present && (r->ticket_held || r->output_text_bytes > 0)) {
+	if (!u->present && r->cost == COST_WORK && (r->ticket_held || r->output_text_bytes > 0)) {
 		u->present = true;
 		u->estimated = true;
 		u->prompt = r->est_prompt;
@@ -1268,7 +1412,12 @@ static void settle(struct request *r)
 		u->total = u->prompt + u->completion;
 	}
 	if (r->ticket_held) {
-		quota_settle(r->w->quota, &r->ticket, u->prompt, u->completion);
+		if (r->cost == COST_WORK)
+			quota_settle(r->w->quota, &r->ticket, u->prompt, u->completion);
+		else if (r->cost == COST_REQUEST)
+			quota_settle(r->w->quota, &r->ticket, 0, 0);
+		else
+			quota_release(r->w->quota, &r->ticket);
 		r->ticket_held = false;
 	}
 	r->rec.usage = *u;

@@ -100,6 +100,11 @@ static bool router_lists_model(const struct config_route *r, const char *model)
  */
 json_t *router_models_json(const struct config *c)
 {
+	return router_models_json_for(c, NULL, NULL);
+}
+
+json_t *router_models_json_for(const struct config *c, router_route_filter keep, const void *arg)
+{
 	json_t *data = json_array();
 	json_t *seen = json_object();
 	json_t *list = NULL;
@@ -110,6 +115,8 @@ json_t *router_models_json(const struct config *c)
 	for (size_t i = 0; i < c->n_routes; i++) {
 		const struct config_route *r = &c->routes[i];
 
+		if (keep != NULL && !keep(r, arg))
+			continue;
 		for (size_t m = 0; m < r->n_models; m++)
 			if (!router_add_model(data, seen, r->models[m]))
 				goto fail;

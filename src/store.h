@@ -74,6 +74,13 @@ size_t redis_store_inflight(const struct redis_store *rs);
 /* Note a store failure seen by the caller (e.g. a malformed reply): starts an outage. */
 void redis_store_report_failure(struct redis_store *rs, const char *why);
 
+/* Called on the loop when a (re)connection's handshake is done: commands sent now run on
+ * the new connection. Commands may be sent from it. */
+typedef void (*redis_ready_fn)(void *arg);
+void redis_store_on_ready(struct redis_store *rs, redis_ready_fn fn, void *arg);
+/* Connected and past the handshake. */
+bool redis_store_ready(const struct redis_store *rs);
+
 /* EVALSHA script with keys argv[0..nkeys) and arguments argv[nkeys..argc); on NOSCRIPT the
  * script is sent whole with EVAL (which loads it again). false when the command could not
  * be queued (no connection): done is then not called. */
@@ -82,5 +89,35 @@ bool redis_store_eval(struct redis_store *rs, enum redis_script script, int nkey
 /* A plain command (argv[0] is its name). */
 bool redis_store_command(struct redis_store *rs, int argc, const char **argv, const size_t *lens,
                          redis_done_fn done, void *ctx);
+
+/* ---------------------------------------------------------------- redis replies */
+
+/* Interpreting replies (bytes from outside: any type, size or nesting is handled). */
+
+struct redisReader;
+/* A hiredis reader that builds replies the way the store's connections do: arrays of
+ * more than 4096 elements are refused (an error, not a 16 GiB allocation). For the fuzz
+ * target; free it with redisReaderFree. */
+struct redisReader *redis_reply_reader_new(void);
+
+/* NULL (no reply) or an error reply. */
+bool redis_reply_is_error(const struct redisReply *r);
+/* An error reply starting with NOSCRIPT. */
+bool redis_reply_is_noscript(const struct redisReply *r);
+/* A printable, NUL-terminated description for a log line (an error's text, or the
+ * reply's kind); returns its length (< cap). */
+size_t redis_reply_describe(const struct redisReply *r, char *buf, size_t cap);
+/* A counter's value: nil (absent) → 0, an integer (negative → 0), or a string of 1–20
+ * decimal digits that fits in 64 bits. false for anything else. */
+bool redis_reply_u64(const struct redisReply *r, uint64_t *out);
+
+enum redis_verdict { REDIS_VERDICT_BAD, REDIS_VERDICT_REFUSED, REDIS_VERDICT_ADMITTED };
+/* The admission script's answer for n counters: {0|1, cur1, prev1, ...}, integers only;
+ * cur[] and prev[] (n each) get the values read (negative → 0). BAD for any other shape
+ * (then cur/prev may be partly written). */
+enum redis_verdict redis_reply_admit(const struct redisReply *r, size_t n, uint64_t *cur,
+                                     uint64_t *prev);
+/* An MGET of n keys: out[i] per redis_reply_u64. false for any other shape. */
+bool redis_reply_values(const struct redisReply *r, size_t n, uint64_t *out);
 
 #endif

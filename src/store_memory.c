@@ -56,9 +56,12 @@ uint64_t store_hash(const char *s, size_t len)
 
 uint64_t store_weighted(uint64_t cur, uint64_t prev, uint32_t weight)
 {
+	uint64_t w;
+
 	if (weight == 0 || prev == 0)
 		return cur;
-	return cur + (uint64_t)((unsigned __int128)prev * weight / 1000000u);
+	w = (uint64_t)((unsigned __int128)prev * weight / 1000000u);
+	return cur > UINT64_MAX - w ? UINT64_MAX : cur + w;
 }
 
 static size_t shard_of(uint64_t hash)
@@ -210,7 +213,9 @@ bool store_memory_admit(struct mem_counter *cs, size_t n, uint64_t now)
 			struct mem_entry *e = find_or_add(&shards[shard_of(cs[i].hash)], &cs[i]);
 			/* Out of memory: admit without counting rather than refuse everyone. */
 			if (e != NULL)
-				e->value += cs[i].amount;
+				e->value = e->value > UINT64_MAX - cs[i].amount
+				                   ? UINT64_MAX
+				                   : e->value + cs[i].amount;
 		}
 	}
 
@@ -235,6 +240,8 @@ void store_memory_adjust(const char *series, size_t len, uint64_t hash, uint64_t
 	if (e != NULL && e->expire_at > now) {
 		if (delta < 0 && (uint64_t)(-(delta + 1)) + 1 >= e->value)
 			e->value = 0;
+		else if (delta > 0 && e->value > UINT64_MAX - (uint64_t)delta)
+			e->value = UINT64_MAX;
 		else
 			e->value += (uint64_t)delta; /* modular: adds |delta| or subtracts it */
 	}

@@ -41,44 +41,109 @@
 #define BACKOFF_MAX_MS   5000
 #define HANDSHAKE_MIN_MS 1000
 
-/* ADMIT — KEYS: for counter i, KEYS[2i-1] its current bucket, KEYS[2i] the previous one.
- * ARGV: for counter i, ARGV[4i-3] limit, ARGV[4i-2] amount, ARGV[4i-1] weight of the
- * previous bucket in millionths (0: fixed window), ARGV[4i] TTL in ms.
- * Every counter admits while its weighted use is below its limit; then, and only then,
- * the amounts are added (all or nothing, atomically: a script runs alone).
- * Returns {admitted, cur1, prev1, cur2, prev2, ...} as read before any change. */
+/*
+ * The data, per counter bucket (docs/quotas.md §8 has the why):
+ *
+ *   K     "<prefix><limit id>:<consumer|*>:<window start>": a string, the settled use plus
+ *         every live reservation (what the admission rule reads, what MGET shows);
+ *   K:r   a sorted set of the bucket's reservations, by token (unique per admission):
+ *           "<token>:<amount>"  a live reservation; score: its lease's end (ms)
+ *           "<token>"           a dead token; score: when it may be forgotten (ms)
+ *
+ * A reservation is settled, released or undone by its token, so each of those is
+ * idempotent (the first removes the live member, a repeat finds nothing) and can be sent
+ * again after a lost reply. An undo for an admission whose reply was lost leaves a dead
+ * token, so that the admission, should it still run later, reserves nothing. A live
+ * reservation past its lease (its owner died, or lost Redis for longer than the lease) is
+ * reclaimed by the next admission on its bucket and leaves a dead token, so that a late
+ * settlement still charges what was used — once.
+ */
+
+/* ADMIT — KEYS: for counter i, KEYS[4i-3] its current bucket, KEYS[4i-2] the previous one,
+ * KEYS[4i-1] and KEYS[4i] their reservation sets. ARGV[1] token, ARGV[2] now (ms),
+ * ARGV[3] the lease's end (ms), ARGV[4] how long a dead token is kept (ms); then for
+ * counter i, ARGV[4+4i-3] limit, ARGV[4+4i-2] amount, ARGV[4+4i-1] weight of the previous
+ * bucket in millionths (0: fixed window), ARGV[4+4i] TTL in ms.
+ * Expired reservations are reclaimed first (at most 64 per set and call). Every counter
+ * admits while its weighted use is below its limit; then, and only then, the amounts are
+ * added and the token recorded (all or nothing, atomically: a script runs alone).
+ * Returns {admitted, cur1, prev1, cur2, prev2, ...} as read before any change, or {-1}
+ * when the token is dead (this admission was undone before it ran). */
 static const char script_admit[] =
-        "local n = #KEYS / 2\n"
+        "local token, now, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])\n"
+        "local function reclaim(k, z)\n"
+        "  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now, 'LIMIT', 0, 64)\n"
+        "  for _, m in ipairs(old) do\n"
+        "    redis.call('ZREM', z, m)\n"
+        "    local t, a = string.match(m, '^(%x+):(%d+)$')\n"
+        "    if t then\n"
+        "      if redis.call('EXISTS', k) == 1 then\n"
+        "        local v = redis.call('DECRBY', k, a)\n"
+        "        if v < 0 then redis.call('INCRBY', k, -v) end\n"
+        "      end\n"
+        "      redis.call('ZADD', z, now + tomb, t)\n"
+        "    end\n"
+        "  end\n"
+        "end\n"
+        "local n = #KEYS / 4\n"
         "local out = {1}\n"
         "local ok = 1\n"
         "for i = 1, n do\n"
-        "  local cur = tonumber(redis.call('GET', KEYS[2*i-1]) or 0)\n"
-        "  local w = tonumber(ARGV[4*i-1])\n"
+        "  local k, z, a = KEYS[4*i-3], KEYS[4*i-1], 4 + 4*(i-1)\n"
+        "  local w = tonumber(ARGV[a+3])\n"
+        "  reclaim(k, z)\n"
+        "  if w > 0 then reclaim(KEYS[4*i-2], KEYS[4*i]) end\n"
+        "  if redis.call('ZSCORE', z, token) then return {-1} end\n"
+        "  local cur = tonumber(redis.call('GET', k) or 0)\n"
         "  local prev = 0\n"
-        "  if w > 0 then prev = tonumber(redis.call('GET', KEYS[2*i]) or 0) end\n"
+        "  if w > 0 then prev = tonumber(redis.call('GET', KEYS[4*i-2]) or 0) end\n"
         "  out[2*i] = cur\n"
         "  out[2*i+1] = prev\n"
-        "  if cur + math.floor(prev * w / 1000000) >= tonumber(ARGV[4*i-3]) then ok = 0 end\n"
+        "  if cur + math.floor(prev * w / 1000000) >= tonumber(ARGV[a+1]) then ok = 0 end\n"
         "end\n"
         "if ok == 1 then\n"
         "  for i = 1, n do\n"
-        "    redis.call('INCRBY', KEYS[2*i-1], ARGV[4*i-2])\n"
-        "    redis.call('PEXPIRE', KEYS[2*i-1], ARGV[4*i])\n"
+        "    local k, z, a = KEYS[4*i-3], KEYS[4*i-1], 4 + 4*(i-1)\n"
+        "    local ttl = tonumber(ARGV[a+4])\n"
+        "    redis.call('INCRBY', k, ARGV[a+2])\n"
+        "    redis.call('PEXPIRE', k, ttl)\n"
+        "    redis.call('ZADD', z, ARGV[3], token .. ':' .. ARGV[a+2])\n"
+        "    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end\n"
         "  end\n"
         "end\n"
         "out[1] = ok\n"
         "return out\n";
 
-/* ADJUST — KEYS[i] a bucket, ARGV[i] a signed delta. A bucket that expired is left alone
- * (its window is over); a counter never goes below zero (and keeps its TTL). */
-static const char script_adjust[] = "for i = 1, #KEYS do\n"
-                                    "  local d = tonumber(ARGV[i])\n"
-                                    "  if d ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then\n"
-                                    "    local v = redis.call('INCRBY', KEYS[i], d)\n"
-                                    "    if v < 0 then redis.call('INCRBY', KEYS[i], -v) end\n"
-                                    "  end\n"
-                                    "end\n"
-                                    "return 1\n";
+/* ADJUST — settle, release or undo one reservation by its token. KEYS: for counter i,
+ * KEYS[2i-1] the bucket it was reserved in, KEYS[2i] its reservation set. ARGV[1] token,
+ * ARGV[2] now (ms), ARGV[3] 0, or for an undo how long to keep the dead token (ms); then
+ * for counter i, ARGV[3+2i-1] the amount reserved, ARGV[3+2i] the amount to charge.
+ * A live reservation becomes the charge; a reclaimed one (dead token) is charged in full,
+ * once; nothing is done for a token already settled. An undo that finds nothing live
+ * leaves a dead token, so that its admission reserves nothing if it still runs. A bucket
+ * that expired is left alone (its window is over); a counter never goes below zero (and
+ * keeps its TTL). */
+static const char script_adjust[] =
+        "local token, now, tomb = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])\n"
+        "for i = 1, #KEYS / 2 do\n"
+        "  local k, z = KEYS[2*i-1], KEYS[2*i]\n"
+        "  local amount, charge = ARGV[2+2*i], tonumber(ARGV[3+2*i])\n"
+        "  local d = 0\n"
+        "  if redis.call('ZREM', z, token .. ':' .. amount) == 1 then\n"
+        "    d = charge - tonumber(amount)\n"
+        "  else\n"
+        "    if redis.call('ZREM', z, token) == 1 then d = charge end\n"
+        "    if tomb > 0 then\n"
+        "      redis.call('ZADD', z, now + tomb, token)\n"
+        "      if redis.call('PTTL', z) < tomb then redis.call('PEXPIRE', z, tomb) end\n"
+        "    end\n"
+        "  end\n"
+        "  if d ~= 0 and redis.call('EXISTS', k) == 1 then\n"
+        "    local v = redis.call('INCRBY', k, d)\n"
+        "    if v < 0 then redis.call('INCRBY', k, -v) end\n"
+        "  end\n"
+        "end\n"
+        "return 1\n";
 
 static const char *const script_src[REDIS_N_SCRIPTS] = {script_admit, script_adjust};
 
@@ -115,6 +180,8 @@ struct redis_store {
 	bool configured;
 	uint64_t epoch;
 
+	redis_ready_fn on_ready; /* called when a handshake completes */
+	void *on_ready_arg;
 	bool ready;     /* handshake done */
 	int hs_pending; /* handshake replies still expected */
 	bool down;      /* counted in outage_workers */
@@ -244,10 +311,217 @@ static void on_timeout(evutil_socket_t fd, short what, void *arg)
 	teardown(rs, why, true);
 }
 
-static bool is_noscript(const redisReply *r)
+/* ---------------------------------------------------------------- reply objects */
+
+/*
+ * Replies are built by these rather than by hiredis's defaults, to bound what one reply
+ * may make us allocate: hiredis 0.14 allocates an array's element vector from the count
+ * the server announces, so "*2147483647\r\n" — 13 bytes — would ask for 16 GiB. No reply
+ * Sluice expects has more than REDIS_MAX_REPLY_ELEMENTS elements (an admission of 16
+ * counters has 33); a larger array is refused as out of memory, which fails the connection
+ * like any protocol error. The objects are hiredis's redisReply, freed by freeReplyObject.
+ */
+#define REDIS_MAX_REPLY_ELEMENTS 4096
+
+/* Hang r in its parent array (hiredis builds the parent first, with every slot). */
+static bool reply_link(const redisReadTask *task, redisReply *r)
 {
+	redisReply *parent;
+
+	if (task->parent == NULL)
+		return true;
+	parent = task->parent->obj;
+	if (parent == NULL || parent->type != REDIS_REPLY_ARRAY || task->idx < 0 ||
+	    (size_t)task->idx >= parent->elements)
+		return false;
+	parent->element[task->idx] = r;
+	return true;
+}
+
+static void *reply_string(const redisReadTask *task, char *str, size_t len)
+{
+	redisReply *r;
+	char *copy;
+
+	if (len >= SIZE_MAX / 2 || (copy = malloc(len + 1)) == NULL)
+		return NULL;
+	if ((r = calloc(1, sizeof(*r))) == NULL) {
+		free(copy);
+		return NULL;
+	}
+	memcpy(copy, str, len);
+	copy[len] = '\0'; /* for hiredis's own users; ours go by len */
+	r->type = task->type;
+	r->str = copy;
+	r->len = len;
+	if (!reply_link(task, r)) {
+		freeReplyObject(r);
+		return NULL;
+	}
+	return r;
+}
+
+static void *reply_array(const redisReadTask *task, int elements)
+{
+	redisReply *r;
+
+	if (elements < 0 || elements > REDIS_MAX_REPLY_ELEMENTS)
+		return NULL;
+	if ((r = calloc(1, sizeof(*r))) == NULL)
+		return NULL;
+	r->type = REDIS_REPLY_ARRAY;
+	if (elements > 0 && (r->element = calloc((size_t)elements, sizeof(*r->element))) == NULL) {
+		free(r);
+		return NULL;
+	}
+	r->elements = (size_t)elements;
+	if (!reply_link(task, r)) {
+		freeReplyObject(r);
+		return NULL;
+	}
+	return r;
+}
+
+static void *reply_scalar(const redisReadTask *task, int type, long long v)
+{
+	redisReply *r = calloc(1, sizeof(*r));
+
+	if (r == NULL)
+		return NULL;
+	r->type = type;
+	r->integer = v;
+	if (!reply_link(task, r)) {
+		free(r);
+		return NULL;
+	}
+	return r;
+}
+
+static void *reply_integer(const redisReadTask *task, long long v)
+{
+	return reply_scalar(task, REDIS_REPLY_INTEGER, v);
+}
+
+static void *reply_nil(const redisReadTask *task)
+{
+	return reply_scalar(task, REDIS_REPLY_NIL, 0);
+}
+
+/* Not const: hiredis's reader holds a plain pointer to its table. */
+static redisReplyObjectFunctions reply_functions = {
+        .createString = reply_string,
+        .createArray = reply_array,
+        .createInteger = reply_integer,
+        .createNil = reply_nil,
+        .freeObject = freeReplyObject,
+};
+
+struct redisReader *redis_reply_reader_new(void)
+{
+	return redisReaderCreateWithFunctions(&reply_functions);
+}
+
+/* ---------------------------------------------------------------- replies */
+
+/*
+ * Replies are bytes from outside: whatever their type, size or nesting, these read them
+ * by type and length (never as C strings), and refuse what does not have the expected
+ * shape. tests/fuzz/fuzz_redis_reply.c runs them over arbitrary replies.
+ */
+
+bool redis_reply_is_error(const struct redisReply *r)
+{
+	return r == NULL || r->type == REDIS_REPLY_ERROR;
+}
+
+bool redis_reply_is_noscript(const struct redisReply *r)
+{
+	static const char prefix[] = "NOSCRIPT";
+
 	return r != NULL && r->type == REDIS_REPLY_ERROR && r->str != NULL &&
-	       strncmp(r->str, "NOSCRIPT", 8) == 0;
+	       r->len >= sizeof(prefix) - 1 && memcmp(r->str, prefix, sizeof(prefix) - 1) == 0;
+}
+
+size_t redis_reply_describe(const struct redisReply *r, char *buf, size_t cap)
+{
+	const char *what;
+	size_t n = 0;
+
+	if (cap == 0)
+		return 0;
+	if (r == NULL)
+		what = "no reply";
+	else if ((r->type == REDIS_REPLY_ERROR || r->type == REDIS_REPLY_STATUS ||
+	          r->type == REDIS_REPLY_STRING) &&
+	         r->str != NULL) {
+		/* Printable ASCII only: the text goes into log lines. */
+		for (size_t i = 0; i < r->len && n + 1 < cap; i++) {
+			unsigned char ch = (unsigned char)r->str[i];
+			buf[n++] = ch >= 0x20 && ch < 0x7f ? (char)ch : '?';
+		}
+		buf[n] = '\0';
+		return n;
+	} else {
+		what = r->type == REDIS_REPLY_ARRAY ? "an array" : "a reply of another type";
+	}
+	snprintf(buf, cap, "%s", what);
+	return strlen(buf);
+}
+
+bool redis_reply_u64(const struct redisReply *r, uint64_t *out)
+{
+	uint64_t v = 0;
+
+	if (r == NULL)
+		return false;
+	if (r->type == REDIS_REPLY_NIL) {
+		*out = 0;
+		return true;
+	}
+	if (r->type == REDIS_REPLY_INTEGER) {
+		*out = r->integer > 0 ? (uint64_t)r->integer : 0;
+		return true;
+	}
+	if (r->type != REDIS_REPLY_STRING || r->str == NULL || r->len == 0 || r->len > 20)
+		return false;
+	for (size_t i = 0; i < r->len; i++) {
+		unsigned d = (unsigned char)r->str[i] - '0';
+		if (d > 9 || v > (UINT64_MAX - d) / 10)
+			return false;
+		v = v * 10 + d;
+	}
+	*out = v;
+	return true;
+}
+
+enum redis_verdict redis_reply_admit(const struct redisReply *r, size_t n, uint64_t *cur,
+                                     uint64_t *prev)
+{
+	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->element == NULL ||
+	    n > (SIZE_MAX - 1) / 2 || r->elements != 1 + 2 * n)
+		return REDIS_VERDICT_BAD;
+	for (size_t i = 0; i < r->elements; i++)
+		if (r->element[i] == NULL || r->element[i]->type != REDIS_REPLY_INTEGER)
+			return REDIS_VERDICT_BAD;
+	if (r->element[0]->integer != 0 && r->element[0]->integer != 1)
+		return REDIS_VERDICT_BAD;
+	for (size_t i = 0; i < n; i++) {
+		long long c = r->element[1 + 2 * i]->integer, p = r->element[2 + 2 * i]->integer;
+		cur[i] = c > 0 ? (uint64_t)c : 0;
+		prev[i] = p > 0 ? (uint64_t)p : 0;
+	}
+	return r->element[0]->integer == 1 ? REDIS_VERDICT_ADMITTED : REDIS_VERDICT_REFUSED;
+}
+
+bool redis_reply_values(const struct redisReply *r, size_t n, uint64_t *out)
+{
+	if (r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements != n ||
+	    (n > 0 && r->element == NULL))
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (!redis_reply_u64(r->element[i], &out[i]))
+			return false;
+	return true;
 }
 
 static void on_reply(redisAsyncContext *ac, void *r, void *privdata);
@@ -293,7 +567,7 @@ static void on_reply(redisAsyncContext *ac, void *r, void *privdata)
 
 	/* The script cache was flushed (SCRIPT FLUSH, a restarted or failed-over server that
 	 * kept the connection's address): send it whole once; EVAL caches it again. */
-	if (cmd->is_eval && !cmd->retried && is_noscript(reply)) {
+	if (cmd->is_eval && !cmd->retried && redis_reply_is_noscript(reply)) {
 		cmd->retried = true;
 		if (send_cmd(cmd, true))
 			return;
@@ -397,8 +671,9 @@ static void on_handshake(redisAsyncContext *ac, void *r, void *privdata)
 	if (reply == NULL || rs->ac != ac)
 		return; /* the teardown in progress says why */
 	if (reply->type == REDIS_REPLY_ERROR) {
-		char why[160];
-		snprintf(why, sizeof(why), "handshake: %s", reply->str ? reply->str : "error");
+		char why[160], text[128];
+		redis_reply_describe(reply, text, sizeof(text));
+		snprintf(why, sizeof(why), "handshake: %s", text);
 		log_debug("redis %s:%d %s", rs->host, rs->port, why);
 		kill_later(rs, why);
 		return;
@@ -409,6 +684,9 @@ static void on_handshake(redisAsyncContext *ac, void *r, void *privdata)
 		event_del(rs->hs_ev);
 		log_debug("redis %s:%d connected", rs->host, rs->port);
 		mark_up(rs);
+		/* Settlements that waited for the connection go now, behind nothing. */
+		if (rs->on_ready != NULL)
+			rs->on_ready(rs->on_ready_arg);
 	}
 }
 
@@ -432,6 +710,7 @@ static void rs_connect(struct redis_store *rs)
 
 	if (rs->ac != NULL || rs->freeing || rs->host == NULL)
 		return;
+	log_debug("redis %s:%d: connecting", rs->host, rs->port);
 	ac = redisAsyncConnect(rs->host, rs->port);
 	if (ac == NULL) {
 		mark_down(rs, "out of memory");
@@ -447,6 +726,7 @@ static void rs_connect(struct redis_store *rs)
 		return;
 	}
 	ac->data = rs;
+	ac->c.reader->fn = &reply_functions; /* nothing was read yet */
 	if (redisLibeventAttach(ac, rs->base) != REDIS_OK) {
 		redisAsyncFree(ac);
 		mark_down(rs, "cannot attach to the event loop");
@@ -579,6 +859,17 @@ const char *redis_store_prefix(const struct redis_store *rs)
 enum store_on_error redis_store_on_error(const struct redis_store *rs)
 {
 	return rs->on_error;
+}
+
+void redis_store_on_ready(struct redis_store *rs, redis_ready_fn fn, void *arg)
+{
+	rs->on_ready = fn;
+	rs->on_ready_arg = arg;
+}
+
+bool redis_store_ready(const struct redis_store *rs)
+{
+	return rs->ac != NULL && rs->ready;
 }
 
 size_t redis_store_inflight(const struct redis_store *rs)

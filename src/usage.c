@@ -386,10 +386,14 @@ uint64_t usage_completion_budget(const json_t *body, uint64_t default_budget)
 			break;
 		}
 	}
-	/* n choices each produce up to the cap. */
+	/* n choices each produce up to the cap. Both numbers are the client's: the product
+	 * saturates instead of wrapping (a wrapped product would reserve almost nothing), and
+	 * the caller clamps it to what one attempt may reserve (max_reservation). */
 	v = json_object_get(body, "n");
-	if (json_is_integer(v) && json_integer_value(v) > 1 && json_integer_value(v) <= 128)
-		budget *= (uint64_t)json_integer_value(v);
+	if (json_is_integer(v) && json_integer_value(v) > 1 && json_integer_value(v) <= 128) {
+		uint64_t n = (uint64_t)json_integer_value(v);
+		budget = budget > UINT64_MAX / n ? UINT64_MAX : budget * n;
+	}
 	return budget;
 }
 

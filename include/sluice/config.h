@@ -200,6 +200,7 @@ struct config_instance {
 	} keepalive;
 	struct config_limit *limits;
 	size_t n_limits;
+	unsigned max_reservation;  /* default 32768: completion tokens one attempt may reserve */
 	struct config_active_check active;
 	struct config_passive_check passive;
 	/* Runtime state kept across reloads by name (health, in-flight): attached by

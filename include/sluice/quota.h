@@ -35,6 +35,18 @@ struct quota_pending;
  * configurations that could exceed it; extra limits are ignored with an error log. */
 #define QUOTA_MAX_COUNTERS 16
 
+/*
+ * Redis reservations (docs/quotas.md §8). Each carries a token (QUOTA_TOKEN_LEN hex
+ * digits, unique per admission). One that is not settled within its lease — the
+ * instance's timeouts.total plus QUOTA_LEASE_GRACE_MS after its admission — is presumed
+ * orphaned and is reclaimed by the next admission on its counter. Settlements that cannot
+ * reach Redis wait for the next connection, at most QUOTA_RETRY_MAX per worker (beyond,
+ * the oldest is dropped) and until two leases after their admission.
+ */
+#define QUOTA_TOKEN_LEN      32
+#define QUOTA_LEASE_GRACE_MS 60000
+#define QUOTA_RETRY_MAX      4096
+
 /* One counter's reservation (private to quota.c; in the header so tickets can be embedded). */
 struct quota_reservation {
 	const struct config_limit *limit;
@@ -67,11 +79,13 @@ struct quota_ticket {
 	/* private */
 	struct quota_reservation res[QUOTA_MAX_COUNTERS];
 	unsigned n_res;
-	const char *consumer_name;     /* "*" for auth: none */
-	enum quota_backend backend;    /* where the reservation lives */
-	uint64_t epoch;                /* redis store epoch at admission */
-	bool holds;                    /* a live reservation: settle or release it */
-	struct quota_pending *pending; /* a Redis admission in flight */
+	const char *consumer_name;       /* "*" for auth: none */
+	enum quota_backend backend;      /* where the reservation lives */
+	uint64_t epoch;                  /* redis store epoch at admission */
+	char token[QUOTA_TOKEN_LEN + 1]; /* redis: the reservation's */
+	uint64_t deadline;               /* redis: ms, after which a settlement is pointless */
+	bool holds;                      /* a live reservation: settle or release it */
+	struct quota_pending *pending;   /* a Redis admission in flight */
 	void (*cb)(void *arg, struct quota_ticket *t);
 	void *cb_arg;
 };
@@ -90,9 +104,11 @@ void quota_configure(struct quota *q, const struct config *c);
  * callbacks: cancel or finish the requests first. Neither this nor quota_configure may be
  * called from inside a quota_cb. */
 void quota_free(struct quota *q);
-/* Redis commands this worker still waits for (admissions, settlements, releases). A
- * draining worker keeps its loop running until this is 0 (or the store timeout passed),
- * or the last settlements are lost. Always 0 with the memory store. */
+/* Redis commands this worker still waits for (admissions, settlements, releases), and
+ * the adjustments waiting for a connection while one is being made. A draining worker
+ * keeps its loop running until this is 0 (or its drain timeout passed), or the last
+ * settlements are lost (their reservations are reclaimed when their leases end). Always
+ * 0 with the memory store. */
 size_t quota_inflight(const struct quota *q);
 /* At exit, after every quota_free: frees the memory store and the concurrency registry. */
 void quota_global_free(void);
@@ -115,7 +131,13 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 /* Replace the reservation with the real usage (as reported, or estimated). Fire and
  * forget: one round trip with Redis. No-op when t holds nothing. */
 void quota_settle(struct quota *q, struct quota_ticket *t, uint64_t prompt, uint64_t completion);
-/* A failed attempt gives its whole reservation back (tokens and the request count). */
+/* An attempt that the upstream worked on but that fails over to the next candidate (a
+ * timeout after the request was sent): its tokens are charged like quota_settle, its
+ * request counts are given back — a request counts once, on the attempt that ends it. */
+void quota_settle_tokens(struct quota *q, struct quota_ticket *t, uint64_t prompt,
+                         uint64_t completion);
+/* A failed attempt gives its whole reservation back (tokens and the request count): one
+ * that never reached an upstream, or that the upstream refused. */
 void quota_release(struct quota *q, struct quota_ticket *t);
 /* The request went away while its admission was pending: cb will not run; a reservation
  * the admission makes is released when the reply arrives. Also releases a held one. */

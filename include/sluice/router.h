@@ -25,5 +25,8 @@ enum router_result router_match(const struct config *c, const char *path, const 
  * routes without a model list, the upstream model of each target instance that
  * has one. Returns a JSON object in OpenAI's list shape (caller decrefs). */
 json_t *router_models_json(const struct config *c);
+/* The same for the routes keep(route, arg) accepts (keep NULL: every route). */
+typedef bool (*router_route_filter)(const struct config_route *route, const void *arg);
+json_t *router_models_json_for(const struct config *c, router_route_filter keep, const void *arg);
 
 #endif

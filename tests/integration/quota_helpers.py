@@ -72,6 +72,11 @@ def chat(prompt_tokens, completion_tokens, mark=None, stream=False, max_tokens=T
     return body
 
 
+def read_access_log(path):
+    """The access log's JSON lines."""
+    return [json.loads(line) for line in harness.read_text(path).splitlines() if line.strip()]
+
+
 def usage_of(resp):
     """(prompt, completion, total) from a non-stream 200 body."""
     u = resp.json()["usage"]
@@ -167,9 +172,11 @@ def quota_instance(name, endpoint, limits=None, **extra):
 
 
 def quota_route(name, paths, targets, auth="key-auth", fallback_on=None, key_headers=None,
-                max_attempts=None):
+                max_attempts=None, models=None):
     """targets: [(instance name, priority)] or instance names."""
     r = {"name": name, "paths": list(paths), "auth": Raw(auth)}
+    if models is not None:
+        r["models"] = list(models)
     if key_headers is not None:
         r["key_headers"] = list(key_headers)
     if fallback_on is not None or max_attempts is not None:
@@ -203,8 +210,9 @@ def redis_store(port, on_error="allow", timeout="2s", prefix=None, password=None
 
 
 def quota_config(port, instances, routes, consumers=None, store=None, admin_port=None,
-                 admin_key=None, access_log=None, workers=2, log_level="debug"):
-    """A complete sluice config (YAML text) for quota tests."""
+                 admin_key=None, access_log=None, workers=2, log_level="debug",
+                 payloads=False):
+    """A complete sluice config (YAML text) for quota tests (payloads: log.payloads)."""
     cfg = {
         "server": {
             "listen": [{"address": "127.0.0.1:%d" % port}],
@@ -215,6 +223,8 @@ def quota_config(port, instances, routes, consumers=None, store=None, admin_port
         "log": {"level": Raw(log_level),
                 "access_log": Raw(access_log) if access_log else Raw("off")},
     }
+    if payloads:
+        cfg["log"]["payloads"] = True
     if admin_port is not None:
         cfg["admin"] = {"listen": "127.0.0.1:%d" % admin_port, "key": admin_key or "none"}
     if store is not None:
@@ -453,13 +463,28 @@ class RedisServer:
                 return sorted(set(out))
 
     def counter_sum(self, pattern, db=0):
-        """Sum of the integer values of the keys matching pattern."""
+        """Sum of the integer values of the counter keys matching pattern (a counter's
+        reservation set, the same key + ":r", is not a counter)."""
         total = 0
         for k in self.keys(pattern, db=db):
+            if k.endswith(":r"):
+                continue
             v = self.cmd("GET", k, db=db)
             if v is not None:
                 total += int(v)
         return total
+
+    def live_reservations(self, pattern="*", db=0):
+        """{set key: [member]} of the live reservations ("<token>:<amount>") in the
+        reservation sets matching pattern; dead tokens (no ":") are left out."""
+        out = {}
+        for k in self.keys(pattern, db=db):
+            if not k.endswith(":r"):
+                continue
+            live = [m for m in self.cmd("ZRANGE", k, 0, -1, db=db) if ":" in m]
+            if live:
+                out[k] = live
+        return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,11 +20,15 @@ mock reported in each 200, the x-ratelimit-*-tokens headers, and the admin API
   KeyAuthTest          missing / wrong / hashed keys, the three key headers, route
                        allow-lists, key rotation by reload; keys never logged or forwarded
   TenantIsolationTest  requests-per-window limits and max_concurrent
+  AbortChargeTest      a client that leaves after its request reached the upstream is still
+                       charged: the request, and the prompt estimate plus what was produced
+  ReservationSizeTest  a client's max_tokens / n cannot reserve more than max_reservation
   ReloadTest           counters survive SIGHUP, also when the limit's value changes
 """
 
 import datetime
 import json
+import select
 import threading
 import time
 
@@ -688,6 +692,52 @@ class KeyAuthTest(qh.QuotaTestCase):
         self.assertEqual(fps, {qh.sha256_hex(self.k_plain)[:12]})
         self.assertKeysNeverLeaked(gw, self.all_keys)
 
+    def test_model_list_needs_a_key(self):
+        """GET /v1/models and /v1/models/{id}: when any route is key-auth, a valid key is
+        required, and the list has only the models of the routes its consumer may use
+        (and of auth: none routes)."""
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("m", self.mock.url())],
+            consumers=[consumer("plain", [self.k_plain]),
+                       consumer("other_only", [self.k_other], routes=["other"])],
+            routes=[qh.quota_route("chat", [CHAT], ["m"], models=["m-chat"]),
+                    qh.quota_route("other", [self.OTHER], ["m"], models=["m-other"]),
+                    qh.quota_route("custom", [self.CUSTOM], ["m"], models=["m-custom"],
+                                   key_headers=["x-team-key"]),
+                    qh.quota_route("open", [self.OPEN], ["m"], models=["m-open"],
+                                   auth="none")])
+
+        def models(headers, path="/v1/models"):
+            return http_request(gw.port, "GET", path, headers=headers)
+
+        for path in ("/v1/models", "/models", "/v1/models/m-open"):
+            self.assertAuthError(models(None, path), 401, "missing_api_key")
+            self.assertAuthError(models(bearer(self.k_wrong), path), 401, "invalid_api_key")
+        r = models(bearer(self.k_plain))
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual([m["id"] for m in r.json()["data"]],
+                         ["m-chat", "m-other", "m-custom", "m-open"])
+        # Its own key header identifies the consumer too.
+        r = models({"x-team-key": self.k_other})
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual([m["id"] for m in r.json()["data"]], ["m-other", "m-open"])
+        r = models(bearer(self.k_other), "/v1/models/m-other")
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(r.json()["id"], "m-other")
+        self.assertAuthError(models(bearer(self.k_other), "/v1/models/m-chat"), 404,
+                             "model_not_found")
+        r = models(bearer(self.k_plain), "/v1/models/m-chat")
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(self.mock.stats()["requests"], 0)
+        self.assertKeysNeverLeaked_logs(gw, self.all_keys)
+
+    def assertKeysNeverLeaked_logs(self, gw, keys):
+        for what, text in (("stderr log", gw.log()),
+                           ("access log", harness.read_text(gw.access_log))):
+            self.assertTrue(text, "%s is empty: the check would prove nothing" % what)
+            for k in keys:
+                self.assertFalse(k in text, "a key appears in the %s" % what)
+
     def test_key_rotation_by_reload(self):
         k_new = key("new")
         gw = self.start_gateway(**self.config([self.k_plain]))
@@ -789,6 +839,145 @@ class TenantIsolationTest(qh.QuotaTestCase):
                    message="the slots of the clients that left to be released")
         r = http_request(gw.port, "POST", CHAT, headers=bearer(k), json_body=chat(4, 4))
         self.assertEqual(r.status, 200, repr(r))
+
+
+class AbortChargeTest(qh.QuotaTestCase):
+    """docs/quotas.md §3, "what an attempt costs": an attempt that reached the upstream is
+    charged although the client left before its answer (issue 12, §1b item 4)."""
+
+    def setUp(self):
+        super().setUp()
+        qh.avoid_window_edge(3600, 40)
+        self.mock = self.start_mock()
+
+    def gateway(self, consumers):
+        return self.start_gateway(
+            instances=[qh.quota_instance("m", self.mock.url())],
+            consumers=consumers, routes=[qh.quota_route("chat", [CHAT], ["m"])])
+
+    def send_and_leave(self, gw, key_, body):
+        """Send body; when it reaches the upstream, close the connection and wait for the
+        upstream transfer to be cancelled. Returns None then, or the response sluice sent
+        before anything reached the upstream."""
+        mark = body["messages"][0]["content"].split(" ", 1)[0]
+        before = self.mock.stats()["cancelled"]
+        hc = harness.HTTPConn(gw.port)
+        self.addCleanup(hc.close)
+        hc.send_request("POST", CHAT, headers=bearer(key_), json_body=body)
+
+        def reached_or_answered():
+            if self.mock.find_request(mark) is not None:
+                return "reached"
+            r, _, _ = select.select([hc.sock], [], [], 0)
+            return "answered" if r else None
+        what = wait_until(reached_or_answered,
+                          message="the request to reach the upstream or be answered")
+        if what == "answered":
+            r = hc.read_response()
+            hc.close()
+            return r
+        hc.close()
+        self.mock.wait_stats(lambda s: s["cancelled"] == before + 1,
+                             "the upstream transfer of the client that left to be cancelled")
+        return None
+
+    def test_six_aborts_on_a_two_request_limit(self):
+        """Six requests on a `requests: 2` limit, each abandoned by its client once it
+        reached the upstream (non-stream, and streams before their first content): only two
+        reach the upstream, the others are refused, and so are the next two."""
+        k = key("abort")
+        gw = self.gateway([consumer("ab", [k], [limit(requests=2, window="1h")])])
+        outcomes = []
+        for i in range(6):
+            m = qh.marker()
+            body = chat(8, 4, mark=m, stream=(i % 2 == 1), mock={"hang": True})
+            r = self.send_and_leave(gw, k, body)
+            if r is None:
+                outcomes.append("reached")
+            else:
+                self.assertQuotaRejection(r, message=None, token_headers=False)
+                outcomes.append("refused")
+        self.assertEqual(outcomes, ["reached"] * 2 + ["refused"] * 4)
+        self.assertEqual(self.mock.stats()["requests"], 2)
+        for _ in range(2):
+            r = http_request(gw.port, "POST", CHAT, headers=bearer(k), json_body=chat(4, 4))
+            self.assertQuotaRejection(r, message=None, token_headers=False)
+        self.assertEqual(self.mock.stats()["requests"], 2)
+        # Both requests were counted, none is still reserved.
+        lid = "consumer:ab:*:requests:1h"
+        self.assertEqual(qh.consumer_used(gw.admin_port, "ab", limit_id=lid), 2)
+
+    def test_abandoned_requests_are_charged_the_prompt_estimate(self):
+        """Tokens: what was produced, or, when that is unknown, the prompt estimate (10
+        prompt tokens → 10 + 7, docs/quotas.md §4). A stream cut by its client after three
+        tokens adds what it produced."""
+        k = key("abtok")
+        gw = self.gateway([consumer("abt", [k], [limit(10000, "1h")])])
+        est = 10 + qh.EST_OVERHEAD_ONE_MESSAGE
+        self.assertIsNone(self.send_and_leave(
+            gw, k, chat(10, 20, mark=qh.marker(), mock={"hang": True})))
+        self.assertEqual(self.used(gw, "abt"), est, "a non-stream request the client left")
+        self.assertIsNone(self.send_and_leave(
+            gw, k, chat(10, 20, mark=qh.marker(), stream=True, mock={"hang": True})))
+        self.assertEqual(self.used(gw, "abt"), 2 * est, "a stream left before its content")
+        # A stream left after some content: the prompt estimate and what it produced.
+        before = self.mock.stats()["cancelled"]
+        hc = harness.HTTPConn(gw.port)
+        self.addCleanup(hc.close)
+        hc.send_request("POST", CHAT, headers=bearer(k),
+                        json_body=chat(10, 1000, stream=True, mock={"itl_ms": 200}))
+        self.assertEqual(hc.read_head().status, 200)
+        seen = 0
+        for ev in hc.iter_events():
+            if ev.content():
+                seen += 1
+            if seen == 3:
+                break
+        hc.close()
+        self.mock.wait_stats(lambda s: s["cancelled"] == before + 1,
+                             "the stream the client left to be cancelled")
+        used = self.used(gw, "abt") - 2 * est
+        self.assertGreater(used, est, "what the stream produced was not charged")
+        self.assertLess(used, est + 1000, "the whole reservation was charged")
+        self.assertEqual(self.mock.stats()["requests"], 3)
+
+
+class ReservationSizeTest(qh.QuotaTestCase):
+    """A client's max_tokens and n cannot make one request reserve an instance's whole
+    quota (issue 12, §1b item 7): the completion side of a reservation is at most the
+    instance's max_reservation, and the arithmetic saturates instead of wrapping."""
+
+    def test_huge_max_tokens_does_not_lock_out_others(self):
+        qh.avoid_window_edge(3600, 40)
+        mock = self.start_mock()
+        kb, ks = key("big"), key("small")
+        gw = self.start_gateway(
+            instances=[qh.quota_instance("m", mock.url(), limits=[limit(100000, "1h")])],
+            consumers=[consumer("big", [kb], [limit(10, "1h")]), consumer("small", [ks])],
+            routes=[qh.quota_route("chat", [CHAT], ["m"])])
+        m = qh.marker()
+        big = chat(10, 4, mark=m, mock={"hang": True})
+        big["max_tokens"] = 9 * 10 ** 18
+        big["n"] = 1000
+        hc = harness.HTTPConn(gw.port)
+        self.addCleanup(hc.close)
+        hc.send_request("POST", CHAT, headers=bearer(kb), json_body=big)
+        mock.wait_request(m)
+        # Reserved on the instance: the prompt estimate + max_reservation (default 32768),
+        # not 9e18 × 1000.
+        held = 10 + qh.EST_OVERHEAD_ONE_MESSAGE + 32768
+        lid = "instance:m:total_tokens:1h"
+        self.assertEqual(qh.instance_limits(gw.admin_port, "m")[lid]["used"], held)
+        for i in range(3):
+            r = http_request(gw.port, "POST", CHAT, headers=bearer(ks), json_body=chat(4, 4))
+            self.assertEqual(r.status, 200, "another consumer locked out: %r" % r)
+        # The third one's header: after two settled requests (8 tokens each) and its own
+        # reservation (prompt estimate 4 + 7, completion 4).
+        self.assertEqual(r.header("x-ratelimit-remaining-tokens"),
+                         str(100000 - held - 2 * 8 - (4 + qh.EST_OVERHEAD_ONE_MESSAGE + 4)),
+                         repr(r))
+        hc.close()
+        mock.wait_stats(lambda s: s["cancelled"] == 1, "the big request to be cancelled")
 
 
 class ReloadTest(qh.QuotaTestCase):

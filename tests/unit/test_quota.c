@@ -18,6 +18,7 @@
 
 #include "sluice/config.h"
 #include "sluice/quota.h"
+#include "sluice/usage.h"
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -565,6 +566,69 @@ static void test_release_and_settle(void **state)
 	fixture_free(f);
 }
 
+/* ---------------------------------------------------------------- reservation size */
+
+static const char size_yaml[] =
+        "instances:\n"
+        "  - name: llm\n"
+        "    provider: openai\n"
+        "    limits: [{ limit: 100000, window: 1h }]\n"
+        "  - name: small\n"
+        "    provider: openai\n"
+        "    max_reservation: 1000\n"
+        "    limits: [{ limit: 100000, window: 1h }]\n"
+        "consumers:\n"
+        "  - name: big\n"
+        "    keys: [k]\n"
+        "    limits: [{ limit: 10, window: 1h }]\n"
+        "  - name: other\n"
+        "    keys: [k2]\n";
+
+/* The client's max_tokens × n cannot reserve more than max_reservation, nor wrap. */
+static void test_reservation_size(void **state)
+{
+	struct fixture *f = fixture_new(size_yaml);
+	struct quota_ticket big = {0}, other = {0};
+	json_t *body;
+	uint64_t budget;
+
+	quota_set_clock_for_tests(fake_clock);
+	atomic_store(&fake_now, utc(2025, 1, 1, 0, 30, 0));
+	assert_int_equal(instance(f, "llm")->max_reservation, 32768); /* the default */
+	assert_int_equal(instance(f, "small")->max_reservation, 1000);
+
+	/* 9e18 × 1000 choices (n above 128 is not OpenAI's: ignored), and a product that would
+	 * wrap to a small number: both saturate */
+	body = json_pack("{s:I, s:i}", "max_tokens", (json_int_t)9000000000000000000ll, "n", 1000);
+	assert_int_equal(usage_completion_budget(body, 512), 9000000000000000000ull);
+	json_decref(body);
+	body = json_pack("{s:I, s:i}", "max_tokens", (json_int_t)(1ll << 62), "n", 8);
+	budget = usage_completion_budget(body, 512);
+	assert_true(budget == UINT64_MAX);
+	json_decref(body);
+
+	/* reserved: the prompt estimate and max_reservation, on every counter */
+	assert_true(admit(f, &big, "big", "llm", 17, budget));
+	assert_int_equal(used_of(f, NULL, "llm", 0), 17 + 32768);
+	assert_int_equal(used_of(f, "big", NULL, 0), 17 + 32768);
+	/* another consumer still gets in, and sees the clamped reservation */
+	assert_true(admit(f, &other, "other", "llm", 10, 10));
+	assert_int_equal(other.hdr_remaining, 100000 - (17 + 32768) - 20);
+	quota_settle(f->q, &other, 10, 10);
+	/* the answer, larger than the reservation, is charged in full */
+	quota_settle(f->q, &big, 17, 50000);
+	assert_int_equal(used_of(f, NULL, "llm", 0), 50017 + 20);
+	/* usage figures from the upstream saturate too */
+	assert_true(admit(f, &big, "other", "small", UINT64_MAX, UINT64_MAX));
+	assert_int_equal(used_of(f, NULL, "small", 0), 9007199254740991ull); /* one charge at most */
+	quota_release(f->q, &big);
+	assert_true(admit(f, &big, "other", "small", 1, UINT64_MAX));
+	assert_int_equal(used_of(f, NULL, "small", 0), 1001);
+	quota_settle(f->q, &big, UINT64_MAX, UINT64_MAX);
+	assert_int_equal(used_of(f, NULL, "small", 0), 9007199254740991ull);
+	fixture_free(f);
+}
+
 /* ---------------------------------------------------------------- tenant isolation */
 
 static const char rate_yaml[] =
@@ -765,6 +829,7 @@ int main(void)
 	        cmocka_unit_test(test_sliding_retry_after),
 	        cmocka_unit_test(test_month_windows),
 	        cmocka_unit_test(test_release_and_settle),
+	        cmocka_unit_test(test_reservation_size),
 	        cmocka_unit_test(test_request_rate),
 	        cmocka_unit_test(test_max_concurrent),
 	        cmocka_unit_test(test_max_concurrent_threads),

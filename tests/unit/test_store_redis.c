@@ -29,6 +29,8 @@
 #include "sluice/log.h"
 #include "sluice/quota.h"
 
+#include "../../src/store.h"
+
 /* ---------------------------------------------------------------- the redis-server */
 
 static pid_t redis_pid = -1;
@@ -265,16 +267,44 @@ struct node {
 	struct quota *q;
 };
 
-static void node_init(struct node *n, const struct config *c)
+/* Every live node: a worker's loop runs all the time, so whenever the tests wait on one
+ * node, the others' loops turn too (their commands in the background must not stall). */
+#define MAX_NODES 8
+static struct node *live_nodes[MAX_NODES];
+
+/* A node of its own thread (the race): its loop is pumped by that thread only. */
+static void node_init_threaded(struct node *n, const struct config *c)
 {
 	n->base = event_base_new();
 	n->q = quota_new(n->base, c);
 	assert_non_null(n->q);
 }
 
+static void node_init(struct node *n, const struct config *c)
+{
+	node_init_threaded(n, c);
+	for (int i = 0; i < MAX_NODES; i++)
+		if (live_nodes[i] == NULL) {
+			live_nodes[i] = n;
+			return;
+		}
+	fail_msg("more than %d nodes", MAX_NODES);
+}
+
+static bool is_live(const struct node *n)
+{
+	for (int i = 0; i < MAX_NODES; i++)
+		if (live_nodes[i] == n)
+			return true;
+	return false;
+}
+
 static void pump(struct node *n)
 {
 	event_base_loop(n->base, EVLOOP_NONBLOCK);
+	for (int i = 0; is_live(n) && i < MAX_NODES; i++)
+		if (live_nodes[i] != NULL && live_nodes[i] != n)
+			event_base_loop(live_nodes[i]->base, EVLOOP_NONBLOCK);
 }
 
 /* Run the loops of nodes until *flag reaches target or timeout_ms passes. */
@@ -306,6 +336,9 @@ static bool drain(struct node *n, int timeout_ms)
 static void node_free(struct node *n)
 {
 	drain(n, 2000);
+	for (int i = 0; i < MAX_NODES; i++)
+		if (live_nodes[i] == n)
+			live_nodes[i] = NULL;
 	quota_free(n->q);
 	event_base_free(n->base);
 }
@@ -349,6 +382,8 @@ static bool wait_shared(struct node *n, const struct config *c, int timeout_ms)
 
 static void test_setup_clock(void)
 {
+	/* a failed test may have left its nodes registered */
+	memset(live_nodes, 0, sizeof(live_nodes));
 	/* a fixed instant: 10:20 UTC, well inside its hour */
 	atomic_store(&fake_now, 1735725600000ull + 20 * 60 * 1000);
 	quota_set_clock_for_tests(fake_clock);
@@ -610,7 +645,7 @@ static void *race_thread(void *arg)
 	struct slot slots[RACE_SLOTS];
 	atomic_int finished = 0;
 
-	node_init(&n, r->c);
+	node_init_threaded(&n, r->c);
 	memset(slots, 0, sizeof(slots));
 	pthread_barrier_wait(&r->go);
 	for (int i = 0; i < RACE_SLOTS; i++) {
@@ -713,6 +748,9 @@ static void test_outage_allow_then_back(void **state)
 	assert_true(redis_start());
 	assert_true(wait_shared(&n[0], c, 8000));
 	assert_true(wait_shared(&n[1], c, 8000));
+	/* what each node sent on reconnecting (the undo of the admission the outage cut) */
+	assert_true(drain(&n[0], 2000));
+	assert_true(drain(&n[1], 2000));
 	assert_int_equal(log_count(off, "redis reachable again"), 1);
 	assert_int_equal(log_count(off, "redis unreachable"), 1);
 
@@ -810,6 +848,289 @@ static void test_command_timeout(void **state)
 	test_cleanup();
 }
 
+/* ---------------------------------------------------------------- reservation tokens */
+
+/* Live reservations ("<token>:<amount>" members) in a bucket's reservation set. */
+static long long live_reservations(const char *key)
+{
+	redisContext *rc = sync_client();
+	redisReply *r;
+	long long n = 0;
+
+	assert_non_null(rc);
+	r = redisCommand(rc, "ZRANGE %s:r 0 -1", key);
+	assert_non_null(r);
+	assert_int_equal(r->type, REDIS_REPLY_ARRAY);
+	for (size_t i = 0; i < r->elements; i++)
+		if (memchr(r->element[i]->str, ':', r->element[i]->len) != NULL)
+			n++;
+	freeReplyObject(r);
+	redisFree(rc);
+	return n;
+}
+
+/* Pump until node n's connection is back (an admission goes through Redis) and what it
+ * queued meanwhile is delivered. */
+static void wait_back(struct node *n, const struct config *c)
+{
+	assert_true(wait_shared(n, c, 8000));
+	assert_true(drain(n, 4000));
+}
+
+/*
+ * An admission sent to a stalled server times out; the server still runs it when it
+ * resumes (the command waits in the old connection's socket). Its reservation must not
+ * stay: it is undone by its token after the reconnection, or, if the undo runs first, the
+ * late admission finds its token dead and reserves nothing.
+ */
+static void test_late_admission_is_undone(void **state)
+{
+	NEED_REDIS();
+	test_setup_clock();
+	struct config *c = load_cfg("t11:", "deny", "100ms", NULL, 0);
+	struct node n;
+	struct quota_ticket t = {0};
+	char key[256], ikey[256];
+
+	snprintf(key, sizeof(key), "t11:consumer:team:llm:total_tokens:1h:team:%llu",
+	         1735725600000ull);
+	snprintf(ikey, sizeof(ikey), "t11:instance:llm:total_tokens:1h:*:%llu", 1735725600000ull);
+	node_init(&n, c);
+	admit_wait(&n, &t, c, "team", "llm", 1, 1); /* connected */
+	quota_settle(n.q, &t, 1, 1);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", key), 2);
+
+	kill(redis_pid, SIGSTOP);
+	for (int i = 0; i < 3; i++) {
+		/* the first reaches the stalled server; later ones may reach a reconnection
+		 * the kernel accepted for it */
+		admit_wait(&n, &t, c, "team", "llm", 300, 400);
+		assert_false(t.admitted);
+		assert_true(t.deny_on_error);
+	}
+	kill(redis_pid, SIGCONT);
+	wait_back(&n, c);
+	assert_int_equal(redis_int("GET %s", key), 2);
+	assert_int_equal(redis_int("GET %s", ikey), 2);
+	assert_int_equal(live_reservations(key), 0);
+	node_free(&n);
+	config_unref(c);
+	test_cleanup();
+}
+
+/*
+ * A settlement made while the connection is down waits for the next one (it used to be
+ * dropped, leaving the reservation charged); one whose reply is lost is sent again, and
+ * running twice changes nothing (by token).
+ */
+static void test_settlement_waits_for_redis(void **state)
+{
+	NEED_REDIS();
+	test_setup_clock();
+	struct config *c = load_cfg("t12:", "deny", "100ms", NULL, 0);
+	struct node n;
+	struct quota_ticket t = {0}, probe = {0}, copy;
+	char key[256];
+
+	snprintf(key, sizeof(key), "t12:consumer:team:llm:total_tokens:1h:team:%llu",
+	         1735725600000ull);
+	node_init(&n, c);
+	admit_wait(&n, &t, c, "team", "llm", 100, 100);
+	assert_true(t.admitted);
+	assert_false(t.store_error);
+	assert_int_equal(redis_int("GET %s", key), 200);
+	copy = t; /* the same reservation, to settle it a second time below */
+
+	kill(redis_pid, SIGSTOP);
+	admit_wait(&n, &probe, c, "other", "slide", 1, 1); /* times out: connection closed */
+	assert_true(probe.store_error);
+	quota_settle(n.q, &t, 30, 20); /* no connection now */
+	kill(redis_pid, SIGCONT);
+	wait_back(&n, c);
+	assert_int_equal(redis_int("GET %s", key), 50);
+	assert_int_equal(live_reservations(key), 0);
+	/* the same settlement once more (what a retry after a lost reply does): no change */
+	quota_settle(n.q, &copy, 30, 20);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", key), 50);
+	node_free(&n);
+	config_unref(c);
+	test_cleanup();
+}
+
+/*
+ * A reservation nobody settles (its node died) is reclaimed by the next admission on its
+ * counter once its lease is over: the instance's timeouts.total (10 min by default) plus
+ * QUOTA_LEASE_GRACE_MS. A settlement that still arrives charges what was used, once.
+ */
+static void test_orphan_is_reclaimed_after_its_lease(void **state)
+{
+	NEED_REDIS();
+	test_setup_clock();
+	struct config *c = load_cfg("t13:", "deny", "1s", NULL, 0);
+	struct node n;
+	struct quota_ticket orphan = {0}, t = {0}, copy;
+	char key[256];
+	uint64_t lease = 10 * 60 * 1000 + QUOTA_LEASE_GRACE_MS;
+	uint64_t t0 = atomic_load(&fake_now);
+
+	snprintf(key, sizeof(key), "t13:instance:llm:total_tokens:1h:*:%llu", 1735725600000ull);
+	node_init(&n, c);
+	admit_wait(&n, &orphan, c, "team", "llm", 4000, 4000);
+	assert_true(orphan.admitted);
+	assert_int_equal(redis_int("GET %s", key), 8000);
+	copy = orphan;
+
+	/* within the lease: still held */
+	atomic_store(&fake_now, t0 + lease - 1000);
+	admit_wait(&n, &t, c, "team", "llm", 10, 10);
+	assert_true(t.admitted);
+	assert_int_equal(t.res[1].cur, 8000);
+	quota_settle(n.q, &t, 10, 10);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", key), 8020);
+	/* past it: the next admission gives the orphan back first */
+	atomic_store(&fake_now, t0 + lease + 1000);
+	admit_wait(&n, &t, c, "team", "llm", 10, 10);
+	assert_true(t.admitted);
+	assert_int_equal(t.res[1].cur, 20);
+	quota_settle(n.q, &t, 10, 10);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", key), 40);
+	assert_int_equal(live_reservations(key), 0);
+	/* its owner was alive after all: its settlement charges the real use, once */
+	quota_settle(n.q, &orphan, 300, 200);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", key), 540);
+	quota_settle(n.q, &copy, 300, 200);
+	assert_true(drain(&n, 2000));
+	assert_int_equal(redis_int("GET %s", key), 540);
+	node_free(&n);
+	config_unref(c);
+	test_cleanup();
+}
+
+/* A settlement that waited longer than two leases is dropped, and said so once. */
+static void test_waiting_settlement_expires(void **state)
+{
+	NEED_REDIS();
+	test_setup_clock();
+	struct config *c = load_cfg("t14:", "deny", "100ms", NULL, 0);
+	struct node n;
+	struct quota_ticket t = {0}, probe = {0};
+	char key[256];
+	long off = log_offset();
+	uint64_t lease = 10 * 60 * 1000 + QUOTA_LEASE_GRACE_MS;
+
+	snprintf(key, sizeof(key), "t14:consumer:team:llm:total_tokens:1h:team:%llu",
+	         1735725600000ull);
+	node_init(&n, c);
+	admit_wait(&n, &t, c, "team", "llm", 100, 100);
+	assert_true(t.admitted);
+	kill(redis_pid, SIGSTOP);
+	admit_wait(&n, &probe, c, "other", "slide", 1, 1);
+	assert_true(probe.store_error);
+	quota_settle(n.q, &t, 30, 20);
+	atomic_fetch_add(&fake_now, 2 * lease + 1000);
+	kill(redis_pid, SIGCONT);
+	wait_back(&n, c);
+	assert_int_equal(log_count(off, "was dropped"), 1);
+	assert_int_equal(redis_int("GET %s", key), 200); /* the bucket still holds it... */
+	admit_wait(&n, &t, c, "team", "llm", 1, 1);     /* ...until its lease is over */
+	assert_true(t.admitted);
+	assert_int_equal(t.res[0].cur, 0);
+	quota_release(n.q, &t);
+	node_free(&n);
+	config_unref(c);
+	test_cleanup();
+}
+
+/* ---------------------------------------------------------------- replies (no server) */
+
+/* The reply read from raw bytes, as the store's connections read it; NULL on a protocol
+ * error or an incomplete reply. */
+static redisReply *read_reply(const char *bytes, size_t len)
+{
+	struct redisReader *rd = redis_reply_reader_new();
+	void *reply = NULL;
+
+	assert_non_null(rd);
+	assert_int_equal(redisReaderFeed(rd, bytes, len), REDIS_OK);
+	if (redisReaderGetReply(rd, &reply) != REDIS_OK)
+		reply = NULL;
+	redisReaderFree(rd);
+	return reply;
+}
+
+#define READ(lit) read_reply(lit, sizeof(lit) - 1)
+
+/* Replies are bytes from outside: any type, size or nesting, read by type and length. */
+static void test_reply_handling(void **state)
+{
+	uint64_t cur[2], prev[2], v;
+	char text[16];
+	redisReply *r;
+
+	/* 13 bytes announcing 2^31 elements: refused, not a 16 GiB allocation */
+	assert_null(READ("*2147483647\r\n"));
+	assert_null(READ("*4097\r\n"));
+	r = READ("*2\r\n*4097\r\n:1\r\n");
+	assert_null(r);
+
+	/* the admission's answer: exactly 1 + 2n integers, verdict 0 or 1 */
+	r = READ("*5\r\n:1\r\n:100\r\n:-3\r\n:500\r\n:0\r\n");
+	assert_non_null(r);
+	assert_int_equal(redis_reply_admit(r, 2, cur, prev), REDIS_VERDICT_ADMITTED);
+	assert_int_equal(cur[0], 100);
+	assert_int_equal(prev[0], 0); /* negative → 0 */
+	assert_int_equal(cur[1], 500);
+	assert_int_equal(redis_reply_admit(r, 1, cur, prev), REDIS_VERDICT_BAD);
+	assert_int_equal(redis_reply_admit(r, (SIZE_MAX - 1) / 2 + 1, cur, prev),
+	                 REDIS_VERDICT_BAD);
+	freeReplyObject(r);
+	r = READ("*1\r\n:-1\r\n"); /* a dead token's answer */
+	assert_int_equal(redis_reply_admit(r, 0, cur, prev), REDIS_VERDICT_BAD);
+	freeReplyObject(r);
+	r = READ("*3\r\n:0\r\n$1\r\n1\r\n:0\r\n");
+	assert_int_equal(redis_reply_admit(r, 1, cur, prev), REDIS_VERDICT_BAD);
+	freeReplyObject(r);
+
+	/* counters: nil, integers, decimal strings that fit; nothing else */
+	r = READ("*6\r\n$-1\r\n$20\r\n18446744073709551615\r\n$20\r\n18446744073709551616\r\n"
+	         "$3\r\n1\0"
+	         "2\r\n$2\r\n-1\r\n$0\r\n\r\n");
+	assert_non_null(r);
+	assert_true(redis_reply_u64(r->element[0], &v));
+	assert_int_equal(v, 0);
+	assert_true(redis_reply_u64(r->element[1], &v));
+	assert_true(v == UINT64_MAX);
+	for (size_t i = 2; i < 6; i++)
+		assert_false(redis_reply_u64(r->element[i], &v));
+	assert_false(redis_reply_values(r, 6, (uint64_t[6]){0}));
+	assert_false(redis_reply_values(r, 2, (uint64_t[2]){0}));
+	freeReplyObject(r);
+
+	/* errors: NOSCRIPT by its bytes; a text for the log is printable and bounded */
+	r = READ("-NOSCRIPT No matching script\r\n");
+	assert_true(redis_reply_is_noscript(r));
+	assert_true(redis_reply_is_error(r));
+	freeReplyObject(r);
+	r = READ("-NOSCRIP\r\n");
+	assert_false(redis_reply_is_noscript(r));
+	freeReplyObject(r);
+	r = READ("-ERR a\x01"
+	         "b\x7f\r\n");
+	assert_int_equal(redis_reply_describe(r, text, sizeof(text)), 8);
+	assert_string_equal(text, "ERR a?b?");
+	assert_int_equal(redis_reply_describe(r, text, 4), 3);
+	assert_string_equal(text, "ERR");
+	freeReplyObject(r);
+	assert_true(redis_reply_is_error(NULL));
+	assert_int_equal(redis_reply_describe(NULL, text, sizeof(text)), 8);
+	assert_string_equal(text, "no reply");
+}
+
 /* AUTH and SELECT: keys land in the configured db; a wrong password is a store error. */
 static void test_password_and_db(void **state)
 {
@@ -904,6 +1225,7 @@ static void test_reconfigure(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
+	        cmocka_unit_test(test_reply_handling),
 	        cmocka_unit_test(test_admit_settle),
 	        cmocka_unit_test(test_peek_and_noscript),
 	        cmocka_unit_test(test_cancel),
@@ -912,6 +1234,10 @@ int main(void)
 	        cmocka_unit_test(test_outage_allow_then_back),
 	        cmocka_unit_test(test_outage_deny),
 	        cmocka_unit_test(test_command_timeout),
+	        cmocka_unit_test(test_late_admission_is_undone),
+	        cmocka_unit_test(test_settlement_waits_for_redis),
+	        cmocka_unit_test(test_orphan_is_reclaimed_after_its_lease),
+	        cmocka_unit_test(test_waiting_settlement_expires),
 	        cmocka_unit_test(test_password_and_db),
 	        cmocka_unit_test(test_reconfigure),
 	};
