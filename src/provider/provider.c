@@ -128,7 +128,9 @@ enum proto provider_upstream_proto(const struct config_instance *in, enum proto 
 		*url = in->url;
 		return ops->upstream;
 	case PROTO_RESPONSES:
-		u = derived_url(ops, in, ops->default_responses_endpoint);
+		/* An instance's own responses_endpoint first (vLLM serves /v1/responses). */
+		u = in->responses_url ? in->responses_url
+		                      : derived_url(ops, in, ops->default_responses_endpoint);
 		if (u != NULL) {
 			*url = u;
 			return PROTO_RESPONSES;
