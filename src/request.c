@@ -73,6 +73,8 @@
 #define MAX_SSE_EVENT (4u * 1024 * 1024)
 /* Targets tracked without allocation; larger routes allocate. */
 #define SMALL_TARGETS 32
+/* Choices whose text an answer through the policies tracks, to pass it unchanged. */
+#define RAW_CHOICES 4
 /* An upstream header line we build ("Name: value"). */
 #define HEADER_LINE_MAX 8192
 
@@ -126,6 +128,8 @@ struct request {
 	struct policy_run *policies;
 	bool answer_policies; /* the route has response policies */
 	json_t *answer;       /* a non-stream pivot answer waiting on a pending policy */
+	const json_t *answer_members[2 * RAW_CHOICES]; /* its text before the policies */
+	size_t n_answer_members;
 
 	/* where it goes: the fallback loop */
 	const struct config_route *route;
@@ -175,6 +179,10 @@ struct request {
 	bool stopped;              /* a response policy ended the stream */
 	bool stream_failed;        /* the upstream's stream broke or reported an error */
 	struct proto_error stream_err;
+	const struct sse_event *cur_event; /* the upstream event being decoded (borrowed) */
+	bool raw_ok;       /* chat → chat through the policies: events they leave alone go out as
+	                      they came (keep_raw) */
+	bool raw_started;  /* the encoder has seen the stream's first chunk */
 	bool body_refused; /* its answer passed a cap: an upstream error */
 	const char *refused_why;
 	struct record_usage usage;
@@ -1169,6 +1177,7 @@ static void attempt_reset(struct request *r)
 	r->cost = COST_NOTHING;
 	r->client_paused = false;
 	r->feed_stopped = r->stream_failed = r->body_refused = false;
+	r->raw_ok = r->raw_started = false;
 	memset(&r->usage, 0, sizeof(r->usage));
 	r->output_text_bytes = 0;
 }
@@ -1506,6 +1515,50 @@ static void take_encoded(struct request *r)
 	r->rec.bytes_out += n;
 }
 
+/* The text members of an answer's or a chunk's choices (part "message" or "delta"), to
+ * tell afterwards whether the policies changed any (they replace a member they rewrite).
+ * False when there are too many to track. */
+
+static bool text_members(const json_t *obj, const char *part, const json_t **v, size_t cap,
+                         size_t *n)
+{
+	const json_t *choices = json_object_get(obj, "choices"), *ch;
+	size_t i;
+
+	*n = 0;
+	json_array_foreach(choices, i, ch)
+	{
+		if (*n + 2 > cap)
+			return false;
+		v[(*n)++] = json_object_get(json_object_get(ch, part), "content");
+		v[(*n)++] = json_object_get(ch, "finish_reason");
+	}
+	return true;
+}
+
+/*
+ * A chat client on a chat instance, through response policies: an event whose text the
+ * policies passed unchanged goes out as the upstream's bytes, as on the identity path,
+ * instead of being serialised again (the encoder has seen the first chunk, so a chunk the
+ * gateway adds at a cut carries the stream's id). The extra usage chunk the gateway asked
+ * for stays hidden from a client that did not.
+ */
+static bool keep_raw(struct request *r, const json_t *chunk, const json_t **before, size_t n)
+{
+	const json_t *after[2 * RAW_CHOICES];
+	const json_t *choices = json_object_get(chunk, "choices");
+	size_t m;
+
+	if (!r->raw_ok || r->cur_event == NULL ||
+	    !text_members(chunk, "delta", after, 2 * RAW_CHOICES, &m) || m != n ||
+	    memcmp(before, after, n * sizeof(after[0])) != 0)
+		return false;
+	if (!(r->hide_usage_chunk && json_is_array(choices) && json_array_size(choices) == 0 &&
+	      json_object_get(chunk, "usage") != NULL))
+		evbuffer_add(r->events, r->cur_event->raw, r->cur_event->raw_len);
+	return true;
+}
+
 /*
  * One pivot chunk of a translated or policed stream: its usage, then the response
  * policies (which may rewrite its text, or stop the answer), then the client's encoder.
@@ -1518,9 +1571,14 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 	const struct proto_codec *client = proto_codec(r->proto);
 	struct record_usage u;
 	enum policy_verdict v = POLICY_CONTINUE;
+	const json_t *before[2 * RAW_CHOICES];
+	size_t n_before = 0;
+	bool raw = false;
 
 	if (proto_usage_from_chat(chunk, &u))
 		r->usage = u;
+	if (r->raw_ok && !text_members(chunk, "delta", before, 2 * RAW_CHOICES, &n_before))
+		r->raw_ok = false;
 	/* Counted before the policies (what the upstream produced, for an estimate); logged
 	 * after them (what the client got). */
 	r->output_text_bytes += chunk_text(chunk, r->answer_policies ? NULL : r->output_payload);
@@ -1534,8 +1592,9 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 		}
 		if (r->output_payload)
 			chunk_text(chunk, r->output_payload);
+		raw = v == POLICY_CONTINUE && keep_raw(r, chunk, before, n_before);
 	}
-	if (!client->encode(r->enc, chunk, r->events)) {
+	if (!raw && !client->encode(r->enc, chunk, r->events)) {
 		proto_error_set(&r->stream_err, 502, "upstream_error", "upstream_error",
 		                "the upstream's answer cannot be expressed in this protocol");
 		r->stream_failed = r->feed_stopped = true;
@@ -1557,7 +1616,16 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 	if (!r->pivot_answer)
 		return identity_event(r, ev);
 	memset(&err, 0, sizeof(err));
-	if (proto_codec(r->up_proto)->decode(r->dec, ev, on_pivot_chunk, r, &err))
+	r->cur_event = ev;
+	bool ok = proto_codec(r->up_proto)->decode(r->dec, ev, on_pivot_chunk, r, &err);
+	r->cur_event = NULL;
+	/* Once the encoder knows the stream's id, unchanged chat events may pass as they are. */
+	if (!r->raw_started && ev->has_data && r->answer_policies && r->proto == PROTO_CHAT &&
+	    r->up_proto == PROTO_CHAT && r->reply.model == NULL) {
+		r->raw_started = true;
+		r->raw_ok = true;
+	}
+	if (ok)
 		return true;
 	if (!r->feed_stopped) { /* the upstream's stream is broken, or said it failed */
 		r->stream_err = err;
@@ -1859,6 +1927,11 @@ static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
 
 static void deliver_pivot_answer(struct request *r)
 {
+	/* A chat answer on a chat instance that the policies leave alone goes out as the
+	 * upstream's bytes (send_pivot_answer), as on the identity path. */
+	r->raw_ok = r->proto == PROTO_CHAT && r->up_proto == PROTO_CHAT &&
+	            text_members(r->answer, "message", r->answer_members, 2 * RAW_CHOICES,
+	                         &r->n_answer_members);
 	if (r->answer_policies) {
 		if (policy_run_chat_completion(r->policies, r->answer) == POLICY_REFUSE) {
 			reply_error(r, 500, "server_error", "policy_error",
@@ -1878,6 +1951,26 @@ static void send_pivot_answer(struct request *r)
 
 	if (r->answer_policies)
 		policy_run_chat_completion_done(r->policies, r->answer);
+	if (r->raw_ok) {
+		const json_t *after[2 * RAW_CHOICES];
+		size_t m;
+		r->raw_ok = text_members(r->answer, "message", after, 2 * RAW_CHOICES, &m) &&
+		            m == r->n_answer_members &&
+		            memcmp(after, r->answer_members, m * sizeof(after[0])) == 0;
+	}
+	if (r->raw_ok) {
+		size_t n = evbuffer_get_length(r->buffered);
+		add_response_headers(r);
+		r->rec.status = (int)r->xfer.status;
+		r->rec.bytes_out = n;
+		r->rec.ttft_us = http_now_us() - r->start_us;
+		http_reply(r->http, (int)r->xfer.status,
+		           r->xfer.content_type[0] ? r->xfer.content_type : "application/json",
+		           (const char *)evbuffer_pullup(r->buffered, -1), n);
+		r->http = NULL;
+		request_finish(r);
+		return;
+	}
 	if (r->output_payload) {
 		const json_t *ch = json_array_get(json_object_get(r->answer, "choices"), 0);
 		const json_t *c = json_object_get(json_object_get(ch, "message"), "content");
@@ -2293,7 +2386,7 @@ static void request_finish(struct request *r)
 	if (r->prompt_payload)
 		r->rec.prompt_payload = r->prompt_payload;
 	if (r->output_payload) {
-		if (r->mode == REPLY_BUFFERED && !r->pivot_answer && r->buffered &&
+		if (r->mode == REPLY_BUFFERED && (!r->pivot_answer || r->raw_ok) && r->buffered &&
 		    evbuffer_get_length(r->output_payload) == 0)
 			evbuffer_add(r->output_payload, evbuffer_pullup(r->buffered, -1),
 			             evbuffer_get_length(r->buffered));
