@@ -430,10 +430,15 @@ class ReloadTest(PolicyCase):
                 "- alpha", "- beta")
             self.assertNotEqual(new_text, self.config_text)
             since = gw.reload(new_text)
-            gw.wait_log(r"reload|configuration", since=since)
-            r = self.post(gw, chat(marker(), mock={"content": "alpha and beta"}))
-            self.assertEqual(r.json()["choices"][0]["message"]["content"],
-                             "alpha and [redacted]", "a new request sees the new list")
+            gw.wait_log(r"reloaded .*generation 2", since=since)
+
+            # Each worker takes the new snapshot between two events of its loop.
+            def new_list_applies():
+                r = self.post(gw, chat(marker(), mock={"content": "alpha and beta"}))
+                return r.json()["choices"][0]["message"]["content"] == "alpha and [redacted]"
+            wait_until(new_list_applies, message="new requests to see the new deny list")
+            for _ in range(4):  # on every worker
+                self.assertTrue(new_list_applies(), "a new request saw the old list")
             rest = list(it)
         text = content_of([first] + rest)
         self.assertEqual(text, "one [redacted] beta then [redacted] and beta end",
