@@ -577,6 +577,15 @@ static void test_examples_load(void **state)
 	}
 	assert_int_equal(c->routes[0].auth, ROUTE_AUTH_KEY);
 	config_unref(c);
+
+	setenv("VLLM_API_KEY", "vllm-key", 1);
+	setenv("ANTHROPIC_API_KEY", "anthropic-key", 1);
+	setenv("APP_TEAM_KEY", "team-key", 1);
+	c = load_file(EXAMPLES_DIR "/protocols.yaml");
+	assert_string_equal(c->instances[0].responses_url, "http://10.0.0.11:8000/v1/responses");
+	assert_string_equal(c->routes[0].targets[1].model, "claude-haiku-4-5");
+	assert_int_equal(c->n_routes, 5);
+	config_unref(c);
 }
 
 /* The provider keys: targets[].model, responses_endpoint, what a route's paths ask of its
