@@ -278,6 +278,41 @@ class ResponseGuardTest(PolicyCase):
         self.assertEqual(events[-1].event, "message_stop")
         self.assertEqual(self.actions("response_guard", "masked"), 3)
 
+    def test_mask_on_every_protocol(self):
+        # Messages on an Anthropic instance (the identity request, the answer through the
+        # pivot) and Responses on a chat instance: the same guard, the same result.
+        self.mock = self.start_mock()
+        claude = harness.instance("claude", self.mock.url(MESSAGES), model="claude-up",
+                                  auth_header={"x-api-key": "k"})
+        claude["provider"] = Raw("anthropic")
+        chatinst = harness.instance("up", self.mock.url(CHAT), model="up-model")
+        responses = {"name": "responses", "paths": ["/v1/responses"], "auth": Raw("none"),
+                     "targets": [{"instance": "up"}],
+                     "plugins": [{"response_guard": {"deny": ["\\b\\d{16}\\b"]}}]}
+        gw = self.gateway([{"response_guard": {"deny": ["\\b\\d{16}\\b"]}}],
+                          instances=[claude, chatinst], paths=(MESSAGES,),
+                          extra_routes=[responses])
+        text = "card %s ok" % CARD
+        r = self.post(gw, msgs(marker(), mock={"content": text}), path=MESSAGES,
+                      headers=ANTHROPIC_HEADERS)
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(r.json()["content"], [{"type": "text", "text": "card [redacted] ok"}])
+        head, events = self.stream(gw, msgs(marker(), stream=True, mock={
+            "chunks": ["card 41111111", "11111111 ok"]}), path=MESSAGES,
+            headers=ANTHROPIC_HEADERS)
+        self.assertEqual(message_text(events), "card [redacted] ok")
+        self.assertEqual(events[-1].event, "message_stop")
+        r = self.post(gw, {"model": "m", "input": "hi", "mock": {"content": text}},
+                      path="/v1/responses")
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(r.json()["output"][0]["content"][0]["text"], "card [redacted] ok")
+        head, events = self.stream(gw, {"model": "m", "input": "hi", "stream": True, "mock": {
+            "chunks": ["card 41111111", "11111111 ok"]}}, path="/v1/responses")
+        deltas = "".join(json.loads(e.data)["delta"] for e in events
+                         if e.event == "response.output_text.delta")
+        self.assertEqual(deltas, "card [redacted] ok")
+        self.assertEqual(events[-1].event, "response.completed")
+
     def test_block(self):
         gw = self.gateway([{"response_guard": {"deny": ["\\b\\d{16}\\b"],
                                                "action": Raw("block")}}])

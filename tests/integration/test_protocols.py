@@ -184,6 +184,18 @@ class ChatOnAnthropicTest(ProtocolCase):
         self.assertFalse(e["usage"]["estimated"])
         self.assertEqual(e["upstream_model"], "claude-up")
 
+    def test_auth_header_replaces_the_providers_extra_header(self):
+        mock = self.start_mock(name="own-version")
+        inst = anthropic("pinned", mock.url(MESSAGES))
+        inst["auth"]["header"]["anthropic-version"] = "2099-01-01"
+        gw = self.gateway([inst], [rte("chat", [CHAT], ["pinned"])])
+        mark = marker()
+        r = self.post(gw, CHAT, chat_body(mark))
+        self.assertEqual(r.status, 200, repr(r))
+        q = mock.wait_request(mark)
+        self.assertEqual(q["headers"]["anthropic-version"], "2099-01-01",
+                         "one header, the instance's (a repeated one would be joined)")
+
     def test_client_max_tokens_wins_over_the_default(self):
         mark = marker()
         r = self.post(self.gw, CHAT, chat_body(mark, max_tokens=2))
