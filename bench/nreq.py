@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Send exactly N chat completion requests over keep-alive connections (for callgrind runs).
 
-Usage: nreq.py URL N [--conns C] [--stream] [--tokens T]; exits non-zero if any reply is not 200.
+Usage: nreq.py URL N [--conns C] [--stream] [--tokens T] [--model M] [--proto chat|messages|responses]
+exits non-zero if any reply is not 200. The same prompt in every protocol (bench/pipeline.sh).
 """
 import argparse
 import http.client
@@ -18,17 +19,25 @@ def main():
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", default="mock-model")
+    ap.add_argument("--proto", choices=("chat", "messages", "responses"), default="chat")
     a = ap.parse_args()
     u = urllib.parse.urlsplit(a.url)
-    # The same ~330-byte body as chat.lua.
-    body = json.dumps({
-        "model": "mock-model", "stream": a.stream, "mock": {"tokens": a.tokens},
-        "temperature": 0.2, "max_tokens": 256,
-        "messages": [
-            {"role": "system", "content": "You are a concise assistant. Answer in one short paragraph."},
-            {"role": "user", "content": "Summarise why a gateway in front of several model providers "
-                                        "helps with quotas, fallback and observability."}],
-    }, separators=(",", ":")).encode()
+    system = "You are a concise assistant. Answer in one short paragraph."
+    user = ("Summarise why a gateway in front of several model providers "
+            "helps with quotas, fallback and observability.")
+    # The same ~330-byte body as chat.lua (and its equivalent in the other protocols).
+    req = {"model": a.model, "stream": a.stream, "mock": {"tokens": a.tokens},
+           "temperature": 0.2, "max_tokens": 256,
+           "messages": [{"role": "system", "content": system},
+                        {"role": "user", "content": user}]}
+    if a.proto == "messages":
+        req["system"] = system
+        req["messages"] = [{"role": "user", "content": user}]
+    elif a.proto == "responses":
+        del req["messages"], req["max_tokens"]
+        req.update(instructions=system, input=user, max_output_tokens=256)
+    body = json.dumps(req, separators=(",", ":")).encode()
     bad = []
 
     def worker(count):

@@ -291,6 +291,25 @@ size_t accesslog_format(const struct request_record *r, char *buf, size_t len)
 		     (unsigned)(r->cost_micros % RECORD_COST_UNIT));
 	}
 
+	/* What the route's policies did: which policy, which action, how often (never the
+	 * content they acted on). */
+	put_key(&l, "policy");
+	if (r->n_policies > 0) {
+		int np = r->n_policies < RECORD_MAX_POLICY_ACTIONS ? r->n_policies
+		                                                   : RECORD_MAX_POLICY_ACTIONS;
+		put(&l, "[", 1);
+		for (int i = 0; i < np; i++) {
+			put_str(&l, i ? ",{\"policy\":" : "{\"policy\":");
+			put_json_string(&l, r->policies[i].policy);
+			put_str(&l, ",\"action\":");
+			put_json_string(&l, r->policies[i].action);
+			putf(&l, ",\"count\":%u}", r->policies[i].count);
+		}
+		put(&l, "]", 1);
+	} else {
+		put(&l, "null", 4);
+	}
+
 	/* Payloads only when request.c put them in the record (log.payloads). */
 	if (r->prompt_payload)
 		field_str(&l, "prompt", r->prompt_payload);

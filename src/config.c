@@ -12,6 +12,8 @@
 #include <strings.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
 #include <openssl/evp.h>
 
 #include "sluice/config_section.h"
@@ -19,6 +21,7 @@
 #include "sluice/mcp.h"
 #include "sluice/policy.h"
 #include "sluice/policy_chain.h"
+#include "sluice/provider.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -56,22 +59,19 @@ static const int default_passive_statuses[] = {500, 502, 503, 504, 0};
 /* fallback.on: FALLBACK_ALL; route auth: key-auth when any consumer is declared, else none;
  * active check type: the endpoint's scheme; active check host: the endpoint's host:port. */
 
-static const char *const provider_endpoints[] = {
-        [PROVIDER_OPENAI] = "https://api.openai.com/v1/chat/completions",
-        [PROVIDER_OPENAI_COMPATIBLE] = NULL, /* required */
-        [PROVIDER_AZURE_OPENAI] = NULL,      /* required */
-        [PROVIDER_DEEPSEEK] = "https://api.deepseek.com/chat/completions",
-        [PROVIDER_OPENROUTER] = "https://openrouter.ai/api/v1/chat/completions",
-        [PROVIDER_GEMINI] =
-                "https://generativelanguage.googleapis.com/v1beta/openai/chat/completions",
-        [PROVIDER_ANTHROPIC] = "https://api.anthropic.com/v1/messages",
-};
+/* Provider names and default endpoints come from the provider table (src/provider/provider.c,
+ * provider_ops()): adding a provider there is the only change the loader needs. */
+#define MAX_PROVIDERS 32
+static const char *provider_names[MAX_PROVIDERS + 1]; /* filled once from the table */
+static pthread_once_t provider_names_once = PTHREAD_ONCE_INIT;
+
+static void provider_names_fill(void)
+{
+	for (size_t i = 0; i < MAX_PROVIDERS && provider_ops((enum provider)i) != NULL; i++)
+		provider_names[i] = provider_ops((enum provider)i)->name;
+}
 
 /* Names of enum values, indexed by value, NULL-terminated. */
-static const char *const provider_names[] = {"openai",       "openai-compatible",
-                                             "azure-openai", "deepseek",
-                                             "openrouter",   "gemini",
-                                             "anthropic",    NULL};
 static const char *const strategy_names[] = {"total_tokens", "prompt_tokens", "completion_tokens",
                                              "cost", NULL};
 static const char *const limit_type_names[] = {"fixed", "sliding", NULL};
@@ -239,7 +239,8 @@ static const struct field webhook_fields[] = {
 static const struct field instance_fields[] = {
 	STR("name", name, REQ | FL_NAME, NULL),
 	REQUIRED_ENUM("provider", provider, provider_names),
-	URL("endpoint", endpoint, 0), /* default: provider_endpoints[] */
+	URL("endpoint", endpoint, 0), /* default: the provider's (provider_ops) */
+	URL("responses_endpoint", responses_endpoint, 0), /* default: the provider's, if any */
 	STR("model", model, FL_NONEMPTY, NULL),
 	CUSTOM("options", 0),
 	CUSTOM("auth", 0),
@@ -376,6 +377,7 @@ static const struct field target_fields[] = {
 	CUSTOM("instance", REQ),
 	INT("priority", priority, -1000000, 1000000, 0),
 	UINT("weight", weight, 0, 1000000, 100), /* 0: drained */
+	STR("model", model, FL_NONEMPTY, NULL), /* default: the instance's model */
 };
 #undef T
 
@@ -2045,18 +2047,31 @@ static void parse_instance(struct loader *ld, const struct cnode *m, const char 
 	section(ld, sub_map(ld, m, "keepalive", path, p), p, FIELDS(keepalive_fields), in);
 	section(ld, sub_map(ld, m, "load", path, p), p, FIELDS(load_fields), in);
 
-	if (in->endpoint == NULL && get(m, "endpoint") == NULL) {
-		const char *def = provider_endpoints[in->provider];
-		if (def != NULL)
-			in->endpoint = xstrdup(def);
+	const struct provider_ops *ops = provider_ops(in->provider);
+	if (in->endpoint == NULL && get(m, "endpoint") == NULL && ops != NULL) {
+		if (ops->default_endpoint != NULL)
+			in->endpoint = xstrdup(ops->default_endpoint);
 		else if (get(m, "provider") != NULL)
 			err(ld, m, path,
 			    "missing required key \"endpoint\" (provider %s has no default "
 			    "endpoint)",
-			    provider_names[in->provider]);
+			    ops->name);
 	}
 	if (in->endpoint != NULL)
 		in->url = build_url(in->endpoint, in->auth_query, in->n_auth_query);
+	if (in->responses_endpoint != NULL) {
+		if (ops != NULL && ops->upstream != PROTO_CHAT)
+			err(ld, get(m, "responses_endpoint"), at_key(p, path, "responses_endpoint"),
+			    "provider %s does not serve the Responses API", ops->name);
+		in->responses_url =
+		        build_url(in->responses_endpoint, in->auth_query, in->n_auth_query);
+	}
+	/* The provider's own rules, once endpoint and auth are known (an azure deployment URL
+	 * needs an api-version, ...). */
+	char why[256];
+	if (in->url != NULL && ops != NULL && ops->check_instance != NULL &&
+	    !ops->check_instance(in, why, sizeof why))
+		err(ld, get(m, "endpoint") ? get(m, "endpoint") : m, path, "%s", why);
 
 	/* before the limits: a cost limit needs the price */
 	parse_price(ld, sub_map(ld, m, "price", path, p), p, &in->price);
@@ -2313,6 +2328,51 @@ static void parse_targets(struct loader *ld, const struct cnode *v, const char *
 	}
 }
 
+/*
+ * What the route's paths ask of its targets (docs/providers.md): every target must be able to
+ * serve the protocol of every path — an Anthropic instance takes no legacy completions or
+ * embeddings — except count_tokens, which the gateway answers itself for instances that
+ * cannot (its estimate). Response policies read the output text through the pivot, which
+ * chat, Messages and Responses have: a path of another protocol would let its output past
+ * them, so such a route is refused rather than half guarded.
+ */
+static void check_route_protocols(struct loader *ld, const struct cnode *m, const char *path,
+                                  struct config_route *r)
+{
+	char p[PATH_LEN], tp[PATH_LEN];
+	const struct cnode *targets = get(m, "targets");
+
+	for (size_t i = 0; i < r->n_paths; i++) {
+		enum proto proto = proto_of_path(r->paths[i], strlen(r->paths[i]));
+		if ((r->plugin_phases & POLICY_PHASE_RESPONSE) && proto_codec(proto) == NULL)
+			err(ld, get(m, "plugins"), at_key(p, path, "plugins"),
+			    "response policies need chat, messages or responses paths; path \"%s\" "
+			    "speaks %s, whose output they cannot read",
+			    r->paths[i], proto_name(proto));
+		if (proto == PROTO_COUNT_TOKENS || targets == NULL || targets->kind != CNODE_SEQ ||
+		    targets->n != r->n_targets)
+			continue;
+		for (size_t t = 0; t < r->n_targets; t++) {
+			const struct config_instance *in = r->targets[t].instance;
+			const char *url;
+			if (in == NULL || provider_upstream_proto(in, proto, &url) != PROTO__COUNT)
+				continue;
+			/* targets are sorted by priority: find the written entry for the message */
+			for (size_t k = 0; k < targets->n; k++) {
+				const struct cnode *iv = get(targets->kids[k], "instance");
+				if (iv == NULL || scalar_text(iv) == NULL ||
+				    strcmp(scalar_text(iv), in->name) != 0)
+					continue;
+				err(ld, iv, at_key(tp, at_index(p, at_key(tp, path, "targets"), k),
+				                   "instance"),
+				    "instance \"%s\" (provider %s) cannot serve path \"%s\" (%s)",
+				    in->name, config_provider_name(in->provider), r->paths[i],
+				    proto_name(proto));
+			}
+		}
+	}
+}
+
 static void mcp_report(void *arg, const struct cnode *at, const char *path, const char *msg)
 {
 	err(arg, at, path, "%s", msg);
@@ -2383,6 +2443,7 @@ static void parse_route(struct loader *ld, const struct cnode *m, const char *pa
 
 	parse_targets(ld, get(m, "targets"), at_key(p, path, "targets"), r);
 	parse_plugins(ld, get(m, "plugins"), at_key(p, path, "plugins"), r);
+	check_route_protocols(ld, m, path, r);
 
 	/* paths: no repeats in the route, no other route for the same path and models */
 	const struct cnode *paths = get(m, "paths");
@@ -2659,6 +2720,8 @@ static void free_instance(struct config_instance *in)
 	free(in->name);
 	free(in->endpoint);
 	free(in->url);
+	free(in->responses_endpoint);
+	free(in->responses_url);
 	free(in->model);
 	json_decref(in->options);
 	free_kv(in->auth_headers, in->n_auth_headers);
@@ -2683,6 +2746,8 @@ static void free_route(struct config_route *r)
 	free_strv(r->key_headers, r->n_key_headers);
 	free(r->balancer.key);
 	free(r->fallback.http_statuses);
+	for (size_t i = 0; i < r->n_targets; i++)
+		free(r->targets[i].model);
 	free(r->targets);
 	for (size_t i = 0; i < r->n_plugins; i++) {
 		free(r->plugins[i].name);
@@ -2763,6 +2828,7 @@ static struct config *load_text(const char *text, size_t len, const char *name,
 {
 	struct loader ld = {.file = name ? name : "<string>"};
 	ld.sec.ld = &ld;
+	pthread_once(&provider_names_once, provider_names_fill);
 	struct config *c = xcalloc(1, sizeof *c);
 	unsigned char digest[32];
 
@@ -2887,7 +2953,8 @@ static const char *name_of(const char *const *names, size_t n, unsigned v)
 
 const char *config_provider_name(enum provider p)
 {
-	return name_of(provider_names, ARRAY_LEN(provider_names) - 1, (unsigned)p);
+	const struct provider_ops *ops = provider_ops(p);
+	return ops ? ops->name : NULL;
 }
 
 const char *config_strategy_name(enum limit_strategy s)

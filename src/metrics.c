@@ -67,6 +67,7 @@ enum family {
 	F_STORE_ERRORS,
 	F_MCP_REQUESTS,
 	F_MCP_DURATION,
+	F_POLICY_ACTIONS,
 	F_COUNT
 };
 
@@ -199,6 +200,10 @@ static const struct family_desc families[F_COUNT] = {
                             .histogram = true,
                             .labels = {"route", "server", "method"},
                             BOUNDS(latency_bounds)},
+        [F_POLICY_ACTIONS] = {.name = "sluice_policy_actions_total",
+                              .help = "Decisions of the routes' policies (plugins), by route, "
+                                      "policy and action (blocked, masked, cut, ...).",
+                              .labels = {"route", "policy", "action"}},
 };
 
 static size_t family_n_labels(const struct family_desc *d)
@@ -438,7 +443,8 @@ struct metrics_shard *metrics_shard(int worker_id)
 static bool outcome_is_skip(const char *o)
 {
 	/* Candidates passed over without a call: no upstream time to observe. */
-	return strcmp(o, "unhealthy") == 0 || strcmp(o, "quota") == 0;
+	return strcmp(o, "unhealthy") == 0 || strcmp(o, "quota") == 0 ||
+	       strcmp(o, "unsupported") == 0;
 }
 
 void metrics_record_request(struct metrics_shard *s, const struct request_record *r)
@@ -455,6 +461,10 @@ void metrics_record_request(struct metrics_shard *s, const struct request_record
 		n = RECORD_MAX_ATTEMPTS;
 
 	counter_add(s, F_REQUESTS, route, consumer, NULL, r->status, 1);
+	/* Policy names come from the configuration, actions from a fixed set per policy. */
+	for (int i = 0; i < r->n_policies && i < RECORD_MAX_POLICY_ACTIONS; i++)
+		counter_add(s, F_POLICY_ACTIONS, route, r->policies[i].policy,
+		            r->policies[i].action, 0, r->policies[i].count);
 
 	for (int i = 0; i < n; i++) {
 		const struct record_attempt *a = &r->attempts[i];

@@ -1,21 +1,35 @@
 /* request.c — one client request through the gateway, top to bottom.
  *
- *   request_handle        accept: snapshot, request id, built-in endpoints
+ *   request_handle        accept: snapshot, request id, the client's protocol (by path),
+ *                         built-in endpoints (model lists)
  *   → read_body           content type, JSON, the fields we route on
- *   → route               path, then the requested model
+ *   → route               path, then the requested model (a route's public names)
  *   → authenticate        key-auth → consumer; allow-list; concurrency cap
+ *   → request_policies    the route's plugins on the client's body (may answer later:
+ *                         moderation); a refusal reserves and charges nothing
  *   → next_attempt        the fallback loop: balancer pick → health gate → quota
  *                         reservation (maybe asynchronous, Redis) → attempt_start
- *   → attempt_start       shape the body for the instance, send it upstream
+ *   → attempt_start       the provider table picks the upstream protocol and URL; the body
+ *                         goes out spliced (identity) or built from the pivot (translation)
  *   → on_upstream_head    status known: stream to the client, or buffer
- *   → on_upstream_body    forward whole SSE events (back-pressure), or buffer
- *   → on_upstream_done    deliver, or fail over to the next candidate, or fail
+ *   → on_upstream_body    whole SSE events: forwarded as they are (identity), or decoded
+ *                         into pivot chunks → response policies → the client's encoder
+ *   → on_upstream_done    deliver (identity bytes, or decode → policies → encode), or fail
+ *                         over to the next candidate, or fail
  *   → request_finish      settle tokens, log, count, release everything
  *
  * Nothing reaches the client before an upstream has answered with something we
- * pass through — for a stream, its first complete event. That is what lets a
- * later attempt replace a failed one unseen. After the first byte, a failure
- * ends the stream with an SSE "error" event, never with a silent truncation.
+ * pass through — for a stream, its first complete event with data. That is what lets a
+ * later attempt replace a failed one unseen, whatever protocol each instance speaks.
+ * After the first byte, a failure ends the stream with the client protocol's error event,
+ * never with a silent truncation.
+ *
+ * Protocols (docs/providers.md): the client's is chosen by the path; each attempt asks
+ * provider_upstream_proto what the instance speaks. Equal: the identity, today's zero-copy
+ * splice, nothing parsed beyond usage. Different: the pivot (the chat form of the
+ * request) is built once per request, the upstream body once per attempt, and the answer
+ * is translated event by event. A route with response policies always reads the answer
+ * through the pivot, so a guard written once works for every protocol.
  */
 #include "sluice/request.h"
 
@@ -41,6 +55,8 @@
 #include "sluice/log.h"
 #include "sluice/mcp.h"
 #include "sluice/metrics.h"
+#include "sluice/policy_chain.h"
+#include "sluice/provider.h"
 #include "sluice/quota.h"
 #include "sluice/record.h"
 #include "sluice/router.h"
@@ -58,6 +74,10 @@
 #define MAX_SSE_EVENT (4u * 1024 * 1024)
 /* Targets tracked without allocation; larger routes allocate. */
 #define SMALL_TARGETS 32
+/* Choices whose text an answer through the policies tracks, to pass it unchanged. */
+#define RAW_CHOICES 4
+/* An upstream header line we build ("Name: value"). */
+#define HEADER_LINE_MAX 8192
 
 /*
  * What the current attempt costs when it ends (docs/quotas.md §3): the upstream is charged
@@ -78,8 +98,8 @@ enum reply_mode {
 
 struct request {
 	struct worker *w;
-	struct config *config;      /* the snapshot this request runs on: one reference */
-	struct http_request *http;  /* NULL once the client side is finished */
+	struct config *config;     /* the snapshot this request runs on: one reference */
+	struct http_request *http; /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
 	char id[128];
 	/* Copies for the record: the client's buffers are recycled once the reply
@@ -88,55 +108,86 @@ struct request {
 	struct request_record rec;
 
 	/* what the client asked */
-	json_t *body;               /* the parsed client body (never modified) */
-	const char *model;          /* requested model, inside body; NULL if absent */
+	enum proto proto;  /* the client's protocol, by the path */
+	json_t *body;      /* the parsed client body; request policies may rewrite it */
+	bool body_changed; /* ... and then it is re-serialised, never spliced */
+	json_t *pivot;     /* the chat form of body: built once, for the first
+	                      translated attempt (owned) */
+	const char *model; /* requested model, inside body; NULL if absent */
 	bool stream;
-	uint64_t start_us;          /* monotonic: the request's first byte */
-	bool hide_usage_chunk;      /* we asked for include_usage; the client did not */
+	uint64_t start_us;     /* monotonic: the request's first byte */
+	bool hide_usage_chunk; /* we asked for include_usage; the client did not */
 	uint64_t est_prompt, est_completion;
+	struct proto_reply_ctx reply; /* what the codecs know of the request */
 
 	/* who asks */
 	const struct config_consumer *consumer;
 	char key_fp[13];
 	bool concurrency_held;
 
+	/* the route's policies: NULL when it has none (then nothing here costs anything) */
+	struct policy_run *policies;
+	bool answer_policies; /* the route has response policies */
+	json_t *answer;       /* a non-stream pivot answer waiting on a pending policy */
+	const json_t *answer_members[2 * RAW_CHOICES]; /* its text before the policies */
+	size_t n_answer_members;
+
 	/* where it goes: the fallback loop */
 	const struct config_route *route;
 	struct balancer *own_balancer; /* when the worker's belong to another snapshot */
 	bool *excluded;                /* per route target: not a candidate any more */
 	bool excluded_small[SMALL_TARGETS];
-	const struct config_instance *instance; /* the current attempt's */
+	const struct config_target *target;     /* the current attempt's */
+	const struct config_instance *instance; /* its instance */
 	struct instance_state *state;
 	bool inflight_held;
-	bool trial;                    /* this attempt is a half-open health trial */
-	int attempts;                  /* started upstream transfers */
+	bool trial;   /* this attempt is a half-open health trial */
+	int attempts; /* started upstream transfers */
 	uint64_t attempt_start_us;
 
 	/* quota: the current attempt's reservation */
 	struct quota_ticket ticket;
-	bool ticket_held;              /* admitted and not yet settled or released */
-	enum attempt_cost cost;        /* of the current attempt, if it ended now */
-	bool quota_pending;            /* waiting on the store */
-	bool quota_denied;             /* some candidate was refused by a quota */
-	struct quota_ticket denial;    /* the first refusal, for the 429 */
+	bool ticket_held;           /* admitted and not yet settled or released */
+	enum attempt_cost cost;     /* of the current attempt, if it ended now */
+	bool quota_pending;         /* waiting on the store */
+	bool quota_denied;          /* some candidate was refused by a quota */
+	struct quota_ticket denial; /* the first refusal, for the 429 */
 
 	/* the last failure, for the answer when every candidate failed */
 	enum upstream_result last_res;
 	int last_status;
 	char last_detail[320];
+	bool unserved; /* a candidate could not express the request */
+	struct proto_error unserved_err;
 
-	/* the current attempt's answer */
-	char *upstream_body;           /* shaped body, or NULL when the client's bytes go as they are */
+	/* the current attempt */
+	enum proto up_proto; /* what the instance is spoken to in */
+	const char *up_url;  /* borrowed from the snapshot or the provider table */
+	bool pivot_answer;   /* the answer goes through the pivot */
+	char *upstream_body; /* shaped body, or NULL when the client's bytes go as they are */
+	size_t upstream_len;
 	struct upstream_xfer xfer;
 	enum reply_mode mode;
-	struct evbuffer *buffered;     /* REPLY_BUFFERED */
-	struct sse_parser sse; /* REPLY_STREAM */
-	struct evbuffer *events; /* whole events from one upstream read: one chunk */
+	struct evbuffer *buffered; /* REPLY_BUFFERED */
+	struct sse_parser sse;     /* REPLY_STREAM */
+	struct evbuffer *events;   /* what one upstream read gives the client: one chunk */
 	bool sse_ready;
-	bool stream_started;           /* the client has the stream's head */
-	bool client_paused;            /* the transfer waits for the client to drain */
+	struct proto_decoder *dec; /* pivot streams: the upstream protocol's decoder */
+	struct proto_encoder *enc; /* and the client protocol's encoder */
+	bool stream_started;       /* the client has the stream's head */
+	bool client_paused;        /* the transfer waits for the client to drain */
+	bool feed_stopped;         /* our own event callback stopped the parse */
+	bool stopped;              /* a response policy ended the stream */
+	bool stream_failed;        /* the upstream's stream broke or reported an error */
+	struct proto_error stream_err;
+	const struct sse_event *cur_event; /* the upstream event being decoded (borrowed) */
+	bool raw_ok;       /* chat → chat through the policies: events they leave alone go out as
+	                      they came (keep_raw) */
+	bool raw_started;  /* the encoder has seen the stream's first chunk */
+	bool body_refused; /* its answer passed a cap: an upstream error */
+	const char *refused_why;
 	struct record_usage usage;
-	size_t output_text_bytes;      /* for an estimate when no usage comes */
+	size_t output_text_bytes;        /* for an estimate when no usage comes */
 	char *prompt_payload;            /* log.payloads: the client's body */
 	struct evbuffer *output_payload; /* log.payloads: the answer's text */
 };
@@ -150,9 +201,9 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len);
 static void on_upstream_done(void *arg, enum upstream_result res, const char *detail);
 
 static const struct upstream_ops upstream_ops = {
-	.on_head = on_upstream_head,
-	.on_body = on_upstream_body,
-	.on_done = on_upstream_done,
+        .on_head = on_upstream_head,
+        .on_body = on_upstream_body,
+        .on_done = on_upstream_done,
 };
 
 /* ---------------------------------------------------------------- accept */
@@ -226,8 +277,10 @@ static bool consumer_may_use(const struct config_route *rt, const void *arg)
 /*
  * The model list says what a gateway serves and to whom: when every route is key-auth, it
  * takes a valid key — read with each key-auth route's own key headers, in route order —
- * and lists only the models of the routes its consumer may use (and of auth: none
- * routes). Returns the list, or NULL after answering 401 (or 500).
+ * and lists only the public names of the routes its consumer may use (and of auth: none
+ * routes). A client that speaks Anthropic (it sends anthropic-version, as the Anthropic
+ * SDKs do) gets Anthropic's list shape. Returns the list, or NULL after answering 401 (or
+ * 500).
  */
 static json_t *models_for_caller(struct request *r)
 {
@@ -264,6 +317,11 @@ static json_t *models_for_caller(struct request *r)
 		return NULL;
 	}
 	list = router_models_json_for(c, consumer_may_use, cons);
+	if (list != NULL && http_request_header(r->http, "anthropic-version") != NULL) {
+		json_t *a = router_models_anthropic(list);
+		json_decref(list);
+		list = a;
+	}
 	if (list == NULL)
 		reply_error(r, 500, "server_error", "internal_error",
 		            "cannot build the model list");
@@ -310,6 +368,8 @@ static void on_client_abort(void *arg);
 static bool read_body(struct request *r);
 static bool route(struct request *r);
 static bool authenticate(struct request *r);
+static bool plan(struct request *r);
+static void request_policies(struct request *r);
 static void next_attempt(struct request *r);
 static const char *get_client_header(void *arg, const char *name);
 
@@ -344,6 +404,8 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 	r->rec.path = r->path;
 	r->rec.client_ip = r->client_ip;
 	r->rec.bytes_in = hr->body_len;
+	/* The client's protocol decides the shape of every answer, gateway errors included. */
+	r->proto = proto_of_path(hr->path, strlen(hr->path));
 	return r;
 }
 
@@ -384,22 +446,9 @@ void request_handle(struct http_request *hr, void *arg)
 		            "%s is not allowed on %s; use POST", hr->method, hr->path);
 		return;
 	}
-	if (!read_body(r) || !route(r) || !authenticate(r))
+	if (!read_body(r) || !route(r) || !authenticate(r) || !plan(r))
 		return;
-
-	size_t n = r->route->n_targets;
-	r->excluded = n <= SMALL_TARGETS ? r->excluded_small : calloc(n, sizeof(bool));
-	if (r->excluded == NULL) {
-		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
-		return;
-	}
-	if (r->config->log.payloads) {
-		r->prompt_payload = strndup(hr->body, hr->body_len);
-		r->output_payload = evbuffer_new();
-	}
-	r->est_prompt = usage_estimate_prompt(r->body);
-	r->est_completion = usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET);
-	next_attempt(r);
+	request_policies(r);
 }
 
 /*
@@ -464,11 +513,12 @@ static bool read_body(struct request *r)
 		            "the request body is empty; a JSON object is required");
 		return false;
 	}
-	r->body = json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+	r->body =
+	        json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
 	if (r->body == NULL) {
 		reply_error(r, 400, "invalid_request_error", "invalid_json",
-		            "the request body is not valid JSON: %s at line %d column %d", jerr.text,
-		            jerr.line, jerr.column);
+		            "the request body is not valid JSON: %s at line %d column %d",
+		            jerr.text, jerr.line, jerr.column);
 		return false;
 	}
 	if (!json_is_object(r->body)) {
@@ -521,8 +571,8 @@ static const char *get_client_header(void *arg, const char *name)
 
 static bool authenticate(struct request *r)
 {
-	enum auth_result res =
-	        auth_check(r->config, r->route, get_client_header, r->http, &r->consumer, r->key_fp);
+	enum auth_result res = auth_check(r->config, r->route, get_client_header, r->http,
+	                                  &r->consumer, r->key_fp);
 
 	switch (res) {
 	case AUTH_NONE_REQUIRED:
@@ -558,6 +608,102 @@ static bool authenticate(struct request *r)
 		r->concurrency_held = true;
 	}
 	return true;
+}
+
+/* What the fallback loop needs, and what the codecs know of the request. */
+static bool plan(struct request *r)
+{
+	struct http_request *hr = r->http;
+	size_t n = r->route->n_targets;
+
+	r->excluded = n <= SMALL_TARGETS ? r->excluded_small : calloc(n, sizeof(bool));
+	if (r->excluded == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return false;
+	}
+	if (r->config->log.payloads) {
+		r->prompt_payload = strndup(hr->body, hr->body_len);
+		r->output_payload = evbuffer_new();
+	}
+	r->reply.request_id = r->id;
+	r->reply.created = (long long)(r->rec.start_unix_us / 1000000u);
+	r->reply.request = r->body;
+	r->reply.include_usage = json_is_true(
+	        json_object_get(json_object_get(r->body, "stream_options"), "include_usage"));
+	return true;
+}
+
+/* ---------------------------------------------------------------- request policies */
+
+static void start_attempts(struct request *r);
+
+/* The chain's verdict (now, or later from the loop): refuse, or go on to the attempts. */
+static void after_request_policies(void *arg, enum policy_verdict v)
+{
+	struct request *r = arg;
+	const struct policy_request *out = policy_run_request_outcome(r->policies);
+
+	if (v == POLICY_REFUSE) {
+		reply_error(r, out->status ? out->status : 400,
+		            out->type ? out->type : "invalid_request_error",
+		            out->code ? out->code : "policy_refused", "%s",
+		            out->message[0] ? out->message : "refused by the route's policy");
+		return;
+	}
+	/* A rewritten body goes out re-serialised: the client's bytes are not what it says now. */
+	if (out->changed)
+		r->body_changed = true;
+	start_attempts(r);
+}
+
+/*
+ * The route's plugins, in order, on the client's body in its own protocol, before any
+ * quota is reserved: a refused request reserves and charges nothing. A route without
+ * plugins creates nothing here. The response policies' state is created with the run, so
+ * every attempt's answer goes through the same chain.
+ */
+static void request_policies(struct request *r)
+{
+	const struct config_route *rt = r->route;
+
+	if (rt->n_plugins == 0) {
+		start_attempts(r);
+		return;
+	}
+	struct policy_env env = {
+	        .base = r->w->base,
+	        .upstream = r->w->upstream,
+	        .request_id = r->id,
+	        .route = rt->name,
+	        .consumer = r->consumer ? r->consumer->name : NULL,
+	};
+	r->policies = policy_run_new(rt, &env, r->stream);
+	if (r->policies == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return;
+	}
+	r->answer_policies =
+	        (rt->plugin_phases & POLICY_PHASE_RESPONSE) != 0 && proto_codec(r->proto) != NULL;
+	if (!(rt->plugin_phases & POLICY_PHASE_REQUEST)) {
+		start_attempts(r);
+		return;
+	}
+	enum policy_verdict v =
+	        policy_run_request(r->policies, r->proto, r->body, after_request_policies, r);
+	if (v != POLICY_PENDING)
+		after_request_policies(r, v);
+}
+
+/* The estimates quotas reserve are taken from the body as the upstream will see it: after
+ * the policies, so decorated messages are counted. count_tokens costs no tokens. */
+static void start_attempts(struct request *r)
+{
+	if (r->proto != PROTO_COUNT_TOKENS) {
+		r->est_prompt = usage_estimate_prompt(r->body);
+		r->est_completion =
+		        usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET);
+	}
+	next_attempt(r);
 }
 
 /* ---------------------------------------------------------------- the fallback loop */
@@ -608,13 +754,13 @@ static int pick_target(struct request *r)
 {
 	uint64_t now = http_now_us();
 	struct balancer_input in = {
-		.rand = balancer_rand,
-		.rand_arg = r->w,
-		.inflight = balancer_inflight,
-		.latency_us = balancer_latency,
-		.load = balancer_load_of,
-		.load_arg = &now,
-		.excluded = r->excluded,
+	        .rand = balancer_rand,
+	        .rand_arg = r->w,
+	        .inflight = balancer_inflight,
+	        .latency_us = balancer_latency,
+	        .load = balancer_load_of,
+	        .load_arg = &now,
+	        .excluded = r->excluded,
 	};
 	switch (r->route->balancer.hash_on) {
 	case HASH_ON_CONSUMER:
@@ -648,7 +794,8 @@ static void record_attempt(struct request *r, const struct config_instance *in, 
 
 static void fail_all(struct request *r);
 static void after_quota(struct request *r);
-static bool attempt_start(struct request *r);
+static void attempt_start(struct request *r);
+static void answer_count_tokens(struct request *r);
 
 static void on_quota(void *arg, struct quota_ticket *t)
 {
@@ -673,12 +820,21 @@ static void next_attempt(struct request *r)
 		if (idx < 0)
 			break;
 		const struct config_instance *in = rt->targets[idx].instance;
+		const char *url;
 		r->excluded[idx] = true; /* whatever happens, not again for this request */
+		/* count_tokens on an instance that has no such endpoint: the gateway's estimate. */
+		if (r->proto == PROTO_COUNT_TOKENS &&
+		    provider_upstream_proto(in, PROTO_COUNT_TOKENS, &url) == PROTO__COUNT) {
+			answer_count_tokens(r);
+			return;
+		}
 		enum health_gate gate = health_admit(in->state, in, now);
-		if ((gate == HEALTH_DOWN || gate == HEALTH_COOLING) && (rt->fallback.on & FALLBACK_UNHEALTHY)) {
+		if ((gate == HEALTH_DOWN || gate == HEALTH_COOLING) &&
+		    (rt->fallback.on & FALLBACK_UNHEALTHY)) {
 			record_attempt(r, in, "unhealthy", 0, 0);
 			continue;
 		}
+		r->target = &rt->targets[idx];
 		r->instance = in;
 		r->state = in->state;
 		r->trial = gate == HEALTH_TRIAL;
@@ -728,6 +884,16 @@ static void after_quota(struct request *r)
 	attempt_start(r);
 }
 
+/* A gateway-made error from a proto_error (translation refusals, translated upstream
+ * errors), in the client's protocol. */
+static void reply_proto_error(struct request *r, const struct proto_error *e)
+{
+	int status = e->status ? e->status : 400;
+
+	reply_error(r, status, e->type ? e->type : proto_type_for_status(status),
+	            e->code ? e->code : "invalid_request", "%s", e->message);
+}
+
 /* Every candidate is gone: say why, with the most useful status. */
 static void fail_all(struct request *r)
 {
@@ -739,11 +905,18 @@ static void fail_all(struct request *r)
 			            r->last_status, r->last_detail);
 		else
 			reply_error(r, status,
-			            r->last_res == UPSTREAM_TIMEOUT ? "timeout_error" : "upstream_error",
-			            r->last_res == UPSTREAM_TIMEOUT          ? "upstream_timeout"
-			            : r->last_res == UPSTREAM_CONNECT_ERROR ? "upstream_connect_error"
-			                                                    : "upstream_error",
+			            r->last_res == UPSTREAM_TIMEOUT ? "timeout_error"
+			                                            : "upstream_error",
+			            r->last_res == UPSTREAM_TIMEOUT ? "upstream_timeout"
+			            : r->last_res == UPSTREAM_CONNECT_ERROR
+			                    ? "upstream_connect_error"
+			                    : "upstream_error",
 			            "%s", r->last_detail);
+		return;
+	}
+	if (r->unserved) {
+		/* No candidate could express the request (e.g. n > 1 on Anthropic instances). */
+		reply_proto_error(r, &r->unserved_err);
 		return;
 	}
 	if (r->quota_denied) {
@@ -785,15 +958,27 @@ static void reply_quota_rejection(struct request *r, const struct quota_ticket *
 		            t->denied_by ? t->denied_by->id : "limit", t->retry_after_s);
 }
 
-/* ---------------------------------------------------------------- upstream attempt */
+/* POST …/messages/count_tokens where the instance has no such endpoint: the gateway's own
+ * estimate (the one quotas use), answered at once; no upstream, no tokens. */
+static void answer_count_tokens(struct request *r)
+{
+	json_t *o = json_pack("{s:I}", "input_tokens", (json_int_t)usage_estimate_prompt(r->body));
 
-/*
- * The body an instance receives: the client's, with the instance's model and
- * options applied (the instance wins), and usage requested for streams. Each
- * attempt starts from the client's original body, so one instance's options
- * never leak into the next. When nothing changes, the client's bytes go as
- * they are (no re-serialisation).
- */
+	reply_json(r, o);
+	json_decref(o);
+}
+
+/* ---------------------------------------------------------------- the upstream body */
+
+/* The model the instance is asked for: the target's, else the instance's; NULL keeps the
+ * client's (a route's public names are the client's side of the alias). */
+static const char *upstream_model(const struct request *r)
+{
+	if (r->target != NULL && r->target->model != NULL)
+		return r->target->model;
+	return r->instance->model;
+}
+
 /* Append s as a JSON string literal (with quotes). */
 static char *put_json_string(char *o, const char *s)
 {
@@ -831,7 +1016,8 @@ static bool splice_body(struct request *r, const char *model, bool want_usage)
 
 	if (brace == NULL)
 		return false;
-	if (model && r->model && !usage_scan_member(body, r->http->body_len, "model", &val, &val_len))
+	if (model && r->model &&
+	    !usage_scan_member(body, r->http->body_len, "model", &val, &val_len))
 		return false;
 	char *out = malloc(r->http->body_len + (model ? strlen(model) * 6 + 16 : 0) +
 	                   sizeof(usage_member) + 1);
@@ -859,29 +1045,45 @@ static bool splice_body(struct request *r, const char *model, bool want_usage)
 	o += end - p;
 	*o = '\0';
 	r->upstream_body = out;
+	r->upstream_len = (size_t)(o - out);
 	return true;
 }
 
+/* Stream usage is what quotas charge: the OpenAI protocols need asking for it. */
+static bool asks_stream_usage(enum proto p)
+{
+	return p == PROTO_CHAT || p == PROTO_COMPLETIONS || p == PROTO_OTHER;
+}
+
+/*
+ * The identity body an instance receives: the client's, with the instance's model and
+ * options applied (the instance wins; on an Anthropic instance options.max_tokens is a
+ * default), the model dropped where the URL names it (azure deployments), and usage
+ * requested for OpenAI streams. Each attempt starts from the client's body, so one
+ * instance's options never leak into the next. When nothing changes, the client's bytes
+ * go as they are (no re-serialisation); the common change — another model name and/or
+ * usage for a stream — is a splice of those bytes.
+ */
 static bool shape_body(struct request *r)
 {
 	const struct config_instance *in = r->instance;
-	bool drop_model = in->provider == PROVIDER_AZURE_OPENAI;
-	bool same_model = in->model == NULL || (r->model && strcmp(in->model, r->model) == 0);
+	const struct provider_ops *ops = provider_ops(in->provider);
+	const char *model = upstream_model(r);
+	bool drop_model = ops->drop_model != NULL && ops->drop_model(in);
+	bool same_model = model == NULL || (r->model && strcmp(model, r->model) == 0);
 	json_t *so = json_object_get(r->body, "stream_options");
-	bool want_usage = r->stream && !json_is_true(json_object_get(so, "include_usage"));
+	bool want_usage = r->stream && asks_stream_usage(r->proto) &&
+	                  !json_is_true(json_object_get(so, "include_usage"));
 
-	free(r->upstream_body);
-	r->upstream_body = NULL;
 	r->hide_usage_chunk = want_usage;
 	bool no_options = in->options == NULL || json_object_size(in->options) == 0;
-	if (same_model && !drop_model && !want_usage && no_options)
+	if (!r->body_changed && same_model && !drop_model && !want_usage && no_options)
 		return true;
-	/* The common case — another model name and/or usage for a stream — is a
-	 * splice of the client's bytes: no re-serialisation of the whole body. The splice
-	 * finds "model" in the raw bytes; a name written with escapes ("mod\u0065l", which
-	 * the parse understood) is not found there, and the body is rebuilt below. */
-	if (no_options && !drop_model && so == NULL && json_object_size(r->body) > 0 &&
-	    splice_body(r, same_model ? NULL : in->model, want_usage))
+	/* The splice finds "model" in the raw bytes; a name written with escapes
+	 * ("mod\u0065l", which the parse understood) is not found there, and the body is
+	 * rebuilt below. */
+	if (!r->body_changed && no_options && !drop_model && so == NULL &&
+	    json_object_size(r->body) > 0 && splice_body(r, same_model ? NULL : model, want_usage))
 		return true;
 
 	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
@@ -889,21 +1091,73 @@ static bool shape_body(struct request *r)
 		return false;
 	if (drop_model)
 		json_object_del(b, "model");
-	else if (in->model)
-		json_object_set_new(b, "model", json_string(in->model));
-	if (in->options)
+	else if (model)
+		json_object_set_new(b, "model", json_string(model));
+	if (in->options && ops->upstream == PROTO_MESSAGES) {
+		const char *k;
+		json_t *v;
+		json_object_foreach(in->options, k, v)
+		{
+			if (strcmp(k, "max_tokens") != 0 || json_object_get(b, k) == NULL)
+				json_object_set(b, k, v);
+		}
+	} else if (in->options) {
 		json_object_update(b, in->options);
+	}
 	if (want_usage) {
-		/* Usage is what quotas are charged from: ask for it, and hide the
-		 * extra chunk from a client that did not (on_stream_event). */
+		/* Hide the extra chunk from a client that did not ask (on_stream_event). */
 		json_t *nso = json_is_object(so) ? json_copy(so) : json_object();
 		json_object_set_new(nso, "include_usage", json_true());
 		json_object_set_new(b, "stream_options", nso);
 	}
 	r->upstream_body = json_dumps(b, JSON_COMPACT);
 	json_decref(b);
+	r->upstream_len = r->upstream_body ? strlen(r->upstream_body) : 0;
 	return r->upstream_body != NULL;
 }
+
+/*
+ * A translated body: the pivot (built once per request from the client's body) in the
+ * instance's protocol, with the upstream model — none where the URL names it. The codec
+ * merges the instance's options. The client's top-level "mock" object is carried across,
+ * and nothing else the pivot does not know: it steers sluice-mockllm in tests
+ * (docs/providers.md), as it does on the identity path. False with *err filled when this
+ * instance cannot serve the request (err->status 500: out of memory).
+ */
+static bool translate_body(struct request *r, struct proto_error *err)
+{
+	const struct config_instance *in = r->instance;
+	const struct provider_ops *ops = provider_ops(in->provider);
+	const char *model = upstream_model(r);
+	json_t *up, *mock;
+
+	memset(err, 0, sizeof(*err));
+	if (r->pivot == NULL) {
+		r->pivot = proto_codec(r->proto)->request_to_chat(r->body, err);
+		if (r->pivot == NULL)
+			return false;
+	}
+	if (ops->drop_model != NULL && ops->drop_model(in))
+		model = NULL;
+	else if (model == NULL)
+		model = r->model;
+	up = proto_codec(r->up_proto)->request_from_chat(r->pivot, in, model, err);
+	if (up == NULL)
+		return false;
+	mock = json_object_get(r->body, "mock");
+	if (json_is_object(mock))
+		json_object_set(up, "mock", mock);
+	r->upstream_body = json_dumps(up, JSON_COMPACT);
+	json_decref(up);
+	if (r->upstream_body == NULL) {
+		proto_error_set(err, 500, "server_error", "internal_error", "out of memory");
+		return false;
+	}
+	r->upstream_len = strlen(r->upstream_body);
+	return true;
+}
+
+/* ---------------------------------------------------------------- upstream attempt */
 
 static void attempt_reset(struct request *r)
 {
@@ -914,62 +1168,163 @@ static void attempt_reset(struct request *r)
 		sse_parser_free(&r->sse);
 		r->sse_ready = false;
 	}
+	if (r->dec) {
+		proto_codec(r->up_proto)->decoder_free(r->dec);
+		r->dec = NULL;
+	}
+	if (r->enc) {
+		proto_codec(r->proto)->encoder_free(r->enc);
+		r->enc = NULL;
+	}
+	free(r->upstream_body);
+	r->upstream_body = NULL;
 	r->mode = REPLY_NONE;
 	r->cost = COST_NOTHING;
 	r->client_paused = false;
+	r->feed_stopped = r->stream_failed = r->body_refused = false;
+	r->raw_ok = r->raw_started = false;
 	memset(&r->usage, 0, sizeof(r->usage));
 	r->output_text_bytes = 0;
 }
 
-static bool attempt_start(struct request *r)
+static bool has_auth_header(const struct config_instance *in, const char *name, size_t len)
+{
+	for (size_t i = 0; i < in->n_auth_headers; i++)
+		if (strlen(in->auth_headers[i].name) == len &&
+		    strncasecmp(in->auth_headers[i].name, name, len) == 0)
+			return true;
+	return false;
+}
+
+/* The client's Anthropic headers worth keeping on the Messages identity path: the API
+ * version it was written for and the beta features it uses. */
+static const char *const anthropic_client_headers[] = {"anthropic-version", "anthropic-beta", NULL};
+
+/*
+ * The headers an attempt sends: the instance's auth — never the client's credentials —
+ * then the provider's extra headers (anthropic-version) unless the auth sets the same name
+ * or, on the Messages identity path, the client sent its own; the request id.
+ */
+static void add_upstream_headers(struct request *r)
 {
 	const struct config_instance *in = r->instance;
-	char line[8192];
+	const struct provider_ops *ops = provider_ops(in->provider);
+	bool anthropic_identity = r->up_proto == r->proto &&
+	                          (r->proto == PROTO_MESSAGES || r->proto == PROTO_COUNT_TOKENS);
+	char line[HEADER_LINE_MAX];
 
-	attempt_reset(r);
-	r->attempts++;
-	r->attempt_start_us = http_now_us();
-	r->rec.instance = in->name;
-	r->rec.priced = in->price.set;
-	r->rec.model_upstream = in->model ? in->model : r->model;
-	if (!shape_body(r)) {
-		reply_error(r, 500, "server_error", "internal_error", "cannot build the upstream body");
-		return false;
-	}
-	upstream_xfer_init(&r->xfer, r->w->upstream, &upstream_ops, r);
-	if (r->w->balancers_config == r->config)
-		upstream_xfer_curlu(&r->xfer, r->w->urls[in->index]);
-	/* The client's credentials stay here: only the instance's auth goes up. */
 	for (size_t i = 0; i < in->n_auth_headers; i++) {
 		snprintf(line, sizeof(line), "%s: %s", in->auth_headers[i].name,
 		         in->auth_headers[i].value);
 		upstream_xfer_header(&r->xfer, line);
 	}
+	if (anthropic_identity) {
+		for (size_t i = 0; anthropic_client_headers[i] != NULL; i++) {
+			const char *name = anthropic_client_headers[i];
+			const char *v = http_request_header(r->http, name);
+			if (v == NULL || has_auth_header(in, name, strlen(name)))
+				continue;
+			snprintf(line, sizeof(line), "%s: %s", name, v);
+			upstream_xfer_header(&r->xfer, line);
+		}
+	}
+	for (size_t i = 0; ops->extra_headers != NULL && ops->extra_headers[i] != NULL; i++) {
+		const char *h = ops->extra_headers[i], *colon = strchr(h, ':');
+		size_t n = colon ? (size_t)(colon - h) : strlen(h);
+		char name[64];
+		if (has_auth_header(in, h, n) || n >= sizeof(name))
+			continue;
+		memcpy(name, h, n);
+		name[n] = '\0';
+		if (anthropic_identity && http_request_header(r->http, name) != NULL)
+			continue;
+		upstream_xfer_header(&r->xfer, h);
+	}
 	snprintf(line, sizeof(line), "x-request-id: %s", r->id);
 	upstream_xfer_header(&r->xfer, line);
 	if (r->stream)
 		upstream_xfer_header(&r->xfer, "Accept: text/event-stream");
+}
+
+/* This candidate cannot express the request: give its reservation back, remember why,
+ * and try the next one (the client hears the reason only if none can). */
+static void attempt_unserved(struct request *r, const struct proto_error *err)
+{
+	log_info("[%s] instance %s cannot serve this request: %s", r->id, r->instance->name,
+	         err->message);
+	record_attempt(r, r->instance, "unsupported", 0, 0);
+	if (r->trial)
+		health_trial_abandon(r->state);
+	r->trial = false;
+	quota_release(r->w->quota, &r->ticket);
+	r->ticket_held = false;
+	r->unserved = true;
+	r->unserved_err = *err;
+	next_attempt(r);
+}
+
+static void attempt_start(struct request *r)
+{
+	const struct config_instance *in = r->instance;
+	struct proto_error perr;
+
+	attempt_reset(r);
+	r->up_proto = provider_upstream_proto(in, r->proto, &r->up_url);
+	r->pivot_answer = r->up_proto != r->proto || r->answer_policies;
+	/* Synthesised objects carry the client's model name; an answer in the client's own
+	 * protocol keeps the upstream's, as on the identity path. */
+	r->reply.model = r->up_proto != r->proto ? r->model : NULL;
+	if (r->up_proto == r->proto) {
+		if (!shape_body(r)) {
+			reply_error(r, 500, "server_error", "internal_error",
+			            "cannot build the upstream body");
+			return;
+		}
+	} else if (!translate_body(r, &perr)) {
+		if (perr.status == 500) {
+			reply_proto_error(r, &perr);
+			return;
+		}
+		if (r->pivot == NULL) { /* the client's request itself cannot be expressed */
+			reply_proto_error(r, &perr);
+			return;
+		}
+		attempt_unserved(r, &perr);
+		return;
+	}
+	r->attempts++;
+	r->attempt_start_us = http_now_us();
+	r->rec.instance = in->name;
+	r->rec.priced = in->price.set;
+	r->rec.model_upstream = upstream_model(r) ? upstream_model(r) : r->model;
+	upstream_xfer_init(&r->xfer, r->w->upstream, &upstream_ops, r);
+	if (r->w->balancers_config == r->config && r->up_url == in->url)
+		upstream_xfer_curlu(&r->xfer, r->w->urls[in->index]);
+	add_upstream_headers(r);
 
 	const char *body = r->upstream_body ? r->upstream_body : r->http->body;
-	size_t len = r->upstream_body ? strlen(r->upstream_body) : r->http->body_len;
+	size_t len = r->upstream_body ? r->upstream_len : r->http->body_len;
 	struct upstream_timeouts to = {
-		.connect = in->timeouts.connect,
-		.first_byte = in->timeouts.first_byte,
-		.idle = in->timeouts.idle,
-		.total = in->timeouts.total,
+	        .connect = in->timeouts.connect,
+	        .first_byte = in->timeouts.first_byte,
+	        .idle = in->timeouts.idle,
+	        .total = in->timeouts.total,
 	};
-	log_debug("[%s] %s %s → instance %s (attempt %d%s)", r->id, r->route->name,
-	          r->model ? r->model : "-", in->name, r->attempts, r->trial ? ", health trial" : "");
+	log_debug("[%s] %s %s → instance %s (%s%s%s, attempt %d%s)", r->id, r->route->name,
+	          r->model ? r->model : "-", in->name, proto_name(r->proto),
+	          r->up_proto != r->proto ? " → " : "",
+	          r->up_proto != r->proto ? proto_name(r->up_proto) : "", r->attempts,
+	          r->trial ? ", health trial" : "");
 	health_inflight_add(r->state, 1);
 	r->inflight_held = true;
-	if (!upstream_xfer_start(&r->xfer, NULL, in->url, body, len, &to, in->tls_verify,
+	if (!upstream_xfer_start(&r->xfer, NULL, r->up_url, body, len, &to, in->tls_verify,
 	                         (long)(in->keepalive.idle / 1000))) {
-		reply_error(r, 500, "server_error", "internal_error", "cannot start the upstream transfer");
-		return false;
+		reply_error(r, 500, "server_error", "internal_error",
+		            "cannot start the upstream transfer");
+		return;
 	}
 	/* From here the upstream may be working on it, whether or not the client stays. */
 	r->cost = COST_WORK;
-	return true;
 }
 
 /* ---------------------------------------------------------------- upstream answers */
@@ -978,7 +1333,7 @@ static void add_response_headers(struct request *r)
 {
 	struct http_request *hr = r->http;
 	struct evbuffer *h = r->xfer.headers;
-	size_t n = evbuffer_get_length(h);
+	size_t n = h ? evbuffer_get_length(h) : 0;
 
 	/* The upstream's own headers (rate-limit hints, processing time...),
 	 * already filtered of hop-by-hop ones. */
@@ -997,6 +1352,7 @@ static void add_response_headers(struct request *r)
 				http_response_header(hr, p, colon + 2 <= eol ? colon + 2 : eol);
 			p = eol + 2;
 		}
+		evbuffer_drain(h, n); /* the lines were cut in place */
 	}
 	add_ratelimit_headers(r, &r->ticket);
 	if (r->config->server.expose_instance_header)
@@ -1008,6 +1364,8 @@ static bool is_event_stream(const char *ct)
 	return strncasecmp(ct, "text/event-stream", 17) == 0;
 }
 
+static void on_policy_stop(void *arg, const char *finish_reason);
+
 static bool on_upstream_head(void *arg, long status)
 {
 	struct request *r = arg;
@@ -1018,7 +1376,26 @@ static bool on_upstream_head(void *arg, long status)
 		r->mode = REPLY_STREAM;
 		sse_parser_init(&r->sse, MAX_SSE_EVENT);
 		r->sse_ready = true;
+		if (r->pivot_answer) {
+			r->dec = proto_codec(r->up_proto)->decoder_new(&r->reply);
+			r->enc = proto_codec(r->proto)->encoder_new(&r->reply);
+			if (r->dec == NULL || r->enc == NULL) {
+				r->body_refused = true;
+				r->refused_why = "out of memory";
+				return false;
+			}
+			/* A decision taken later (a moderation window) ends this stream. */
+			if (r->answer_policies)
+				policy_run_on_stop(r->policies, on_policy_stop, r);
+		}
 		return true; /* the client's head goes with the first whole event */
+	}
+	if (!r->stream && status >= 200 && status < 300 && is_event_stream(r->xfer.content_type)) {
+		/* Not the answer that was asked for (an error page, a server that streams
+		 * regardless): a broken answer, like a reset. */
+		r->body_refused = true;
+		r->refused_why = "it answered a non-stream request with an event stream";
+		return false;
 	}
 	r->mode = REPLY_BUFFERED;
 	if (r->buffered == NULL)
@@ -1035,32 +1412,70 @@ static void on_client_drained(void *arg)
 	}
 }
 
-/* Length of the text in "content":"..." fields of one chunk: for an estimate
- * when the upstream reports no usage. A scan, not a parse. */
-static size_t content_bytes(const char *data, size_t len, struct evbuffer *keep)
+/* Length of the text in "<key>":"..." fields of one event: for an estimate when the
+ * upstream reports no usage. A scan, not a parse. */
+static size_t text_bytes(const char *key, size_t key_len, const char *data, size_t len,
+                         struct evbuffer *keep)
 {
-	static const char key[] = "\"content\":\"";
 	size_t total = 0;
 	const char *p = data, *end = data + len;
-	while ((p = memmem(p, (size_t)(end - p), key, sizeof(key) - 1)) != NULL) {
-		p += sizeof(key) - 1;
+	while ((p = memmem(p, (size_t)(end - p), key, key_len)) != NULL) {
+		p += key_len;
 		const char *q = p;
 		/* An escape takes two bytes, unless the data ends inside it. */
 		while (q < end && *q != '"')
 			q += (*q == '\\' && end - q >= 2) ? 2 : 1;
 		total += (size_t)(q - p);
 		if (keep)
-			evbuffer_add(keep, p, (size_t)(q - p)); /* still JSON-escaped: fine for a log */
+			evbuffer_add(keep, p,
+			             (size_t)(q - p)); /* still JSON-escaped: fine for a log */
 		p = q;
 	}
 	return total;
 }
 
-static bool on_stream_event(void *arg, const struct sse_event *ev)
+/* Where each protocol's stream events carry their text. */
+static size_t event_text_bytes(enum proto p, const struct sse_event *ev, struct evbuffer *keep)
 {
-	struct request *r = arg;
+	static const char chat[] = "\"content\":\"", messages[] = "\"text\":\"",
+	                  responses[] = "\"delta\":\"";
 
-	if (ev->has_data && ev->data_len > 0 && ev->data[0] == '{') {
+	switch (p) {
+	case PROTO_MESSAGES:
+		return text_bytes(messages, sizeof(messages) - 1, ev->data, ev->data_len, keep);
+	case PROTO_RESPONSES:
+		return text_bytes(responses, sizeof(responses) - 1, ev->data, ev->data_len, keep);
+	default:
+		return text_bytes(chat, sizeof(chat) - 1, ev->data, ev->data_len, keep);
+	}
+}
+
+/* The client's stream begins: its head, with the first bytes it will get. */
+static void start_client_stream(struct request *r)
+{
+	if (r->stream_started)
+		return;
+	r->stream_started = true;
+	r->rec.ttft_us = http_now_us() - r->start_us;
+	add_response_headers(r);
+	http_response_header(r->http, "Cache-Control", "no-cache");
+	http_reply_start(r->http, (int)r->xfer.status,
+	                 r->pivot_answer ? "text/event-stream" : r->xfer.content_type);
+}
+
+/* The identity path: the upstream's event goes to the client as it came; usage is read
+ * from it on the way. */
+static bool identity_event(struct request *r, const struct sse_event *ev)
+{
+	/* Nothing starts the client's stream but an event with data: a page of blank lines
+	 * (an HTML error in a 200 event stream) is not an answer, and may still fail over. */
+	if (!ev->has_data && !r->stream_started)
+		return true;
+	if (r->proto == PROTO_MESSAGES || r->proto == PROTO_RESPONSES) {
+		proto_codec(r->proto)->stream_usage(ev, &r->usage);
+		if (ev->has_data)
+			r->output_text_bytes += event_text_bytes(r->proto, ev, r->output_payload);
+	} else if (ev->has_data && ev->data_len > 0 && ev->data[0] == '{') {
 		bool usage_only = false;
 		struct record_usage u;
 		if (usage_from_sse_data(ev->data, ev->data_len, &u, &usage_only)) {
@@ -1068,19 +1483,161 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 			if (usage_only && r->hide_usage_chunk)
 				return true; /* asked for by us, not by the client */
 		} else {
-			r->output_text_bytes += content_bytes(ev->data, ev->data_len, r->output_payload);
+			r->output_text_bytes += event_text_bytes(r->proto, ev, r->output_payload);
 		}
 	}
-	if (!r->stream_started) {
-		r->stream_started = true;
-		r->rec.ttft_us = http_now_us() - r->start_us;
-		add_response_headers(r);
-		http_response_header(r->http, "Cache-Control", "no-cache");
-		http_reply_start(r->http, (int)r->xfer.status, r->xfer.content_type);
-	}
+	start_client_stream(r);
 	r->rec.bytes_out += ev->raw_len;
 	evbuffer_add(r->events, ev->raw, ev->raw_len);
 	return true;
+}
+
+/* The bytes of text in a pivot chunk's deltas, also appended to keep (may be NULL). */
+static size_t chunk_text(const json_t *chunk, struct evbuffer *keep)
+{
+	const json_t *choices = json_object_get(chunk, "choices"), *ch;
+	size_t i, n = 0;
+
+	json_array_foreach(choices, i, ch)
+	{
+		const json_t *c = json_object_get(json_object_get(ch, "delta"), "content");
+		if (json_is_string(c)) {
+			n += json_string_length(c);
+			if (keep)
+				evbuffer_add(keep, json_string_value(c), json_string_length(c));
+		}
+	}
+	return n;
+}
+
+/* Whatever the encoder wrote for this event goes to the client (starting its stream). */
+static void take_encoded(struct request *r)
+{
+	size_t n = evbuffer_get_length(r->events);
+
+	if (n == 0)
+		return;
+	start_client_stream(r);
+	r->rec.bytes_out += n;
+}
+
+/* The text members of an answer's or a chunk's choices (part "message" or "delta"), to
+ * tell afterwards whether the policies changed any (they replace a member they rewrite).
+ * False when there are too many to track. */
+
+static bool text_members(const json_t *obj, const char *part, const json_t **v, size_t cap,
+                         size_t *n)
+{
+	const json_t *choices = json_object_get(obj, "choices"), *ch;
+	size_t i;
+
+	*n = 0;
+	json_array_foreach(choices, i, ch)
+	{
+		if (*n + 2 > cap)
+			return false;
+		v[(*n)++] = json_object_get(json_object_get(ch, part), "content");
+		v[(*n)++] = json_object_get(ch, "finish_reason");
+	}
+	return true;
+}
+
+/*
+ * A chat client on a chat instance, through response policies: an event whose text the
+ * policies passed unchanged goes out as the upstream's bytes, as on the identity path,
+ * instead of being serialised again (the encoder has seen the first chunk, so a chunk the
+ * gateway adds at a cut carries the stream's id). The extra usage chunk the gateway asked
+ * for stays hidden from a client that did not.
+ */
+static bool keep_raw(struct request *r, const json_t *chunk, const json_t **before, size_t n)
+{
+	const json_t *after[2 * RAW_CHOICES];
+	const json_t *choices = json_object_get(chunk, "choices");
+	size_t m;
+
+	if (!r->raw_ok || r->cur_event == NULL ||
+	    !text_members(chunk, "delta", after, 2 * RAW_CHOICES, &m) || m != n ||
+	    memcmp(before, after, n * sizeof(after[0])) != 0)
+		return false;
+	if (!(r->hide_usage_chunk && json_is_array(choices) && json_array_size(choices) == 0 &&
+	      json_object_get(chunk, "usage") != NULL))
+		evbuffer_add(r->events, r->cur_event->raw, r->cur_event->raw_len);
+	return true;
+}
+
+/*
+ * One pivot chunk of a translated or policed stream: its usage, then the response
+ * policies (which may rewrite its text, or stop the answer), then the client's encoder.
+ * A stop ends the client's stream here, in its protocol, with the policies' finish
+ * reason, and stops the parse: the upstream transfer is cancelled on this very event.
+ */
+static bool on_pivot_chunk(void *arg, json_t *chunk)
+{
+	struct request *r = arg;
+	const struct proto_codec *client = proto_codec(r->proto);
+	struct record_usage u;
+	enum policy_verdict v = POLICY_CONTINUE;
+	const json_t *before[2 * RAW_CHOICES];
+	size_t n_before = 0;
+	bool raw = false;
+
+	if (proto_usage_from_chat(chunk, &u))
+		r->usage = u;
+	if (r->raw_ok && !text_members(chunk, "delta", before, 2 * RAW_CHOICES, &n_before))
+		r->raw_ok = false;
+	/* Counted before the policies (what the upstream produced, for an estimate); logged
+	 * after them (what the client got). */
+	r->output_text_bytes += chunk_text(chunk, r->answer_policies ? NULL : r->output_payload);
+	if (r->answer_policies) {
+		v = policy_run_chat_chunk(r->policies, chunk);
+		if (v == POLICY_REFUSE) {
+			proto_error_set(&r->stream_err, 500, "server_error", "policy_error",
+			                "the route's response policies could not run");
+			r->stream_failed = r->feed_stopped = true;
+			return false;
+		}
+		if (r->output_payload)
+			chunk_text(chunk, r->output_payload);
+		raw = v == POLICY_CONTINUE && keep_raw(r, chunk, before, n_before);
+	}
+	if (!raw && !client->encode(r->enc, chunk, r->events)) {
+		proto_error_set(&r->stream_err, 502, "upstream_error", "upstream_error",
+		                "the upstream's answer cannot be expressed in this protocol");
+		r->stream_failed = r->feed_stopped = true;
+		return false;
+	}
+	if (v == POLICY_STOP) {
+		client->stream_end(r->enc, policy_run_stopped(r->policies), r->events);
+		r->stopped = r->feed_stopped = true;
+	}
+	take_encoded(r);
+	return v != POLICY_STOP;
+}
+
+static bool on_stream_event(void *arg, const struct sse_event *ev)
+{
+	struct request *r = arg;
+	struct proto_error err;
+
+	if (!r->pivot_answer)
+		return identity_event(r, ev);
+	memset(&err, 0, sizeof(err));
+	r->cur_event = ev;
+	bool ok = proto_codec(r->up_proto)->decode(r->dec, ev, on_pivot_chunk, r, &err);
+	r->cur_event = NULL;
+	/* Once the encoder knows the stream's id, unchanged chat events may pass as they are. */
+	if (!r->raw_started && ev->has_data && r->answer_policies && r->proto == PROTO_CHAT &&
+	    r->up_proto == PROTO_CHAT && r->reply.model == NULL) {
+		r->raw_started = true;
+		r->raw_ok = true;
+	}
+	if (ok)
+		return true;
+	if (!r->feed_stopped) { /* the upstream's stream is broken, or said it failed */
+		r->stream_err = err;
+		r->stream_failed = r->feed_stopped = true;
+	}
+	return false;
 }
 
 static size_t on_upstream_body(void *arg, const char *data, size_t len)
@@ -1103,10 +1660,19 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 		bool ok = sse_feed(&r->sse, data, len, on_stream_event, r);
 		if (r->stream_started)
 			http_reply_chunk_buffer(r->http, r->events);
+		if (!ok && !r->feed_stopped) {
+			/* Refused by the parser: an event over the cap. That is the upstream
+			 * failing, not the client leaving (on_upstream_done). */
+			r->body_refused = true;
+			r->refused_why = "the upstream sent an SSE event over 4 MiB";
+		}
 		return ok ? len : 0;
 	}
-	if (evbuffer_get_length(r->buffered) + len > MAX_RESPONSE_BODY)
+	if (evbuffer_get_length(r->buffered) + len > MAX_RESPONSE_BODY) {
+		r->body_refused = true;
+		r->refused_why = "the upstream's answer is over 64 MiB";
 		return 0;
+	}
 	evbuffer_add(r->buffered, data, len);
 	return len;
 }
@@ -1129,19 +1695,26 @@ static unsigned trigger_for_status(const struct config_route *rt, int status)
 static unsigned trigger_for_result(enum upstream_result res)
 {
 	switch (res) {
-	case UPSTREAM_TIMEOUT: return FALLBACK_TIMEOUT;
-	case UPSTREAM_CONNECT_ERROR: return FALLBACK_CONNECT_ERROR;
+	case UPSTREAM_TIMEOUT:
+		return FALLBACK_TIMEOUT;
+	case UPSTREAM_CONNECT_ERROR:
+		return FALLBACK_CONNECT_ERROR;
 	/* A reset before any answer is the instance failing, like a 5xx. */
-	case UPSTREAM_ERROR: return FALLBACK_CONNECT_ERROR | FALLBACK_HTTP_5XX;
-	default: return 0;
+	case UPSTREAM_ERROR:
+		return FALLBACK_CONNECT_ERROR | FALLBACK_HTTP_5XX;
+	default:
+		return 0;
 	}
 }
 
 /* The attempt is over: passive health, in-flight, the record. */
-static void attempt_end(struct request *r, enum upstream_result res, int status, const char *outcome)
+static void attempt_end(struct request *r, enum upstream_result res, int status,
+                        const char *outcome)
 {
+	const struct provider_ops *ops = provider_ops(r->instance->provider);
 	uint64_t now = http_now_us();
 	enum health_outcome ho = HEALTH_OK;
+	int health_status = status;
 
 	if (r->inflight_held) {
 		health_inflight_add(r->state, -1);
@@ -1153,24 +1726,38 @@ static void attempt_end(struct request *r, enum upstream_result res, int status,
 		ho = HEALTH_CONNECT_ERROR;
 	else if (status >= 400)
 		ho = HEALTH_HTTP_STATUS;
+	/* A provider's overload status (Anthropic's 529) counts as the 503 it stands for. */
+	if (ops->is_overload != NULL && ops->is_overload(status))
+		health_status = 503;
 	if (res != UPSTREAM_ABORTED)
-		health_report(r->state, r->instance, ho, status, now);
+		health_report(r->state, r->instance, ho, health_status, now);
 	r->trial = false;
 	if (res == UPSTREAM_OK && status < 400 && r->xfer.head_us)
-		health_observe_latency(r->state, r->xfer.head_us - r->xfer.start_us, now - r->xfer.start_us);
+		health_observe_latency(r->state, r->xfer.head_us - r->xfer.start_us,
+		                       now - r->xfer.start_us);
 	r->rec.upstream_us += now - r->attempt_start_us;
 	record_attempt(r, r->instance, outcome, status, now - r->attempt_start_us);
 }
 
-static void stream_error_event(struct request *r, const char *code, const char *msg)
+/* An error event in the client's protocol, after the stream began; nothing follows it. */
+static void stream_error_event(struct request *r, int status, const char *code, const char *msg)
 {
+	const struct proto_codec *c = proto_codec(r->proto);
+	struct proto_error_out e = {
+	        .status = status, .type = "upstream_error", .code = code, .message = msg};
 	struct evbuffer *b = evbuffer_new();
+
 	if (b == NULL)
 		return; /* out of memory: the stream still ends, without the event */
-	evbuffer_add_printf(b, "event: error\ndata: {\"error\":{\"message\":\"");
-	http_json_escape(b, msg, strlen(msg));
-	evbuffer_add_printf(b, "\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"%s\"}}\n\n",
-	                    code);
+	if (c != NULL) {
+		c->stream_error(r->enc, &e, b);
+	} else {
+		evbuffer_add_printf(b, "event: error\ndata: {\"error\":{\"message\":\"");
+		http_json_escape(b, msg, strlen(msg));
+		evbuffer_add_printf(
+		        b, "\",\"type\":\"upstream_error\",\"param\":null,\"code\":\"%s\"}}\n\n",
+		        code);
+	}
 	http_reply_chunk_buffer(r->http, b);
 	evbuffer_free(b);
 }
@@ -1240,13 +1827,303 @@ static const char *outcome_name(enum upstream_result res, int status)
 {
 	switch (res) {
 	case UPSTREAM_OK:
-		return status < 400 ? "ok" : status == 429 ? "http_429" : status < 500 ? "http_4xx" : "http_5xx";
-	case UPSTREAM_TIMEOUT: return "timeout";
-	case UPSTREAM_CONNECT_ERROR: return "connect_error";
-	case UPSTREAM_ERROR: return "upstream_error";
-	case UPSTREAM_ABORTED: return "client_gone";
+		return status < 400    ? "ok"
+		       : status == 429 ? "http_429"
+		       : status < 500  ? "http_4xx"
+		                       : "http_5xx";
+	case UPSTREAM_TIMEOUT:
+		return "timeout";
+	case UPSTREAM_CONNECT_ERROR:
+		return "connect_error";
+	case UPSTREAM_ERROR:
+		return "upstream_error";
+	case UPSTREAM_ABORTED:
+		return "client_gone";
 	}
 	return "unknown";
+}
+
+/* A 429's Retry-After (delta-seconds or an HTTP-date, bounded): the instance cools down. */
+static void note_retry_after(struct request *r)
+{
+	const char *v;
+	size_t vl;
+	uint64_t secs;
+
+	if (upstream_xfer_find_header(&r->xfer, "retry-after", &v, &vl) &&
+	    health_parse_retry_after(v, vl, (int64_t)time(NULL), &secs))
+		health_retry_after(r->state, r->instance, secs, http_now_us());
+}
+
+/*
+ * An upstream error status answered to the client: in the client's protocol when the
+ * upstream spoke another one (or the provider has its own error shapes, Azure's and
+ * Gemini's), else passed through as it came. A body that no codec reads is passed through.
+ */
+static void deliver_error(struct request *r, int status, const char *body, size_t n)
+{
+	const struct provider_ops *ops = provider_ops(r->instance->provider);
+	const struct proto_codec *up = proto_codec(r->up_proto);
+	struct proto_error err;
+	bool mapped = false;
+
+	memset(&err, 0, sizeof(err));
+	if (ops->error_to_openai != NULL)
+		mapped = ops->error_to_openai(body, n, status, &err);
+	if (!mapped && r->up_proto != r->proto && up != NULL)
+		mapped = up->error_to_openai(body, n, status, &err);
+	add_response_headers(r);
+	r->rec.upstream_status = status;
+	if (mapped) {
+		if (err.status == 0)
+			err.status = status;
+		reply_proto_error(r, &err);
+		return;
+	}
+	r->rec.status = status;
+	r->rec.bytes_out = n;
+	http_reply(r->http, status,
+	           r->xfer.content_type[0] ? r->xfer.content_type : "application/json", body, n);
+	r->http = NULL;
+	request_finish(r);
+}
+
+static void send_pivot_answer(struct request *r);
+
+static void on_answer_policies_done(void *arg)
+{
+	send_pivot_answer(arg);
+}
+
+/*
+ * A non-stream answer through the pivot: decoded into a chat.completion (done before the
+ * fallback decision, since an answer that cannot be read is an upstream error), then the
+ * response policies, then the client's protocol. False when the upstream's body is not a
+ * valid answer.
+ */
+static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
+{
+	json_t *root = json_loadb(body, n, JSON_ALLOW_NUL, NULL);
+
+	r->answer = root ? proto_codec(r->up_proto)->response_to_chat(root, &r->reply) : NULL;
+	json_decref(root);
+	if (r->answer == NULL)
+		return false;
+	if (!proto_usage_from_chat(r->answer, &r->usage)) {
+		const json_t *ch = json_array_get(json_object_get(r->answer, "choices"), 0);
+		const json_t *c = json_object_get(json_object_get(ch, "message"), "content");
+		r->output_text_bytes = json_is_string(c) ? json_string_length(c) : n;
+	}
+	return true;
+}
+
+static void deliver_pivot_answer(struct request *r)
+{
+	/* A chat answer on a chat instance that the policies leave alone goes out as the
+	 * upstream's bytes (send_pivot_answer), as on the identity path. */
+	r->raw_ok = r->proto == PROTO_CHAT && r->up_proto == PROTO_CHAT &&
+	            text_members(r->answer, "message", r->answer_members, 2 * RAW_CHOICES,
+	                         &r->n_answer_members);
+	if (r->answer_policies) {
+		if (policy_run_chat_completion(r->policies, r->answer) == POLICY_REFUSE) {
+			reply_error(r, 500, "server_error", "policy_error",
+			            "the route's response policies could not run");
+			return;
+		}
+		if (policy_run_done(r->policies, on_answer_policies_done, r) == POLICY_PENDING)
+			return; /* on_answer_policies_done, from the loop */
+	}
+	send_pivot_answer(r);
+}
+
+static void send_pivot_answer(struct request *r)
+{
+	json_t *out;
+	char *text;
+
+	if (r->answer_policies)
+		policy_run_chat_completion_done(r->policies, r->answer);
+	if (r->raw_ok) {
+		const json_t *after[2 * RAW_CHOICES];
+		size_t m;
+		r->raw_ok = text_members(r->answer, "message", after, 2 * RAW_CHOICES, &m) &&
+		            m == r->n_answer_members &&
+		            memcmp(after, r->answer_members, m * sizeof(after[0])) == 0;
+	}
+	if (r->raw_ok) {
+		size_t n = evbuffer_get_length(r->buffered);
+		add_response_headers(r);
+		r->rec.status = (int)r->xfer.status;
+		r->rec.bytes_out = n;
+		r->rec.ttft_us = http_now_us() - r->start_us;
+		http_reply(r->http, (int)r->xfer.status,
+		           r->xfer.content_type[0] ? r->xfer.content_type : "application/json",
+		           (const char *)evbuffer_pullup(r->buffered, -1), n);
+		r->http = NULL;
+		request_finish(r);
+		return;
+	}
+	if (r->output_payload) {
+		const json_t *ch = json_array_get(json_object_get(r->answer, "choices"), 0);
+		const json_t *c = json_object_get(json_object_get(ch, "message"), "content");
+		if (json_is_string(c))
+			evbuffer_add(r->output_payload, json_string_value(c),
+			             json_string_length(c));
+	}
+	out = proto_codec(r->proto)->response_from_chat(r->answer, &r->reply);
+	text = out ? json_dumps(out, JSON_COMPACT) : NULL;
+	json_decref(out);
+	if (text == NULL) {
+		log_warn("[%s] instance %s: its answer cannot be expressed as %s", r->id,
+		         r->instance->name, proto_name(r->proto));
+		reply_error(
+		        r, 502, "upstream_error", "upstream_error",
+		        "instance '%s' gave an answer that cannot be expressed in this protocol",
+		        r->instance->name);
+		return;
+	}
+	add_response_headers(r);
+	r->rec.status = (int)r->xfer.status;
+	r->rec.bytes_out = strlen(text);
+	r->rec.ttft_us = http_now_us() - r->start_us;
+	http_reply(r->http, (int)r->xfer.status, "application/json", text, r->rec.bytes_out);
+	r->http = NULL;
+	free(text);
+	request_finish(r);
+}
+
+/* The end of a stream the client has seen. */
+static void end_client_stream(struct request *r)
+{
+	r->rec.status = (int)r->xfer.status;
+	if (r->events != NULL && evbuffer_get_length(r->events) > 0) {
+		r->rec.bytes_out += evbuffer_get_length(r->events);
+		http_reply_chunk_buffer(r->http, r->events);
+	}
+	http_reply_end(r->http);
+	r->http = NULL;
+	request_finish(r);
+}
+
+static void pivot_stream_close(struct request *r)
+{
+	const char *reason = r->policies ? policy_run_stopped(r->policies) : NULL;
+
+	proto_codec(r->proto)->stream_end(r->enc, reason, r->events);
+	end_client_stream(r);
+}
+
+static void on_stream_policies_done(void *arg)
+{
+	pivot_stream_close(arg);
+}
+
+/* Text the policies still held when the upstream ended, as a chunk of its choice. */
+static void on_flush_text(void *arg, unsigned choice, const char *text, size_t len)
+{
+	struct request *r = arg;
+	json_t *chunk = json_pack("{s:s,s:[{s:i,s:{s:s%},s:n}]}", "object", "chat.completion.chunk",
+	                          "choices", "index", (int)choice, "delta", "content", text, len,
+	                          "finish_reason");
+
+	if (chunk != NULL) {
+		if (r->output_payload)
+			evbuffer_add(r->output_payload, text, len);
+		proto_codec(r->proto)->encode(r->enc, chunk, r->events);
+	}
+	json_decref(chunk);
+}
+
+/* A pivot stream the upstream ended cleanly: what the policies held, their last word
+ * (maybe asynchronous: moderation's last window), then the protocol's closing events. */
+static void pivot_stream_done(struct request *r)
+{
+	if (r->answer_policies) {
+		enum policy_verdict v = policy_run_flush(r->policies, on_flush_text, r);
+		if (v == POLICY_REFUSE) {
+			stream_error_event(r, 500, "policy_error",
+			                   "the route's response policies could not run");
+			end_client_stream(r);
+			return;
+		}
+		if (v != POLICY_STOP &&
+		    policy_run_done(r->policies, on_stream_policies_done, r) == POLICY_PENDING) {
+			/* the transfer is over; what was written waits with the end */
+			if (evbuffer_get_length(r->events) > 0) {
+				r->rec.bytes_out += evbuffer_get_length(r->events);
+				http_reply_chunk_buffer(r->http, r->events);
+			}
+			return;
+		}
+	}
+	pivot_stream_close(r);
+}
+
+/*
+ * A policy decided asynchronously (a moderation window) to end the stream: the upstream
+ * is cancelled at once — it stops generating — and the client's stream ends cleanly in
+ * its protocol with the policy's finish reason. From the loop.
+ */
+static void on_policy_stop(void *arg, const char *finish_reason)
+{
+	struct request *r = arg;
+
+	if (r->http == NULL || r->mode != REPLY_STREAM || r->enc == NULL)
+		return;
+	if (r->xfer.running) {
+		upstream_xfer_cancel(&r->xfer);
+		attempt_end(r, UPSTREAM_OK, (int)r->xfer.status, "ok");
+	}
+	r->stopped = true;
+	if (r->events == NULL && (r->events = evbuffer_new()) == NULL) {
+		http_reply_end(r->http);
+		r->http = NULL;
+		request_finish(r);
+		return;
+	}
+	proto_codec(r->proto)->stream_end(r->enc, finish_reason, r->events);
+	start_client_stream(r);
+	end_client_stream(r);
+}
+
+/* A stream the client has seen is over: finish it, cleanly or with an error event. */
+static void stream_over(struct request *r, enum upstream_result res, const char *detail)
+{
+	const struct config_instance *in = r->instance;
+	int status = (int)r->xfer.status;
+
+	attempt_end(r, res, status, outcome_name(res, status));
+	if (r->stopped) { /* a response policy ended it; its end is written */
+		end_client_stream(r);
+		return;
+	}
+	if (res != UPSTREAM_OK || sse_pending(&r->sse) != 0) {
+		const char *why = res == UPSTREAM_OK ? "the stream ended inside an event" : detail;
+		char msg[300];
+		log_warn("[%s] instance %s: stream failed after the first byte: %s", r->id,
+		         in->name, why);
+		if (r->stream_failed)
+			snprintf(msg, sizeof(msg), "instance '%s': %s", in->name,
+			         r->stream_err.message);
+		else if (res == UPSTREAM_OK)
+			snprintf(msg, sizeof(msg), "instance '%s': %s", in->name, why);
+		else
+			snprintf(msg, sizeof(msg), "instance '%s' %s after the stream started",
+			         in->name, client_reason(res));
+		http_reply_chunk_buffer(r->http, r->events);
+		stream_error_event(
+		        r, r->stream_failed && r->stream_err.status ? r->stream_err.status : 502,
+		        res == UPSTREAM_TIMEOUT ? "upstream_timeout" : "upstream_stream_error",
+		        msg);
+		r->rec.error_code = "upstream_stream_error";
+		end_client_stream(r);
+		return;
+	}
+	if (r->pivot_answer) {
+		pivot_stream_done(r);
+		return;
+	}
+	end_client_stream(r);
 }
 
 static void on_upstream_done(void *arg, enum upstream_result res, const char *detail)
@@ -1254,7 +2131,6 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 	struct request *r = arg;
 	const struct config_instance *in = r->instance;
 	int status = (int)r->xfer.status;
-	const char *outcome = outcome_name(res, status);
 
 	if (r->http == NULL) { /* the client left; nothing to tell */
 		attempt_end(r, UPSTREAM_ABORTED, status, "client_gone");
@@ -1262,52 +2138,48 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 		return;
 	}
 	r->rec.upstream_status = status;
+	/* What this side stopped on purpose is not the client leaving: a policy's cut is a
+	 * good answer, a broken stream or an answer past a cap is the upstream failing. */
+	if (res == UPSTREAM_ABORTED && r->stopped) {
+		res = UPSTREAM_OK;
+	} else if (res == UPSTREAM_ABORTED && r->stream_failed) {
+		res = UPSTREAM_ERROR;
+		detail = r->stream_err.message;
+	} else if (res == UPSTREAM_ABORTED && r->body_refused) {
+		res = UPSTREAM_ERROR;
+		detail = r->refused_why;
+	}
 
-	/* A stream the client has seen: finish it, cleanly or with an error event. */
 	if (r->mode == REPLY_STREAM && r->stream_started) {
-		attempt_end(r, res, status, outcome);
-		if (res != UPSTREAM_OK || sse_pending(&r->sse) != 0) {
-			const char *why = res == UPSTREAM_OK ? "the stream ended inside an event" : detail;
-			char msg[200];
-			log_warn("[%s] instance %s: stream failed after the first byte: %s", r->id,
-			         in->name, why);
-			if (res == UPSTREAM_OK)
-				snprintf(msg, sizeof(msg), "instance '%s': %s", in->name, why);
-			else
-				snprintf(msg, sizeof(msg),
-				         "instance '%s' %s after the stream started", in->name,
-				         client_reason(res));
-			stream_error_event(r,
-			                   res == UPSTREAM_TIMEOUT ? "upstream_timeout"
-			                                           : "upstream_stream_error",
-			                   msg);
-			r->rec.error_code = "upstream_stream_error";
-		}
-		r->rec.status = status;
-		http_reply_end(r->http);
-		r->http = NULL;
-		request_finish(r);
+		stream_over(r, res, detail);
 		return;
 	}
 
-	/* Nothing sent yet: fail over when the route says so. */
-	/* A 2xx stream that ended before one whole event is a broken answer, like a reset. */
-	if (res == UPSTREAM_OK && r->mode == REPLY_STREAM) {
+	/* Nothing sent yet: fail over when the route says so. An error the upstream reported
+	 * inside its 200 stream (Anthropic's overloaded_error) counts as its status. */
+	if (r->stream_failed && r->stream_err.status >= 400) {
+		res = UPSTREAM_OK;
+		status = r->stream_err.status;
+	}
+	/* A 2xx stream that ended before one event with data is a broken answer, like a reset. */
+	if (res == UPSTREAM_OK && r->mode == REPLY_STREAM && !r->stream_failed) {
 		res = UPSTREAM_ERROR;
 		detail = "the stream ended before its first event";
 	}
-	unsigned trigger = res == UPSTREAM_OK ? trigger_for_status(r->route, status)
-	                                      : trigger_for_result(res);
+	size_t n = r->buffered ? evbuffer_get_length(r->buffered) : 0;
+	const char *body = n ? (const char *)evbuffer_pullup(r->buffered, (ev_ssize_t)n) : "";
+	/* A 2xx answer the pivot cannot read is the upstream failing too. */
+	if (res == UPSTREAM_OK && r->mode == REPLY_BUFFERED && status >= 200 && status < 300 &&
+	    r->pivot_answer && !decode_pivot_answer(r, body, n)) {
+		res = UPSTREAM_ERROR;
+		detail = "its answer is not a valid response of its protocol";
+	}
+	unsigned trigger =
+	        res == UPSTREAM_OK ? trigger_for_status(r->route, status) : trigger_for_result(res);
 	r->cost = ended_attempt_cost(res, status, detail);
 	attempt_end(r, res, status, outcome_name(res, status));
-	if (res == UPSTREAM_OK && status == 429) {
-		const char *v;
-		size_t vl;
-		uint64_t secs;
-		if (upstream_xfer_find_header(&r->xfer, "retry-after", &v, &vl) &&
-		    health_parse_retry_after(v, vl, (int64_t)time(NULL), &secs))
-			health_retry_after(r->state, in, secs, http_now_us());
-	}
+	if (res == UPSTREAM_OK && status == 429)
+		note_retry_after(r);
 	if (trigger & (r->route->fallback.on | FALLBACK_LISTED)) {
 		char why[300];
 		if (res == UPSTREAM_OK) {
@@ -1319,12 +2191,15 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 			snprintf(why, sizeof(why), "instance '%s' %s", in->name,
 			         client_reason(res));
 		}
+		json_decref(r->answer);
+		r->answer = NULL;
 		fail_over(r, res, status, why);
 		return;
 	}
 	if (res != UPSTREAM_OK) {
 		int code = res == UPSTREAM_TIMEOUT ? 504 : 502;
-		log_warn("[%s] instance %s: %s: %s", r->id, in->name, upstream_result_name(res), detail);
+		log_warn("[%s] instance %s: %s: %s", r->id, in->name, upstream_result_name(res),
+		         detail);
 		if (res == UPSTREAM_TIMEOUT)
 			reply_error(r, code, "timeout_error", "upstream_timeout",
 			            "instance '%s' %s", in->name, client_reason(res));
@@ -1336,20 +2211,29 @@ static void on_upstream_done(void *arg, enum upstream_result res, const char *de
 			            in->name, client_reason(res));
 		return;
 	}
-
-	/* Deliver the whole answer as the upstream gave it. */
-	size_t n = evbuffer_get_length(r->buffered);
-	const char *body = (const char *)evbuffer_pullup(r->buffered, (ev_ssize_t)n);
-	if (status >= 200 && status < 300) {
-		if (!usage_from_body(body, n, &r->usage))
-			r->output_text_bytes = n;
+	if (r->stream_failed) { /* an error event before the stream began, not failed over */
+		r->rec.upstream_status = status;
+		reply_proto_error(r, &r->stream_err);
+		return;
 	}
+	if (status < 200 || status >= 300) {
+		deliver_error(r, status, body, n);
+		return;
+	}
+	if (r->pivot_answer) {
+		deliver_pivot_answer(r);
+		return;
+	}
+
+	/* The identity: the whole answer as the upstream gave it. */
+	if (r->proto != PROTO_COUNT_TOKENS && !usage_from_body(body, n, &r->usage))
+		r->output_text_bytes = n;
 	add_response_headers(r);
 	r->rec.status = status;
 	r->rec.bytes_out = n;
 	r->rec.ttft_us = http_now_us() - r->start_us;
-	http_reply(r->http, status, r->xfer.content_type[0] ? r->xfer.content_type : "application/json",
-	           body, n);
+	http_reply(r->http, status,
+	           r->xfer.content_type[0] ? r->xfer.content_type : "application/json", body, n);
 	r->http = NULL;
 	request_finish(r);
 }
@@ -1377,11 +2261,14 @@ static void on_client_abort(void *arg)
 	request_finish(r);
 }
 
+/* A gateway-made error, in the client's protocol: the OpenAI shape, or Anthropic's on
+ * Messages paths (which keeps OpenAI's code inside "error", so either SDK reads it). */
 static void reply_error(struct request *r, int status, const char *type, const char *code,
                         const char *fmt, ...)
 {
 	char msg[1024];
 	va_list ap;
+	struct evbuffer *b = NULL;
 
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
@@ -1390,22 +2277,38 @@ static void reply_error(struct request *r, int status, const char *type, const c
 		log_info("[%s] %d %s: %s", r->id, status, code, msg);
 	r->rec.status = status;
 	r->rec.error_code = code;
-	r->rec.bytes_out = http_reply_error(r->http, status, type, code, "%s", msg);
+	if ((r->proto == PROTO_MESSAGES || r->proto == PROTO_COUNT_TOKENS) &&
+	    (b = evbuffer_new()) != NULL) {
+		struct proto_error_out e = {
+		        .status = status, .type = type, .code = code, .message = msg};
+		proto_codec(PROTO_MESSAGES)->error_body(&e, b);
+		r->rec.bytes_out = evbuffer_get_length(b);
+		http_reply(r->http, status, "application/json",
+		           (const char *)evbuffer_pullup(b, -1), r->rec.bytes_out);
+		evbuffer_free(b);
+	} else {
+		r->rec.bytes_out = http_reply_error(r->http, status, type, code, "%s", msg);
+	}
 	r->http = NULL;
 	request_finish(r);
 }
 
 /*
  * Charge what the upstream was asked to do (docs/quotas.md §3): its usage, or — when it
- * said nothing, or the client left before it could — the prompt estimate and the text
- * produced so far. An error status passed through counts the request and no tokens; an
- * attempt that never reached the upstream costs nothing.
+ * said nothing, or the client left before it could, or a policy cut it — the prompt
+ * estimate and the text produced so far. An error status passed through counts the
+ * request and no tokens; an attempt that never reached the upstream costs nothing;
+ * count_tokens costs no tokens. Every protocol lands in the same struct record_usage, so
+ * quotas charge the same tokens whichever protocol served the request.
  */
 static void settle(struct request *r)
 {
 	struct record_usage *u = &r->usage;
 
-	if (!u->present && r->cost == COST_WORK && (r->ticket_held || r->output_text_bytes > 0)) {
+	if (r->proto == PROTO_COUNT_TOKENS)
+		memset(u, 0, sizeof(*u));
+	else if (!u->present && r->cost == COST_WORK &&
+	         (r->ticket_held || r->output_text_bytes > 0)) {
 		u->present = true;
 		u->estimated = true;
 		u->prompt = r->est_prompt;
@@ -1423,6 +2326,26 @@ static void settle(struct request *r)
 	}
 	r->rec.usage = *u;
 	r->rec.cost_micros = r->rec.priced ? quota_cost_micros(r->instance, u) : 0;
+}
+
+/* The policies' decisions: into the record (metrics, access log), and their alerts. */
+static void record_policies(struct request *r)
+{
+	const struct policy_action *a;
+	size_t n = policy_run_actions(r->policies, &a, NULL);
+	bool alert = false;
+
+	for (size_t i = 0; i < n; i++) {
+		if (r->rec.n_policies < RECORD_MAX_POLICY_ACTIONS)
+			r->rec.policies[r->rec.n_policies++] = (struct record_policy){
+			        .policy = a[i].policy, .action = a[i].action, .count = a[i].count};
+		alert |= a[i].alert != NULL && !a[i].alerted;
+	}
+	if (alert)
+		policy_run_emit_alerts(
+		        r->policies, json_pack("{s:s?,s:s?,s:I}", "instance", r->rec.instance,
+		                               "model", r->rec.model_upstream, "completion_tokens",
+		                               (json_int_t)r->rec.usage.completion));
 }
 
 /*
@@ -1450,25 +2373,29 @@ static void request_finish(struct request *r)
 	settle(r);
 	if (r->concurrency_held)
 		quota_concurrency_release(r->consumer);
+	if (r->policies)
+		record_policies(r);
 
 	if (r->prompt_payload)
 		r->rec.prompt_payload = r->prompt_payload;
 	if (r->output_payload) {
-		if (r->mode == REPLY_BUFFERED && r->buffered && evbuffer_get_length(r->output_payload) == 0)
+		if (r->mode == REPLY_BUFFERED && (!r->pivot_answer || r->raw_ok) && r->buffered &&
+		    evbuffer_get_length(r->output_payload) == 0)
 			evbuffer_add(r->output_payload, evbuffer_pullup(r->buffered, -1),
 			             evbuffer_get_length(r->buffered));
 		evbuffer_add(r->output_payload, "", 1);
 		r->rec.output_payload = (const char *)evbuffer_pullup(r->output_payload, -1);
 	}
 	r->rec.total_us = http_now_us() - r->start_us;
-	r->rec.overhead_us = r->rec.total_us > r->rec.upstream_us ? r->rec.total_us - r->rec.upstream_us : 0;
+	r->rec.overhead_us =
+	        r->rec.total_us > r->rec.upstream_us ? r->rec.total_us - r->rec.upstream_us : 0;
 	metrics_record_request(w->metrics, &r->rec);
 	accesslog_write(&r->rec);
 
-	upstream_xfer_cleanup(&r->xfer);
+	/* Policies first: a pending call of theirs may hold the transfer's engine. */
+	policy_run_free(r->policies);
+	attempt_reset(r);
 	TAILQ_REMOVE(&w->requests, r, link);
-	if (r->sse_ready)
-		sse_parser_free(&r->sse);
 	if (r->buffered)
 		evbuffer_free(r->buffered);
 	if (r->events)
@@ -1477,10 +2404,11 @@ static void request_finish(struct request *r)
 		balancer_free(r->own_balancer);
 	if (r->excluded != r->excluded_small)
 		free(r->excluded);
-	free(r->upstream_body);
 	free(r->prompt_payload);
 	if (r->output_payload)
 		evbuffer_free(r->output_payload);
+	json_decref(r->answer);
+	json_decref(r->pivot);
 	json_decref(r->body);
 	config_unref(r->config);
 	free(r);

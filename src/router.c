@@ -122,10 +122,14 @@ json_t *router_models_json_for(const struct config *c, router_route_filter keep,
 				goto fail;
 		if (r->n_models > 0)
 			continue;
-		/* A catch-all route serves whatever model its instances pin. */
+		/* A catch-all route serves whatever model its targets pin (the target's own
+		 * upstream model, else its instance's). */
 		for (size_t t = 0; t < r->n_targets; t++) {
-			const struct config_instance *inst = r->targets[t].instance;
-			if (inst && inst->model && !router_add_model(data, seen, inst->model))
+			const struct config_target *tg = &r->targets[t];
+			const char *model = tg->model      ? tg->model
+			                    : tg->instance ? tg->instance->model
+			                                   : NULL;
+			if (model && !router_add_model(data, seen, model))
 				goto fail;
 		}
 	}
@@ -158,4 +162,41 @@ static bool router_add_model(json_t *data, json_t *seen, const char *id)
 	json_t *m = json_pack("{s:s, s:s, s:i, s:s}", "id", id, "object", "model", "created", 0,
 	                      "owned_by", "sluice");
 	return m && json_array_append_new(data, m) == 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * The Anthropic shape, for clients that speak Messages
+ * ------------------------------------------------------------------------- */
+
+/* The epoch: a gateway's public name has no release date of its own. */
+#define ROUTER_ANTHROPIC_CREATED_AT "1970-01-01T00:00:00Z"
+
+json_t *router_models_anthropic(const json_t *list)
+{
+	const json_t *src = json_object_get(list, "data"), *m;
+	json_t *data = json_array(), *out = NULL;
+	size_t i;
+
+	if (data == NULL)
+		return NULL;
+	json_array_foreach(src, i, m)
+	{
+		const char *id = json_string_value(json_object_get(m, "id"));
+		json_t *e = id ? json_pack("{s:s,s:s,s:s,s:s}", "type", "model", "id", id,
+		                           "display_name", id, "created_at",
+		                           ROUTER_ANTHROPIC_CREATED_AT)
+		               : NULL;
+		if (e == NULL || json_array_append_new(data, e) != 0) {
+			json_decref(data);
+			return NULL;
+		}
+	}
+	size_t n = json_array_size(data);
+	const char *first =
+	        n ? json_string_value(json_object_get(json_array_get(data, 0), "id")) : NULL;
+	const char *last =
+	        n ? json_string_value(json_object_get(json_array_get(data, n - 1), "id")) : NULL;
+	out = json_pack("{s:o,s:b,s:s?,s:s?}", "data", data, "has_more", 0, "first_id", first,
+	                "last_id", last);
+	return out;
 }

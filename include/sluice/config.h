@@ -197,6 +197,10 @@ struct config_instance {
 	enum provider provider;
 	char *endpoint;            /* full URL; the provider default when absent */
 	char *url;                 /* endpoint plus auth.query, ready for libcurl */
+	char *responses_endpoint;  /* where the instance serves the Responses API; NULL: the
+	                              provider's default when on its default endpoint
+	                              (provider_upstream_proto), else nowhere */
+	char *responses_url;       /* responses_endpoint plus auth.query; NULL without it */
 	char *model;               /* NULL: keep the client's model */
 	json_t *options;           /* object merged into the body (instance wins); NULL: none */
 	struct config_kv *auth_headers;
@@ -281,6 +285,7 @@ struct config_target {
 	struct config_instance *instance;
 	int priority;     /* default 0; higher is preferred */
 	unsigned weight;  /* default 100; 0 = drained */
+	char *model;      /* the upstream model for this target; NULL: the instance's model */
 };
 
 struct policy_def;

@@ -7,10 +7,14 @@
 
 #define RECORD_MAX_ATTEMPTS 8
 #define RECORD_COST_UNIT    1000000u /* cost_micros in one price unit */
+/* Distinct (policy, action) pairs one request records (policy_chain.h keeps as many). */
+#define RECORD_MAX_POLICY_ACTIONS 16
 
 /* One try at one instance. outcome is a fixed string: "ok", "http_429",
  * "http_4xx", "http_5xx" (an upstream status passed through or failed over), "timeout",
  * "connect_error", "upstream_error", "unhealthy" (skipped), "quota" (skipped),
+ * "unsupported" (skipped: the instance cannot express the request, e.g. n > 1 on
+ * Anthropic),
  * "client_gone". */
 struct record_attempt {
 	const char *instance;
@@ -23,6 +27,13 @@ struct record_usage {
 	bool present;   /* any usage known */
 	bool estimated; /* the upstream reported none: Sluice estimated it */
 	uint64_t prompt, completion, total, cached, reasoning;
+};
+
+/* What a route's policy did to the request (sluice_policy_actions_total, the access log). */
+struct record_policy {
+	const char *policy; /* the plugin's name in the configuration */
+	const char *action; /* a fixed string: "blocked", "masked", "cut", ... */
+	unsigned count;     /* how many times in this request */
 };
 
 /* Strings point into the request or its config snapshot and are valid only
@@ -54,6 +65,8 @@ struct request_record {
 	struct record_usage usage;
 	bool priced;          /* the instance that answered has a price: cost_micros applies */
 	uint64_t cost_micros; /* usage at that price (quota_cost_micros): 10^-6 price units */
+	struct record_policy policies[RECORD_MAX_POLICY_ACTIONS]; /* in order of first use */
+	int n_policies;
 	const char *prompt_payload; /* only with log.payloads: true */
 	const char *output_payload;
 };

@@ -21,12 +21,17 @@ enum router_result {
 enum router_result router_match(const struct config *c, const char *path, const char *model,
                                 const struct config_route **out);
 
-/* The model ids a GET /v1/models should list: every route's models, plus, for
- * routes without a model list, the upstream model of each target instance that
- * has one. Returns a JSON object in OpenAI's list shape (caller decrefs). */
+/* The model ids a GET /v1/models should list: every route's models (its public
+ * names), plus, for routes without a model list, the upstream model of each target
+ * that pins one (the target's model, else its instance's). Returns a JSON object in
+ * OpenAI's list shape (caller decrefs). */
 json_t *router_models_json(const struct config *c);
 /* The same for the routes keep(route, arg) accepts (keep NULL: every route). */
 typedef bool (*router_route_filter)(const struct config_route *route, const void *arg);
 json_t *router_models_json_for(const struct config *c, router_route_filter keep, const void *arg);
+/* The same list (list borrowed, in OpenAI's shape) in Anthropic's models-list shape:
+ * {"data":[{"type":"model","id","display_name","created_at"}],"has_more":false,
+ * "first_id","last_id"}. NULL when out of memory. */
+json_t *router_models_anthropic(const json_t *list);
 
 #endif

@@ -128,7 +128,9 @@ enum proto provider_upstream_proto(const struct config_instance *in, enum proto 
 		*url = in->url;
 		return ops->upstream;
 	case PROTO_RESPONSES:
-		u = derived_url(ops, in, ops->default_responses_endpoint);
+		/* An instance's own responses_endpoint first (vLLM serves /v1/responses). */
+		u = in->responses_url ? in->responses_url
+		                      : derived_url(ops, in, ops->default_responses_endpoint);
 		if (u != NULL) {
 			*url = u;
 			return PROTO_RESPONSES;
@@ -226,12 +228,32 @@ bool proto_json_append(struct evbuffer *out, const json_t *v)
 	return json_dump_callback(v, add_to_evbuffer, out, JSON_COMPACT) == 0;
 }
 
+/* One translated event fits here whole: it is built on the stack and handed to the output
+ * buffer in one evbuffer_add (a callback per JSON token cost a fifth of a translated
+ * stream's CPU). Larger events are serialised into the buffer piece by piece. */
+#define PROTO_SSE_STACK 4096
+
 bool proto_sse_append(struct evbuffer *out, const char *name, const json_t *data)
 {
-	if (name != NULL && evbuffer_add_printf(out, "event: %s\n", name) < 0)
+	char buf[PROTO_SSE_STACK];
+	size_t pre = 0, nl = name ? strlen(name) : 0, n;
+
+	if (name != NULL && nl + 8 < sizeof(buf)) {
+		memcpy(buf, "event: ", 7);
+		memcpy(buf + 7, name, nl);
+		buf[7 + nl] = '\n';
+		pre = nl + 8;
+	} else if (name != NULL && evbuffer_add_printf(out, "event: %s\n", name) < 0) {
 		return false;
-	/* Serialised straight into the output buffer: no intermediate string. */
-	return evbuffer_add(out, "data: ", 6) == 0 &&
+	}
+	memcpy(buf + pre, "data: ", 6);
+	pre += 6;
+	n = json_dumpb(data, buf + pre, sizeof(buf) - pre - 2, JSON_COMPACT);
+	if (n > 0 && n <= sizeof(buf) - pre - 2) {
+		memcpy(buf + pre + n, "\n\n", 2);
+		return evbuffer_add(out, buf, pre + n + 2) == 0;
+	}
+	return evbuffer_add(out, buf, pre) == 0 &&
 	       json_dump_callback(data, add_to_evbuffer, out, JSON_COMPACT) == 0 &&
 	       evbuffer_add(out, "\n\n", 2) == 0;
 }

@@ -265,24 +265,17 @@ class ByteFaultTest(FaultCase):
                                ("timeout",), peer_closes=True)
                 self.assertEqual(self.fu.counts()["bytes_sent"], 0)
 
-    @unittest.expectedFailure
     def test_event_stream_without_events_falls_back(self):
-        # BUG: a 200 text/event-stream whose body is an HTML error page (blank lines, no
-        # `data:` field) reaches the client as a "successful" stream of non-events that ends
-        # without an error: sse.c dispatches an event at every blank line even when it had
-        # no data field (the SSE spec dispatches nothing for an empty data buffer), and
-        # request.c starts the client's stream on the first dispatched event.
+        # A 200 text/event-stream whose body is an HTML error page (blank lines, no `data:`
+        # field) is no answer: the client's stream starts only at the first event with
+        # data, and one that ends without any fails over (request.c, identity_event).
         self.run_fault("not_sse", True, "fallback", (502, "upstream_error"),
                        ("upstream_error",))
 
-    @unittest.expectedFailure
     def test_huge_event_before_first_byte_falls_back(self):
-        # BUG: one SSE event over the 4 MiB cap, before anything reached the client, is
-        # not failed over and is counted as `client_gone`: sse_feed() refuses it,
-        # on_upstream_body() returns 0, libcurl ends the transfer with CURLE_WRITE_ERROR,
-        # classify() calls that UPSTREAM_ABORTED (no fallback trigger, outcome client_gone,
-        # no passive-health report) and the client gets 502 "Failure writing output to
-        # destination".
+        # One SSE event over the 4 MiB cap, before anything reached the client: the
+        # refusal is the upstream failing (upstream_error, passive health, fallback), not
+        # the client leaving (request.c records that it refused the body).
         self.run_fault("huge_event", True, "fallback", (502, "upstream_error"),
                        ("upstream_error",), fu_opts={"events": 0})
 
@@ -293,10 +286,9 @@ class ByteFaultTest(FaultCase):
         # The oversized event is refused at the cap, never held whole.
         self.assertLess(self.gw.rss_kib() - self.rss0, 32 * 1024)
 
-    @unittest.expectedFailure
     def test_huge_event_after_first_byte_counted(self):
-        # BUG: same cause as test_huge_event_before_first_byte_falls_back: the attempt is
-        # recorded as `client_gone` although the client is still there.
+        # The same refusal after the first byte: the attempt is an upstream_error, not
+        # client_gone, and the stream ends with an error event.
         self.run_fault("huge_event", True, "error_event", "error_event", ("upstream_error",),
                        fu_opts={"events": 2})
 

@@ -13,6 +13,7 @@
 #include <openssl/evp.h>
 
 #include "sluice/config.h"
+#include "sluice/provider.h"
 #include "sluice/policy.h"
 #include "sluice/policy_chain.h"
 
@@ -589,6 +590,76 @@ static void test_examples_load(void **state)
 	}
 	assert_int_equal(c->routes[0].auth, ROUTE_AUTH_KEY);
 	config_unref(c);
+
+	setenv("VLLM_API_KEY", "vllm-key", 1);
+	setenv("ANTHROPIC_API_KEY", "anthropic-key", 1);
+	setenv("APP_TEAM_KEY", "team-key", 1);
+	c = load_file(EXAMPLES_DIR "/protocols.yaml");
+	assert_string_equal(c->instances[0].responses_url, "http://10.0.0.11:8000/v1/responses");
+	assert_string_equal(c->routes[0].targets[1].model, "claude-haiku-4-5");
+	assert_int_equal(c->n_routes, 5);
+	config_unref(c);
+}
+
+/* The provider keys: targets[].model, responses_endpoint, what a route's paths ask of its
+ * targets, the providers' own checks (docs/providers.md). */
+static void test_provider_keys(void **state)
+{
+	struct config *c = load_str(
+	        "instances:\n"
+	        "  - { name: q, provider: openai-compatible, endpoint: \"http://h/v1/chat/completions\","
+	        " model: up, responses_endpoint: \"http://h/v1/responses\","
+	        " auth: { query: { k: v } } }\n"
+	        "  - { name: c, provider: anthropic }\n"
+	        "routes:\n"
+	        "  - name: r\n"
+	        "    paths: [/v1/messages]\n"
+	        "    models: [public]\n"
+	        "    targets:\n"
+	        "      - { instance: q, model: qwen-big }\n"
+	        "      - { instance: c }\n"
+	        "  - name: ct\n"
+	        "    paths: [/v1/messages/count_tokens]\n"
+	        "    targets: [{ instance: q }]\n");
+	const char *url;
+	assert_string_equal(c->routes[0].targets[0].model, "qwen-big");
+	assert_null(c->routes[0].targets[1].model);
+	assert_string_equal(c->instances[0].responses_url, "http://h/v1/responses?k=v");
+	assert_int_equal(provider_upstream_proto(&c->instances[0], PROTO_RESPONSES, &url),
+	                 PROTO_RESPONSES);
+	assert_string_equal(url, "http://h/v1/responses?k=v");
+	assert_string_equal(c->instances[1].endpoint, "https://api.anthropic.com/v1/messages");
+	assert_int_equal(provider_upstream_proto(&c->instances[1], PROTO_CHAT, &url),
+	                 PROTO_MESSAGES);
+	config_unref(c);
+
+	EXPECT_ERRORS(
+	        "instances:\n"
+	        "  - { name: c, provider: anthropic, responses_endpoint: \"http://h/v1/responses\" }\n"
+	        "  - { name: az, provider: azure-openai,"
+	        " endpoint: \"https://r.openai.azure.com/openai/deployments/d/chat/completions\" }\n"
+	        "  - { name: q, provider: openai-compatible, endpoint: \"http://h/v1/embeddings\" }\n"
+	        "routes:\n"
+	        "  - name: emb\n"
+	        "    paths: [/v1/embeddings]\n"
+	        "    targets:\n"
+	        "      - { instance: q }\n"
+	        "      - { instance: c, model: \"\" }\n"
+	        "  - name: legacy\n"
+	        "    paths: [/v1/completions]\n"
+	        "    targets: [{ instance: q }]\n"
+	        "    plugins:\n"
+	        "      - response_guard: { deny: [\"x\"] }\n",
+	        "t.yaml:2:57: instances[0].responses_endpoint: provider anthropic does not serve the "
+	        "Responses API",
+	        "t.yaml:3:51: instances[1]: an azure-openai deployment endpoint needs an api-version: "
+	        "add \"?api-version=2024-10-21\" to endpoint, or auth.query: { api-version: "
+	        "2024-10-21 }",
+	        "t.yaml:10:21: routes[0].targets[1].instance: instance \"c\" (provider anthropic) "
+	        "cannot serve path \"/v1/embeddings\" (embeddings)",
+	        "t.yaml:10:31: routes[0].targets[1].model: must not be empty",
+	        "t.yaml:15:7: routes[1].plugins: response policies need chat, messages or responses "
+	        "paths; path \"/v1/completions\" speaks completions, whose output they cannot read");
 }
 
 static void test_targets_sorted_stable(void **state)
@@ -1637,6 +1708,7 @@ int main(void)
 	        cmocka_unit_test(test_err_file_missing),
 	        cmocka_unit_test(test_parse_duration),
 	        cmocka_unit_test(test_err_too_many_limits),
+	        cmocka_unit_test(test_provider_keys),
 	        cmocka_unit_test(test_err_load_without_metrics),
 	        cmocka_unit_test(test_parse_window),
 	        cmocka_unit_test(test_parse_size),
