@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Send exactly N chat completion requests over keep-alive connections (for callgrind runs).
 
-Usage: nreq.py URL N [--conns C] [--stream] [--tokens T]; exits non-zero if any reply is not 200.
+Usage: nreq.py URL N [--conns C] [--stream] [--tokens T] [--key K]; exits non-zero if any reply is not 200.
 """
 import argparse
 import http.client
@@ -18,6 +18,7 @@ def main():
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--key", default="", help="send Authorization: Bearer KEY")
     a = ap.parse_args()
     u = urllib.parse.urlsplit(a.url)
     # The same ~330-byte body as chat.lua.
@@ -30,11 +31,14 @@ def main():
                                         "helps with quotas, fallback and observability."}],
     }, separators=(",", ":")).encode()
     bad = []
+    headers = {"Content-Type": "application/json"}
+    if a.key:
+        headers["Authorization"] = "Bearer " + a.key
 
     def worker(count):
         c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
         for _ in range(count):
-            c.request("POST", u.path, body, {"Content-Type": "application/json"})
+            c.request("POST", u.path, body, headers)
             r = c.getresponse()
             r.read()
             if r.status != 200:
