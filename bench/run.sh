@@ -299,9 +299,10 @@ wait $SLU_PID $NGX_MASTER $MOCK_PID 2>/dev/null || true
 SCALE="$WORK/scale.txt"
 : >"$SCALE"
 if [ "${SKIP_SCALE:-0}" != 1 ]; then
-	# Sluice holds two descriptors per stream (client + upstream); stay under the fd limit.
+	# Sluice holds two descriptors per stream (client + upstream), and each of its libcurl multi
+	# handles (one per 256 transfers, src/upstream.c) a socket pair; stay under the fd limit.
 	N=$SCALE_N
-	CAP=$(((NOFILE - 100) / 2)) # and room for the probe's 8 connections
+	CAP=$(((NOFILE - 100) * 256 / (2 * 256 + 2))) # and room for the probe's 8 connections
 	if [ "$N" -gt "$CAP" ]; then
 		log "WARNING: open-files limit is $NOFILE (hard $(ulimit -Hn)); Sluice needs 2 fds per stream: capping at $CAP streams"
 		N=$CAP
