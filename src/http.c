@@ -58,6 +58,8 @@ enum conn_state {
 	CONN_CLOSING, /* flushing the last response (then lingering, maybe), then close */
 };
 
+/* Response header lines and the reply head are put together in a stack buffer this big. */
+#define HTTP_HEADER_LINE_BUF 512
 /* One read takes at most this much (a whole typical request); a larger one takes more reads. */
 #define HTTP_READ_SIZE 4096
 
@@ -380,11 +382,11 @@ void http_server_free(struct http_server *srv)
 /* RFC 9110 §5.6.2: tchar. */
 static bool is_tchar(unsigned char ch)
 {
-	static const char symbols[] = "!#$%&'*+-.^_`|~";
+	/* A bit per byte: digits, letters and "!#$%&'*+-.^_`|~" (every header name byte of
+	 * every request goes through here). */
+	static const uint32_t tchar[8] = {0, 0x03ff6cfa, 0xc7fffffe, 0x57ffffff};
 
-	if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z'))
-		return true;
-	return ch != '\0' && memchr(symbols, ch, sizeof(symbols) - 1) != NULL;
+	return tchar[ch >> 5] >> (ch & 31) & 1;
 }
 
 /* A byte a field value may hold (RFC 9110 §5.5: VCHAR, SP, HTAB, obs-text). */
@@ -1519,7 +1521,49 @@ void http_response_header(struct http_request *req, const char *name, const char
 	}
 	if (c->out_headers == NULL && (c->out_headers = evbuffer_new()) == NULL)
 		return;
-	evbuffer_add_printf(c->out_headers, "%s: %s\r\n", name, value);
+	size_t nl = strlen(name), vl = strlen(value);
+	char line[HTTP_HEADER_LINE_BUF];
+	if (nl + vl + 4 <= sizeof(line)) { /* the usual short header: one copy, one add */
+		memcpy(line, name, nl);
+		memcpy(line + nl, ": ", 2);
+		memcpy(line + nl + 2, value, vl);
+		memcpy(line + nl + 2 + vl, "\r\n", 2);
+		evbuffer_add(c->out_headers, line, nl + vl + 4);
+		return;
+	}
+	evbuffer_add(c->out_headers, name, nl);
+	evbuffer_add(c->out_headers, ": ", 2);
+	evbuffer_add(c->out_headers, value, vl);
+	evbuffer_add(c->out_headers, "\r\n", 2);
+}
+
+/* v in decimal at o (at most 20 bytes); returns the length. */
+static size_t put_decimal(char *o, uint64_t v)
+{
+	char tmp[20];
+	size_t n = 0;
+	do {
+		tmp[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v != 0);
+	for (size_t i = 0; i < n; i++)
+		o[i] = tmp[n - 1 - i];
+	return n;
+}
+
+/* v in lower-case hex at o (at most 16 bytes); returns the length. */
+static size_t put_hex(char *o, uint64_t v)
+{
+	static const char digits[] = "0123456789abcdef";
+	char tmp[16];
+	size_t n = 0;
+	do {
+		tmp[n++] = digits[v & 15];
+		v >>= 4;
+	} while (v != 0);
+	for (size_t i = 0; i < n; i++)
+		o[i] = tmp[n - 1 - i];
+	return n;
 }
 
 /* RFC 9110 §6.4.1: these never have content, whatever their framing would say. */
@@ -1532,20 +1576,48 @@ static void write_head(struct http_conn *c, int status, const char *content_type
                        long long content_length)
 {
 	struct evbuffer *out = c->out;
-	char line[256];
-	int n = snprintf(line, sizeof(line), "HTTP/1.%d %d %s\r\n", c->req.minor ? 1 : 0, status,
-	                 http_status_text(status));
-	evbuffer_add(out, line, (size_t)n);
+	/* Status line, Content-Type and framing put together here, then added at once (no
+	 * printf per reply). A Content-Type too long for the buffer goes in its own add. */
+	char head[HTTP_HEADER_LINE_BUF];
+	const char *text = http_status_text(status);
+	size_t tl = strlen(text), n = 0;
+	memcpy(head, "HTTP/1.1 ", 9);
+	head[7] = c->req.minor ? '1' : '0';
+	n = 9 + put_decimal(head + 9, (uint64_t)(status >= 0 && status < 1000 ? status : 500));
+	head[n++] = ' ';
+	memcpy(head + n, text, tl); /* the longest status text is 31 bytes */
+	n += tl;
+	memcpy(head + n, "\r\n", 2);
+	n += 2;
 	if (content_type && !header_value_ok(content_type)) {
 		log_warn("dropped a response Content-Type with a control byte");
 		content_type = NULL;
 	}
-	if (content_type)
-		evbuffer_add_printf(out, "Content-Type: %s\r\n", content_type);
-	if (content_length >= 0)
-		evbuffer_add_printf(out, "Content-Length: %lld\r\n", content_length);
-	else if (c->chunked)
-		evbuffer_add(out, "Transfer-Encoding: chunked\r\n", 28);
+	if (content_type) {
+		size_t cl = strlen(content_type);
+		if (n + 14 + cl + 2 + 40 <= sizeof(head)) {
+			memcpy(head + n, "Content-Type: ", 14);
+			memcpy(head + n + 14, content_type, cl);
+			memcpy(head + n + 14 + cl, "\r\n", 2);
+			n += 14 + cl + 2;
+		} else {
+			evbuffer_add(out, head, n);
+			n = 0;
+			evbuffer_add(out, "Content-Type: ", 14);
+			evbuffer_add(out, content_type, cl);
+			evbuffer_add(out, "\r\n", 2);
+		}
+	}
+	if (content_length >= 0) {
+		memcpy(head + n, "Content-Length: ", 16);
+		n += 16 + put_decimal(head + n + 16, (uint64_t)content_length);
+		memcpy(head + n, "\r\n", 2);
+		n += 2;
+	} else if (c->chunked) {
+		memcpy(head + n, "Transfer-Encoding: chunked\r\n", 28);
+		n += 28;
+	}
+	evbuffer_add(out, head, n);
 	if (c->out_headers)
 		evbuffer_add_buffer(out, c->out_headers);
 	if (!c->keepalive)
@@ -1658,8 +1730,9 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 	struct evbuffer *out = c->out;
 	if (c->chunked) {
 		char size[24];
-		int n = snprintf(size, sizeof(size), "%zx\r\n", len);
-		evbuffer_add(out, size, (size_t)n);
+		size_t n = put_hex(size, len);
+		memcpy(size + n, "\r\n", 2);
+		evbuffer_add(out, size, n + 2);
 		evbuffer_add(out, data, len);
 		evbuffer_add(out, "\r\n", 2);
 	} else {
@@ -1679,8 +1752,9 @@ void http_reply_chunk_buffer(struct http_request *req, struct evbuffer *buf)
 	struct evbuffer *out = c->out;
 	if (c->chunked) {
 		char size[24];
-		int n = snprintf(size, sizeof(size), "%zx\r\n", len);
-		evbuffer_add(out, size, (size_t)n);
+		size_t n = put_hex(size, len);
+		memcpy(size + n, "\r\n", 2);
+		evbuffer_add(out, size, n + 2);
 		evbuffer_add_buffer(out, buf);
 		evbuffer_add(out, "\r\n", 2);
 	} else {
