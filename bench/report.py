@@ -40,7 +40,7 @@ def load_strace(d, n):
     return out
 
 
-def headline(p, m, sys_tab):
+def headline(p, m, sys_tab, psys):
     """The figure issue 10 asks to lead with: CPU per request, Sluice over nginx, same run."""
     cpu = {(st, t): m(st, t, "proxy_cpu_us_req") for st in ("ns", "st") for t in "BC"}
     rps = {(st, t): m(st, t, "rps") for st in ("ns", "st") for t in "BC"}
@@ -68,6 +68,10 @@ def headline(p, m, sys_tab):
         p(f"| syscalls per request, Sluice / nginx (strace -c -f) | {fmt(tot.get('sluice-ns', float('nan')), 2)} / "
           f"{fmt(tot.get('nginx-ns', float('nan')), 2)} | {fmt(tot.get('sluice-st', float('nan')), 2)} / "
           f"{fmt(tot.get('nginx-st', float('nan')), 2)} | Sluice ≤ 7.5 |")
+    if psys:
+        p(f"| syscalls per request under load, Sluice / nginx (perf stat, 64 conns) | "
+          f"{fmt(psys.get(('ns', 'C'), float('nan')), 2)} / {fmt(psys.get(('ns', 'B'), float('nan')), 2)} | "
+          f"{fmt(psys.get(('st', 'C'), float('nan')), 2)} / {fmt(psys.get(('st', 'B'), float('nan')), 2)} | Sluice ≤ 7.5 |")
     p("")
     if sys_tab:
         p("**Syscalls per request** (strace -c -f on the whole proxy process, a fixed count of requests "
@@ -101,6 +105,7 @@ def main():
     ap.add_argument("--strace-dir", default="", help="strace-{nginx,sluice}-{ns,st}.txt from run.sh")
     ap.add_argument("--strace-n", type=int, default=0)
     ap.add_argument("--conditions", default="")
+    ap.add_argument("--perf-syscalls", default="", help="target, step, syscalls, requests (run.sh step 5)")
     a = ap.parse_args()
 
     rows = list(csv.DictReader(open(a.raw), delimiter="\t"))
@@ -129,7 +134,16 @@ def main():
         p(f"{a.conditions}.")
     p("")
     sys_tab = load_strace(a.strace_dir, a.strace_n) if a.strace_dir and a.strace_n else {}
-    headline(p, m, sys_tab)
+    psys = {}
+    if a.perf_syscalls:
+        try:
+            for l in open(a.perf_syscalls):
+                f = l.rstrip("\n").split("\t")
+                if len(f) == 4 and f[2] and int(f[3]) > 0:
+                    psys[(f[1], f[0])] = int(f[2]) / int(f[3])
+        except (OSError, ValueError):
+            pass
+    headline(p, m, sys_tab, psys)
     for step, title in (("ns", f"1. Non-stream, {a.conns} connections"),
                         ("st", f"2. Stream, {a.conns} connections"),
                         ("c1", "3. Non-stream, 1 connection")):

@@ -19,6 +19,7 @@
 #   SLUICE_PLAIN=1      Sluice without key-auth, quota and admin listener (the pre-issue-10 setup)
 #   KEEP=1              keep the work directory (configs, logs, raw results)
 #   SKIP_SCALE=1        skip step 4;  ONLY_SCALE=1  run step 4 alone
+#   STEPS="ns st c1"    which of steps 1-3 to run (non-stream, stream, concurrency 1)
 #   KEEP_AWAKE=1        during step 3, a SCHED_IDLE busy loop on every CPU keeps the (virtual)
 #                       CPUs from halting between requests; 0 turns it off (see README)
 set -euo pipefail
@@ -249,7 +250,7 @@ spin_stop() {
 	SPIN=()
 }
 
-STEPS=(ns st c1)
+read -r -a STEPS <<<"${STEPS:-ns st c1}"
 step_args() { # step -> conns stream tokens
 	case "$1" in
 	ns) echo "$CONNS 0 $NS_TOKENS" ;;
@@ -291,6 +292,24 @@ if [ "$SYSCALL_N" -gt 0 ] && [ "$ROUNDS" -gt 0 ]; then
 		log "WARNING: no strace: step 5 skipped (apt-get install strace)"
 		SYSCALL_N=0
 	fi
+	# The same under the 64-connection load, counted by perf in the kernel (strace slows the
+	# proxy enough to change what it does: a reply already there by the next poll, say).
+	log "step 5: syscalls per request under load (perf stat, wrk -c$CONNS, 4 s)"
+	PSYS="$WORK/perf-syscalls.tsv"
+	: >"$PSYS"
+	for st in ns st; do
+		for t in B C; do
+			key=""
+			[ "$t" = C ] && key=$BENCH_KEY
+			perf_syscalls "$(proxy_pid_of $t)" "$WORK/psys-$t-$st" 5 \
+				env BENCH_KEY="$key" BENCH_STREAM=$([ $st = st ] && echo 1 || echo 0) \
+				BENCH_TOKENS=$([ $st = st ] && echo "$ST_TOKENS" || echo "$NS_TOKENS") \
+				"${CLI[@]}" timeout 30 wrk -t1 -c"$CONNS" -d4s -s "$BENCH/chat.lua" "$(url_of $t $st)" \
+				>"$WORK/psys-$t-$st.wrk" 2>&1
+			req=$(grep -o 'requests=[0-9]*' "$WORK/psys-$t-$st.wrk" | cut -d= -f2)
+			printf '%s\t%s\t%s\t%s\n' "$t" "$st" "$(cat "$WORK/psys-$t-$st")" "${req:-0}" >>"$PSYS"
+		done
+	done
 fi
 kill $SLU_PID $NGX_MASTER $MOCK_PID 2>/dev/null || true
 wait $SLU_PID $NGX_MASTER $MOCK_PID 2>/dev/null || true
@@ -347,6 +366,7 @@ python3 "$BENCH/report.py" --raw "$RAW" --scale "$SCALE" --commit "$COMMIT" \
 	--rounds "$ROUNDS" --duration "$DURATION" --conns "$CONNS" --ns-tokens "$NS_TOKENS" --st-tokens "$ST_TOKENS" \
 	--server-cpus "${SERVER_CPUS:-any}" --client-cpus "${CLIENT_CPUS:-any}" --nofile "$NOFILE" \
 	--sluice-rss-after-load "${SLU_RSS_AFTER_LOAD:-0}" --strace-dir "$WORK" --strace-n "$SYSCALL_N" \
+	--perf-syscalls "${PSYS:-}" \
 	--conditions "$(sluice_conditions)"
 [ "${KEEP:-0}" = 1 ] && log "raw results: $RAW"
 exit 0
