@@ -20,6 +20,7 @@
 #   KEEP=1              keep the work directory (configs, logs, raw results)
 #   SKIP_SCALE=1        skip step 4;  ONLY_SCALE=1  run step 4 alone
 #   STEPS="ns st c1"    which of steps 1-3 to run (non-stream, stream, concurrency 1)
+#   PAIRS_N=20000       step 3b: mock/proxy request pairs per round at c=1 (0 skips it)
 #   KEEP_AWAKE=1        during step 3, a SCHED_IDLE busy loop on every CPU keeps the (virtual)
 #                       CPUs from halting between requests; 0 turns it off (see README)
 set -euo pipefail
@@ -261,6 +262,8 @@ step_args() { # step -> conns stream tokens
 
 [ "${ONLY_SCALE:-0}" = 1 ] && ROUNDS=0
 [ "$ROUNDS" -gt 0 ] && log "warm-up"
+PAIRS_N=${PAIRS_N:-20000}
+: >"$WORK/pairs.tsv"
 SAVED=$DURATION
 DURATION=2
 [ "$ROUNDS" -gt 0 ] && for t in A B C; do run_wrk warm ns $t $CONNS 0 "$NS_TOKENS"; run_wrk warm st $t $CONNS 1 "$ST_TOKENS"; done
@@ -272,6 +275,18 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		read -r c st tk <<<"$(step_args $s)"
 		if [ $s = c1 ]; then spin_start; fi
 		for t in A B C; do run_wrk $r $s $t "$c" "$st" "$tk"; done
+		if [ $s = c1 ] && [ "$PAIRS_N" -gt 0 ]; then
+			# Step 3b: the same at c=1, but mock and proxy requests interleaved one by one
+			# (bench/c1_pairs.py), so both see the same moments of the machine's load.
+			for t in B C; do
+				key=""
+				[ "$t" = C ] && key=$BENCH_KEY
+				line=$("${CLI[@]}" timeout 300 python3 "$BENCH/c1_pairs.py" "$URL_A" "$(url_of $t ns)" \
+					--n "$PAIRS_N" --tokens "$NS_TOKENS" --key "$key" | grep '^PAIRS' || true)
+				printf '%s\t%s\t%s\n' "$r" "$t" "$line" >>"$WORK/pairs.tsv"
+				log "round $r pairs $t: $(grep -o 'added_p50=[0-9.-]* added_p90=[0-9.-]* added_p99=[0-9.-]*' <<<"$line")"
+			done
+		fi
 		if [ $s = c1 ]; then spin_stop; fi
 	done
 done
@@ -366,7 +381,7 @@ python3 "$BENCH/report.py" --raw "$RAW" --scale "$SCALE" --commit "$COMMIT" \
 	--rounds "$ROUNDS" --duration "$DURATION" --conns "$CONNS" --ns-tokens "$NS_TOKENS" --st-tokens "$ST_TOKENS" \
 	--server-cpus "${SERVER_CPUS:-any}" --client-cpus "${CLIENT_CPUS:-any}" --nofile "$NOFILE" \
 	--sluice-rss-after-load "${SLU_RSS_AFTER_LOAD:-0}" --strace-dir "$WORK" --strace-n "$SYSCALL_N" \
-	--perf-syscalls "${PSYS:-}" \
+	--perf-syscalls "${PSYS:-}" --pairs "$WORK/pairs.tsv" \
 	--conditions "$(sluice_conditions)"
 [ "${KEEP:-0}" = 1 ] && log "raw results: $RAW"
 exit 0
