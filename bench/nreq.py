@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Send exactly N chat completion requests over keep-alive connections (for callgrind runs).
 
-Usage: nreq.py URL N [--conns C] [--stream] [--tokens T] [--model M] [--proto chat|messages|responses]
+Usage: nreq.py URL N [--conns C] [--stream] [--tokens T] [--key K] [--model M] [--proto chat|messages|responses]
 exits non-zero if any reply is not 200. The same prompt in every protocol (bench/pipeline.sh).
 """
 import argparse
@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", default="mock-model")
     ap.add_argument("--proto", choices=("chat", "messages", "responses"), default="chat")
+    ap.add_argument("--key", default="", help="send Authorization: Bearer KEY")
     a = ap.parse_args()
     u = urllib.parse.urlsplit(a.url)
     system = "You are a concise assistant. Answer in one short paragraph."
@@ -39,11 +40,14 @@ def main():
         req.update(instructions=system, input=user, max_output_tokens=256)
     body = json.dumps(req, separators=(",", ":")).encode()
     bad = []
+    headers = {"Content-Type": "application/json"}
+    if a.key:
+        headers["Authorization"] = "Bearer " + a.key
 
     def worker(count):
         c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
         for _ in range(count):
-            c.request("POST", u.path, body, {"Content-Type": "application/json"})
+            c.request("POST", u.path, body, headers)
             r = c.getresponse()
             r.read()
             if r.status != 200:

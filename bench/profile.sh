@@ -8,7 +8,8 @@
 #
 # Usage: bench/profile.sh           (~2-3 minutes; needs valgrind, strace, linux-perf — installed)
 # Knobs: N=2000, BUILD_DIR, SKIP_BUILD=1, BASE_PORT=28200, KEEP=1 (keep perf/callgrind files),
-#        SERVER_CPUS=0 CLIENT_CPUS=1 (as in run.sh)
+#        SERVER_CPUS=0 CLIENT_CPUS=1 (as in run.sh), SKIP_STRACE=1 SKIP_PERF=1 SKIP_CALLGRIND=1
+#        (leave a step out), SLUICE_PLAIN=1 (see run.sh)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,7 +50,7 @@ MOCK="$BUILD_DIR/sluice-mockllm"
 [ -x "$SLUICE" ] && [ -x "$MOCK" ] || die "no binaries in $BUILD_DIR"
 
 P_MOCK=$((BASE_PORT + 1)) P_NGX=$((BASE_PORT + 2)) P_SLU=$((BASE_PORT + 3))
-for p in $P_MOCK $P_NGX $P_SLU; do
+for p in $P_MOCK $P_NGX $P_SLU $((BASE_PORT + 4)); do
 	ss -Hltn "sport = :$p" | grep -q . && die "port $p is in use (set BASE_PORT)"
 done
 bench_start sluice-profile
@@ -78,23 +79,8 @@ EOF
 "${SRV[@]}" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx/stderr.log" 2>&1 &
 NGX_MASTER=$!
 PIDS+=("$NGX_MASTER")
-cat >"$WORK/sluice.yaml" <<EOF
-server:
-  listen:
-    - address: 127.0.0.1:$P_SLU
-  workers: 1
-log: { level: warn, access_log: off }
-instances:
-  - name: mock
-    provider: openai-compatible
-    endpoint: http://127.0.0.1:$P_MOCK/v1/chat/completions
-    keepalive: { pool: 128 }
-routes:
-  - name: chat
-    paths: [/v1/chat/completions]
-    auth: none
-    targets: [{ instance: mock }]
-EOF
+P_ADM=$((BASE_PORT + 4))
+sluice_bench_conf $P_SLU $P_MOCK $P_ADM 1 "$WORK/sluice.yaml"
 start_sluice() { # [wrapper...]
 	"${SRV[@]}" "$@" "$SLUICE" -c "$WORK/sluice.yaml" >>"$WORK/sluice.log" 2>&1 &
 	SLU_PID=$!
@@ -112,23 +98,14 @@ URL_S=http://127.0.0.1:$P_SLU/v1/chat/completions
 
 # ------------------------------------------------------------------ 1. syscalls
 OUT="$WORK/report.md"
-: >"$OUT"
-strace_count() { # pid url label extra-args...
-	local pid=$1 url=$2 label=$3
-	shift 3
-	nreq "$url" 200 "$@"
-	strace -qq -c -f -p "$pid" -o "$WORK/strace-$label.txt" &
-	local sp=$!
-	sleep 1
-	nreq "$url" "$N" "$@"
-	kill -INT $sp
-	wait $sp 2>/dev/null || true
-}
+echo "$(sluice_conditions); commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$OUT"
+echo >>"$OUT"
+if [ "${SKIP_STRACE:-0}" != 1 ]; then
 log "1. syscalls per request (strace -c, $N requests over 4 connections)"
-strace_count "$NGX_PID" "$URL_N" nginx-ns --tokens 64
-strace_count "$SLU_PID" "$URL_S" sluice-ns --tokens 64
-strace_count "$NGX_PID" "$URL_N" nginx-st --stream --tokens 16
-strace_count "$SLU_PID" "$URL_S" sluice-st --stream --tokens 16
+strace_count "$NGX_PID" "$URL_N" "$WORK/strace-nginx-ns.txt" "$N" --tokens 64
+strace_count "$SLU_PID" "$URL_S" "$WORK/strace-sluice-ns.txt" "$N" --tokens 64 --key "$BENCH_KEY"
+strace_count "$NGX_PID" "$URL_N" "$WORK/strace-nginx-st.txt" "$N" --stream --tokens 16
+strace_count "$SLU_PID" "$URL_S" "$WORK/strace-sluice-st.txt" "$N" --stream --tokens 16 --key "$BENCH_KEY"
 python3 - "$WORK" "$N" >>"$OUT" <<'PY'
 import re, sys
 work, n = sys.argv[1], int(sys.argv[2])
@@ -149,10 +126,12 @@ for k in names:
         print(f"| {k} | " + " | ".join(f"{c.get(k, 0) / n:.2f}" for c in cols) + " |")
 print("| **total** | " + " | ".join(f"**{sum(c.values()) / n:.2f}**" for c in cols) + " |\n")
 PY
+fi
 
 # ------------------------------------------------------------------ 2. perf
+if [ "${SKIP_PERF:-0}" != 1 ]; then
 log "2. perf record on Sluice under 64-connection non-stream load"
-BENCH_TOKENS=64 "${CLI[@]}" timeout 30 wrk -t1 -c64 -d10s -s "$BENCH/chat.lua" "$URL_S" >"$WORK/wrk-perf.txt" 2>&1 &
+BENCH_KEY=$BENCH_KEY BENCH_TOKENS=64 "${CLI[@]}" timeout 30 wrk -t1 -c64 -d10s -s "$BENCH/chat.lua" "$URL_S" >"$WORK/wrk-perf.txt" 2>&1 &
 WRK=$!
 sleep 2
 perf record -q -F 1999 -g -p "$SLU_PID" -o "$WORK/perf.data" -- sleep 6 >/dev/null 2>&1 || log "perf record failed"
@@ -168,6 +147,7 @@ if [ -s "$WORK/perf.data" ]; then
 		echo '```'
 		echo
 	} >>"$OUT"
+fi
 fi
 
 # ------------------------------------------------------------------ 3. callgrind
@@ -185,10 +165,12 @@ callgrind_run() { # label nreq-args...
 	wait $SLU_PID 2>/dev/null || true
 	python3 "$BENCH/callgrind_summary.py" "$WORK/cg-$label.out.1" "$N" "$label" >>"$OUT"
 }
-log "3. callgrind, $N non-stream requests"
-callgrind_run non-stream --tokens 64
-log "3. callgrind, $N stream requests (16 tokens)"
-callgrind_run stream --stream --tokens 16
+if [ "${SKIP_CALLGRIND:-0}" != 1 ]; then
+	log "3. callgrind, $N non-stream requests"
+	callgrind_run non-stream --tokens 64 --key "$BENCH_KEY"
+	log "3. callgrind, $N stream requests (16 tokens)"
+	callgrind_run stream --stream --tokens 16 --key "$BENCH_KEY"
+fi
 
 cat "$OUT"
 [ "${KEEP:-0}" = 1 ] && log "perf.data, callgrind files: $WORK"

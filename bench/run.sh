@@ -14,9 +14,13 @@
 #   SERVER_CPUS=0       CPUs for the mock, nginx and Sluice (taskset list; "" = no pinning)
 #   CLIENT_CPUS=1       CPUs for wrk and the stream client
 #   BUILD_DIR=…         where to build (default build-bench); SKIP_BUILD=1 uses it as is
-#   BASE_PORT=28100     ports BASE+1 … BASE+6 on 127.0.0.1
+#   BASE_PORT=28100     ports BASE+1 … BASE+8 on 127.0.0.1
+#   SYSCALL_N=2000      requests per strace -c count (step 5); 0 skips it
+#   SLUICE_PLAIN=1      Sluice without key-auth, quota and admin listener (the pre-issue-10 setup)
 #   KEEP=1              keep the work directory (configs, logs, raw results)
 #   SKIP_SCALE=1        skip step 4;  ONLY_SCALE=1  run step 4 alone
+#   STEPS="ns st c1"    which of steps 1-3 to run (non-stream, stream, concurrency 1)
+#   PAIRS_N=20000       step 3b: mock/proxy request pairs per round at c=1 (0 skips it)
 #   KEEP_AWAKE=1        during step 3, a SCHED_IDLE busy loop on every CPU keeps the (virtual)
 #                       CPUs from halting between requests; 0 turns it off (see README)
 set -euo pipefail
@@ -46,6 +50,7 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v python3 >/dev/null || need+=(python3)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v taskset >/dev/null || need+=(util-linux)
+command -v strace >/dev/null || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
 	log "installing ${need[*]}"
 	export DEBIAN_FRONTEND=noninteractive
@@ -83,7 +88,8 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
 P_MOCK=$((BASE_PORT + 1)) P_NGX=$((BASE_PORT + 2)) P_NGXS=$((BASE_PORT + 3))
 P_SLU=$((BASE_PORT + 4)) P_SMOCK=$((BASE_PORT + 5)) P_SSLU=$((BASE_PORT + 6))
-for p in $P_MOCK $P_NGX $P_NGXS $P_SLU $P_SMOCK $P_SSLU; do
+P_ADM=$((BASE_PORT + 7)) P_SADM=$((BASE_PORT + 8))
+for p in $P_MOCK $P_NGX $P_NGXS $P_SLU $P_SMOCK $P_SSLU $P_ADM $P_SADM; do
 	ss -Hltn "sport = :$p" | grep -q . && die "port $p is in use (set BASE_PORT)"
 done
 
@@ -142,27 +148,7 @@ EOF
 NGX_MASTER=$!
 PIDS+=("$NGX_MASTER")
 
-sluice_conf() { # port upstream-port file
-	cat >"$3" <<EOF
-server:
-  listen:
-    - address: 127.0.0.1:$1
-  workers: 1
-log: { level: warn, access_log: off }
-instances:
-  - name: mock
-    provider: openai-compatible
-    endpoint: http://127.0.0.1:$2/v1/chat/completions
-    keepalive: { pool: 128 }
-    timeouts: { connect: 2s, first_byte: 30s, idle: 60s, total: 10m }
-routes:
-  - name: chat
-    paths: [/v1/chat/completions]
-    auth: none
-    targets: [{ instance: mock }]
-EOF
-}
-sluice_conf $P_SLU $P_MOCK "$WORK/sluice.yaml"
+sluice_bench_conf $P_SLU $P_MOCK $P_ADM 1 "$WORK/sluice.yaml"
 "${SRV[@]}" "$SLUICE" -c "$WORK/sluice.yaml" >"$WORK/sluice.log" 2>&1 &
 SLU_PID=$!
 PIDS+=("$SLU_PID")
@@ -192,7 +178,7 @@ proxy_pid_of() { case "$1" in A) echo "" ;; B) echo "$NGX_PID" ;; C) echo "$SLU_
 for t in A B C; do
 	for st in false true; do
 		code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'Content-Type: application/json' \
-			-d "{\"model\":\"mock-model\",\"stream\":$st,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" \
+			-H "Authorization: Bearer $BENCH_KEY" -d "{\"model\":\"mock-model\",\"stream\":$st,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}" \
 			"$(url_of $t ns)") || true
 		[ "$code" = 200 ] || die "target $t (stream=$st) answered '$code'"
 	done
@@ -209,7 +195,9 @@ run_wrk() { # round step target conns stream tokens
 	m0=$(cpu_ticks $MOCK_PID)
 	s0=$(cpu_busy "${SERVER_CPUS%%[,-]*}" 2>/dev/null || true)
 	k0=$(cpu_busy "${CLIENT_CPUS%%[,-]*}" 2>/dev/null || true)
-	out=$(BENCH_STREAM=$stream BENCH_TOKENS=$tokens "${CLI[@]}" \
+	local key=""
+	[ "$t" = C ] && key=$BENCH_KEY # only Sluice checks a key; the others get the same bytes otherwise
+	out=$(BENCH_KEY=$key BENCH_STREAM=$stream BENCH_TOKENS=$tokens "${CLI[@]}" \
 		timeout $((DURATION + 30)) wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 5s -s "$BENCH/chat.lua" "$(url_of "$t" "$step")" 2>&1) || true
 	[ -n "$ppid" ] && c1=$(cpu_ticks "$ppid")
 	m1=$(cpu_ticks $MOCK_PID)
@@ -263,7 +251,7 @@ spin_stop() {
 	SPIN=()
 }
 
-STEPS=(ns st c1)
+read -r -a STEPS <<<"${STEPS:-ns st c1}"
 step_args() { # step -> conns stream tokens
 	case "$1" in
 	ns) echo "$CONNS 0 $NS_TOKENS" ;;
@@ -274,6 +262,8 @@ step_args() { # step -> conns stream tokens
 
 [ "${ONLY_SCALE:-0}" = 1 ] && ROUNDS=0
 [ "$ROUNDS" -gt 0 ] && log "warm-up"
+PAIRS_N=${PAIRS_N:-20000}
+: >"$WORK/pairs.tsv"
 SAVED=$DURATION
 DURATION=2
 [ "$ROUNDS" -gt 0 ] && for t in A B C; do run_wrk warm ns $t $CONNS 0 "$NS_TOKENS"; run_wrk warm st $t $CONNS 1 "$ST_TOKENS"; done
@@ -285,11 +275,57 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		read -r c st tk <<<"$(step_args $s)"
 		if [ $s = c1 ]; then spin_start; fi
 		for t in A B C; do run_wrk $r $s $t "$c" "$st" "$tk"; done
+		if [ $s = c1 ] && [ "$PAIRS_N" -gt 0 ]; then
+			# Step 3b: the same at c=1, but mock and proxy requests interleaved one by one
+			# (bench/c1_pairs.py), so both see the same moments of the machine's load.
+			for t in B C; do
+				key=""
+				[ "$t" = C ] && key=$BENCH_KEY
+				line=$("${CLI[@]}" timeout 300 python3 "$BENCH/c1_pairs.py" "$URL_A" "$(url_of $t ns)" \
+					--n "$PAIRS_N" --tokens "$NS_TOKENS" --key "$key" | grep '^PAIRS' || true)
+				printf '%s\t%s\t%s\n' "$r" "$t" "$line" >>"$WORK/pairs.tsv"
+				log "round $r pairs $t: $(grep -o 'added_p50=[0-9.-]* added_p90=[0-9.-]* added_p99=[0-9.-]*' <<<"$line")"
+			done
+		fi
 		if [ $s = c1 ]; then spin_stop; fi
 	done
 done
 
 SLU_RSS_AFTER_LOAD=$(awk '/^VmRSS/ { print $2 }' /proc/$SLU_PID/status)
+
+# ------------------------------------------------------------------ step 5: syscalls per request
+# strace slows what it traces, so this runs after the timed steps, over a fixed count.
+SYSCALL_N=${SYSCALL_N:-2000}
+if [ "$SYSCALL_N" -gt 0 ] && [ "$ROUNDS" -gt 0 ]; then
+	if command -v strace >/dev/null; then
+		log "step 5: syscalls per request (strace -c -f, $SYSCALL_N requests over 4 connections)"
+		strace_count "$NGX_PID" "$(url_of B ns)" "$WORK/strace-nginx-ns.txt" "$SYSCALL_N" --tokens "$NS_TOKENS" || log "strace nginx ns failed"
+		strace_count "$SLU_PID" "$(url_of C ns)" "$WORK/strace-sluice-ns.txt" "$SYSCALL_N" --tokens "$NS_TOKENS" --key "$BENCH_KEY" || log "strace sluice ns failed"
+		strace_count "$NGX_PID" "$(url_of B st)" "$WORK/strace-nginx-st.txt" "$SYSCALL_N" --stream --tokens "$ST_TOKENS" || log "strace nginx st failed"
+		strace_count "$SLU_PID" "$(url_of C st)" "$WORK/strace-sluice-st.txt" "$SYSCALL_N" --stream --tokens "$ST_TOKENS" --key "$BENCH_KEY" || log "strace sluice st failed"
+	else
+		log "WARNING: no strace: step 5 skipped (apt-get install strace)"
+		SYSCALL_N=0
+	fi
+	# The same under the 64-connection load, counted by perf in the kernel (strace slows the
+	# proxy enough to change what it does: a reply already there by the next poll, say).
+	log "step 5: syscalls per request under load (perf stat, wrk -c$CONNS, 4 s)"
+	PSYS="$WORK/perf-syscalls.tsv"
+	: >"$PSYS"
+	for st in ns st; do
+		for t in B C; do
+			key=""
+			[ "$t" = C ] && key=$BENCH_KEY
+			perf_syscalls "$(proxy_pid_of $t)" "$WORK/psys-$t-$st" 5 \
+				env BENCH_KEY="$key" BENCH_STREAM=$([ $st = st ] && echo 1 || echo 0) \
+				BENCH_TOKENS=$([ $st = st ] && echo "$ST_TOKENS" || echo "$NS_TOKENS") \
+				"${CLI[@]}" timeout 30 wrk -t1 -c"$CONNS" -d4s -s "$BENCH/chat.lua" "$(url_of $t $st)" \
+				>"$WORK/psys-$t-$st.wrk" 2>&1
+			req=$(grep -o 'requests=[0-9]*' "$WORK/psys-$t-$st.wrk" | cut -d= -f2)
+			printf '%s\t%s\t%s\t%s\n' "$t" "$st" "$(cat "$WORK/psys-$t-$st")" "${req:-0}" >>"$PSYS"
+		done
+	done
+fi
 kill $SLU_PID $NGX_MASTER $MOCK_PID 2>/dev/null || true
 wait $SLU_PID $NGX_MASTER $MOCK_PID 2>/dev/null || true
 
@@ -297,9 +333,10 @@ wait $SLU_PID $NGX_MASTER $MOCK_PID 2>/dev/null || true
 SCALE="$WORK/scale.txt"
 : >"$SCALE"
 if [ "${SKIP_SCALE:-0}" != 1 ]; then
-	# Sluice holds two descriptors per stream (client + upstream); stay under the fd limit.
+	# Sluice holds two descriptors per stream (client + upstream), and each of its libcurl multi
+	# handles (one per 256 transfers, src/upstream.c) a socket pair; stay under the fd limit.
 	N=$SCALE_N
-	CAP=$(((NOFILE - 100) / 2)) # and room for the probe's 8 connections
+	CAP=$(((NOFILE - 100) * 256 / (2 * 256 + 2))) # and room for the probe's 8 connections
 	if [ "$N" -gt "$CAP" ]; then
 		log "WARNING: open-files limit is $NOFILE (hard $(ulimit -Hn)); Sluice needs 2 fds per stream: capping at $CAP streams"
 		N=$CAP
@@ -309,7 +346,7 @@ if [ "${SKIP_SCALE:-0}" != 1 ]; then
 		>"$WORK/scale-mock.log" 2>&1 &
 	SMOCK_PID=$!
 	PIDS+=("$SMOCK_PID")
-	sluice_conf $P_SSLU $P_SMOCK "$WORK/sluice-scale.yaml"
+	sluice_bench_conf $P_SSLU $P_SMOCK $P_SADM 1 "$WORK/sluice-scale.yaml"
 	"${SRV[@]}" "$SLUICE" -c "$WORK/sluice-scale.yaml" >"$WORK/sluice-scale.log" 2>&1 &
 	SSLU_PID=$!
 	PIDS+=("$SSLU_PID")
@@ -317,7 +354,7 @@ if [ "${SKIP_SCALE:-0}" != 1 ]; then
 	wait_port $P_SSLU
 	# A few requests first, so "idle" includes the loaded code, curl and the first allocations.
 	for _ in 1 2 3; do
-		curl -s -o /dev/null --max-time 5 -H 'Content-Type: application/json' \
+		curl -s -o /dev/null --max-time 5 -H 'Content-Type: application/json' -H "Authorization: Bearer $BENCH_KEY" \
 			-d '{"model":"mock-model","stream":true,"messages":[{"role":"user","content":"hi"}]}' \
 			http://127.0.0.1:$P_SSLU/v1/chat/completions || true
 	done
@@ -325,10 +362,10 @@ if [ "${SKIP_SCALE:-0}" != 1 ]; then
 	# The cost of a new request with no stream open, then with all of them open (--probe):
 	# 8 connections of non-stream load for 5 s; Sluice's CPU per request net of what the open
 	# streams cost by themselves (measured over a quiet 3 s just before).
-	PROBE="BENCH_TOKENS=$NS_TOKENS ${CLI[*]} timeout 30 wrk -t1 -c8 -d5s -s $BENCH/chat.lua http://127.0.0.1:$P_SSLU/v1/chat/completions"
-	"${CLI[@]}" timeout -k 5 30 python3 "$BENCH/streams.py" --port $P_SSLU --pid $SSLU_PID --n 0 \
+	PROBE="BENCH_KEY=$BENCH_KEY BENCH_TOKENS=$NS_TOKENS ${CLI[*]} timeout 30 wrk -t1 -c8 -d5s -s $BENCH/chat.lua http://127.0.0.1:$P_SSLU/v1/chat/completions"
+	"${CLI[@]}" timeout -k 5 30 python3 "$BENCH/streams.py" --port $P_SSLU --pid $SSLU_PID --n 0 --key "$BENCH_KEY" \
 		--probe "$PROBE" --probe-baseline 1 --hold 0 >"$WORK/scale-idle.txt" 2>>"$WORK/streams.err" || true
-	"${CLI[@]}" timeout -k 5 150 python3 "$BENCH/streams.py" --port $P_SSLU --pid $SSLU_PID --n "$N" \
+	"${CLI[@]}" timeout -k 5 150 python3 "$BENCH/streams.py" --port $P_SSLU --pid $SSLU_PID --n "$N" --key "$BENCH_KEY" \
 		--itl-ms 2000 --deadline 70 --hold 2 --mock-metrics "http://127.0.0.1:$P_SMOCK/metrics" \
 		--probe "$PROBE" --probe-baseline 3 \
 		>"$SCALE" 2>>"$WORK/streams.err" || log "stream client exited non-zero (see $WORK/streams.err)"
@@ -343,6 +380,8 @@ COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 python3 "$BENCH/report.py" --raw "$RAW" --scale "$SCALE" --commit "$COMMIT" \
 	--rounds "$ROUNDS" --duration "$DURATION" --conns "$CONNS" --ns-tokens "$NS_TOKENS" --st-tokens "$ST_TOKENS" \
 	--server-cpus "${SERVER_CPUS:-any}" --client-cpus "${CLIENT_CPUS:-any}" --nofile "$NOFILE" \
-	--sluice-rss-after-load "${SLU_RSS_AFTER_LOAD:-0}"
+	--sluice-rss-after-load "${SLU_RSS_AFTER_LOAD:-0}" --strace-dir "$WORK" --strace-n "$SYSCALL_N" \
+	--perf-syscalls "${PSYS:-}" --pairs "$WORK/pairs.tsv" \
+	--conditions "$(sluice_conditions)"
 [ "${KEEP:-0}" = 1 ] && log "raw results: $RAW"
 exit 0

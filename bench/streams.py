@@ -68,6 +68,7 @@ async def main():
     ap.add_argument("--path", default="/v1/chat/completions")
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--pid", type=int, required=True, help="gateway process to measure")
+    ap.add_argument("--key", default="", help="send Authorization: Bearer KEY")
     ap.add_argument("--itl-ms", type=int, default=2000)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--parallel-connects", type=int, default=200)
@@ -86,7 +87,8 @@ async def main():
         "mock": {"tokens": a.tokens, "itl_ms": a.itl_ms},
         "messages": [{"role": "user", "content": "Stream a long answer slowly, please."}],
     }).encode()
-    req = (f"POST {a.path} HTTP/1.1\r\nHost: {a.host}:{a.port}\r\n"
+    auth = f"Authorization: Bearer {a.key}\r\n" if a.key else ""
+    req = (f"POST {a.path} HTTP/1.1\r\nHost: {a.host}:{a.port}\r\n{auth}"
            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
 
     t0 = time.monotonic()

@@ -11,6 +11,16 @@
  * Life of a connection: READ_HEAD → READ_BODY/READ_CHUNKED → HANDLING (the
  * handler owns the request; the socket is still watched for EOF) → back to
  * READ_HEAD when the reply is finished and the connection is kept alive.
+ *
+ * I/O: a TLS connection goes through libevent's OpenSSL bufferevent. A plain one has
+ * its own two events instead, because a socket bufferevent costs syscalls per request
+ * that a proxy does not need (issue 10): it asks the kernel how much is readable
+ * (ioctl FIONREAD) before every read, and it adds and removes write interest around
+ * every reply (two epoll_ctl). Here the read event stays registered for the
+ * connection's life and reads into a buffer of known size; a reply is written from the
+ * loop as soon as the current callback is done (one writev for head and body, or for
+ * all the chunks of one upstream read), and write interest is registered only when
+ * the kernel did not take everything.
  */
 #include "sluice/http.h"
 
@@ -26,6 +36,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/queue.h>
+#include <errno.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -47,9 +58,22 @@ enum conn_state {
 	CONN_CLOSING, /* flushing the last response (then lingering, maybe), then close */
 };
 
+/* Response header lines and the reply head are put together in a stack buffer this big. */
+#define HTTP_HEADER_LINE_BUF 512
+/* One read takes at most this much (a whole typical request); a larger one takes more reads. */
+#define HTTP_READ_SIZE 4096
+
 struct http_conn {
 	struct http_server *srv;
-	struct bufferevent *bev; /* NULL once the socket is closed */
+	bool open;               /* the socket is open; false once it is closed */
+	evutil_socket_t fd;
+	struct bufferevent *bev; /* TLS: the connection; plain: NULL */
+	struct event *rev, *wev; /* plain: read (kept registered), write (added while output waits) */
+	struct evbuffer *in, *out; /* plain: ours; TLS: the bufferevent's */
+	bool reading;            /* plain: rev is added */
+	bool writing;            /* plain: wev is added */
+	bool flush_queued;       /* plain: wev made active, to write from the loop */
+	bool process_queued;     /* plain: rev made active, to handle input already read */
 	struct event *timer;
 	enum conn_state state;
 	bool keepalive;
@@ -104,9 +128,16 @@ struct http_server {
 	uint64_t last_full_warn_us;
 };
 
-static void conn_read_cb(struct bufferevent *bev, void *arg);
-static void conn_write_cb(struct bufferevent *bev, void *arg);
-static void conn_event_cb(struct bufferevent *bev, short what, void *arg);
+static void tls_read_cb(struct bufferevent *bev, void *arg);
+static void tls_write_cb(struct bufferevent *bev, void *arg);
+static void tls_event_cb(struct bufferevent *bev, short what, void *arg);
+static void plain_read_cb(evutil_socket_t fd, short what, void *arg);
+static void plain_write_cb(evutil_socket_t fd, short what, void *arg);
+static void conn_event(struct http_conn *c, short what);
+static void conn_write_done(struct http_conn *c);
+static void conn_flush(struct http_conn *c);
+static void conn_read_enable(struct http_conn *c, bool on);
+static void conn_queue_process(struct http_conn *c);
 static void conn_timer_cb(evutil_socket_t fd, short what, void *arg);
 static void conn_process(struct http_conn *c);
 static void conn_free(struct http_conn *c);
@@ -163,6 +194,7 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 		return;
 	}
 	c->srv = srv;
+	c->fd = fd;
 	c->tls = hl->tls != NULL;
 	if (hl->tls) {
 		SSL *ssl = SSL_new(hl->tls);
@@ -172,23 +204,41 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 		             : NULL;
 		if (c->bev == NULL && ssl)
 			SSL_free(ssl);
-		if (c->bev)
+		if (c->bev) {
 			/* A peer that just closes is a normal end, not an error. */
 			bufferevent_openssl_set_allow_dirty_shutdown(c->bev, 1);
+			c->in = bufferevent_get_input(c->bev);
+			c->out = bufferevent_get_output(c->bev);
+		}
 	} else {
-		c->bev = bufferevent_socket_new(srv->base, fd, BEV_OPT_CLOSE_ON_FREE);
+		c->in = evbuffer_new();
+		c->out = evbuffer_new();
+		c->rev = event_new(srv->base, fd, EV_READ | EV_PERSIST, plain_read_cb, c);
+		c->wev = event_new(srv->base, fd, EV_WRITE | EV_PERSIST, plain_write_cb, c);
 	}
 	c->timer = evtimer_new(srv->base, conn_timer_cb, c);
-	if (c->bev == NULL || c->timer == NULL) {
-		if (c->bev)
+	if ((c->tls ? c->bev == NULL : c->in == NULL || c->out == NULL || c->rev == NULL ||
+	                                       c->wev == NULL) ||
+	    c->timer == NULL) {
+		if (c->bev) {
 			bufferevent_free(c->bev);
-		else
+		} else {
 			close(fd);
+			if (c->in)
+				evbuffer_free(c->in);
+			if (c->out)
+				evbuffer_free(c->out);
+			if (c->rev)
+				event_free(c->rev);
+			if (c->wev)
+				event_free(c->wev);
+		}
 		if (c->timer)
 			event_free(c->timer);
 		free(c);
 		return;
 	}
+	c->open = true;
 	if (sa->sa_family == AF_INET)
 		inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, c->client_ip,
 		          sizeof(c->client_ip));
@@ -201,10 +251,15 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	TAILQ_INSERT_TAIL(&srv->conns, c, link);
 	atomic_fetch_add_explicit(&srv->n_conns, 1, memory_order_relaxed);
 
-	struct timeval wtv = ms_to_tv(srv->limits.write_timeout);
-	bufferevent_set_timeouts(c->bev, NULL, &wtv);
-	bufferevent_setcb(c->bev, conn_read_cb, conn_write_cb, conn_event_cb, c);
-	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+	if (c->bev) {
+		struct timeval wtv = ms_to_tv(srv->limits.write_timeout);
+		bufferevent_set_timeouts(c->bev, NULL, &wtv);
+		bufferevent_setcb(c->bev, tls_read_cb, tls_write_cb, tls_event_cb, c);
+		bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+	} else {
+		event_add(c->rev, NULL);
+		c->reading = true;
+	}
 	/* A new connection gets client_timeout to send its first request. */
 	conn_arm_timer(c, srv->limits.client_timeout);
 }
@@ -292,7 +347,7 @@ void http_server_drain(struct http_server *srv)
 		c->keepalive = false;
 		if (c->state != CONN_READ_HEAD || c->request_timer)
 			continue;
-		size_t queued = c->bev ? evbuffer_get_length(bufferevent_get_output(c->bev)) : 0;
+		size_t queued = c->open ? evbuffer_get_length(c->out) : 0;
 		if (queued > 0)
 			log_debug("drain: closing %s once %zu queued bytes are sent", c->client_ip,
 			          queued);
@@ -327,11 +382,11 @@ void http_server_free(struct http_server *srv)
 /* RFC 9110 §5.6.2: tchar. */
 static bool is_tchar(unsigned char ch)
 {
-	static const char symbols[] = "!#$%&'*+-.^_`|~";
+	/* A bit per byte: digits, letters and "!#$%&'*+-.^_`|~" (every header name byte of
+	 * every request goes through here). */
+	static const uint32_t tchar[8] = {0, 0x03ff6cfa, 0xc7fffffe, 0x57ffffff};
 
-	if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z'))
-		return true;
-	return ch != '\0' && memchr(symbols, ch, sizeof(symbols) - 1) != NULL;
+	return tchar[ch >> 5] >> (ch & 31) & 1;
 }
 
 /* A byte a field value may hold (RFC 9110 §5.5: VCHAR, SP, HTAB, obs-text). */
@@ -885,7 +940,7 @@ static bool conn_head_check(struct http_conn *c)
 static void conn_begin_request(struct http_conn *c, size_t head_len)
 {
 	struct http_server *srv = c->srv;
-	struct evbuffer *in = bufferevent_get_input(c->bev);
+	struct evbuffer *in = c->in;
 	const char *why = NULL;
 	enum http_head_result res;
 
@@ -935,14 +990,15 @@ static void conn_begin_request(struct http_conn *c, size_t head_len)
 	if (expect && strcasecmp(expect, "100-continue") == 0 && c->req.minor >= 1) {
 		if (srv->head_check && !conn_head_check(c))
 			return;
-		bufferevent_write(c->bev, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+		evbuffer_add(c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+		conn_flush(c);
 	}
 }
 
 /* Decode chunked body data from the input; true when the body is complete. */
 static bool conn_read_chunked(struct http_conn *c)
 {
-	struct evbuffer *in = bufferevent_get_input(c->bev);
+	struct evbuffer *in = c->in;
 	const char *why = NULL;
 
 	while (evbuffer_get_length(in) > 0) {
@@ -1000,8 +1056,8 @@ static void conn_process(struct http_conn *c)
 {
 	struct evbuffer *in;
 
-	while (c->bev != NULL) {
-		in = bufferevent_get_input(c->bev);
+	while (c->open) {
+		in = c->in;
 		size_t avail = evbuffer_get_length(in);
 		switch (c->state) {
 		case CONN_READ_HEAD: {
@@ -1083,7 +1139,7 @@ static void conn_process(struct http_conn *c)
 			/* Pipelined bytes wait until the current reply is done; stop
 			 * reading if a client floods us meanwhile. */
 			if (avail > c->srv->limits.max_header_size)
-				bufferevent_disable(c->bev, EV_READ);
+				conn_read_enable(c, false);
 			return;
 		case CONN_CLOSING:
 			evbuffer_drain(in, avail);
@@ -1092,18 +1148,143 @@ static void conn_process(struct http_conn *c)
 	}
 }
 
-static void conn_read_cb(struct bufferevent *bev, void *arg)
+/* ---------------------------------------------------------------- socket I/O */
+
+static void tls_read_cb(struct bufferevent *bev, void *arg)
 {
 	conn_process(arg);
+}
+
+static void tls_write_cb(struct bufferevent *bev, void *arg)
+{
+	conn_write_done(arg);
+}
+
+static void tls_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	conn_event(arg, what);
+}
+
+/* One read of at most HTTP_READ_SIZE into the input (no FIONREAD first): a request that
+ * did not fit comes in the next turns, as the socket stays readable. */
+static void plain_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct http_conn *c = arg;
+	struct evbuffer_iovec v;
+
+	if (c->process_queued) { /* input already read, left for the loop (conn_finish) */
+		c->process_queued = false;
+		conn_process(c);
+		return;
+	}
+	if (evbuffer_reserve_space(c->in, HTTP_READ_SIZE, &v, 1) < 1) {
+		conn_event(c, BEV_EVENT_READING | BEV_EVENT_ERROR);
+		return;
+	}
+	ssize_t n = read(fd, v.iov_base, v.iov_len < HTTP_READ_SIZE ? v.iov_len : HTTP_READ_SIZE);
+	if (n > 0) {
+		v.iov_len = (size_t)n;
+		evbuffer_commit_space(c->in, &v, 1);
+		conn_process(c);
+	} else if (n == 0) {
+		conn_event(c, BEV_EVENT_READING | BEV_EVENT_EOF);
+	} else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+		conn_event(c, BEV_EVENT_READING | BEV_EVENT_ERROR);
+	}
+}
+
+/* Write what is queued: from the loop right after a reply was queued (flush_queued), or
+ * when the socket takes bytes again. Write interest stays registered only while bytes
+ * wait; its timeout is write_timeout. */
+static void plain_write_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct http_conn *c = arg;
+
+	c->flush_queued = false;
+	if (what & EV_TIMEOUT) {
+		conn_event(c, BEV_EVENT_WRITING | BEV_EVENT_TIMEOUT);
+		return;
+	}
+	if (evbuffer_get_length(c->out) > 0 && evbuffer_write(c->out, fd) < 0 && errno != EAGAIN &&
+	    errno != EWOULDBLOCK && errno != EINTR) {
+		conn_event(c, BEV_EVENT_WRITING | BEV_EVENT_ERROR);
+		return;
+	}
+	if (evbuffer_get_length(c->out) > 0) {
+		if (!c->writing) {
+			struct timeval tv = ms_to_tv(c->srv->limits.write_timeout);
+			event_add(c->wev, &tv);
+			c->writing = true;
+		}
+		return;
+	}
+	if (c->writing) {
+		event_del(c->wev);
+		c->writing = false;
+	}
+	conn_write_done(c);
+}
+
+static void conn_read_enable(struct http_conn *c, bool on)
+{
+	if (!c->open)
+		return;
+	if (c->bev) {
+		if (on)
+			bufferevent_enable(c->bev, EV_READ);
+		else
+			bufferevent_disable(c->bev, EV_READ);
+		return;
+	}
+	if (on && !c->reading)
+		event_add(c->rev, NULL);
+	else if (!on && c->reading)
+		event_del(c->rev);
+	c->reading = on;
+}
+
+/* Output was queued: write it from the loop, once the callback that queued it is done
+ * (what one callback queues goes out in one writev). Never from here: a failed write
+ * must not free the connection under its caller. */
+static void conn_flush(struct http_conn *c)
+{
+	if (!c->open || c->bev || c->flush_queued || c->writing)
+		return;
+	c->flush_queued = true;
+	event_active(c->wev, EV_WRITE, 1);
+}
+
+/* Input is buffered already: handle it from the loop. */
+static void conn_queue_process(struct http_conn *c)
+{
+	if (c->bev) {
+		bufferevent_trigger(c->bev, EV_READ, BEV_TRIG_IGNORE_WATERMARKS | BEV_TRIG_DEFER_CALLBACKS);
+		return;
+	}
+	c->process_queued = true;
+	event_active(c->rev, EV_READ, 1);
 }
 
 /* ---------------------------------------------------------------- teardown */
 
 static void conn_close_socket(struct http_conn *c)
 {
-	if (c->bev) {
-		bufferevent_free(c->bev);
-		c->bev = NULL;
+	if (c->open) {
+		if (c->bev) {
+			bufferevent_free(c->bev);
+			c->bev = NULL;
+			c->in = c->out = NULL;
+		} else {
+			event_free(c->rev);
+			event_free(c->wev);
+			c->rev = c->wev = NULL;
+			close(c->fd);
+			evbuffer_free(c->in);
+			evbuffer_free(c->out);
+			c->in = c->out = NULL;
+		}
+		c->open = false;
+		c->fd = -1;
 	}
 	event_del(c->timer);
 }
@@ -1125,13 +1306,13 @@ static void conn_free(struct http_conn *c)
 	free(c);
 }
 
-static void conn_event_cb(struct bufferevent *bev, short what, void *arg)
+/* The socket ended (EOF), failed, or stalled past write_timeout (BEV_EVENT_* flags). */
+static void conn_event(struct http_conn *c, short what)
 {
-	struct http_conn *c = arg;
-
 	/* A TLS listener reports the end of its handshake as CONNECTED: not an end. */
 	if (what == BEV_EVENT_CONNECTED)
 		return;
+	conn_read_enable(c, false); /* an EOF stays readable: stop watching it */
 	if (!c->handler_owns) {
 		/* A client that half-closed after its request still gets the answer
 		 * already queued (printf ... | nc -N); an error or timeout ends it. */
@@ -1165,7 +1346,7 @@ static void conn_timer_cb(evutil_socket_t fd, short what, void *arg)
 	if (c->state == CONN_READ_HEAD && !c->request_timer) {
 		/* Idle past keepalive_timeout; the last reply may still be on its way
 		 * to a slow reader, and it must not be cut. */
-		size_t queued = c->bev ? evbuffer_get_length(bufferevent_get_output(c->bev)) : 0;
+		size_t queued = c->open ? evbuffer_get_length(c->out) : 0;
 		if (queued > 0)
 			log_debug(
 			        "keep-alive timeout for %s: closing once %zu queued bytes are sent",
@@ -1189,8 +1370,10 @@ static void conn_close_when_flushed(struct http_conn *c)
 	c->keepalive = false;
 	c->state = CONN_CLOSING;
 	event_del(c->timer);
-	if (c->bev == NULL || evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
+	if (!c->open || evbuffer_get_length(c->out) == 0)
 		conn_end(c);
+	else
+		conn_flush(c);
 }
 
 /*
@@ -1202,7 +1385,7 @@ static void conn_close_when_flushed(struct http_conn *c)
  */
 static void conn_end(struct http_conn *c)
 {
-	evutil_socket_t fd = c->bev ? bufferevent_getfd(c->bev) : -1;
+	evutil_socket_t fd = c->open ? c->fd : -1;
 
 	/* TLS: a bare shutdown would cut the session; its close_notify is enough. */
 	if (!c->linger || c->lingering || fd < 0 || c->tls || shutdown(fd, SHUT_WR) != 0) {
@@ -1210,7 +1393,7 @@ static void conn_end(struct http_conn *c)
 		return;
 	}
 	c->lingering = true;
-	bufferevent_enable(c->bev, EV_READ);
+	conn_read_enable(c, true);
 	conn_arm_timer(c, HTTP_LINGER_MS);
 }
 
@@ -1223,7 +1406,7 @@ static void conn_finish(struct http_conn *c)
 		c->handler_owns = false;
 		atomic_fetch_sub_explicit(&srv->n_active, 1, memory_order_relaxed);
 	}
-	if (c->bev == NULL) {
+	if (!c->open) {
 		conn_free(c);
 		return;
 	}
@@ -1233,17 +1416,16 @@ static void conn_finish(struct http_conn *c)
 	}
 	conn_reset_request(c);
 	c->state = CONN_READ_HEAD;
-	bufferevent_enable(c->bev, EV_READ);
+	conn_read_enable(c, true);
 	conn_arm_timer(c, srv->limits.keepalive_timeout);
 	/* Pipelined input: handle it from the loop, not from inside this call. */
-	if (evbuffer_get_length(bufferevent_get_input(c->bev)) > 0)
-		bufferevent_trigger(c->bev, EV_READ, BEV_TRIG_IGNORE_WATERMARKS | BEV_TRIG_DEFER_CALLBACKS);
+	if (evbuffer_get_length(c->in) > 0)
+		conn_queue_process(c);
 }
 
-static void conn_write_cb(struct bufferevent *bev, void *arg)
+/* Everything queued has reached the socket. */
+static void conn_write_done(struct http_conn *c)
 {
-	struct http_conn *c = arg;
-
 	if (c->state == CONN_CLOSING) {
 		if (!c->lingering)
 			conn_end(c);
@@ -1299,13 +1481,13 @@ void http_request_on_abort(struct http_request *req, void (*cb)(void *arg), void
 
 bool http_request_aborted(const struct http_request *req)
 {
-	return req->conn->bev == NULL;
+	return !req->conn->open;
 }
 
 void http_request_abandon(struct http_request *req)
 {
 	struct http_conn *c = req->conn;
-	if (c->bev != NULL)
+	if (c->open)
 		c->keepalive = false; /* a half-sent reply must not be followed by another */
 	conn_finish(c);
 }
@@ -1339,7 +1521,49 @@ void http_response_header(struct http_request *req, const char *name, const char
 	}
 	if (c->out_headers == NULL && (c->out_headers = evbuffer_new()) == NULL)
 		return;
-	evbuffer_add_printf(c->out_headers, "%s: %s\r\n", name, value);
+	size_t nl = strlen(name), vl = strlen(value);
+	char line[HTTP_HEADER_LINE_BUF];
+	if (nl + vl + 4 <= sizeof(line)) { /* the usual short header: one copy, one add */
+		memcpy(line, name, nl);
+		memcpy(line + nl, ": ", 2);
+		memcpy(line + nl + 2, value, vl);
+		memcpy(line + nl + 2 + vl, "\r\n", 2);
+		evbuffer_add(c->out_headers, line, nl + vl + 4);
+		return;
+	}
+	evbuffer_add(c->out_headers, name, nl);
+	evbuffer_add(c->out_headers, ": ", 2);
+	evbuffer_add(c->out_headers, value, vl);
+	evbuffer_add(c->out_headers, "\r\n", 2);
+}
+
+/* v in decimal at o (at most 20 bytes); returns the length. */
+static size_t put_decimal(char *o, uint64_t v)
+{
+	char tmp[20];
+	size_t n = 0;
+	do {
+		tmp[n++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v != 0);
+	for (size_t i = 0; i < n; i++)
+		o[i] = tmp[n - 1 - i];
+	return n;
+}
+
+/* v in lower-case hex at o (at most 16 bytes); returns the length. */
+static size_t put_hex(char *o, uint64_t v)
+{
+	static const char digits[] = "0123456789abcdef";
+	char tmp[16];
+	size_t n = 0;
+	do {
+		tmp[n++] = digits[v & 15];
+		v >>= 4;
+	} while (v != 0);
+	for (size_t i = 0; i < n; i++)
+		o[i] = tmp[n - 1 - i];
+	return n;
 }
 
 /* RFC 9110 §6.4.1: these never have content, whatever their framing would say. */
@@ -1351,21 +1575,49 @@ static bool status_has_body(int status)
 static void write_head(struct http_conn *c, int status, const char *content_type,
                        long long content_length)
 {
-	struct evbuffer *out = bufferevent_get_output(c->bev);
-	char line[256];
-	int n = snprintf(line, sizeof(line), "HTTP/1.%d %d %s\r\n", c->req.minor ? 1 : 0, status,
-	                 http_status_text(status));
-	evbuffer_add(out, line, (size_t)n);
+	struct evbuffer *out = c->out;
+	/* Status line, Content-Type and framing put together here, then added at once (no
+	 * printf per reply). A Content-Type too long for the buffer goes in its own add. */
+	char head[HTTP_HEADER_LINE_BUF];
+	const char *text = http_status_text(status);
+	size_t tl = strlen(text), n = 0;
+	memcpy(head, "HTTP/1.1 ", 9);
+	head[7] = c->req.minor ? '1' : '0';
+	n = 9 + put_decimal(head + 9, (uint64_t)(status >= 0 && status < 1000 ? status : 500));
+	head[n++] = ' ';
+	memcpy(head + n, text, tl); /* the longest status text is 31 bytes */
+	n += tl;
+	memcpy(head + n, "\r\n", 2);
+	n += 2;
 	if (content_type && !header_value_ok(content_type)) {
 		log_warn("dropped a response Content-Type with a control byte");
 		content_type = NULL;
 	}
-	if (content_type)
-		evbuffer_add_printf(out, "Content-Type: %s\r\n", content_type);
-	if (content_length >= 0)
-		evbuffer_add_printf(out, "Content-Length: %lld\r\n", content_length);
-	else if (c->chunked)
-		evbuffer_add(out, "Transfer-Encoding: chunked\r\n", 28);
+	if (content_type) {
+		size_t cl = strlen(content_type);
+		if (n + 14 + cl + 2 + 40 <= sizeof(head)) {
+			memcpy(head + n, "Content-Type: ", 14);
+			memcpy(head + n + 14, content_type, cl);
+			memcpy(head + n + 14 + cl, "\r\n", 2);
+			n += 14 + cl + 2;
+		} else {
+			evbuffer_add(out, head, n);
+			n = 0;
+			evbuffer_add(out, "Content-Type: ", 14);
+			evbuffer_add(out, content_type, cl);
+			evbuffer_add(out, "\r\n", 2);
+		}
+	}
+	if (content_length >= 0) {
+		memcpy(head + n, "Content-Length: ", 16);
+		n += 16 + put_decimal(head + n + 16, (uint64_t)content_length);
+		memcpy(head + n, "\r\n", 2);
+		n += 2;
+	} else if (c->chunked) {
+		memcpy(head + n, "Transfer-Encoding: chunked\r\n", 28);
+		n += 28;
+	}
+	evbuffer_add(out, head, n);
 	if (c->out_headers)
 		evbuffer_add_buffer(out, c->out_headers);
 	if (!c->keepalive)
@@ -1381,15 +1633,16 @@ void http_reply(struct http_request *req, int status, const char *content_type, 
 {
 	struct http_conn *c = req->conn;
 
-	if (c->bev != NULL && !c->reply_started) {
+	if (c->open && !c->reply_started) {
 		if (!status_has_body(status)) {
 			c->chunked = false;
 			write_head(c, status, content_type, -1);
 		} else {
 			write_head(c, status, content_type, (long long)len);
 			if (len && strcmp(req->method, "HEAD") != 0)
-				evbuffer_add(bufferevent_get_output(c->bev), body, len);
+				evbuffer_add(c->out, body, len);
 		}
+		conn_flush(c);
 	}
 	conn_finish(c);
 }
@@ -1460,7 +1713,7 @@ static void conn_error(struct http_conn *c, int status, const char *code, const 
 void http_reply_start(struct http_request *req, int status, const char *content_type)
 {
 	struct http_conn *c = req->conn;
-	if (c->bev == NULL || c->reply_started)
+	if (!c->open || c->reply_started)
 		return;
 	c->no_body = !status_has_body(status) || strcmp(req->method, "HEAD") == 0;
 	c->chunked = c->req.minor >= 1 && status_has_body(status);
@@ -1472,52 +1725,58 @@ void http_reply_start(struct http_request *req, int status, const char *content_
 void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 {
 	struct http_conn *c = req->conn;
-	if (c->bev == NULL || len == 0 || c->no_body)
+	if (!c->open || len == 0 || c->no_body)
 		return;
-	struct evbuffer *out = bufferevent_get_output(c->bev);
+	struct evbuffer *out = c->out;
 	if (c->chunked) {
 		char size[24];
-		int n = snprintf(size, sizeof(size), "%zx\r\n", len);
-		evbuffer_add(out, size, (size_t)n);
+		size_t n = put_hex(size, len);
+		memcpy(size + n, "\r\n", 2);
+		evbuffer_add(out, size, n + 2);
 		evbuffer_add(out, data, len);
 		evbuffer_add(out, "\r\n", 2);
 	} else {
 		evbuffer_add(out, data, len);
 	}
+	conn_flush(c);
 }
 
 void http_reply_chunk_buffer(struct http_request *req, struct evbuffer *buf)
 {
 	struct http_conn *c = req->conn;
 	size_t len = evbuffer_get_length(buf);
-	if (c->bev == NULL || len == 0 || c->no_body) {
+	if (!c->open || len == 0 || c->no_body) {
 		evbuffer_drain(buf, len);
 		return;
 	}
-	struct evbuffer *out = bufferevent_get_output(c->bev);
+	struct evbuffer *out = c->out;
 	if (c->chunked) {
 		char size[24];
-		int n = snprintf(size, sizeof(size), "%zx\r\n", len);
-		evbuffer_add(out, size, (size_t)n);
+		size_t n = put_hex(size, len);
+		memcpy(size + n, "\r\n", 2);
+		evbuffer_add(out, size, n + 2);
 		evbuffer_add_buffer(out, buf);
 		evbuffer_add(out, "\r\n", 2);
 	} else {
 		evbuffer_add_buffer(out, buf);
 	}
+	conn_flush(c);
 }
 
 void http_reply_end(struct http_request *req)
 {
 	struct http_conn *c = req->conn;
-	if (c->bev != NULL && c->chunked && !c->no_body)
-		evbuffer_add(bufferevent_get_output(c->bev), "0\r\n\r\n", 5);
+	if (c->open && c->chunked && !c->no_body) {
+		evbuffer_add(c->out, "0\r\n\r\n", 5);
+		conn_flush(c);
+	}
 	conn_finish(c);
 }
 
 size_t http_reply_pending(const struct http_request *req)
 {
 	const struct http_conn *c = req->conn;
-	return c->bev ? evbuffer_get_length(bufferevent_get_output(c->bev)) : 0;
+	return c->open ? evbuffer_get_length(c->out) : 0;
 }
 
 void http_reply_on_drain(struct http_request *req, void (*cb)(void *arg), void *arg)

@@ -1,4 +1,4 @@
-/* upstream.h — HTTP(S) transfers to model instances: one libcurl multi per worker, on its event loop. */
+/* upstream.h — HTTP(S) transfers to model instances: libcurl multi handles on a worker's event loop. */
 #ifndef SLUICE_UPSTREAM_H
 #define SLUICE_UPSTREAM_H
 
@@ -12,6 +12,12 @@ struct event_base;
 struct event;
 struct evbuffer;
 struct upstream;
+struct upstream_shard;
+
+/* Request header lines a transfer holds without allocating (upstream_xfer_header): nodes,
+ * and bytes for the copied lines. More, or longer, lines are allocated. */
+#define UPSTREAM_HEADER_NODES 8
+#define UPSTREAM_HEADER_BYTES 384
 
 enum upstream_result {
 	UPSTREAM_OK,
@@ -53,8 +59,14 @@ struct upstream_xfer {
 	uint64_t start_us, head_us, first_body_us;
 	/* private */
 	struct upstream *up;
+	struct upstream_shard *shard; /* the multi handle carrying it, while running */
 	CURL *easy;
-	struct curl_slist *req_headers;
+	struct curl_slist *req_headers; /* the list handed to libcurl: nodes below, or allocated */
+	struct curl_slist *req_tail;
+	struct curl_slist hdr_node[UPSTREAM_HEADER_NODES];
+	size_t n_hdr_nodes;
+	char hdr_bytes[UPSTREAM_HEADER_BYTES];
+	size_t hdr_used;
 	struct upstream_url *url; /* borrowed for the next start; held while running */
 	const struct upstream_ops *ops;
 	void *arg;
@@ -63,7 +75,6 @@ struct upstream_xfer {
 	uint64_t last_activity_us;
 	bool running;
 	bool paused;
-	bool in_check;
 	char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -74,8 +85,11 @@ void upstream_free(struct upstream *up);
 
 void upstream_xfer_init(struct upstream_xfer *x, struct upstream *up, const struct upstream_ops *ops,
                         void *arg);
-/* Add a request header ("Name: value"); before upstream_xfer_start. */
+/* Add a request header ("Name: value"), copied; before upstream_xfer_start. */
 bool upstream_xfer_header(struct upstream_xfer *x, const char *line);
+/* The same without the copy: line must outlive the transfer (a literal, or a line formatted
+ * once per configuration snapshot). */
+bool upstream_xfer_header_static(struct upstream_xfer *x, const char *line);
 /* Send method (NULL: POST) with body (not copied: it must outlive the transfer;
  * NULL: none) to url. */
 bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char *url,
@@ -88,7 +102,9 @@ void upstream_xfer_curlu(struct upstream_xfer *x, struct upstream_url *u);
 void upstream_xfer_resume(struct upstream_xfer *x);
 /* Stop a running transfer; on_done is not called. Not from inside on_head/on_body. */
 void upstream_xfer_cancel(struct upstream_xfer *x);
-/* Release what the transfer holds (after on_done or cancel); it can be started again. */
+/* Release what the transfer holds (after on_done or cancel); it can be started again. Its
+ * response header buffer and timer go back to the upstream's pools, so a fallback attempt
+ * or the next request reuses them instead of allocating. */
 void upstream_xfer_cleanup(struct upstream_xfer *x);
 
 /* The value of the first passed-through response header called name (any case),
