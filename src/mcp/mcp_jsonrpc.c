@@ -59,6 +59,39 @@ enum mcp_msg_kind mcp_msg_classify(const json_t *m, const char **method)
 	return MCP_MSG_RESPONSE;
 }
 
+enum mcp_batch_check mcp_batch_check(const json_t *arr, size_t max, size_t *answered)
+{
+	size_t n = json_array_size(arr), i, req = 0, resp = 0, notif = 0, bad = 0;
+	const json_t *m;
+
+	*answered = 0;
+	if (n == 0)
+		return MCP_BATCH_EMPTY;
+	if (n > max)
+		return MCP_BATCH_TOO_LARGE;
+	json_array_foreach(arr, i, m)
+	{
+		switch (mcp_msg_classify(m, NULL)) {
+		case MCP_MSG_REQUEST:
+			req++;
+			break;
+		case MCP_MSG_NOTIFICATION:
+			notif++;
+			break;
+		case MCP_MSG_RESPONSE:
+			resp++;
+			break;
+		default:
+			bad++;
+			break;
+		}
+	}
+	if (resp > 0 && req + notif > 0)
+		return MCP_BATCH_MIXED;
+	*answered = req + bad;
+	return MCP_BATCH_OK;
+}
+
 /* ---------------------------------------------------------------- the scanner */
 
 struct cur {
