@@ -144,6 +144,46 @@ def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__de
     return harness.to_yaml(cfg) + "\n"
 
 
+def rpc(port, method, params=None, session=None, key="alice-key", id_=1, extra=None,
+        version="2025-06-18"):
+    """One JSON-RPC message POSTed to the gateway on port: (response, the JSON-RPC answer:
+    the JSON body, or the last message of an SSE answer)."""
+    headers = {"Authorization": "Bearer " + key, "Accept": ACCEPT}
+    if session:
+        headers["Mcp-Session-Id"] = session
+        headers["MCP-Protocol-Version"] = version
+    headers.update(extra or {})
+    msg = {"jsonrpc": "2.0", "method": method}
+    if id_ is not None:
+        msg["id"] = id_
+    if params is not None:
+        msg["params"] = params
+    r = harness.http_request(port, "POST", "/mcp", headers=headers, json_body=msg)
+    return r, rpc_body(r)
+
+
+def rpc_body(r):
+    ctype = r.header("content-type") or ""
+    if ctype.startswith("text/event-stream"):
+        msgs = [json.loads(e.data) for e in harness.parse_sse(r.body) if e.data]
+        return msgs[-1] if msgs else None
+    return json.loads(r.body) if r.body.strip() else None
+
+
+def open_session(test, port, key="alice-key", version="2025-06-18"):
+    """initialize + notifications/initialized on the gateway on port; the session id."""
+    r, b = rpc(port, "initialize", {"protocolVersion": version, "capabilities": {},
+                                    "clientInfo": {"name": "raw", "version": "1"}}, key=key)
+    test.assertEqual(r.status, 200, r)
+    test.assertEqual(b["result"]["protocolVersion"], version)
+    sid = r.header("mcp-session-id")
+    test.assertTrue(sid)
+    r, _ = rpc(port, "notifications/initialized", session=sid, key=key, id_=None,
+               version=version)
+    test.assertEqual(r.status, 202, r)
+    return sid
+
+
 class MCPTest(harness.SluiceTestCase):
 
     def setUp(self):
@@ -185,40 +225,11 @@ class MCPTest(harness.SluiceTestCase):
         self.assertTrue(lines, "client.mjs printed nothing")
         return json.loads(lines[-1])
 
-    def rpc(self, method, params=None, session=None, key="alice-key", id_=1, extra=None,
-            version="2025-06-18"):
-        headers = {"Authorization": "Bearer " + key, "Accept": ACCEPT}
-        if session:
-            headers["Mcp-Session-Id"] = session
-            headers["MCP-Protocol-Version"] = version
-        headers.update(extra or {})
-        msg = {"jsonrpc": "2.0", "method": method}
-        if id_ is not None:
-            msg["id"] = id_
-        if params is not None:
-            msg["params"] = params
-        r = harness.http_request(self.port, "POST", "/mcp", headers=headers, json_body=msg)
-        return r, self.body(r)
-
-    @staticmethod
-    def body(r):
-        ctype = r.header("content-type") or ""
-        if ctype.startswith("text/event-stream"):
-            msgs = [json.loads(e.data) for e in harness.parse_sse(r.body) if e.data]
-            return msgs[-1] if msgs else None
-        return json.loads(r.body) if r.body.strip() else None
+    def rpc(self, method, params=None, **kw):
+        return rpc(self.port, method, params, **kw)
 
     def session(self, key="alice-key", version="2025-06-18"):
-        r, b = self.rpc("initialize", {"protocolVersion": version, "capabilities": {},
-                                       "clientInfo": {"name": "raw", "version": "1"}}, key=key)
-        self.assertEqual(r.status, 200, r)
-        self.assertEqual(b["result"]["protocolVersion"], version)
-        sid = r.header("mcp-session-id")
-        self.assertTrue(sid)
-        r, _ = self.rpc("notifications/initialized", session=sid, key=key, id_=None,
-                        version=version)
-        self.assertEqual(r.status, 202, r)
-        return sid
+        return open_session(self, self.port, key, version)
 
     def batch(self, msgs, session, key="alice-key", version="2025-03-26"):
         """POST a JSON-RPC batch; (response, {id: message} of every message in the answer,
