@@ -82,6 +82,21 @@ bool mcp_scan_object(const char *data, size_t len, struct mcp_scan *out);
 /* The span holds the JSON string literal s (no escapes in s). */
 bool mcp_span_is(const struct mcp_span *sp, const char *s);
 
+/* The raw JSON value of member key (no escapes in key) of the object in [obj, obj+len):
+ * false when obj is not one JSON object or has no such member (a key written with escapes
+ * does not count). */
+bool mcp_scan_member(const char *obj, size_t len, const char *key, struct mcp_span *out);
+/*
+ * A message's bytes with the first `cut` bytes of params.<field> (params.<sub>.<field> when
+ * sub is not NULL) removed: how a prefixed tool, prompt or resource name goes to its server
+ * without re-serialising the message. Only when that member is a plain string literal (no
+ * escapes) whose bytes are value[0..vlen) — the caller's parsed value, so the splice is
+ * exactly the rewrite the parsed message would get — and cut <= vlen. The new bytes in
+ * *out (malloc'd, *out_len). False otherwise (the caller re-serialises).
+ */
+bool mcp_splice_param(const char *body, size_t blen, const char *sub, const char *field,
+                      const char *value, size_t vlen, size_t cut, char **out, size_t *out_len);
+
 /* Header values are visible ASCII (0x21..0x7e), 1..max bytes. */
 bool mcp_header_token(const char *s, size_t max);
 
@@ -233,6 +248,9 @@ struct mcp_server_state;
  * mcp_global_free). */
 struct mcp_server_state *mcp_server_state_get(const char *name, const char *endpoint);
 bool mcp_server_retired(const struct mcp_server_state *st);
+/* Its number (0, 1, 2 … in order of creation, never reused) and its endpoint. */
+size_t mcp_server_index(const struct mcp_server_state *st);
+const char *mcp_server_endpoint(const struct mcp_server_state *st);
 struct instance_state *mcp_server_health(const struct mcp_server_state *st);
 /* A metric label for tool: the registered name when the server listed it, else "other". */
 const char *mcp_server_tool_label(struct mcp_server_state *st, const char *tool);

@@ -98,9 +98,17 @@ struct mcp_batch {
 	size_t fail_len;
 };
 
+/* A server's endpoint, parsed once per worker (upstream.h): by mcp_server_index. */
+struct mcp_url {
+	const struct mcp_server_state *state; /* NULL: none yet */
+	struct upstream_url *url;             /* owned (the worker's reference) */
+};
+
 struct mcp_worker {
 	struct worker *w;
 	struct mcp_crypto *crypto;
+	struct mcp_url *urls; /* grown on use; a retired server's is released */
+	size_t n_urls;
 	LIST_HEAD(, mcp_exchange) live;
 	size_t n_live;
 	struct event *retired_ev; /* main → worker: servers were retired */
@@ -140,7 +148,8 @@ struct mcp_exchange {
 	bool multi;               /* session with more than one server: rewrite ids */
 	struct mcp_cursor_part cursor_in[MCP_MAX_SERVERS];
 	size_t n_cursor_in;
-	char cursor_buf[MCP_CURSOR_MAX];
+	char *cursor_buf; /* MCP_CURSOR_MAX bytes, owned: only for a list call with a cursor
+	                     (a message's exchange is zeroed whole; keep it small) */
 
 	struct quota_ticket ticket;
 	bool ticket_held, quota_pending;
@@ -218,6 +227,9 @@ struct mcp_worker *mcp_worker_alloc(struct worker *w)
 void mcp_worker_dealloc(struct mcp_worker *mw)
 {
 	mcp_worker_abort_all(mw);
+	for (size_t i = 0; i < mw->n_urls; i++)
+		upstream_url_release(mw->urls[i].url);
+	free(mw->urls);
 	mcp_crypto_free(mw->crypto);
 	event_free(mw->retired_ev);
 	free(mw);
@@ -428,6 +440,27 @@ static const struct upstream_ops leg_ops = {
         .on_done = leg_on_done,
 };
 
+/* The server's pre-parsed endpoint on this worker, made on first use; NULL (the transfer
+ * parses the string) when it cannot be. A reload never changes a state's endpoint. */
+static struct upstream_url *worker_url(struct mcp_worker *mw, const struct mcp_server_conf *s)
+{
+	size_t i = mcp_server_index(s->state);
+	if (i >= mw->n_urls) {
+		size_t n = i + 1 > 2 * mw->n_urls ? i + 1 : 2 * mw->n_urls;
+		struct mcp_url *u = realloc(mw->urls, n * sizeof(*u));
+		if (u == NULL)
+			return NULL;
+		memset(u + mw->n_urls, 0, (n - mw->n_urls) * sizeof(*u));
+		mw->urls = u;
+		mw->n_urls = n;
+	}
+	if (mw->urls[i].state == NULL) {
+		mw->urls[i].url = upstream_url_new(mcp_server_endpoint(s->state));
+		mw->urls[i].state = s->state;
+	}
+	return mw->urls[i].url;
+}
+
 static bool leg_start(struct mcp_leg *l, const char *method, const char *body, size_t len)
 {
 	struct mcp_exchange *ex = l->ex;
@@ -435,6 +468,7 @@ static bool leg_start(struct mcp_leg *l, const char *method, const char *body, s
 	char line[8192];
 
 	upstream_xfer_init(&l->xfer, ex->mw->w->upstream, &leg_ops, l);
+	upstream_xfer_curlu(&l->xfer, worker_url(ex->mw, s));
 	/* The server's credentials only: the client's stay here. */
 	for (size_t i = 0; i < s->n_auth_headers; i++) {
 		snprintf(line, sizeof(line), "%s: %s", s->auth_headers[i].name,
@@ -1244,30 +1278,72 @@ static void fan_out(struct mcp_exchange *ex, const char *method)
 	legs_start(ex, http, body, body ? ex->body_len : 0);
 }
 
-/* One server: the message rewritten (msg: stolen) or the client's bytes as they are. */
-static void forward_one(struct mcp_exchange *ex, unsigned slot, json_t *rewritten,
-                        enum ex_kind kind)
+/* One server: bytes of the message made for it (owned, stolen; NULL: the client's bytes as
+ * they are). */
+static void forward_bytes(struct mcp_exchange *ex, unsigned slot, char *bytes, size_t len,
+                          enum ex_kind kind)
 {
 	ex->kind = kind;
 	if (!legs_alloc(ex, 1)) {
-		json_decref(rewritten);
+		free(bytes);
 		reply_error(ex, 503, MCP_ERR_INTERNAL, "internal_error", "out of memory");
 		ex_finish(ex);
 		return;
 	}
 	leg_init(ex, 0, slot);
 	ex->server = ex->legs[0].server;
+	ex->legs[0].req_body = bytes;
+	ex->legs[0].req_len = len;
+	legs_start(ex, "POST", ex->body, ex->body_len);
+}
+
+/* One server: the message rewritten (msg: stolen) or the client's bytes as they are. */
+static void forward_one(struct mcp_exchange *ex, unsigned slot, json_t *rewritten,
+                        enum ex_kind kind)
+{
+	char *text = NULL;
 	if (rewritten != NULL) {
-		ex->legs[0].req_body = json_dumps(rewritten, JSON_COMPACT);
+		text = json_dumps(rewritten, JSON_COMPACT);
 		json_decref(rewritten);
-		if (ex->legs[0].req_body == NULL) {
+		if (text == NULL) {
 			reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot encode");
 			ex_finish(ex);
 			return;
 		}
-		ex->legs[0].req_len = strlen(ex->legs[0].req_body);
 	}
-	legs_start(ex, "POST", ex->body, ex->body_len);
+	forward_bytes(ex, slot, text, text ? strlen(text) : 0, kind);
+}
+
+/*
+ * One server, with params.<field> (or params.<sub>.<field>) — the prefixed name, a string of
+ * the parsed message — cut to rest, its server's own name. The prefix is cut out of the
+ * client's bytes when they allow it (mcp_splice_param): one copy instead of copying the
+ * parsed message and encoding it again. A policy that rewrote an argument changed the
+ * parsed message only: then it is encoded.
+ */
+static json_t *with_param(const json_t *msg, const char *sub, const char *field, const char *value);
+
+static void forward_renamed(struct mcp_exchange *ex, unsigned slot, const char *sub,
+                            const char *field, const json_t *value, const char *rest)
+{
+	const char *v = json_string_value(value);
+	size_t vl = json_string_length(value);
+	char *bytes;
+	size_t len;
+
+	if (!ex->args_changed && mcp_splice_param(ex->body, ex->body_len, sub, field, v, vl,
+	                                          (size_t)(rest - v), &bytes, &len)) {
+		forward_bytes(ex, slot, bytes, len, EX_FORWARD);
+		return;
+	}
+	json_t *m = with_param(ex->msg, sub, field, rest);
+	if (m == NULL) {
+		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot rewrite %s",
+		            ex->method);
+		ex_finish(ex);
+		return;
+	}
+	forward_one(ex, slot, m, EX_FORWARD);
 }
 
 /* ---------------------------------------------------------------- tools/call and routed methods */
@@ -1480,19 +1556,12 @@ static void call_admitted(struct mcp_exchange *ex)
 		ex_finish(ex);
 		return;
 	}
-	const char *rest =
-	        json_string_value(json_object_get(json_object_get(ex->msg, "params"), "name")) +
-	        strlen(s->name) + strlen(ex->rc->separator);
-	json_t *m = with_param(ex->msg, NULL, "name", rest);
-	if (m == NULL) {
-		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot rewrite the call");
-		ex_finish(ex);
-		return;
-	}
+	const json_t *name = json_object_get(json_object_get(ex->msg, "params"), "name");
+	const char *rest = json_string_value(name) + strlen(s->name) + strlen(ex->rc->separator);
 	unsigned slot = 0;
 	while (ex->rc->servers[slot] != s)
 		slot++;
-	forward_one(ex, slot, m, EX_FORWARD);
+	forward_renamed(ex, slot, NULL, "name", name, rest);
 }
 
 /* prompts/get (name), resources/... (uri), completion/complete (ref.name | ref.uri): false
@@ -1528,14 +1597,7 @@ static bool route_by_prefix(struct mcp_exchange *ex, const char *sub, const char
 		ex_finish(ex);
 		return true;
 	}
-	json_t *m = with_param(ex->msg, sub, field, rest);
-	if (m == NULL) {
-		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot rewrite %s",
-		            ex->method);
-		ex_finish(ex);
-		return true;
-	}
-	forward_one(ex, (unsigned)slot, m, EX_FORWARD);
+	forward_renamed(ex, (unsigned)slot, sub, field, v, rest);
 	return true;
 }
 
@@ -1589,10 +1651,11 @@ static void dispatch_request(struct mcp_exchange *ex)
 		const json_t *cur = json_object_get(json_object_get(ex->msg, "params"), "cursor");
 		if (cur != NULL) {
 			if (!json_is_string(cur) ||
+			    (ex->cursor_buf = malloc(MCP_CURSOR_MAX)) == NULL ||
 			    !mcp_cursor_decode(ex->mw->crypto, ex->sess.sid, (uint8_t)ex->list,
 			                       json_string_value(cur), json_string_length(cur),
 			                       ex->cursor_in, &ex->n_cursor_in, ex->cursor_buf,
-			                       sizeof(ex->cursor_buf))) {
+			                       MCP_CURSOR_MAX)) {
 				reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "invalid",
 				            "invalid cursor");
 				ex_finish(ex);
@@ -2292,6 +2355,7 @@ static void ex_finish(struct mcp_exchange *ex)
 	json_decref(ex->msg);
 	config_unref(ex->config);
 	free(ex->body_owned);
+	free(ex->cursor_buf);
 	batch_free(ex->b);
 	free(ex);
 	if (batch != NULL)
@@ -2304,6 +2368,14 @@ static void on_retired(evutil_socket_t fd, short what, void *arg)
 {
 	struct mcp_worker *mw = arg;
 	struct mcp_exchange *ex, *next;
+	/* A retired server is never used again: its parsed endpoint goes (a transfer still
+	 * running keeps its own hold on it). */
+	for (size_t i = 0; i < mw->n_urls; i++)
+		if (mw->urls[i].state != NULL && mcp_server_retired(mw->urls[i].state) &&
+		    mw->urls[i].url != NULL) {
+			upstream_url_release(mw->urls[i].url);
+			mw->urls[i].url = NULL;
+		}
 	for (ex = LIST_FIRST(&mw->live); ex != NULL; ex = next) {
 		next = LIST_NEXT(ex, link);
 		if (ex->kind != EX_STREAM)

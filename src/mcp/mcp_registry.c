@@ -37,6 +37,7 @@
 
 struct mcp_server_state {
 	char *name, *endpoint;
+	size_t index; /* 0, 1, 2 … in order of creation: workers' tables are indexed by it */
 	_Atomic(struct mcp_server_state *) next;
 	atomic_bool retired;
 	struct instance_state *health; /* health_state("mcp:<name>") */
@@ -47,6 +48,7 @@ struct mcp_server_state {
 
 static _Atomic(struct mcp_server_state *) states;
 static pthread_mutex_t states_mu = PTHREAD_MUTEX_INITIALIZER;
+static size_t n_states; /* under states_mu */
 
 struct mcp_server_state *mcp_server_state_get(const char *name, const char *endpoint)
 {
@@ -62,6 +64,7 @@ struct mcp_server_state *mcp_server_state_get(const char *name, const char *endp
 		char hname[160];
 		st->name = strdup(name);
 		st->endpoint = strdup(ep);
+		st->index = n_states++;
 		snprintf(hname, sizeof(hname), "mcp:%s", name);
 		st->health = health_state(hname);
 		pthread_mutex_init(&st->tools_mu, NULL);
@@ -78,6 +81,16 @@ struct mcp_server_state *mcp_server_state_get(const char *name, const char *endp
 		abort();
 	}
 	return st;
+}
+
+size_t mcp_server_index(const struct mcp_server_state *st)
+{
+	return st->index;
+}
+
+const char *mcp_server_endpoint(const struct mcp_server_state *st)
+{
+	return st->endpoint;
 }
 
 bool mcp_server_retired(const struct mcp_server_state *st)
