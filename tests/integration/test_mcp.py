@@ -681,6 +681,32 @@ class MCPTest(harness.SluiceTestCase):
         self.assertGreater(int(r.header("retry-after")), 0)
         self.assertEqual(self.search.stats()["calls"]["search"], 2)
 
+    def test_batch_client_gone_mid_stream(self):
+        sid = self.session(version="2025-03-26")
+        msgs = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                 "params": {"name": "search__slow_search", "arguments": {"steps": 50},
+                            "_meta": {"progressToken": "p"}}},
+                {"jsonrpc": "2.0", "id": 2, "method": "ping"}]
+        with harness.HTTPConn(self.port) as c:
+            c.send_request("POST", "/mcp", headers={
+                "Authorization": "Bearer alice-key", "Accept": ACCEPT, "Mcp-Session-Id": sid,
+                "MCP-Protocol-Version": "2025-03-26", "Content-Type": "application/json"},
+                body=json.dumps(msgs).encode())
+            head = c.read_head()
+            self.assertEqual(head.status, 200)
+            self.assertTrue(head.header("content-type").startswith("text/event-stream"))
+        # the client left: the batch and its unfinished member end, the call upstream too
+        lines = harness.wait_until(
+            lambda: [l for l in self.access_lines() if l["rpc_method"] == "batch"],
+            message="the batch's line")
+        # (the head was sent: its status stays, as for one streamed call)
+        self.assertEqual((lines[0]["status"], lines[0]["outcome"]), (200, "client_gone"))
+        members = [l for l in self.access_lines()
+                   if l["request_id"].startswith(lines[0]["request_id"] + ".")]
+        self.assertEqual(sorted(l["outcome"] for l in members), ["client_gone", "ok"])
+        r, b = self.rpc("ping", session=sid, id_=3, version="2025-03-26")
+        self.assertEqual(b["result"], {})
+
     def test_protocol_errors(self):
         h = {"Authorization": "Bearer alice-key", "Accept": ACCEPT}
         r = harness.http_request(self.port, "POST", "/mcp", headers=h, body=b"{not json")
