@@ -91,7 +91,8 @@ bool mcp_scan_member(const char *obj, size_t len, const char *key, struct mcp_sp
  * sub is not NULL) removed: how a prefixed tool, prompt or resource name goes to its server
  * without re-serialising the message. Only when that member is a plain string literal (no
  * escapes) whose bytes are value[0..vlen) — the caller's parsed value, so the splice is
- * exactly the rewrite the parsed message would get — and cut <= vlen. The new bytes in
+ * exactly the rewrite the parsed message would get — and cut <= vlen, not inside a UTF-8
+ * sequence. The new bytes in
  * *out (malloc'd, *out_len). False otherwise (the caller re-serialises).
  */
 bool mcp_splice_param(const char *body, size_t blen, const char *sub, const char *field,

@@ -322,6 +322,10 @@ bool mcp_splice_param(const char *body, size_t blen, const char *sub, const char
 	if (lit.len < 2 || lit.p[0] != '"' || lit.len - 2 != vlen ||
 	    memchr(lit.p + 1, '\\', vlen) != NULL || memcmp(lit.p + 1, value, vlen) != 0)
 		return false;
+	/* Never inside a UTF-8 sequence: what is left must still be text (a prefix of server
+	 * name and separator is ASCII, so this only refuses what no caller asks). */
+	if (cut < vlen && ((unsigned char)value[cut] & 0xC0) == 0x80)
+		return false;
 	size_t head = (size_t)(lit.p + 1 - body), n = blen - cut;
 	char *b = malloc(n + 1);
 	if (b == NULL)

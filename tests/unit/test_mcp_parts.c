@@ -442,6 +442,11 @@ static void test_splice(void **state)
 	                   "search__find", 8));
 	assert_null(splice("{\"params\":{\"name\":\"s__f\"}}", NULL, "name", "s__f", 5));
 	assert_null(splice("{\"params\":[]}", NULL, "name", "s__f", 3));
+	/* not inside a UTF-8 sequence (found by fuzz_mcp) */
+	assert_null(splice("{\"params\":{\"name\":\"\xd2\x86\"}}", NULL, "name", "\xd2\x86", 1));
+	s = splice("{\"params\":{\"name\":\"a\xd2\x86\"}}", NULL, "name", "a\xd2\x86", 1);
+	assert_string_equal(s, "{\"params\":{\"name\":\"\xd2\x86\"}}");
+	free(s);
 }
 
 int main(void)
