@@ -2382,9 +2382,9 @@ static void mcp_report(void *arg, const struct cnode *at, const char *path, cons
 static bool route_kind_keys(struct loader *ld, const struct cnode *m, const char *path,
                             struct config_route *r)
 {
-	static const char *const llm_only[] = {"models", "balancer", "fallback", "targets",
-	                                       "plugins"};
+	static const char *const llm_only[] = {"models", "balancer", "fallback", "targets"};
 	const struct cnode *k;
+	char pp[PATH_LEN];
 
 	if (r->type != ROUTE_TYPE_MCP) {
 		if (ctree_get(m, "mcp", &k) != NULL)
@@ -2401,6 +2401,9 @@ static bool route_kind_keys(struct loader *ld, const struct cnode *m, const char
 		err(ld, m, path, "missing required key \"mcp\" (mcp: { servers: [...] })");
 	struct mcp_conf_ctx ctx = {mcp_report, ld, ld->c};
 	mcp_config_route(&ctx, get(m, "mcp"), path, r);
+	/* plugins: request policies over tool arguments (mcp_config.c says which apply) */
+	parse_plugins(ld, get(m, "plugins"), at_key(pp, path, "plugins"), r);
+	mcp_config_plugins(&ctx, get(m, "plugins"), pp, r);
 	/* paths: another route (any type) may not serve the same path */
 	const struct cnode *paths = get(m, "paths");
 	for (size_t i = 0; paths != NULL && paths->kind == CNODE_SEQ && paths->n == r->n_paths &&

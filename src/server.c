@@ -740,8 +740,16 @@ static json_t *hook_routes(void *arg)
 			                                         rt->targets[j].instance->name, "priority",
 			                                         rt->targets[j].priority, "weight",
 			                                         (int)rt->targets[j].weight));
-		json_array_append_new(list, json_pack("{s:s, s:o, s:o, s:o}", "name", rt->name, "paths",
-		                                      paths, "models", models, "targets", targets));
+		json_t *o = json_pack("{s:s, s:s, s:o, s:o, s:o}", "name", rt->name, "type",
+		                      rt->mcp ? "mcp" : "llm", "paths", paths, "models", models,
+		                      "targets", targets);
+		/* An MCP route has servers instead of targets (GET /mcp has their state). */
+		json_t *servers = rt->mcp && o ? json_array() : NULL;
+		for (size_t j = 0; servers && j < rt->mcp->n_servers; j++)
+			json_array_append_new(servers, json_string(rt->mcp->servers[j]->name));
+		if (servers != NULL)
+			json_object_set_new(o, "servers", servers);
+		json_array_append_new(list, o);
 	}
 	return list;
 }

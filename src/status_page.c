@@ -245,7 +245,7 @@ const char admin_status_page[] =
 	"    html += '<section data-route=\"' + esc(r.name) + '\"><h2>' + esc(r.name) + \" <small>\" + esc((r.paths || []).join(\", \")) +\n"
 	"      ((r.models && r.models.length) ? \" · models \" + esc(r.models.join(\", \")) : \"\") +\n"
 	"      \" · \" + rate(rps) + \" req/s · \" + num(S.routeTotal[r.name] || 0) + \" requests</small></h2>\" +\n"
-	"      '<div class=\"scroll\"><table>' + instHead + (rows || '<tr><td colspan=\"10\" class=\"empty\">no targets</td></tr>') + \"</table></div></section>\";\n"
+	"      '<div class=\"scroll\"><table>' + instHead + (rows || '<tr><td colspan=\"10\" class=\"empty\">' + (r.type === \"mcp\" ? \"MCP servers: \" + esc((r.servers || []).join(\", \")) : \"no targets\") + '</td></tr>') + \"</table></div></section>\";\n"
 	"  }\n"
 	"  $(\"routes\").innerHTML = html || '<section><div class=\"empty\">No routes configured.</div></section>';\n"
 	"\n"

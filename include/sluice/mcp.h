@@ -37,8 +37,9 @@ struct worker;
 
 /* ------------------------------------------------------------------ configuration */
 
-/* Tool filter: glob patterns over the prefixed tool name ("search__*"); `*` matches any run
- * of bytes, `?` one byte, `\` escapes the next. Empty allow = everything allowed. */
+/* Filter of tools, prompts or resources: glob patterns over the prefixed name ("search__*",
+ * for resources the prefixed URI, "docs__file:///..."); `*` matches any run of bytes, `?` one
+ * byte, `\` escapes the next. Empty allow = everything allowed. */
 struct mcp_tool_filter {
 	char **allow;
 	size_t n_allow;
@@ -84,12 +85,16 @@ struct mcp_route_conf {
 	struct mcp_server_conf **servers; /* the route's servers, in slot order */
 	size_t n_servers;
 	struct mcp_tool_filter tools;
-	char *separator;               /* default "__" */
-	uint64_t session_idle_timeout; /* ms, default 1h */
+	struct mcp_tool_filter prompts;   /* by prefixed name */
+	struct mcp_tool_filter resources; /* by prefixed URI (and URI template) */
+	char *separator;                  /* default "__" */
+	uint64_t session_idle_timeout;    /* ms, default 1h */
 };
 
 struct mcp_consumer_conf {
 	struct mcp_tool_filter tools;
+	struct mcp_tool_filter prompts;
+	struct mcp_tool_filter resources;
 	/* The consumer as the quota module sees one: its name and its tool-call limits (each
 	 * limit's instance is a server's as_instance, or NULL for all servers). */
 	struct config_consumer as_consumer;
@@ -107,6 +112,10 @@ void mcp_config_servers(struct mcp_conf_ctx *ctx, const struct cnode *node);
 /* The `mcp:` section of a route with type: mcp (node NULL: reported as missing). */
 void mcp_config_route(struct mcp_conf_ctx *ctx, const struct cnode *node, const char *path,
                       struct config_route *r);
+/* After config.c parsed a type: mcp route's `plugins:` (node, may be NULL) into r: refuses
+ * the policies and keys that mean nothing over tool arguments (docs/mcp.md, "Policies"). */
+void mcp_config_plugins(struct mcp_conf_ctx *ctx, const struct cnode *node, const char *path,
+                        const struct config_route *r);
 /* A consumer's `mcp_tools:` (node may be NULL). */
 void mcp_config_consumer(struct mcp_conf_ctx *ctx, const struct cnode *node, const char *path,
                          struct config_consumer *cs);

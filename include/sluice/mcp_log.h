@@ -25,7 +25,9 @@ struct mcp_log_record {
 	int status;             /* HTTP status sent to the client */
 	int upstream_status;
 	const char *outcome; /* a fixed string: ok, error, denied, rate_limited, ... */
-	int rpc_error;       /* the gateway's JSON-RPC error code, 0 when none */
+	const char *policy;  /* the first request policy that acted on a tools/call, and how */
+	const char *policy_action;
+	int rpc_error; /* the gateway's JSON-RPC error code, 0 when none */
 	uint64_t duration_us;
 	uint64_t bytes_in, bytes_out;
 };

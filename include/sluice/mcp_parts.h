@@ -30,10 +30,12 @@ enum {
 	MCP_ERR_METHOD_NOT_FOUND = -32601,
 	MCP_ERR_INVALID_PARAMS = -32602,
 	MCP_ERR_INTERNAL = -32603,
+	MCP_ERR_RESOURCE_NOT_FOUND = -32002, /* the spec's, for resources/read */
 	MCP_ERR_UNAUTHORIZED = -32001,
 	MCP_ERR_FORBIDDEN = -32003,
 	MCP_ERR_SESSION = -32004,
 	MCP_ERR_RATE_LIMITED = -32029,
+	MCP_ERR_POLICY = -32040, /* refused by the route's request policies */
 	MCP_ERR_UPSTREAM = -32050,
 	MCP_ERR_UPSTREAM_TIMEOUT = -32051,
 };
@@ -48,6 +50,19 @@ enum mcp_msg_kind {
 /* What a parsed message is; *method (may be NULL) gets the method of requests and
  * notifications. Checks "jsonrpc":"2.0", the id's type (string or integer) and the shape. */
 enum mcp_msg_kind mcp_msg_classify(const json_t *m, const char **method);
+
+/* JSON-RPC batches (2025-03-26): at most this many messages in one. */
+#define MCP_MAX_BATCH 64
+enum mcp_batch_check {
+	MCP_BATCH_OK,
+	MCP_BATCH_EMPTY,
+	MCP_BATCH_TOO_LARGE, /* more than max members */
+	MCP_BATCH_MIXED,     /* responses with requests or notifications */
+};
+/* What the batch arr (a JSON array) holds: requests and notifications, or responses (the
+ * 2025-03-26 transport's two kinds of batch). *answered gets how many members are answered:
+ * requests, and members that are no valid message (each gets its own error). */
+enum mcp_batch_check mcp_batch_check(const json_t *arr, size_t max, size_t *answered);
 
 /*
  * A scan of one JSON object's top-level members, without building a tree: used on every
@@ -66,6 +81,22 @@ struct mcp_scan {
 bool mcp_scan_object(const char *data, size_t len, struct mcp_scan *out);
 /* The span holds the JSON string literal s (no escapes in s). */
 bool mcp_span_is(const struct mcp_span *sp, const char *s);
+
+/* The raw JSON value of member key (no escapes in key) of the object in [obj, obj+len):
+ * false when obj is not one JSON object or has no such member (a key written with escapes
+ * does not count). */
+bool mcp_scan_member(const char *obj, size_t len, const char *key, struct mcp_span *out);
+/*
+ * A message's bytes with the first `cut` bytes of params.<field> (params.<sub>.<field> when
+ * sub is not NULL) removed: how a prefixed tool, prompt or resource name goes to its server
+ * without re-serialising the message. Only when that member is a plain string literal (no
+ * escapes) whose bytes are value[0..vlen) — the caller's parsed value, so the splice is
+ * exactly the rewrite the parsed message would get — and cut <= vlen, not inside a UTF-8
+ * sequence. The new bytes in
+ * *out (malloc'd, *out_len). False otherwise (the caller re-serialises).
+ */
+bool mcp_splice_param(const char *body, size_t blen, const char *sub, const char *field,
+                      const char *value, size_t vlen, size_t cut, char **out, size_t *out_len);
 
 /* Header values are visible ASCII (0x21..0x7e), 1..max bytes. */
 bool mcp_header_token(const char *s, size_t max);
@@ -182,7 +213,8 @@ struct mcp_list_part {
 typedef void (*mcp_tool_seen_fn)(void *arg, unsigned slot, const char *name);
 /*
  * The merged result {<key>: [...], "nextCursor"?: set by the caller}: items of each part
- * in order, their name (uri) prefixed "<server><sep>", tools filtered by route and consumer.
+ * in order, their name (uri) prefixed "<server><sep>", filtered by the route's and the
+ * consumer's filter of that kind (tools, prompts, resources; either may be NULL).
  * Items without a string name are dropped. next[slot] gets the part's nextCursor (borrowed,
  * NULL when none). New reference; NULL when out of memory.
  */
@@ -199,6 +231,17 @@ json_t *mcp_merge_initialize(const char *version, const char *const *servers,
 int mcp_split_name(const char *s, size_t len, const char *sep, const char *const *names, size_t n,
                    const char **rest);
 
+/* ------------------------------------------------------------------ policies */
+
+/* Arguments nested deeper than this are refused on routes with plugins: text the policies
+ * could not see must not reach the server. */
+#define MCP_POLICY_MAX_DEPTH 64
+/* A chat body {"messages":[{"role":"user","content":[{"type":"text","text":s}...]}]} with
+ * every string value of arguments (may be NULL) as a part, in order; the parts share the
+ * arguments' JSON strings (mcp_policy.c). *n_texts (may be NULL) gets their number. NULL
+ * when out of memory or nested deeper than MCP_POLICY_MAX_DEPTH. New reference. */
+json_t *mcp_policy_body(const json_t *arguments, size_t *n_texts);
+
 /* ------------------------------------------------------------------ registry */
 
 struct mcp_server_state;
@@ -206,11 +249,25 @@ struct mcp_server_state;
  * mcp_global_free). */
 struct mcp_server_state *mcp_server_state_get(const char *name, const char *endpoint);
 bool mcp_server_retired(const struct mcp_server_state *st);
+/* Its number (0, 1, 2 … in order of creation, never reused) and its endpoint. */
+size_t mcp_server_index(const struct mcp_server_state *st);
+const char *mcp_server_endpoint(const struct mcp_server_state *st);
 struct instance_state *mcp_server_health(const struct mcp_server_state *st);
 /* A metric label for tool: the registered name when the server listed it, else "other". */
 const char *mcp_server_tool_label(struct mcp_server_state *st, const char *tool);
 void mcp_server_tool_learn(struct mcp_server_state *st, const char *tool);
 /* Probe session (mcp_probe.c): kept on the state so a reload keeps it. */
+
+/* Ending upstream sessions (mcp_reap.c, main thread): DELETE with the upstream session's
+ * Mcp-Session-Id to server s, in the background; what it needs is copied. At most
+ * MCP_REAP_INFLIGHT at a time, MCP_REAP_QUEUE waiting (more are dropped, and logged), each
+ * within MCP_REAP_TIMEOUT_MS; failures are logged at debug level and not retried. */
+#define MCP_REAP_INFLIGHT   16
+#define MCP_REAP_QUEUE      4096
+#define MCP_REAP_TIMEOUT_MS 5000
+void mcp_reap_start(struct event_base *main_base);
+void mcp_reap_session(const struct mcp_server_conf *s, const struct mcp_upstream_session *up);
+void mcp_reap_stop(void);
 
 /* The worker side of the registry (mcp_registry.c). */
 struct mcp_worker_reg;

@@ -11,6 +11,7 @@
 
 #include "sluice/config_tree.h"
 #include "sluice/log.h"
+#include "sluice/policy.h"
 
 #define PATH_LEN 384
 
@@ -619,7 +620,8 @@ void mcp_config_servers(struct mcp_conf_ctx *ctx, const struct cnode *node)
 void mcp_config_route(struct mcp_conf_ctx *ctx, const struct cnode *node, const char *path,
                       struct config_route *r)
 {
-	static const char *const keys[] = {"servers", "tools", "separator", "session_idle_timeout",
+	static const char *const keys[] = {"servers",   "tools",     "prompts",
+	                                   "resources", "separator", "session_idle_timeout",
 	                                   NULL};
 	char p[PATH_LEN], ip[PATH_LEN];
 	struct mcp_route_conf *rc = xcalloc(1, sizeof(*rc));
@@ -646,6 +648,10 @@ void mcp_config_route(struct mcp_conf_ctx *ctx, const struct cnode *node, const 
 		duration(ctx, v, at_key(ip, p, "session_idle_timeout"), &rc->session_idle_timeout);
 	if ((v = ctree_get(m, "tools", NULL)) != NULL)
 		tool_filter(ctx, v, at_key(ip, p, "tools"), &rc->tools);
+	if ((v = ctree_get(m, "prompts", NULL)) != NULL)
+		tool_filter(ctx, v, at_key(ip, p, "prompts"), &rc->prompts);
+	if ((v = ctree_get(m, "resources", NULL)) != NULL)
+		tool_filter(ctx, v, at_key(ip, p, "resources"), &rc->resources);
 
 	v = ctree_get(m, "servers", NULL);
 	at_key(ip, p, "servers");
@@ -692,14 +698,105 @@ void mcp_config_route(struct mcp_conf_ctx *ctx, const struct cnode *node, const 
 }
 
 /* ============================================================================================
+ * A route's plugins (request policies over tool arguments)
+ * ========================================================================================== */
+
+/*
+ * On an MCP route the request policies read the text of a tools/call's string arguments,
+ * handed to them as one user message of a chat body (mcp_policy.c). So a policy applies
+ * when it reads prompt text, with the keys that make sense for one user message; one that
+ * shapes a model request or reads model output would do nothing here and is refused.
+ */
+static const char *const guard_keys[] = {"deny", "allow", NULL};
+static const char *const limits_keys[] = {"max_prompt_tokens", NULL};
+static const char *const moderation_keys[] = {
+        "endpoint",         "auth",     "model", "on", "threshold", "timeout",
+        "block_categories", "on_error", NULL};
+static const char *const external_keys[] = {"path", "config", NULL};
+
+static const struct {
+	const char *name;
+	const char *const *keys; /* the keys that apply; NULL: the policy is refused */
+	const char *why;         /* NULL: applies */
+} mcp_policies[] = {
+        {"prompt_guard", guard_keys, NULL},
+        {"request_limits", limits_keys, NULL},
+        {"moderation", moderation_keys, NULL},
+        {"external", external_keys, NULL},
+        {"prompt_decorator", NULL, "adds messages to a model request; tool arguments have none"},
+        {"request_override", NULL, "sets parameters of a model request; a tool call has none"},
+        {"response_guard", NULL, "reads model output; MCP routes run request policies only"},
+        {"loop_guard", NULL, "reads model output; MCP routes run request policies only"},
+};
+
+void mcp_config_plugins(struct mcp_conf_ctx *ctx, const struct cnode *node, const char *path,
+                        const struct config_route *r)
+{
+	char ip[PATH_LEN], kp[PATH_LEN];
+
+	if (node == NULL || node->kind != CNODE_SEQ)
+		return; /* config.c reported it */
+	for (size_t i = 0; i < node->n; i++) {
+		const struct cnode *item = node->kids[i];
+		if (item->kind != CNODE_MAP || item->n != 1)
+			continue;
+		const struct cnode *k = CNODE_KEY(item, 0), *v = CNODE_VAL(item, 0);
+		if (k->kind != CNODE_SCALAR || k->null)
+			continue;
+		at_key(kp, at_index(ip, path, i), k->str);
+		size_t t = 0;
+		while (t < sizeof(mcp_policies) / sizeof(mcp_policies[0]) &&
+		       strcmp(mcp_policies[t].name, k->str) != 0)
+			t++;
+		if (t == sizeof(mcp_policies) / sizeof(mcp_policies[0])) {
+			if (r->n_plugins == node->n) /* a policy the table does not know */
+				report(ctx, k, kp,
+				       "does not apply to a route with type: mcp (its request "
+				       "policies are prompt_guard, request_limits, moderation and "
+				       "external)");
+			continue;
+		}
+		if (mcp_policies[t].keys == NULL) {
+			report(ctx, k, kp, "does not apply to a route with type: mcp: it %s",
+			       mcp_policies[t].why);
+			continue;
+		}
+		for (size_t j = 0; v->kind == CNODE_MAP && j < v->n; j++) {
+			const struct cnode *key = CNODE_KEY(v, j);
+			if (key->kind != CNODE_SCALAR || key->null)
+				continue;
+			bool ok = false;
+			for (size_t q = 0; mcp_policies[t].keys[q] != NULL && !ok; q++)
+				ok = strcmp(mcp_policies[t].keys[q], key->str) == 0;
+			if (!ok) {
+				char p2[PATH_LEN];
+				report(ctx, key, at_key(p2, kp, key->str),
+				       "does not apply on a route with type: mcp, where %s reads "
+				       "the "
+				       "text of a tool call's string arguments as one user message",
+				       k->str);
+			}
+		}
+		/* The phases are the parsed entry's (moderation's `on`, a plugin's own): when
+		 * every entry parsed, entry i is r->plugins[i]. */
+		if (r->n_plugins == node->n && (r->plugins[i].phases & POLICY_PHASE_RESPONSE))
+			report(ctx, k, kp,
+			       "runs on model output too; on a route with type: mcp policies run "
+			       "over tool arguments only%s",
+			       strcmp(k->str, "moderation") == 0 ? ": set on: [request]" : "");
+	}
+}
+
+/* ============================================================================================
  * A consumer's mcp_tools
  * ========================================================================================== */
 
 void mcp_config_consumer(struct mcp_conf_ctx *ctx, const struct cnode *node, const char *path,
                          struct config_consumer *cs)
 {
-	static const char *const keys[] = {"allow", "deny", "limits", NULL};
+	static const char *const keys[] = {"allow", "deny", "limits", "prompts", "resources", NULL};
 	char p[PATH_LEN];
+	const struct cnode *v;
 	struct mcp_consumer_conf *mc = xcalloc(1, sizeof(*mc));
 
 	cs->mcp = mc;
@@ -716,6 +813,12 @@ void mcp_config_consumer(struct mcp_conf_ctx *ctx, const struct cnode *node, con
 	          &mc->tools.n_allow);
 	glob_list(ctx, ctree_get(m, "deny", NULL), at_key(p, path, "deny"), &mc->tools.deny,
 	          &mc->tools.n_deny);
+	/* allow and deny above are the tools' (the contract's names); prompts and resources
+	 * have their own { allow, deny } beside them. */
+	if ((v = ctree_get(m, "prompts", NULL)) != NULL)
+		tool_filter(ctx, v, at_key(p, path, "prompts"), &mc->prompts);
+	if ((v = ctree_get(m, "resources", NULL)) != NULL)
+		tool_filter(ctx, v, at_key(p, path, "resources"), &mc->resources);
 	rate_limits(ctx, ctree_get(m, "limits", NULL), at_key(p, path, "limits"), NULL,
 	            cs->name ? cs->name : "", &mc->as_consumer.limits, &mc->as_consumer.n_limits);
 }
@@ -751,6 +854,8 @@ void mcp_config_free_route(struct mcp_route_conf *m)
 		return;
 	free(m->servers);
 	free_filter(&m->tools);
+	free_filter(&m->prompts);
+	free_filter(&m->resources);
 	free(m->separator);
 	free(m);
 }
@@ -760,6 +865,8 @@ void mcp_config_free_consumer(struct mcp_consumer_conf *m)
 	if (m == NULL)
 		return;
 	free_filter(&m->tools);
+	free_filter(&m->prompts);
+	free_filter(&m->resources);
 	free_limits(m->as_consumer.limits, m->as_consumer.n_limits);
 	free(m);
 }

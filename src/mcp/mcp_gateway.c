@@ -32,6 +32,7 @@
 #include "sluice/log.h"
 #include "sluice/mcp_log.h"
 #include "sluice/mcp_parts.h"
+#include "sluice/policy_chain.h"
 #include "sluice/quota.h"
 #include "sluice/router.h"
 #include "sluice/server.h"
@@ -53,6 +54,7 @@ enum ex_kind {
 	EX_NOTIFY,     /* notifications and responses: 202 when every leg accepted */
 	EX_STREAM,     /* GET: the servers' streams merged */
 	EX_DELETE,     /* DELETE: the session ends on every server */
+	EX_BATCH,      /* a JSON-RPC batch: its members are exchanges of their own */
 };
 
 struct mcp_exchange;
@@ -79,9 +81,34 @@ struct mcp_leg {
 
 struct mcp_worker_shared;
 
+/* A JSON-RPC batch (2025-03-26): its members, and their answers until the client gets them. */
+struct mcp_batch {
+	struct mcp_exchange **members; /* NULL once a member finished */
+	char **replies;                /* JSON mode: each member's answer (owned), NULL: none */
+	size_t *reply_len;
+	size_t n, left;
+	bool starting;    /* members are being started: the batch completes after */
+	bool aborting;    /* the batch ends early: its members are being ended */
+	bool streaming;   /* the client has the batch's SSE head: answers go out as events */
+	bool any_request; /* some member wants an answer (else: 202) */
+	bool retry_after; /* a member's Retry-After is on the batch's head */
+	bool drain_armed;
+	int fail_status; /* only notifications and responses: the first failure, if any */
+	char *fail_body;
+	size_t fail_len;
+};
+
+/* A server's endpoint, parsed once per worker (upstream.h): by mcp_server_index. */
+struct mcp_url {
+	const struct mcp_server_state *state; /* NULL: none yet */
+	struct upstream_url *url;             /* owned (the worker's reference) */
+};
+
 struct mcp_worker {
 	struct worker *w;
 	struct mcp_crypto *crypto;
+	struct mcp_url *urls; /* grown on use; a retired server's is released */
+	size_t n_urls;
 	LIST_HEAD(, mcp_exchange) live;
 	size_t n_live;
 	struct event *retired_ev; /* main → worker: servers were retired */
@@ -121,10 +148,16 @@ struct mcp_exchange {
 	bool multi;               /* session with more than one server: rewrite ids */
 	struct mcp_cursor_part cursor_in[MCP_MAX_SERVERS];
 	size_t n_cursor_in;
-	char cursor_buf[MCP_CURSOR_MAX];
+	char *cursor_buf; /* MCP_CURSOR_MAX bytes, owned: only for a list call with a cursor
+	                     (a message's exchange is zeroed whole; keep it small) */
 
 	struct quota_ticket ticket;
 	bool ticket_held, quota_pending;
+	struct policy_run *policies; /* tools/call on a route with plugins; owned */
+	json_t *policy_body;         /* the arguments' text as they read it; owned */
+	bool policy_pending;
+	bool args_changed;                  /* a policy rewrote an argument */
+	const char *policy, *policy_action; /* the first decision (the snapshot's strings) */
 
 	/* the record */
 	char http_method[8];
@@ -136,10 +169,30 @@ struct mcp_exchange {
 	int rpc_error;
 	uint64_t start_us, start_unix_us;
 	uint64_t bytes_in, bytes_out;
+
+	/* The message's bytes: the client's body, or a batch member's own serialisation. */
+	const char *body;
+	size_t body_len;
+	char *body_owned;
+	/* Batches: a member is an exchange like any other that writes to the client only
+	 * through its batch (the out_* functions); its `http` is the batch's request, NULL once
+	 * the member has its answer. */
+	struct mcp_exchange *batch; /* this member's batch; NULL: the client's own exchange */
+	struct mcp_batch *b;        /* a batch's members (owned) */
+	size_t member;              /* a member's index in its batch */
 };
 
 static void ex_finish(struct mcp_exchange *ex);
 static void leg_cleanup(struct mcp_leg *l);
+static void put_event(struct evbuffer *out, const char *event, const char *id, const char *data,
+                      size_t len);
+static void batch_free(struct mcp_batch *b);
+static void batch_end_members(struct mcp_exchange *bx);
+static void batch_member_done(struct mcp_exchange *bx, size_t i);
+static void dispatch_batch(struct mcp_exchange *bx);
+static void dispatch_message(struct mcp_exchange *ex);
+static void filters_of(const struct mcp_exchange *ex, enum mcp_list kind,
+                       const struct mcp_tool_filter **rf, const struct mcp_tool_filter **cf);
 
 /* ---------------------------------------------------------------- worker state */
 
@@ -174,6 +227,9 @@ struct mcp_worker *mcp_worker_alloc(struct worker *w)
 void mcp_worker_dealloc(struct mcp_worker *mw)
 {
 	mcp_worker_abort_all(mw);
+	for (size_t i = 0; i < mw->n_urls; i++)
+		upstream_url_release(mw->urls[i].url);
+	free(mw->urls);
 	mcp_crypto_free(mw->crypto);
 	event_free(mw->retired_ev);
 	free(mw);
@@ -203,7 +259,112 @@ static uint64_t wall_us(void)
 	return (uint64_t)tv.tv_sec * 1000000u + (uint64_t)tv.tv_usec;
 }
 
-/* {"jsonrpc":"2.0","id":<id|null>,"error":{"code":c,"message":m}} with http_status. */
+/* ---------------------------------------------------------------- the client side */
+
+/*
+ * Everything an exchange sends its client goes through these. The client's own exchange
+ * writes to its request; a batch member writes to its batch: an answer is kept for the
+ * batch's JSON array (batch_put), or sent as an event once the batch streams.
+ */
+static void batch_put(struct mcp_exchange *m, int status, const char *body, size_t len);
+static void batch_stream_start(struct mcp_exchange *bx);
+static void batch_drained(void *arg);
+static void on_client_drained(void *arg);
+
+/* A whole answer; the exchange's client side is finished. */
+static void out_reply(struct mcp_exchange *ex, int status, const char *ctype, const char *body,
+                      size_t len)
+{
+	if (ex->batch != NULL)
+		batch_put(ex, status, body, len);
+	else
+		http_reply(ex->http, status, ctype, body, len);
+	ex->http = NULL;
+}
+
+static void out_header(struct mcp_exchange *ex, const char *name, const char *value)
+{
+	struct mcp_exchange *bx = ex->batch;
+	if (bx == NULL) {
+		http_response_header(ex->http, name, value);
+		return;
+	}
+	/* A member: only a limit's Retry-After says something about the whole batch. */
+	if (strcasecmp(name, "Retry-After") == 0 && bx->http != NULL && !bx->b->streaming &&
+	    !bx->b->retry_after) {
+		http_response_header(bx->http, name, value);
+		bx->b->retry_after = true;
+	}
+}
+
+static void out_stream_start(struct mcp_exchange *ex)
+{
+	if (ex->batch != NULL) {
+		batch_stream_start(ex->batch);
+		return;
+	}
+	http_response_header(ex->http, "Cache-Control", "no-cache");
+	http_reply_start(ex->http, 200, "text/event-stream");
+}
+
+/* Events (buf is emptied). */
+static void out_chunk(struct mcp_exchange *ex, struct evbuffer *buf)
+{
+	struct mcp_exchange *to = ex->batch ? ex->batch : ex;
+	if (to->http == NULL || (ex->batch != NULL && !to->b->streaming)) {
+		evbuffer_drain(buf, evbuffer_get_length(buf));
+		return;
+	}
+	if (ex->batch != NULL)
+		to->bytes_out += evbuffer_get_length(buf);
+	http_reply_chunk_buffer(to->http, buf);
+}
+
+/* The end of a stream; a member's ends inside its batch's. */
+static void out_end(struct mcp_exchange *ex)
+{
+	if (ex->batch == NULL && ex->http != NULL)
+		http_reply_end(ex->http);
+	ex->http = NULL;
+}
+
+static size_t out_pending(const struct mcp_exchange *ex)
+{
+	const struct mcp_exchange *to = ex->batch ? ex->batch : ex;
+	return to->http != NULL ? http_reply_pending(to->http) : 0;
+}
+
+static void out_on_drain(struct mcp_exchange *ex)
+{
+	struct mcp_exchange *bx = ex->batch;
+	if (bx == NULL) {
+		http_reply_on_drain(ex->http, on_client_drained, ex);
+		return;
+	}
+	/* One callback per request: the batch's resumes every member. */
+	if (!bx->b->drain_armed && bx->http != NULL) {
+		bx->b->drain_armed = true;
+		http_reply_on_drain(bx->http, batch_drained, bx);
+	}
+}
+
+/* {"jsonrpc":"2.0","id":<id|null>,"error":{"code","message","data":{gateway, reason}}} */
+static bool put_error(struct evbuffer *b, const json_t *id, int code, const char *reason,
+                      const char *msg)
+{
+	char *ids = id ? json_dumps(id, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
+	if (id != NULL && ids == NULL)
+		return false;
+	evbuffer_add_printf(b,
+	                    "{\"jsonrpc\":\"2.0\",\"id\":%s,\"error\":{\"code\":%d,\"message\":\"",
+	                    ids ? ids : "null", code);
+	http_json_escape(b, msg, strlen(msg));
+	evbuffer_add_printf(b, "\",\"data\":{\"gateway\":\"sluice\",\"reason\":\"%s\"}}}", reason);
+	free(ids);
+	return true;
+}
+
+/* The error above as the whole answer, with http_status. */
 static void reply_error(struct mcp_exchange *ex, int http_status, int code, const char *outcome,
                         const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
@@ -224,26 +385,17 @@ static void reply_error(struct mcp_exchange *ex, int http_status, int code, cons
 	if (ex->http == NULL)
 		return;
 	struct evbuffer *b = evbuffer_new();
-	char *id = ex->id ? json_dumps(ex->id, JSON_ENCODE_ANY | JSON_COMPACT) : NULL;
-	if (b == NULL) {
-		free(id);
-		http_reply(ex->http, 503, "text/plain", "out of memory\n", 14);
-		ex->http = NULL;
+	if (b == NULL || !put_error(b, ex->id, code, outcome, msg)) {
+		if (b != NULL)
+			evbuffer_free(b);
+		out_reply(ex, 503, "text/plain", "out of memory\n", 14);
 		return;
 	}
-	evbuffer_add_printf(b,
-	                    "{\"jsonrpc\":\"2.0\",\"id\":%s,\"error\":{\"code\":%d,\"message\":\"",
-	                    id ? id : "null", code);
-	http_json_escape(b, msg, strlen(msg));
-	evbuffer_add_printf(b, "\",\"data\":{\"gateway\":\"sluice\",\"reason\":\"%s\"}}}\n",
-	                    outcome);
-	free(id);
+	evbuffer_add(b, "\n", 1);
 	size_t n = evbuffer_get_length(b);
 	ex->bytes_out += n;
-	http_reply(ex->http, http_status, "application/json", (const char *)evbuffer_pullup(b, -1),
-	           n);
+	out_reply(ex, http_status, "application/json", (const char *)evbuffer_pullup(b, -1), n);
 	evbuffer_free(b);
-	ex->http = NULL;
 }
 
 /* A result for the client's request (result: stolen reference). */
@@ -264,8 +416,7 @@ static void reply_result(struct mcp_exchange *ex, json_t *result)
 	if (ex->outcome == NULL)
 		ex->outcome = "ok";
 	ex->bytes_out += n;
-	http_reply(ex->http, 200, "application/json", text, n);
-	ex->http = NULL;
+	out_reply(ex, 200, "application/json", text, n);
 	free(text);
 }
 
@@ -274,8 +425,7 @@ static void reply_status(struct mcp_exchange *ex, int status)
 	ex->status = status;
 	if (ex->outcome == NULL)
 		ex->outcome = "ok";
-	http_reply(ex->http, status, NULL, "", 0);
-	ex->http = NULL;
+	out_reply(ex, status, NULL, "", 0);
 }
 
 /* ---------------------------------------------------------------- legs */
@@ -290,6 +440,27 @@ static const struct upstream_ops leg_ops = {
         .on_done = leg_on_done,
 };
 
+/* The server's pre-parsed endpoint on this worker, made on first use; NULL (the transfer
+ * parses the string) when it cannot be. A reload never changes a state's endpoint. */
+static struct upstream_url *worker_url(struct mcp_worker *mw, const struct mcp_server_conf *s)
+{
+	size_t i = mcp_server_index(s->state);
+	if (i >= mw->n_urls) {
+		size_t n = i + 1 > 2 * mw->n_urls ? i + 1 : 2 * mw->n_urls;
+		struct mcp_url *u = realloc(mw->urls, n * sizeof(*u));
+		if (u == NULL)
+			return NULL;
+		memset(u + mw->n_urls, 0, (n - mw->n_urls) * sizeof(*u));
+		mw->urls = u;
+		mw->n_urls = n;
+	}
+	if (mw->urls[i].state == NULL) {
+		mw->urls[i].url = upstream_url_new(mcp_server_endpoint(s->state));
+		mw->urls[i].state = s->state;
+	}
+	return mw->urls[i].url;
+}
+
 static bool leg_start(struct mcp_leg *l, const char *method, const char *body, size_t len)
 {
 	struct mcp_exchange *ex = l->ex;
@@ -297,6 +468,7 @@ static bool leg_start(struct mcp_leg *l, const char *method, const char *body, s
 	char line[8192];
 
 	upstream_xfer_init(&l->xfer, ex->mw->w->upstream, &leg_ops, l);
+	upstream_xfer_curlu(&l->xfer, worker_url(ex->mw, s));
 	/* The server's credentials only: the client's stay here. */
 	for (size_t i = 0; i < s->n_auth_headers; i++) {
 		snprintf(line, sizeof(line), "%s: %s", s->auth_headers[i].name,
@@ -401,8 +573,7 @@ static bool leg_on_head(void *arg, long status)
 	if (l->sse && streams_to_client(ex) && !ex->stream_started && ex->http != NULL) {
 		ex->stream_started = true;
 		ex->status = 200;
-		http_response_header(ex->http, "Cache-Control", "no-cache");
-		http_reply_start(ex->http, 200, "text/event-stream");
+		out_stream_start(ex);
 	}
 	if (!l->sse && (l->body = evbuffer_new()) == NULL)
 		return false;
@@ -494,10 +665,22 @@ static bool forward_event(struct mcp_leg *l, const struct sse_event *ev)
 			if (m != NULL && updated) {
 				json_t *params = json_object_get(m, "params");
 				const char *uri = json_string_value(json_object_get(params, "uri"));
-				if (uri != NULL)
-					json_object_set_new(params, "uri",
-					                    json_sprintf("%s%s%s", l->server->name,
-					                                 ex->rc->separator, uri));
+				json_t *pref = uri ? json_sprintf("%s%s%s", l->server->name,
+				                                  ex->rc->separator, uri)
+				                   : NULL;
+				const struct mcp_tool_filter *rf, *cf;
+				filters_of(ex, MCP_LIST_RESOURCES, &rf, &cf);
+				if (pref != NULL &&
+				    !mcp_tool_allowed(rf, cf, json_string_value(pref),
+				                      json_string_length(pref))) {
+					/* a hidden resource's updates are not the client's business
+					 */
+					json_decref(pref);
+					json_decref(m);
+					return true;
+				}
+				if (pref != NULL)
+					json_object_set_new(params, "uri", pref);
 			}
 			rewritten = m;
 		}
@@ -562,18 +745,18 @@ static size_t leg_on_body(void *arg, const char *data, size_t len)
 		if (ex->http == NULL)
 			return 0;
 		/* Back-pressure: hold the servers while the client lags. */
-		if (http_reply_pending(ex->http) > STREAM_HIGH_WATER) {
+		if (out_pending(ex) > STREAM_HIGH_WATER) {
 			l->paused = true;
 			ex->client_paused = true;
-			http_reply_on_drain(ex->http, on_client_drained, ex);
+			out_on_drain(ex);
 			return UPSTREAM_PAUSE;
 		}
 		if (ex->events == NULL && (ex->events = evbuffer_new()) == NULL)
 			return 0;
 	}
 	bool ok = sse_feed(&l->parser, data, len, leg_on_event, l);
-	if (streams_to_client(ex) && ex->stream_started && ex->events != NULL)
-		http_reply_chunk_buffer(ex->http, ex->events);
+	if (streams_to_client(ex) && ex->stream_started && ex->events != NULL && ex->http != NULL)
+		out_chunk(ex, ex->events);
 	return ok ? len : 0;
 }
 
@@ -689,7 +872,7 @@ static void complete_forward(struct mcp_exchange *ex)
 				        id, MCP_ERR_UPSTREAM);
 				http_json_escape(b, why, strlen(why));
 				evbuffer_add(b, "\"}}\n\n", 5);
-				http_reply_chunk_buffer(ex->http, b);
+				out_chunk(ex, b);
 			}
 			evbuffer_free(b);
 			free(id);
@@ -700,9 +883,7 @@ static void complete_forward(struct mcp_exchange *ex)
 		}
 		if (ex->outcome == NULL)
 			ex->outcome = "ok";
-		if (ex->http != NULL)
-			http_reply_end(ex->http);
-		ex->http = NULL;
+		out_end(ex);
 		return;
 	}
 	if (leg_session_gone(l)) {
@@ -725,9 +906,8 @@ static void complete_forward(struct mcp_exchange *ex)
 			ex->outcome = "error";
 	}
 	ex->bytes_out += n;
-	http_reply(ex->http, (int)l->xfer.status,
-	           l->xfer.content_type[0] ? l->xfer.content_type : "application/json", body, n);
-	ex->http = NULL;
+	out_reply(ex, (int)l->xfer.status,
+	          l->xfer.content_type[0] ? l->xfer.content_type : "application/json", body, n);
 }
 
 static void tool_seen(void *arg, unsigned slot, const char *name)
@@ -772,10 +952,10 @@ static void complete_list(struct mcp_exchange *ex)
 		            ex->method, why);
 		return;
 	}
-	const struct mcp_tool_filter *cf =
-	        ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->tools : NULL;
-	json_t *merged = mcp_merge_list(ex->list, parts, n, ex->rc->separator, &ex->rc->tools, cf,
-	                                next, tool_seen, (void *)ex->rc);
+	const struct mcp_tool_filter *rf, *cf;
+	filters_of(ex, ex->list, &rf, &cf);
+	json_t *merged = mcp_merge_list(ex->list, parts, n, ex->rc->separator, rf, cf, next,
+	                                tool_seen, (void *)ex->rc);
 	if (merged == NULL) {
 		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot merge the lists");
 		return;
@@ -884,7 +1064,7 @@ static void complete_initialize(struct mcp_exchange *ex)
 	mcp_worker_session_seen(ex->mw, &ex->sess, ex->route->name,
 	                        ex->consumer ? ex->consumer->name : NULL,
 	                        ex->rc->session_idle_timeout);
-	http_response_header(ex->http, "Mcp-Session-Id", token);
+	out_header(ex, "Mcp-Session-Id", token);
 	reply_result(ex, merged);
 }
 
@@ -928,9 +1108,7 @@ static void complete_stream(struct mcp_exchange *ex)
 	if (ex->stream_started) {
 		if (ex->outcome == NULL)
 			ex->outcome = "ok";
-		if (ex->http != NULL)
-			http_reply_end(ex->http);
-		ex->http = NULL;
+		out_end(ex);
 		return;
 	}
 	/* No server opened a stream. */
@@ -944,7 +1122,7 @@ static void complete_stream(struct mcp_exchange *ex)
 		all_405 =
 		        all_405 && ex->legs[i].res == UPSTREAM_OK && ex->legs[i].xfer.status == 405;
 	if (all_405) {
-		http_response_header(ex->http, "Allow", "POST, DELETE");
+		out_header(ex, "Allow", "POST, DELETE");
 		reply_error(ex, 405, MCP_ERR_INVALID_REQUEST, "method_not_allowed",
 		            "no server of this session offers a server-to-client stream");
 		return;
@@ -1096,37 +1274,100 @@ static void fan_out(struct mcp_exchange *ex, const char *method)
 	const char *http = ex->kind == EX_STREAM   ? "GET"
 	                   : ex->kind == EX_DELETE ? "DELETE"
 	                                           : "POST";
-	const char *body = ex->kind == EX_STREAM || ex->kind == EX_DELETE ? NULL : ex->http->body;
-	legs_start(ex, http, body, body ? ex->http->body_len : 0);
+	const char *body = ex->kind == EX_STREAM || ex->kind == EX_DELETE ? NULL : ex->body;
+	legs_start(ex, http, body, body ? ex->body_len : 0);
 }
 
-/* One server: the message rewritten (msg: stolen) or the client's bytes as they are. */
-static void forward_one(struct mcp_exchange *ex, unsigned slot, json_t *rewritten,
-                        enum ex_kind kind)
+/* One server: bytes of the message made for it (owned, stolen; NULL: the client's bytes as
+ * they are). */
+static void forward_bytes(struct mcp_exchange *ex, unsigned slot, char *bytes, size_t len,
+                          enum ex_kind kind)
 {
 	ex->kind = kind;
 	if (!legs_alloc(ex, 1)) {
-		json_decref(rewritten);
+		free(bytes);
 		reply_error(ex, 503, MCP_ERR_INTERNAL, "internal_error", "out of memory");
 		ex_finish(ex);
 		return;
 	}
 	leg_init(ex, 0, slot);
 	ex->server = ex->legs[0].server;
+	ex->legs[0].req_body = bytes;
+	ex->legs[0].req_len = len;
+	legs_start(ex, "POST", ex->body, ex->body_len);
+}
+
+/* One server: the message rewritten (msg: stolen) or the client's bytes as they are. */
+static void forward_one(struct mcp_exchange *ex, unsigned slot, json_t *rewritten,
+                        enum ex_kind kind)
+{
+	char *text = NULL;
 	if (rewritten != NULL) {
-		ex->legs[0].req_body = json_dumps(rewritten, JSON_COMPACT);
+		text = json_dumps(rewritten, JSON_COMPACT);
 		json_decref(rewritten);
-		if (ex->legs[0].req_body == NULL) {
+		if (text == NULL) {
 			reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot encode");
 			ex_finish(ex);
 			return;
 		}
-		ex->legs[0].req_len = strlen(ex->legs[0].req_body);
 	}
-	legs_start(ex, "POST", ex->http->body, ex->http->body_len);
+	forward_bytes(ex, slot, text, text ? strlen(text) : 0, kind);
+}
+
+/*
+ * One server, with params.<field> (or params.<sub>.<field>) — the prefixed name, a string of
+ * the parsed message — cut to rest, its server's own name. The prefix is cut out of the
+ * client's bytes when they allow it (mcp_splice_param): one copy instead of copying the
+ * parsed message and encoding it again. A policy that rewrote an argument changed the
+ * parsed message only: then it is encoded.
+ */
+static json_t *with_param(const json_t *msg, const char *sub, const char *field, const char *value);
+
+static void forward_renamed(struct mcp_exchange *ex, unsigned slot, const char *sub,
+                            const char *field, const json_t *value, const char *rest)
+{
+	const char *v = json_string_value(value);
+	size_t vl = json_string_length(value);
+	char *bytes;
+	size_t len;
+
+	if (!ex->args_changed && mcp_splice_param(ex->body, ex->body_len, sub, field, v, vl,
+	                                          (size_t)(rest - v), &bytes, &len)) {
+		forward_bytes(ex, slot, bytes, len, EX_FORWARD);
+		return;
+	}
+	json_t *m = with_param(ex->msg, sub, field, rest);
+	if (m == NULL) {
+		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot rewrite %s",
+		            ex->method);
+		ex_finish(ex);
+		return;
+	}
+	forward_one(ex, slot, m, EX_FORWARD);
 }
 
 /* ---------------------------------------------------------------- tools/call and routed methods */
+
+/* The route's and the consumer's filter (NULL: none) for one kind of name. */
+static void filters_of(const struct mcp_exchange *ex, enum mcp_list kind,
+                       const struct mcp_tool_filter **rf, const struct mcp_tool_filter **cf)
+{
+	const struct mcp_consumer_conf *mc = ex->consumer ? ex->consumer->mcp : NULL;
+	switch (kind) {
+	case MCP_LIST_TOOLS:
+		*rf = &ex->rc->tools;
+		*cf = mc ? &mc->tools : NULL;
+		return;
+	case MCP_LIST_PROMPTS:
+		*rf = &ex->rc->prompts;
+		*cf = mc ? &mc->prompts : NULL;
+		return;
+	default: /* resources and their templates */
+		*rf = &ex->rc->resources;
+		*cf = mc ? &mc->resources : NULL;
+		return;
+	}
+}
 
 static int split_owner(struct mcp_exchange *ex, const char *name, size_t len, const char **rest)
 {
@@ -1156,6 +1397,10 @@ static json_t *with_param(const json_t *msg, const char *sub, const char *field,
 
 static void on_quota(void *arg, struct quota_ticket *t);
 static void call_admitted(struct mcp_exchange *ex);
+static void call_policies(struct mcp_exchange *ex);
+static void on_policies(void *arg, enum policy_verdict v);
+static void policies_decided(struct mcp_exchange *ex, enum policy_verdict v);
+static void admit_quota(struct mcp_exchange *ex);
 
 static void admit_call(struct mcp_exchange *ex)
 {
@@ -1173,9 +1418,9 @@ static void admit_call(struct mcp_exchange *ex)
 	size_t nl = json_string_length(name);
 	int slot = split_owner(ex, n, nl, &rest);
 	/* A hidden tool looks exactly like one that does not exist: never forwarded. */
-	const struct mcp_tool_filter *cf =
-	        ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->tools : NULL;
-	bool allowed = slot >= 0 && mcp_tool_allowed(&ex->rc->tools, cf, n, nl);
+	const struct mcp_tool_filter *rf, *cf;
+	filters_of(ex, MCP_LIST_TOOLS, &rf, &cf);
+	bool allowed = slot >= 0 && mcp_tool_allowed(rf, cf, n, nl);
 	snprintf(ex->tool, sizeof(ex->tool), "%.*s", (int)(nl < 128 ? nl : 128),
 	         slot >= 0 ? rest : n);
 	if (!allowed) {
@@ -1191,6 +1436,80 @@ static void admit_call(struct mcp_exchange *ex)
 	ex->server = s;
 	ex->tool_label = mcp_server_tool_label(s->state, rest);
 	ex->legs = NULL;
+	/* The route's request policies over the arguments, before any quota is counted. */
+	if (ex->route->plugin_phases & POLICY_PHASE_REQUEST) {
+		call_policies(ex);
+		return;
+	}
+	admit_quota(ex);
+}
+
+static void call_policies(struct mcp_exchange *ex)
+{
+	const json_t *args = json_object_get(json_object_get(ex->msg, "params"), "arguments");
+	struct policy_env env = {
+	        .base = ex->mw->w->base,
+	        .upstream = ex->mw->w->upstream,
+	        .request_id = ex->request_id,
+	        .route = ex->route->name,
+	        .consumer = ex->consumer ? ex->consumer->name : NULL,
+	};
+
+	ex->policy_body = mcp_policy_body(args, NULL);
+	if (ex->policy_body == NULL) {
+		reply_error(ex, 200, MCP_ERR_POLICY, "policy_refused",
+		            "tools/call refused: its arguments cannot be checked by the gateway's "
+		            "policies (nested deeper than %d)",
+		            MCP_POLICY_MAX_DEPTH);
+		ex_finish(ex);
+		return;
+	}
+	ex->policies = policy_run_new(ex->route, &env, false);
+	if (ex->policies == NULL) {
+		reply_error(ex, 503, MCP_ERR_INTERNAL, "internal_error", "out of memory");
+		ex_finish(ex);
+		return;
+	}
+	enum policy_verdict v =
+	        policy_run_request(ex->policies, PROTO_CHAT, ex->policy_body, on_policies, ex);
+	if (v == POLICY_PENDING) {
+		ex->policy_pending = true;
+		return;
+	}
+	policies_decided(ex, v);
+}
+
+static void on_policies(void *arg, enum policy_verdict v)
+{
+	struct mcp_exchange *ex = arg;
+	ex->policy_pending = false;
+	policies_decided(ex, v);
+}
+
+static void policies_decided(struct mcp_exchange *ex, enum policy_verdict v)
+{
+	const struct policy_request *out = policy_run_request_outcome(ex->policies);
+	const struct policy_action *acts;
+	if (policy_run_actions(ex->policies, &acts, NULL) > 0) {
+		ex->policy = acts[0].policy;
+		ex->policy_action = acts[0].action;
+	}
+	if (v == POLICY_REFUSE) {
+		/* A JSON-RPC error the agent can read; the server never sees the call. */
+		reply_error(ex, 200, MCP_ERR_POLICY, "policy_refused",
+		            "tools/call refused by the gateway's policies: %s (%s)", out->message,
+		            out->code ? out->code : "refused");
+		ex_finish(ex);
+		return;
+	}
+	/* A policy that rewrote text rewrote the arguments themselves (shared strings). */
+	ex->args_changed = out->changed;
+	admit_quota(ex);
+}
+
+static void admit_quota(struct mcp_exchange *ex)
+{
+	const struct mcp_server_conf *s = ex->server;
 	const struct config_consumer *qc =
 	        ex->consumer && ex->consumer->mcp ? &ex->consumer->mcp->as_consumer : NULL;
 	memset(&ex->ticket, 0, sizeof(ex->ticket));
@@ -1223,7 +1542,7 @@ static void call_admitted(struct mcp_exchange *ex)
 	if (!t->admitted) {
 		char v[32];
 		snprintf(v, sizeof(v), "%" PRIu64, t->retry_after_s ? t->retry_after_s : 1);
-		http_response_header(ex->http, "Retry-After", v);
+		out_header(ex, "Retry-After", v);
 		reply_error(ex, 429, MCP_ERR_RATE_LIMITED, "rate_limited",
 		            "tool call rate limit reached (%s); retry in %s s",
 		            t->denied_by ? t->denied_by->id : "limit", v);
@@ -1237,22 +1556,17 @@ static void call_admitted(struct mcp_exchange *ex)
 		ex_finish(ex);
 		return;
 	}
-	const char *rest =
-	        json_string_value(json_object_get(json_object_get(ex->msg, "params"), "name")) +
-	        strlen(s->name) + strlen(ex->rc->separator);
-	json_t *m = with_param(ex->msg, NULL, "name", rest);
-	if (m == NULL) {
-		reply_error(ex, 500, MCP_ERR_INTERNAL, "internal_error", "cannot rewrite the call");
-		ex_finish(ex);
-		return;
-	}
+	const json_t *name = json_object_get(json_object_get(ex->msg, "params"), "name");
+	const char *rest = json_string_value(name) + strlen(s->name) + strlen(ex->rc->separator);
 	unsigned slot = 0;
 	while (ex->rc->servers[slot] != s)
 		slot++;
-	forward_one(ex, slot, m, EX_FORWARD);
+	forward_renamed(ex, slot, NULL, "name", name, rest);
 }
 
-/* prompts/get (name), resources/... (uri), completion/complete (ref.name | ref.uri). */
+/* prompts/get (name), resources/... (uri), completion/complete (ref.name | ref.uri): false
+ * when the field names no server of the session; else the exchange went on (forwarded, or
+ * refused here when the route or the consumer hides the prompt or resource). */
 static bool route_by_prefix(struct mcp_exchange *ex, const char *sub, const char *field)
 {
 	const json_t *p = json_object_get(ex->msg, "params");
@@ -1262,13 +1576,28 @@ static bool route_by_prefix(struct mcp_exchange *ex, const char *sub, const char
 	const char *rest = NULL;
 	if (!json_is_string(v))
 		return false;
-	int slot = split_owner(ex, json_string_value(v), json_string_length(v), &rest);
+	const char *name = json_string_value(v);
+	size_t len = json_string_length(v);
+	int slot = split_owner(ex, name, len, &rest);
 	if (slot < 0)
 		return false;
-	json_t *m = with_param(ex->msg, sub, field, rest);
-	if (m == NULL)
-		return false;
-	forward_one(ex, (unsigned)slot, m, EX_FORWARD);
+	/* A hidden prompt or resource answers as one that does not exist (the codes the spec
+	 * gives for those), never forwarded. */
+	enum mcp_list kind = strcmp(field, "uri") == 0 ? MCP_LIST_RESOURCES : MCP_LIST_PROMPTS;
+	const struct mcp_tool_filter *rf, *cf;
+	filters_of(ex, kind, &rf, &cf);
+	if (!mcp_tool_allowed(rf, cf, name, len)) {
+		ex->server = ex->rc->servers[slot];
+		if (kind == MCP_LIST_PROMPTS)
+			reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "denied", "Unknown prompt: %s",
+			            name);
+		else
+			reply_error(ex, 200, MCP_ERR_RESOURCE_NOT_FOUND, "denied",
+			            "Resource not found: %s", name);
+		ex_finish(ex);
+		return true;
+	}
+	forward_renamed(ex, (unsigned)slot, sub, field, v, rest);
 	return true;
 }
 
@@ -1322,10 +1651,11 @@ static void dispatch_request(struct mcp_exchange *ex)
 		const json_t *cur = json_object_get(json_object_get(ex->msg, "params"), "cursor");
 		if (cur != NULL) {
 			if (!json_is_string(cur) ||
+			    (ex->cursor_buf = malloc(MCP_CURSOR_MAX)) == NULL ||
 			    !mcp_cursor_decode(ex->mw->crypto, ex->sess.sid, (uint8_t)ex->list,
 			                       json_string_value(cur), json_string_length(cur),
 			                       ex->cursor_in, &ex->n_cursor_in, ex->cursor_buf,
-			                       sizeof(ex->cursor_buf))) {
+			                       MCP_CURSOR_MAX)) {
 				reply_error(ex, 200, MCP_ERR_INVALID_PARAMS, "invalid",
 				            "invalid cursor");
 				ex_finish(ex);
@@ -1385,6 +1715,8 @@ static void dispatch_post(struct mcp_exchange *ex)
 		ex_finish(ex);
 		return;
 	}
+	ex->body = hr->body;
+	ex->body_len = hr->body_len;
 	ex->msg = json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES, &jerr);
 	if (ex->msg == NULL) {
 		reply_error(ex, 400, MCP_ERR_PARSE, "invalid",
@@ -1394,12 +1726,15 @@ static void dispatch_post(struct mcp_exchange *ex)
 		return;
 	}
 	if (json_is_array(ex->msg)) {
-		/* Batches existed in 2025-03-26 only; Sluice does not split them (docs/mcp.md). */
-		reply_error(ex, 400, MCP_ERR_INVALID_REQUEST, "invalid",
-		            "JSON-RPC batches are not supported by this gateway");
-		ex_finish(ex);
+		dispatch_batch(ex);
 		return;
 	}
+	dispatch_message(ex);
+}
+
+/* One message: the client's own, or a batch's member. */
+static void dispatch_message(struct mcp_exchange *ex)
+{
 	ex->kind_msg = mcp_msg_classify(ex->msg, &ex->method);
 	const json_t *id = json_object_get(ex->msg, "id");
 	if (ex->kind_msg == MCP_MSG_REQUEST || ex->kind_msg == MCP_MSG_RESPONSE)
@@ -1410,6 +1745,12 @@ static void dispatch_post(struct mcp_exchange *ex)
 		return;
 	}
 	if (ex->kind_msg == MCP_MSG_REQUEST && strcmp(ex->method, "initialize") == 0) {
+		if (ex->batch != NULL) {
+			reply_error(ex, 400, MCP_ERR_INVALID_REQUEST, "invalid",
+			            "initialize must not be part of a JSON-RPC batch");
+			ex_finish(ex);
+			return;
+		}
 		if (ex->has_session) {
 			reply_error(ex, 400, MCP_ERR_INVALID_REQUEST, "invalid",
 			            "initialize must be sent without Mcp-Session-Id");
@@ -1451,6 +1792,312 @@ static void dispatch_post(struct mcp_exchange *ex)
 		route_response(ex);
 		return;
 	}
+}
+
+/* ---------------------------------------------------------------- batches */
+
+/*
+ * A JSON-RPC batch (MCP 2025-03-26 only): each member becomes an exchange of its own,
+ * dispatched as if it had come alone — routed to the server that owns it or answered
+ * here, with the allow/deny lists, policies and limits applied to it alone (a refused member
+ * gets its own error; the others go on). Their answers come back as one JSON array, in
+ * the batch's order, or — as soon as one server answers with a stream — as one SSE stream
+ * carrying every member's events and answers as they come. Notifications and responses
+ * get no answer: a batch of only those is 202 once every member was accepted.
+ */
+
+static void batch_free(struct mcp_batch *b)
+{
+	if (b == NULL)
+		return;
+	for (size_t i = 0; i < b->n; i++)
+		free(b->replies[i]);
+	free(b->replies);
+	free(b->reply_len);
+	free(b->members);
+	free(b->fail_body);
+	free(b);
+}
+
+/* The batch ends before its members (the client went away, shutdown): end them now. */
+static void batch_end_members(struct mcp_exchange *bx)
+{
+	struct mcp_batch *b = bx->b;
+	b->aborting = true;
+	for (size_t i = 0; i < b->n; i++) {
+		struct mcp_exchange *m = b->members[i];
+		if (m == NULL)
+			continue;
+		m->http = NULL;
+		if (m->quota_pending) {
+			quota_cancel(m->mw->w->quota, &m->ticket);
+			m->quota_pending = false;
+		}
+		if (m->status == 0)
+			m->status = 499;
+		if (m->outcome == NULL)
+			m->outcome = "client_gone";
+		ex_finish(m); /* clears b->members[i] */
+	}
+}
+
+static void batch_complete(struct mcp_exchange *bx)
+{
+	struct mcp_batch *b = bx->b;
+
+	if (bx->http != NULL && b->streaming) {
+		http_reply_end(bx->http);
+	} else if (bx->http != NULL && b->any_request) {
+		struct evbuffer *out = evbuffer_new();
+		size_t k = 0;
+		if (out == NULL) {
+			bx->status = 503;
+			http_reply(bx->http, 503, "text/plain", "out of memory\n", 14);
+		} else {
+			evbuffer_add(out, "[", 1);
+			for (size_t i = 0; i < b->n; i++)
+				if (b->replies[i] != NULL) {
+					if (k++ > 0)
+						evbuffer_add(out, ",", 1);
+					evbuffer_add(out, b->replies[i], b->reply_len[i]);
+				}
+			evbuffer_add(out, "]\n", 2);
+			size_t n = evbuffer_get_length(out);
+			bx->status = 200;
+			bx->bytes_out += n;
+			http_reply(bx->http, 200, "application/json",
+			           (const char *)evbuffer_pullup(out, -1), n);
+			evbuffer_free(out);
+		}
+	} else if (bx->http != NULL && b->fail_status != 0) {
+		bx->status = b->fail_status;
+		bx->bytes_out += b->fail_len;
+		http_reply(bx->http, b->fail_status, "application/json",
+		           b->fail_body ? b->fail_body : "", b->fail_body ? b->fail_len : 0);
+	} else if (bx->http != NULL) {
+		bx->status = 202;
+		http_reply(bx->http, 202, NULL, "", 0);
+	}
+	bx->http = NULL;
+	if (bx->outcome == NULL)
+		bx->outcome = "ok";
+	ex_finish(bx);
+}
+
+static void batch_member_done(struct mcp_exchange *bx, size_t i)
+{
+	struct mcp_batch *b = bx->b;
+	b->members[i] = NULL;
+	b->left--;
+	if (b->left == 0 && !b->starting && !b->aborting)
+		batch_complete(bx);
+}
+
+/* A member's whole answer (out_reply). */
+static void batch_put(struct mcp_exchange *m, int status, const char *body, size_t len)
+{
+	struct mcp_exchange *bx = m->batch;
+	struct mcp_batch *b = bx->b;
+	struct evbuffer *made = NULL;
+	struct mcp_scan sc;
+
+	if (m->kind_msg != MCP_MSG_REQUEST && m->kind_msg != MCP_MSG_INVALID) {
+		/* Notifications and responses are not answered; a failure is the batch's answer
+		 * when no member is. */
+		if ((status < 200 || status >= 300) && b->fail_status == 0 &&
+		    (b->fail_body = malloc(len ? len : 1)) != NULL) {
+			b->fail_status = status;
+			memcpy(b->fail_body, body, len);
+			b->fail_len = len;
+		}
+		return;
+	}
+	while (len > 0 && (body[len - 1] == '\n' || body[len - 1] == '\r'))
+		len--;
+	if (len == 0 || !mcp_scan_object(body, len, &sc)) {
+		/* The server answered a request with no JSON-RPC message: say so, for it. */
+		char msg[128];
+		snprintf(msg, sizeof(msg),
+		         "the MCP server answered HTTP %d without a JSON-RPC message", status);
+		made = evbuffer_new();
+		if (made == NULL ||
+		    !put_error(made, m->id, MCP_ERR_UPSTREAM, "upstream_error", msg)) {
+			if (made != NULL)
+				evbuffer_free(made);
+			return;
+		}
+		m->outcome = "upstream_error";
+		m->rpc_error = MCP_ERR_UPSTREAM;
+		len = evbuffer_get_length(made);
+		body = (const char *)evbuffer_pullup(made, -1);
+	}
+	if (b->streaming) {
+		struct evbuffer *e = evbuffer_new();
+		if (e != NULL) {
+			put_event(e, "message", NULL, body, len);
+			out_chunk(m, e);
+			evbuffer_free(e);
+		}
+	} else if (b->replies[m->member] == NULL && (b->replies[m->member] = malloc(len)) != NULL) {
+		memcpy(b->replies[m->member], body, len);
+		b->reply_len[m->member] = len;
+	}
+	if (made != NULL)
+		evbuffer_free(made);
+}
+
+/* A member's server answers with a stream: from now on the batch is one SSE stream. */
+static void batch_stream_start(struct mcp_exchange *bx)
+{
+	struct mcp_batch *b = bx->b;
+	if (b->streaming || bx->http == NULL)
+		return;
+	b->streaming = true;
+	bx->stream_started = true;
+	bx->status = 200;
+	http_response_header(bx->http, "Cache-Control", "no-cache");
+	http_reply_start(bx->http, 200, "text/event-stream");
+	/* The answers that came before go first. */
+	struct evbuffer *e = evbuffer_new();
+	for (size_t i = 0; e != NULL && i < b->n; i++)
+		if (b->replies[i] != NULL) {
+			put_event(e, "message", NULL, b->replies[i], b->reply_len[i]);
+			free(b->replies[i]);
+			b->replies[i] = NULL;
+		}
+	if (e != NULL) {
+		bx->bytes_out += evbuffer_get_length(e);
+		http_reply_chunk_buffer(bx->http, e);
+		evbuffer_free(e);
+	}
+}
+
+static void batch_drained(void *arg)
+{
+	struct mcp_exchange *bx = arg;
+	bx->b->drain_armed = false;
+	for (size_t i = 0; i < bx->b->n; i++)
+		if (bx->b->members[i] != NULL)
+			on_client_drained(bx->b->members[i]);
+}
+
+/* A member: the batch's session, snapshot and identity; its own message and bytes. */
+static struct mcp_exchange *member_new(struct mcp_exchange *bx, size_t i, json_t *msg)
+{
+	struct mcp_exchange *m = calloc(1, sizeof(*m));
+	char *body = json_dumps(msg, JSON_COMPACT);
+	if (m == NULL || body == NULL) {
+		free(m);
+		free(body);
+		return NULL;
+	}
+	m->mw = bx->mw;
+	m->http = bx->http;
+	m->config = config_ref(bx->config);
+	m->route = bx->route;
+	m->rc = bx->rc;
+	m->consumer = bx->consumer;
+	memcpy(m->key_fp, bx->key_fp, sizeof(m->key_fp));
+	m->sess = bx->sess;
+	m->has_session = bx->has_session;
+	memcpy(m->sess_hash, bx->sess_hash, sizeof(m->sess_hash));
+	m->version = bx->version;
+	m->multi = bx->multi;
+	m->msg = json_incref(msg);
+	m->body_owned = body;
+	m->body = body;
+	m->body_len = strlen(body);
+	m->batch = bx;
+	m->member = i;
+	memcpy(m->http_method, bx->http_method, sizeof(m->http_method));
+	memcpy(m->client_ip, bx->client_ip, sizeof(m->client_ip));
+	snprintf(m->request_id, sizeof(m->request_id), "%.24s.%u", bx->request_id,
+	         (unsigned)(i % 1000)); /* i < MCP_MAX_BATCH */
+	m->start_us = bx->start_us;
+	m->start_unix_us = bx->start_unix_us;
+	m->bytes_in = m->body_len;
+	return m;
+}
+
+static void dispatch_batch(struct mcp_exchange *bx)
+{
+	size_t n = json_array_size(bx->msg), answered = 0;
+	struct mcp_batch *b;
+
+	bx->kind = EX_BATCH;
+	bx->method = "batch";
+	if (!bx->has_session) {
+		reply_error(bx, 400, MCP_ERR_INVALID_REQUEST, "invalid",
+		            "Bad Request: Mcp-Session-Id header is required");
+		ex_finish(bx);
+		return;
+	}
+	if (!mcp_version_allows_batch(bx->version)) {
+		reply_error(bx, 400, MCP_ERR_INVALID_REQUEST, "invalid",
+		            "JSON-RPC batches are not allowed in MCP protocol version %s (only in "
+		            "2025-03-26)",
+		            mcp_versions[bx->version]);
+		ex_finish(bx);
+		return;
+	}
+	switch (mcp_batch_check(bx->msg, MCP_MAX_BATCH, &answered)) {
+	case MCP_BATCH_EMPTY:
+		reply_error(bx, 400, MCP_ERR_INVALID_REQUEST, "invalid",
+		            "Invalid Request: an empty batch");
+		ex_finish(bx);
+		return;
+	case MCP_BATCH_TOO_LARGE:
+		reply_error(bx, 400, MCP_ERR_INVALID_REQUEST, "invalid",
+		            "a batch of %zu messages: at most %d", n, MCP_MAX_BATCH);
+		ex_finish(bx);
+		return;
+	case MCP_BATCH_MIXED:
+		reply_error(bx, 400, MCP_ERR_INVALID_REQUEST, "invalid",
+		            "a batch holds requests and notifications, or responses, not both");
+		ex_finish(bx);
+		return;
+	case MCP_BATCH_OK:
+		break;
+	}
+	bx->b = b = calloc(1, sizeof(*b));
+	if (b != NULL) {
+		b->members = calloc(n, sizeof(*b->members));
+		b->replies = calloc(n, sizeof(*b->replies));
+		b->reply_len = calloc(n, sizeof(*b->reply_len));
+	}
+	bool ok = b != NULL && b->members != NULL && b->replies != NULL && b->reply_len != NULL;
+	for (size_t i = 0; ok && i < n; i++)
+		ok = (b->members[i] = member_new(bx, i, json_array_get(bx->msg, i))) != NULL;
+	if (!ok) {
+		for (size_t i = 0; b != NULL && b->members != NULL && i < n; i++)
+			if (b->members[i] != NULL) {
+				json_decref(b->members[i]->msg);
+				config_unref(b->members[i]->config);
+				free(b->members[i]->body_owned);
+				free(b->members[i]);
+			}
+		if (b != NULL)
+			b->n = 0; /* nothing of the members is left to free */
+		reply_error(bx, 503, MCP_ERR_INTERNAL, "internal_error", "out of memory");
+		ex_finish(bx);
+		return;
+	}
+	b->n = b->left = n;
+	b->any_request = answered > 0;
+	b->starting = true;
+	for (size_t i = 0; i < n; i++) {
+		LIST_INSERT_HEAD(&bx->mw->live, b->members[i], link);
+		bx->mw->n_live++;
+	}
+	/* A member may be answered at once (ping, a refusal): its slot empties meanwhile. */
+	for (size_t i = 0; i < n; i++) {
+		struct mcp_exchange *m = b->members[i];
+		if (m != NULL)
+			dispatch_message(m);
+	}
+	b->starting = false;
+	if (b->left == 0)
+		batch_complete(bx);
 }
 
 static const char *get_header(void *arg, const char *name)
@@ -1657,6 +2304,8 @@ void mcp_handle(struct worker *w, struct http_request *hr, const struct config_r
 static void on_client_abort(void *arg)
 {
 	struct mcp_exchange *ex = arg;
+	if (ex->b != NULL)
+		batch_end_members(ex);
 	for (size_t i = 0; i < ex->n_legs; i++)
 		leg_cleanup(&ex->legs[i]);
 	if (ex->quota_pending) {
@@ -1677,17 +2326,25 @@ void mcp_record(const struct mcp_exchange *ex);
 static void ex_finish(struct mcp_exchange *ex)
 {
 	struct mcp_worker *mw = ex->mw;
+	struct mcp_exchange *batch = ex->batch;
+	size_t member = ex->member;
 
-	if (ex->http != NULL) {
+	if (ex->b != NULL)
+		batch_end_members(ex);
+	if (ex->http != NULL && batch == NULL)
 		http_request_abandon(ex->http);
-		ex->http = NULL;
-	}
+	ex->http = NULL;
 	for (size_t i = 0; i < ex->n_legs; i++)
 		leg_cleanup(&ex->legs[i]);
 	if (ex->quota_pending)
 		quota_cancel(mw->w->quota, &ex->ticket);
 	if (ex->ticket_held)
 		quota_settle(mw->w->quota, &ex->ticket, 0, 0);
+	/* the run first: cancelling a pending policy may still read the body */
+	policy_run_free(ex->policies);
+	ex->policies = NULL;
+	json_decref(ex->policy_body);
+	ex->policy_body = NULL;
 	mcp_record(ex);
 	LIST_REMOVE(ex, link);
 	mw->n_live--;
@@ -1697,7 +2354,12 @@ static void ex_finish(struct mcp_exchange *ex)
 	mcp_event_ids_free(&ex->ids);
 	json_decref(ex->msg);
 	config_unref(ex->config);
+	free(ex->body_owned);
+	free(ex->cursor_buf);
+	batch_free(ex->b);
 	free(ex);
+	if (batch != NULL)
+		batch_member_done(batch, member);
 }
 
 /* A server stream whose session lost a server (reload) ends now; the client's next message
@@ -1706,6 +2368,14 @@ static void on_retired(evutil_socket_t fd, short what, void *arg)
 {
 	struct mcp_worker *mw = arg;
 	struct mcp_exchange *ex, *next;
+	/* A retired server is never used again: its parsed endpoint goes (a transfer still
+	 * running keeps its own hold on it). */
+	for (size_t i = 0; i < mw->n_urls; i++)
+		if (mw->urls[i].state != NULL && mcp_server_retired(mw->urls[i].state) &&
+		    mw->urls[i].url != NULL) {
+			upstream_url_release(mw->urls[i].url);
+			mw->urls[i].url = NULL;
+		}
 	for (ex = LIST_FIRST(&mw->live); ex != NULL; ex = next) {
 		next = LIST_NEXT(ex, link);
 		if (ex->kind != EX_STREAM)
@@ -1740,6 +2410,8 @@ void mcp_worker_abort_all(struct mcp_worker *mw)
 {
 	struct mcp_exchange *ex;
 	while (mw != NULL && (ex = LIST_FIRST(&mw->live)) != NULL) {
+		if (ex->batch != NULL)
+			ex = ex->batch; /* a batch ends its members */
 		if (ex->outcome == NULL)
 			ex->outcome = "client_gone";
 		ex_finish(ex);
@@ -1766,6 +2438,8 @@ void mcp_record(const struct mcp_exchange *ex)
 	        .status = ex->status,
 	        .upstream_status = ex->upstream_status,
 	        .outcome = ex->outcome ? ex->outcome : "ok",
+	        .policy = ex->policy,
+	        .policy_action = ex->policy_action,
 	        .rpc_error = ex->rpc_error,
 	        .duration_us = http_now_us() - ex->start_us,
 	        .bytes_in = ex->bytes_in,

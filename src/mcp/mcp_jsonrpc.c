@@ -1,5 +1,6 @@
 /* mcp_jsonrpc.c — JSON-RPC 2.0 messages: what a parsed message is, and a tree-free scan of an
  * object's top-level members for the stream events that pass through. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "sluice/mcp_parts.h"
@@ -57,6 +58,39 @@ enum mcp_msg_kind mcp_msg_classify(const json_t *m, const char **method)
 	if (err != NULL && !json_is_object(err))
 		return MCP_MSG_INVALID;
 	return MCP_MSG_RESPONSE;
+}
+
+enum mcp_batch_check mcp_batch_check(const json_t *arr, size_t max, size_t *answered)
+{
+	size_t n = json_array_size(arr), i, req = 0, resp = 0, notif = 0, bad = 0;
+	const json_t *m;
+
+	*answered = 0;
+	if (n == 0)
+		return MCP_BATCH_EMPTY;
+	if (n > max)
+		return MCP_BATCH_TOO_LARGE;
+	json_array_foreach(arr, i, m)
+	{
+		switch (mcp_msg_classify(m, NULL)) {
+		case MCP_MSG_REQUEST:
+			req++;
+			break;
+		case MCP_MSG_NOTIFICATION:
+			notif++;
+			break;
+		case MCP_MSG_RESPONSE:
+			resp++;
+			break;
+		default:
+			bad++;
+			break;
+		}
+	}
+	if (resp > 0 && req + notif > 0)
+		return MCP_BATCH_MIXED;
+	*answered = req + bad;
+	return MCP_BATCH_OK;
 }
 
 /* ---------------------------------------------------------------- the scanner */
@@ -219,6 +253,89 @@ bool mcp_scan_object(const char *data, size_t len, struct mcp_scan *out)
 tail:
 	ws(&c);
 	return c.p == c.end;
+}
+
+bool mcp_scan_member(const char *obj, size_t len, const char *key, struct mcp_span *out)
+{
+	struct cur c = {obj, obj + len, 0};
+
+	out->p = NULL;
+	out->len = 0;
+	ws(&c);
+	if (c.p >= c.end || *c.p != '{')
+		return false;
+	c.p++;
+	c.depth = 1;
+	ws(&c);
+	if (c.p < c.end && *c.p == '}')
+		return false;
+	for (;;) {
+		const char *k = c.p;
+		if (!skip_string(&c))
+			return false;
+		size_t klen = (size_t)(c.p - k);
+		ws(&c);
+		if (c.p >= c.end || *c.p != ':')
+			return false;
+		c.p++;
+		ws(&c);
+		const char *v = c.p;
+		if (!skip_value(&c))
+			return false;
+		if (out->p == NULL && key_is(k, klen, key)) {
+			out->p = v;
+			out->len = (size_t)(c.p - v);
+		}
+		ws(&c);
+		if (c.p >= c.end)
+			return false;
+		if (*c.p == ',') {
+			c.p++;
+			ws(&c);
+			continue;
+		}
+		if (*c.p != '}')
+			return false;
+		c.p++;
+		break;
+	}
+	ws(&c);
+	return c.p == c.end && out->p != NULL;
+}
+
+bool mcp_splice_param(const char *body, size_t blen, const char *sub, const char *field,
+                      const char *value, size_t vlen, size_t cut, char **out, size_t *out_len)
+{
+	struct mcp_span params, inner, lit;
+
+	if (cut > vlen || !mcp_scan_member(body, blen, "params", &params))
+		return false;
+	if (sub != NULL) {
+		if (!mcp_scan_member(params.p, params.len, sub, &inner))
+			return false;
+		params = inner;
+	}
+	if (!mcp_scan_member(params.p, params.len, field, &lit))
+		return false;
+	/* A literal without escapes holds the value's bytes as they are: the splice is the
+	 * rewrite. Anything else (escapes, another type) is left to the JSON encoder. */
+	if (lit.len < 2 || lit.p[0] != '"' || lit.len - 2 != vlen ||
+	    memchr(lit.p + 1, '\\', vlen) != NULL || memcmp(lit.p + 1, value, vlen) != 0)
+		return false;
+	/* Never inside a UTF-8 sequence: what is left must still be text (a prefix of server
+	 * name and separator is ASCII, so this only refuses what no caller asks). */
+	if (cut < vlen && ((unsigned char)value[cut] & 0xC0) == 0x80)
+		return false;
+	size_t head = (size_t)(lit.p + 1 - body), n = blen - cut;
+	char *b = malloc(n + 1);
+	if (b == NULL)
+		return false;
+	memcpy(b, body, head);
+	memcpy(b + head, body + head + cut, blen - head - cut);
+	b[n] = '\0';
+	*out = b;
+	*out_len = n;
+	return true;
 }
 
 bool mcp_span_is(const struct mcp_span *sp, const char *s)

@@ -36,6 +36,7 @@ const char *mcp_method_label(const char *method, const char *http_method)
 	        "notifications/cancelled",
 	        "notifications/progress",
 	        "notifications/roots/list_changed",
+	        "batch", /* a JSON-RPC batch as a whole (each member has its own line) */
 	};
 	if (method == NULL) {
 		if (http_method != NULL && strcmp(http_method, "GET") == 0)
@@ -129,6 +130,8 @@ size_t mcp_log_format(const struct mcp_log_record *r, char *buf, size_t cap)
 	put_num(&o, "upstream_status", (uint64_t)(r->upstream_status > 0 ? r->upstream_status : 0),
 	        true);
 	put_str(&o, "outcome", r->outcome);
+	put_str(&o, "policy", r->policy);
+	put_str(&o, "policy_action", r->policy_action);
 	if (r->rpc_error != 0) {
 		snprintf(tmp, sizeof(tmp), ",\"rpc_error\":%d", r->rpc_error);
 		puts_(&o, tmp);

@@ -81,8 +81,7 @@ json_t *mcp_merge_list(enum mcp_list kind, const struct mcp_list_part *parts, si
 			memcpy(pref + sl, sep, pl);
 			memcpy(pref + sl + pl, json_string_value(name), nl);
 			pref[total] = '\0';
-			bool keep = kind != MCP_LIST_TOOLS ||
-			            mcp_tool_allowed(route_filter, consumer_filter, pref, total);
+			bool keep = mcp_tool_allowed(route_filter, consumer_filter, pref, total);
 			json_t *copy = keep ? json_copy((json_t *)item) : NULL;
 			json_t *ns = copy ? json_stringn(pref, total) : NULL;
 			if (pref != small)

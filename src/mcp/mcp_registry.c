@@ -37,6 +37,7 @@
 
 struct mcp_server_state {
 	char *name, *endpoint;
+	size_t index; /* 0, 1, 2 … in order of creation: workers' tables are indexed by it */
 	_Atomic(struct mcp_server_state *) next;
 	atomic_bool retired;
 	struct instance_state *health; /* health_state("mcp:<name>") */
@@ -47,6 +48,7 @@ struct mcp_server_state {
 
 static _Atomic(struct mcp_server_state *) states;
 static pthread_mutex_t states_mu = PTHREAD_MUTEX_INITIALIZER;
+static size_t n_states; /* under states_mu */
 
 struct mcp_server_state *mcp_server_state_get(const char *name, const char *endpoint)
 {
@@ -62,6 +64,7 @@ struct mcp_server_state *mcp_server_state_get(const char *name, const char *endp
 		char hname[160];
 		st->name = strdup(name);
 		st->endpoint = strdup(ep);
+		st->index = n_states++;
 		snprintf(hname, sizeof(hname), "mcp:%s", name);
 		st->health = health_state(hname);
 		pthread_mutex_init(&st->tools_mu, NULL);
@@ -78,6 +81,16 @@ struct mcp_server_state *mcp_server_state_get(const char *name, const char *endp
 		abort();
 	}
 	return st;
+}
+
+size_t mcp_server_index(const struct mcp_server_state *st)
+{
+	return st->index;
+}
+
+const char *mcp_server_endpoint(const struct mcp_server_state *st)
+{
+	return st->endpoint;
 }
 
 bool mcp_server_retired(const struct mcp_server_state *st)
@@ -125,6 +138,10 @@ struct sess_entry {
 	uint64_t created_ms, last_ms, idle_ms;
 	uint64_t messages;
 	bool closed;
+	/* The session's servers and their own session ids: what a reload that removes one of
+	 * them ends upstream (mcp_reap.c). Allocated with the entry. */
+	uint8_t n_up;
+	struct mcp_upstream_session *up;
 };
 
 struct mcp_worker_shared {
@@ -238,9 +255,12 @@ void mcp_worker_session_seen(struct mcp_worker *mw, const struct mcp_session *s,
 	for (e = sh->buckets[b]; e != NULL; e = e->next)
 		if (memcmp(e->sid, s->sid, MCP_SID_BYTES) == 0)
 			break;
-	if (e == NULL && (e = calloc(1, sizeof(*e))) != NULL) {
+	if (e == NULL && (e = calloc(1, sizeof(*e) + s->n * sizeof(*e->up))) != NULL) {
 		/* First message of this session on this worker: one allocation, then none. */
 		memcpy(e->sid, s->sid, MCP_SID_BYTES);
+		e->n_up = s->n;
+		e->up = (struct mcp_upstream_session *)(void *)(e + 1);
+		memcpy(e->up, s->up, s->n * sizeof(*e->up));
 		e->generation = s->generation;
 		e->route_index = s->route;
 		snprintf(e->route, sizeof(e->route), "%s", route ? route : "");
@@ -284,22 +304,29 @@ void mcp_worker_session_closed(struct mcp_worker *mw, const struct mcp_session *
 
 /* ---------------------------------------------------------------- main thread */
 
-/* Does the session's route, in its snapshot, use a retired server? */
-static bool entry_retired(const struct mcp_worker_shared *sh, const struct sess_entry *e)
+/* The session's route in its snapshot (still on the worker's list), or NULL. */
+static const struct mcp_route_conf *entry_route(const struct mcp_worker_shared *sh,
+                                                const struct sess_entry *e)
 {
 	for (size_t i = 0; i < sh->n_snaps; i++) {
 		const struct config *c = sh->snaps[i];
-		if (c->generation != e->generation)
-			continue;
-		if (e->route_index >= c->n_routes || c->routes[e->route_index].mcp == NULL)
-			return true;
-		const struct mcp_route_conf *rc = c->routes[e->route_index].mcp;
-		for (size_t k = 0; k < rc->n_servers; k++)
-			if (mcp_server_retired(rc->servers[k]->state))
-				return true;
-		return false;
+		if (c->generation == e->generation)
+			return e->route_index < c->n_routes ? c->routes[e->route_index].mcp : NULL;
 	}
-	return true; /* its snapshot is gone */
+	return NULL;
+}
+
+/* Does the session use a retired server (as attach_session sees it)? */
+static bool entry_retired(const struct mcp_worker_shared *sh, const struct sess_entry *e)
+{
+	const struct mcp_route_conf *rc = entry_route(sh, e);
+	if (rc == NULL)
+		return true; /* its snapshot is gone */
+	for (size_t k = 0; k < e->n_up; k++)
+		if (e->up[k].slot >= rc->n_servers ||
+		    mcp_server_retired(rc->servers[e->up[k].slot]->state))
+			return true;
+	return false;
 }
 
 struct closed_list {
@@ -412,6 +439,55 @@ bool mcp_global_init(void)
 	return true;
 }
 
+/*
+ * A reload retired servers: every open session that used one ends (its next message gets
+ * 404). Its upstream sessions end too — on its other servers and on the removed one where
+ * it still answers: each gets a DELETE with its own Mcp-Session-Id (mcp_reap.c: in the
+ * background, bounded, best effort). A session is seen by several workers: once each.
+ */
+static void end_retired_sessions(void)
+{
+	uint8_t(*done)[MCP_SID_BYTES] = NULL;
+	size_t n_done = 0, cap_done = 0, n_ended = 0;
+
+	for (size_t w = 0; w < n_workers; w++) {
+		struct mcp_worker_shared *sh = mcp_worker_shared(workers[w]);
+		pthread_mutex_lock(&sh->mu);
+		for (size_t b = 0; b < SESSION_BUCKETS; b++)
+			for (struct sess_entry *e = sh->buckets[b]; e != NULL; e = e->next) {
+				const struct mcp_route_conf *rc = entry_route(sh, e);
+				if (e->closed || rc == NULL || !entry_retired(sh, e))
+					continue;
+				e->closed = true; /* the sweep takes it off every worker */
+				bool seen = false;
+				for (size_t k = 0; k < n_done && !seen; k++)
+					seen = memcmp(done[k], e->sid, MCP_SID_BYTES) == 0;
+				if (seen)
+					continue;
+				if (n_done == cap_done) {
+					size_t cap = cap_done ? 2 * cap_done : 16;
+					void *p = realloc(done, cap * MCP_SID_BYTES);
+					if (p == NULL)
+						continue;
+					done = p;
+					cap_done = cap;
+				}
+				memcpy(done[n_done++], e->sid, MCP_SID_BYTES);
+				n_ended++;
+				for (size_t k = 0; k < e->n_up; k++)
+					if (e->up[k].sid_len > 0 && e->up[k].slot < rc->n_servers)
+						mcp_reap_session(rc->servers[e->up[k].slot],
+						                 &e->up[k]);
+			}
+		pthread_mutex_unlock(&sh->mu);
+	}
+	free(done);
+	if (n_ended > 0)
+		log_info("mcp: %zu open session%s used a removed server: ended, and their server "
+		         "sessions are being closed (DELETE)",
+		         n_ended, n_ended == 1 ? "" : "s");
+}
+
 void mcp_probes_start(struct event_base *base);
 void mcp_probes_sync(const struct config *c);
 void mcp_probes_stop(void);
@@ -435,6 +511,7 @@ void mcp_publish(struct config *c)
 			         "end",
 			         st->name, st->endpoint);
 	}
+	end_retired_sessions();
 	for (size_t w = 0; w < n_workers; w++) {
 		shared_add_snap(mcp_worker_shared(workers[w]), c);
 		mcp_worker_retired_servers(workers[w]);
@@ -453,6 +530,7 @@ bool mcp_main_start(struct event_base *main_base)
 	struct timeval tv = {MCP_SWEEP_MS / 1000, (MCP_SWEEP_MS % 1000) * 1000};
 	event_add(sweep_ev, &tv);
 	mcp_probes_start(main_base);
+	mcp_reap_start(main_base);
 	if (published != NULL)
 		mcp_probes_sync(published);
 	return true;
@@ -461,6 +539,7 @@ bool mcp_main_start(struct event_base *main_base)
 void mcp_main_stop(void)
 {
 	mcp_probes_stop();
+	mcp_reap_stop();
 	if (sweep_ev != NULL) {
 		event_free(sweep_ev);
 		sweep_ev = NULL;

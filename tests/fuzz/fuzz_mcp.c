@@ -1,5 +1,6 @@
 /* fuzz_mcp.c — libFuzzer target for what the MCP gateway reads from outside: JSON-RPC bodies
- * (classification, the top-level scanner, list merging of a server's answer), the
+ * (classification, batches, the top-level scanner, the name splice, the arguments handed to
+ * policies, list merging of a server's answer), the
  * Mcp-Session-Id and Last-Event-ID headers, list cursors and tool globs.
  *
  * Input: bytes split at the first two 0xff bytes into (header, body, pattern); each part is
@@ -62,10 +63,36 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	/* bodies and stream events: bytes with a length */
 	struct mcp_scan sc;
 	(void)mcp_scan_object((const char *)body, bl, &sc);
+	struct mcp_span sp;
+	(void)mcp_scan_member((const char *)body, bl, "params", &sp);
 	json_t *m = json_loadb((const char *)body, bl, JSON_REJECT_DUPLICATES, NULL);
 	if (m != NULL) {
 		const char *method;
 		(void)mcp_msg_classify(m, &method);
+		size_t answered;
+		(void)mcp_batch_check(m, MCP_MAX_BATCH, &answered);
+		/* the splice must agree with the parsed message: the name, prefix cut */
+		const json_t *params = json_object_get(m, "params");
+		const json_t *name = json_object_get(params, "name");
+		char *out = NULL;
+		size_t ol = 0;
+		if (json_is_string(name) &&
+		    mcp_splice_param((const char *)body, bl, NULL, "name", json_string_value(name),
+		                     json_string_length(name), json_string_length(name) / 2, &out,
+		                     &ol)) {
+			json_t *again = json_loadb(out, ol, JSON_REJECT_DUPLICATES, NULL);
+			const json_t *n2 =
+			        json_object_get(json_object_get(again, "params"), "name");
+			size_t cut = json_string_length(name) / 2;
+			if (!json_is_string(n2) ||
+			    json_string_length(n2) != json_string_length(name) - cut ||
+			    memcmp(json_string_value(n2), json_string_value(name) + cut,
+			           json_string_length(n2)) != 0)
+				abort();
+			json_decref(again);
+			free(out);
+		}
+		json_decref(mcp_policy_body(json_object_get(params, "arguments"), NULL));
 		struct mcp_list_part lp = {1, "srv", m};
 		const char *next[1];
 		char *deny[] = {"srv__x*"};

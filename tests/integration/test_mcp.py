@@ -101,7 +101,8 @@ class NodeServer:
 
 
 def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__delete_*",),
-               servers=("search", "tickets"), tickets_limit=None, checks=False):
+               servers=("search", "tickets"), tickets_limit=None, checks=False, plugins=None,
+               store=None, carol_limit=2):
     srv = []
     if "search" in servers:
         srv.append({"name": "search", "endpoint": search.url(),
@@ -123,16 +124,64 @@ def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__de
         "consumers": [
             {"name": "alice", "keys": ["alice-key"]},
             {"name": "bob", "keys": ["bob-key"],
-             "mcp_tools": {"allow": ["search__*"], "deny": ["search__whoami"]}},
+             "mcp_tools": {"allow": ["search__*"], "deny": ["search__whoami"],
+                           "prompts": {"allow": ["search__summarize"]},
+                           "resources": {"deny": ["*"]}}},
             {"name": "carol", "keys": ["carol-key"],
-             "mcp_tools": {"limits": [{"requests": 2, "window": Raw("1h")}]}},
+             "mcp_tools": {"limits": [{"requests": carol_limit, "window": Raw("1h")}]}},
         ],
         "routes": [{"name": "tools", "type": Raw("mcp"), "paths": ["/mcp"],
                     "auth": Raw("key-auth"),
                     "mcp": {"servers": list(servers),
-                            "tools": {"allow": [], "deny": list(deny)}}}],
+                            "tools": {"allow": [], "deny": list(deny)},
+                            "prompts": {"deny": ["*__secret_*"]},
+                            "resources": {"deny": ["search__search://secret"]}}}],
     }
+    if plugins:
+        cfg["routes"][0]["plugins"] = plugins
+    if store:
+        cfg["store"] = store
     return harness.to_yaml(cfg) + "\n"
+
+
+def rpc(port, method, params=None, session=None, key="alice-key", id_=1, extra=None,
+        version="2025-06-18"):
+    """One JSON-RPC message POSTed to the gateway on port: (response, the JSON-RPC answer:
+    the JSON body, or the last message of an SSE answer)."""
+    headers = {"Authorization": "Bearer " + key, "Accept": ACCEPT}
+    if session:
+        headers["Mcp-Session-Id"] = session
+        headers["MCP-Protocol-Version"] = version
+    headers.update(extra or {})
+    msg = {"jsonrpc": "2.0", "method": method}
+    if id_ is not None:
+        msg["id"] = id_
+    if params is not None:
+        msg["params"] = params
+    r = harness.http_request(port, "POST", "/mcp", headers=headers, json_body=msg)
+    return r, rpc_body(r)
+
+
+def rpc_body(r):
+    ctype = r.header("content-type") or ""
+    if ctype.startswith("text/event-stream"):
+        msgs = [json.loads(e.data) for e in harness.parse_sse(r.body) if e.data]
+        return msgs[-1] if msgs else None
+    return json.loads(r.body) if r.body.strip() else None
+
+
+def open_session(test, port, key="alice-key", version="2025-06-18"):
+    """initialize + notifications/initialized on the gateway on port; the session id."""
+    r, b = rpc(port, "initialize", {"protocolVersion": version, "capabilities": {},
+                                    "clientInfo": {"name": "raw", "version": "1"}}, key=key)
+    test.assertEqual(r.status, 200, r)
+    test.assertEqual(b["result"]["protocolVersion"], version)
+    sid = r.header("mcp-session-id")
+    test.assertTrue(sid)
+    r, _ = rpc(port, "notifications/initialized", session=sid, key=key, id_=None,
+               version=version)
+    test.assertEqual(r.status, 202, r)
+    return sid
 
 
 class MCPTest(harness.SluiceTestCase):
@@ -176,37 +225,29 @@ class MCPTest(harness.SluiceTestCase):
         self.assertTrue(lines, "client.mjs printed nothing")
         return json.loads(lines[-1])
 
-    def rpc(self, method, params=None, session=None, key="alice-key", id_=1, extra=None):
-        headers = {"Authorization": "Bearer " + key, "Accept": ACCEPT}
-        if session:
-            headers["Mcp-Session-Id"] = session
-            headers["MCP-Protocol-Version"] = "2025-06-18"
-        headers.update(extra or {})
-        msg = {"jsonrpc": "2.0", "method": method}
-        if id_ is not None:
-            msg["id"] = id_
-        if params is not None:
-            msg["params"] = params
-        r = harness.http_request(self.port, "POST", "/mcp", headers=headers, json_body=msg)
-        return r, self.body(r)
+    def rpc(self, method, params=None, **kw):
+        return rpc(self.port, method, params, **kw)
 
-    @staticmethod
-    def body(r):
+    def session(self, key="alice-key", version="2025-06-18"):
+        return open_session(self, self.port, key, version)
+
+    def batch(self, msgs, session, key="alice-key", version="2025-03-26"):
+        """POST a JSON-RPC batch; (response, {id: message} of every message in the answer,
+        the list of those messages in the order they came)."""
+        headers = {"Authorization": "Bearer " + key, "Accept": ACCEPT,
+                   "Mcp-Session-Id": session, "MCP-Protocol-Version": version}
+        r = harness.http_request(self.port, "POST", "/mcp", headers=headers,
+                                 body=json.dumps(msgs).encode())
         ctype = r.header("content-type") or ""
         if ctype.startswith("text/event-stream"):
-            msgs = [json.loads(e.data) for e in harness.parse_sse(r.body) if e.data]
-            return msgs[-1] if msgs else None
-        return json.loads(r.body) if r.body.strip() else None
-
-    def session(self, key="alice-key"):
-        r, b = self.rpc("initialize", {"protocolVersion": "2025-06-18", "capabilities": {},
-                                       "clientInfo": {"name": "raw", "version": "1"}}, key=key)
-        self.assertEqual(r.status, 200, r)
-        sid = r.header("mcp-session-id")
-        self.assertTrue(sid)
-        r, _ = self.rpc("notifications/initialized", session=sid, key=key, id_=None)
-        self.assertEqual(r.status, 202, r)
-        return sid
+            got = [json.loads(e.data) for e in harness.parse_sse(r.body) if e.data]
+        elif r.body.strip():
+            got = json.loads(r.body)
+        else:
+            got = []
+        if isinstance(got, dict):
+            return r, {}, [got]
+        return r, {m.get("id"): m for m in got if "id" in m}, got
 
     def access_lines(self):
         return [json.loads(l) for l in harness.read_text(self.access_log).splitlines()
@@ -364,6 +405,9 @@ class MCPTest(harness.SluiceTestCase):
         self.assertTrue(all(x["healthy"] for x in a["servers"]))
         self.assertEqual(a["sessions"][0]["consumer"], "alice")
         self.assertEqual(a["sessions"][0]["servers"], "search,tickets")
+        routes = self.admin("/routes").json()
+        self.assertEqual([(x["name"], x["type"], x.get("servers")) for x in routes],
+                         [("tools", "mcp", ["search", "tickets"])])
         # the server-to-client stream (GET) is merged and ends when asked to
         with harness.HTTPConn(self.port) as c:
             c.send_request("GET", "/mcp", headers={"Authorization": "Bearer alice-key",
@@ -421,6 +465,14 @@ class MCPTest(harness.SluiceTestCase):
                             session=sid, id_=7)
             self.assertEqual(r.status, 404, r)
             self.assertEqual(b["error"]["code"], -32004)
+        # their server sessions were ended too (DELETE with each one's own session id): on
+        # search, which stays, and on tickets, which is gone from the file but still runs
+        harness.wait_until(lambda: self.search.stats()["sessions_closed"] == 2 and
+                           self.tickets.stats()["sessions_closed"] == 2,
+                           message="both servers to see both sessions end")
+        self.assertEqual((self.search.stats()["deletes"], self.tickets.stats()["deletes"]),
+                         (2, 2))
+        self.gw.wait_log(r"2 open sessions used a removed server", since=off)
         out = self.client("list")
         self.assertEqual(out["steps"]["list_tools"]["names"], SEARCH_TOOLS)
 
@@ -451,6 +503,209 @@ class MCPTest(harness.SluiceTestCase):
         r, b = self.rpc("tools/call", {"name": "search__search", "arguments": {"query": "h"}},
                         session=sid, id_=4)
         self.assertEqual(b["result"]["content"][0]["text"], "results for h")
+
+    def test_prompts_and_resources_filters(self):
+        sid = self.session()
+        before = dict(self.search.stats()["methods"])
+        r, b = self.rpc("prompts/list", {}, session=sid, id_=1)
+        self.assertEqual([p["name"] for p in b["result"]["prompts"]], ["search__summarize"])
+        r, b = self.rpc("resources/list", {}, session=sid, id_=2)
+        self.assertEqual([x["uri"] for x in b["result"]["resources"]],
+                         ["search__search://index"])
+        # hidden ones answer as ones that do not exist, and are never forwarded
+        r, b = self.rpc("prompts/get", {"name": "search__secret_prompt"}, session=sid, id_=3)
+        self.assertEqual((r.status, b["id"], b["error"]["code"]), (200, 3, -32602))
+        self.assertIn("Unknown prompt", b["error"]["message"])
+        r, b = self.rpc("resources/read", {"uri": "search__search://secret"}, session=sid, id_=4)
+        self.assertEqual((r.status, b["error"]["code"]), (200, -32002))
+        r, b = self.rpc("resources/subscribe", {"uri": "search__search://secret"}, session=sid,
+                        id_=5)
+        self.assertEqual(b["error"]["code"], -32002)
+        r, b = self.rpc("completion/complete",
+                        {"ref": {"type": "ref/prompt", "name": "search__secret_prompt"},
+                         "argument": {"name": "x", "value": ""}}, session=sid, id_=6)
+        self.assertEqual(b["error"]["code"], -32602)
+        after = self.search.stats()["methods"]
+        for m in ("prompts/get", "resources/read", "resources/subscribe", "completion/complete"):
+            self.assertEqual(after.get(m, 0), before.get(m, 0), m)
+        # the visible ones work
+        r, b = self.rpc("resources/read", {"uri": "search__search://index"}, session=sid, id_=7)
+        self.assertEqual(b["result"]["contents"][0]["text"], "the whole index")
+        # bob's own lists narrow the route's: no resource at all, only summarize
+        bob = self.session("bob-key")
+        r, b = self.rpc("resources/list", {}, session=bob, key="bob-key", id_=8)
+        self.assertEqual(b["result"]["resources"], [])
+        r, b = self.rpc("resources/read", {"uri": "search__search://index"}, session=bob,
+                        key="bob-key", id_=9)
+        self.assertEqual(b["error"]["code"], -32002)
+        r, b = self.rpc("prompts/get", {"name": "search__summarize", "arguments": {"text": "t"}},
+                        session=bob, key="bob-key", id_=10)
+        self.assertEqual(b["result"]["messages"][0]["content"]["text"], "Summarize: t")
+        denied = harness.wait_until(
+            lambda: [l for l in self.access_lines() if l["outcome"] == "denied"]
+            if len([l for l in self.access_lines() if l["outcome"] == "denied"]) == 5 else None,
+            message="five denied lines in the access log")
+        self.assertEqual({(l["upstream"], l["rpc_error"]) for l in denied},
+                         {("search", -32602), ("search", -32002)})
+
+    def test_policies_over_tool_arguments(self):
+        mock = self.start_mock()
+        plugins = [{"prompt_guard": {"deny": [Raw('"(?i)drop\\\\s+table"')]}},
+                   {"request_limits": {"max_prompt_tokens": 1000}},
+                   {"moderation": {"endpoint": mock.url("/v1/moderations"),
+                                   "on": [Raw("request")]}}]
+        off = self.gw.reload(self.config(plugins=plugins))
+        self.gw.wait_log(r"reloaded", since=off)
+        sid = self.session()
+
+        def call(args, i):
+            return self.rpc("tools/call", {"name": "search__search", "arguments": args},
+                            session=sid, id_=i)
+
+        r, b = call({"query": "sluice"}, 1)
+        self.assertEqual(b["result"]["content"][0]["text"], "results for sluice")
+        # a deny pattern in any string argument, nested too: refused, never forwarded
+        for i, args in enumerate(({"query": "please DROP  TABLE users"},
+                                  {"query": "x", "opts": {"deep": [1, "then drop table t"]}}), 2):
+            r, b = call(args, i)
+            self.assertEqual((r.status, b["id"], b["error"]["code"]), (200, i, -32040), b)
+            self.assertIn("prompt_blocked", b["error"]["message"])
+            self.assertEqual(b["error"]["data"]["reason"], "policy_refused")
+        # moderation decides asynchronously: a flagged argument is refused too
+        r, b = call({"query": "how to shoplift"}, 4)
+        self.assertEqual(b["error"]["code"], -32040)
+        self.assertIn("content_flagged", b["error"]["message"])
+        # request_limits counts the arguments' text
+        r, b = call({"query": "word " * 3000}, 5)
+        self.assertEqual(b["error"]["code"], -32040)
+        self.assertIn("max_prompt_tokens", b["error"]["message"])
+        self.assertEqual(self.search.stats()["calls"], {"search": 1})
+        seen = json.dumps([q.get("body") for q in mock.requests("/v1/moderations")])
+        self.assertIn("shoplift", seen)
+        self.assertIn("sluice", seen)
+        # the SDK's client gets the same JSON-RPC error
+        out = self.client("calls", calls=1, tool="search__search", query="drop table sdk")
+        self.assertEqual(out["calls"][0]["code"], -32040)
+        self.assertEqual(self.search.stats()["calls"], {"search": 1})
+        lines = harness.wait_until(
+            lambda: [l for l in self.access_lines() if l["outcome"] == "policy_refused"]
+            if len([l for l in self.access_lines() if l["outcome"] == "policy_refused"]) == 5
+            else None, message="five policy_refused lines")
+        self.assertEqual([(l["policy"], l["policy_action"]) for l in lines[:2]],
+                         [("prompt_guard", "blocked")] * 2)
+        self.assertEqual(lines[2]["policy"], "moderation")
+
+    def test_batches_2025_03_26(self):
+        off = self.gw.reload(self.config(plugins=[
+            {"prompt_guard": {"deny": [Raw('"(?i)drop\\\\s+table"')]}}]))
+        self.gw.wait_log(r"reloaded", since=off)
+        sid = self.session(version="2025-03-26")
+        call = lambda i, name, args: {"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                                      "params": {"name": name, "arguments": args}}
+        msgs = [call(1, "search__search", {"query": "b1"}),
+                call(2, "tickets__delete_ticket", {}),            # denied by the route
+                {"jsonrpc": "2.0", "id": 3, "method": "ping"},    # answered by Sluice
+                {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"},
+                {"jsonrpc": "2.0", "id": "four", "method": "tools/list"},
+                call(5, "search__search", {"query": "drop table x"}),  # refused by the guard
+                call(6, "tickets__create_ticket", {"title": "t6"}),
+                {"nope": 1}]                                      # not a message
+        r, by_id, got = self.batch(msgs, sid)
+        self.assertEqual(r.status, 200, r)
+        # the servers answer calls with streams: the batch is one SSE stream
+        self.assertTrue(r.header("content-type").startswith("text/event-stream"), r)
+        self.assertEqual(len(got), 7, got)
+        self.assertEqual(by_id[1]["result"]["content"][0]["text"], "results for b1")
+        self.assertEqual(by_id[2]["error"]["code"], -32602)
+        self.assertEqual(by_id[3], {"jsonrpc": "2.0", "id": 3, "result": {}})
+        names = [t["name"] for t in by_id["four"]["result"]["tools"]]
+        self.assertIn("search__search", names)
+        self.assertNotIn("tickets__delete_ticket", names)
+        self.assertEqual(by_id[5]["error"]["code"], -32040)
+        self.assertEqual(by_id[6]["result"]["content"][0]["text"], "create_ticket: t6")
+        self.assertEqual([m["error"]["code"] for m in got if m.get("id") is None], [-32600])
+        st, tt = self.search.stats(), self.tickets.stats()
+        self.assertEqual((st["calls"], tt["calls"]), ({"search": 1}, {"create_ticket": 1}))
+        self.assertEqual(st["methods"].get("notifications/roots/list_changed"), 1)
+        self.assertEqual(tt["methods"].get("notifications/roots/list_changed"), 1)
+        self.assertEqual(set(st["protocol_versions"]), {"2025-03-26"})
+        # only answers made here or merged: one JSON array, in the batch's order
+        r, by_id, got = self.batch([{"jsonrpc": "2.0", "id": 10, "method": "prompts/list"},
+                                    {"jsonrpc": "2.0", "id": 11, "method": "ping"}], sid)
+        self.assertEqual((r.status, r.header("content-type")), (200, "application/json"))
+        self.assertEqual([m["id"] for m in got], [10, 11])
+        self.assertEqual([p["name"] for p in by_id[10]["result"]["prompts"]],
+                         ["search__summarize"])
+        # notifications only: 202, no body
+        r, _, got = self.batch([{"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}],
+                               sid)
+        self.assertEqual((r.status, got), (202, []))
+        # an initialize inside a batch gets its own error
+        r, by_id, _ = self.batch([{"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                   "params": {"protocolVersion": "2025-03-26"}}], sid)
+        self.assertEqual((r.status, by_id[1]["error"]["code"]), (200, -32600))
+        # refused as a whole: empty, responses mixed with requests, no session
+        for bad, sess in (([], sid), ([{"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                                       {"jsonrpc": "2.0", "id": "s0:1", "result": {}}], sid)):
+            r, _, got = self.batch(bad, sess)
+            self.assertEqual((r.status, got[0]["error"]["code"]), (400, -32600), got)
+        # 2025-06-18 and later have no batches
+        new = self.session()
+        r, _, got = self.batch([{"jsonrpc": "2.0", "id": 1, "method": "ping"}], new,
+                               version="2025-06-18")
+        self.assertEqual((r.status, got[0]["error"]["code"]), (400, -32600))
+        self.assertIn("2025-06-18", got[0]["error"]["message"])
+        # the access log: one line per member (request id <batch>.<n>), one for the batch
+        lines = harness.wait_until(
+            lambda: [l for l in self.access_lines() if l["rpc_method"] == "batch"]
+            and self.access_lines(), message="the batches' lines")
+        first = [l for l in lines if l["rpc_method"] == "batch"][0]
+        members = [l for l in lines if l["request_id"].startswith(first["request_id"] + ".")]
+        self.assertEqual(len(members), 8)
+        self.assertEqual(sorted(l["outcome"] for l in members),
+                         sorted(["ok", "denied", "ok", "ok", "ok", "policy_refused", "ok",
+                                 "invalid"]))
+
+    def test_batch_rate_limits_per_member(self):
+        sid = self.session("carol-key", version="2025-03-26")
+        msgs = [{"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                 "params": {"name": "search__search", "arguments": {"query": "r%d" % i}}}
+                for i in range(3)]
+        r, by_id, got = self.batch(msgs, sid, key="carol-key")
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(sorted(by_id), [0, 1, 2])
+        ok = [i for i in by_id if "result" in by_id[i]]
+        limited = [i for i in by_id if "error" in by_id[i]]
+        self.assertEqual((len(ok), len(limited)), (2, 1), got)
+        self.assertEqual(by_id[limited[0]]["error"]["code"], -32029)
+        self.assertGreater(int(r.header("retry-after")), 0)
+        self.assertEqual(self.search.stats()["calls"]["search"], 2)
+
+    def test_batch_client_gone_mid_stream(self):
+        sid = self.session(version="2025-03-26")
+        msgs = [{"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                 "params": {"name": "search__slow_search", "arguments": {"steps": 50},
+                            "_meta": {"progressToken": "p"}}},
+                {"jsonrpc": "2.0", "id": 2, "method": "ping"}]
+        with harness.HTTPConn(self.port) as c:
+            c.send_request("POST", "/mcp", headers={
+                "Authorization": "Bearer alice-key", "Accept": ACCEPT, "Mcp-Session-Id": sid,
+                "MCP-Protocol-Version": "2025-03-26", "Content-Type": "application/json"},
+                body=json.dumps(msgs).encode())
+            head = c.read_head()
+            self.assertEqual(head.status, 200)
+            self.assertTrue(head.header("content-type").startswith("text/event-stream"))
+        # the client left: the batch and its unfinished member end, the call upstream too
+        lines = harness.wait_until(
+            lambda: [l for l in self.access_lines() if l["rpc_method"] == "batch"],
+            message="the batch's line")
+        # (the head was sent: its status stays, as for one streamed call)
+        self.assertEqual((lines[0]["status"], lines[0]["outcome"]), (200, "client_gone"))
+        members = [l for l in self.access_lines()
+                   if l["request_id"].startswith(lines[0]["request_id"] + ".")]
+        self.assertEqual(sorted(l["outcome"] for l in members), ["client_gone", "ok"])
+        r, b = self.rpc("ping", session=sid, id_=3, version="2025-03-26")
+        self.assertEqual(b["result"], {})
 
     def test_protocol_errors(self):
         h = {"Authorization": "Bearer alice-key", "Accept": ACCEPT}

@@ -585,9 +585,9 @@ class AdminTest(OpsCase):
         self.assertOpenAIError(nobody, 404)
 
         self.assertEqual(self.admin.json("/routes"), [
-            {"name": "chat", "paths": [CHAT], "models": ["m-chat"],
+            {"name": "chat", "type": "llm", "paths": [CHAT], "models": ["m-chat"],
              "targets": [{"instance": "good", "priority": 0, "weight": 100}]},
-            {"name": "fb", "paths": [CHAT], "models": ["m-fb"],
+            {"name": "fb", "type": "llm", "paths": [CHAT], "models": ["m-fb"],
              "targets": [{"instance": "flaky", "priority": 10, "weight": 100},
                          {"instance": "good", "priority": 5, "weight": 100}]}])
         r = self.admin.get("/readyz")

@@ -5,7 +5,8 @@
 //   full      initialize, list tools (every page), call, progress, denied tool, prompts,
 //             resources, ping, DELETE (terminateSession)
 //   list      initialize and list tools (every page) only; keeps nothing open
-//   calls     initialize, then CALLS calls of TOOL (default 3); each outcome recorded
+//   calls     initialize, then CALLS calls of TOOL (default 3) with arguments {query: QUERY
+//             (default q<i>), title}; each outcome recorded
 //   killed    initialize, list, then wait for the file WAIT_FILE to appear (the test kills
 //             a server meanwhile) and call TOOL_DEAD then TOOL_ALIVE
 //   badkey    initialize with a wrong key: the error
@@ -120,7 +121,8 @@ async function main() {
     out.calls = [];
     for (let i = 0; i < n; i++) {
       try {
-        const r = await client.callTool({ name: tool, arguments: { query: `q${i}`, title: `t${i}` } });
+        const query = process.env.QUERY ?? `q${i}`;
+        const r = await client.callTool({ name: tool, arguments: { query, title: `t${i}` } });
         out.calls.push({ ok: true, text: text(r) });
       } catch (e) {
         out.calls.push({ ok: false, ...err(e) });

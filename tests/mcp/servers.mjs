@@ -1,7 +1,8 @@
 // servers.mjs: one real MCP server built with the official SDK's Streamable HTTP server
 // transport, for tests/integration/test_mcp.py. Two kinds:
 //   --kind search   the high-level McpServer: tools search, slow_search (sends progress
-//                   notifications while it works), whoami; a prompt and a resource
+//                   notifications while it works), whoami; prompts summarize and
+//                   secret_prompt, resources search://index and search://secret
 //   --kind tickets  the low-level Server with a paginated tools/list (2 tools a page)
 // Stateful: each initialize gets its own session (Mcp-Session-Id) and transport.
 // Also answers GET /_stats (JSON): what arrived, for the test's assertions.
@@ -27,7 +28,7 @@ const port = Number(args.port || 0);
 
 const stats = {
   kind, initialize: 0, sessions_closed: 0, calls: {}, auth: [], methods: {}, get_streams: 0,
-  client_keys_seen: [],
+  client_keys_seen: [], deletes: 0, protocol_versions: {},
 };
 const transports = new Map();
 
@@ -67,6 +68,10 @@ function searchServer() {
     ({ text }) => ({ messages: [{ role: 'user', content: { type: 'text', text: `Summarize: ${text}` } }] }));
   s.registerResource('index', 'search://index', { description: 'The index' },
     async (uri) => ({ contents: [{ uri: uri.href, text: 'the whole index' }] }));
+  s.registerPrompt('secret_prompt', { description: 'Hidden by the gateway in the tests' },
+    () => ({ messages: [{ role: 'user', content: { type: 'text', text: 'the secret prompt' } }] }));
+  s.registerResource('secret', 'search://secret', { description: 'Hidden by the gateway' },
+    async (uri) => ({ contents: [{ uri: uri.href, text: 'the secret' }] }));
   return s.server;
 }
 
@@ -119,6 +124,9 @@ const httpServer = http.createServer(async (req, res) => {
       stats.methods[m] = (stats.methods[m] || 0) + 1;
     }
     if (req.method === 'GET') stats.get_streams++;
+    if (req.method === 'DELETE') stats.deletes++;
+    const pv = req.headers['mcp-protocol-version'];
+    if (pv) stats.protocol_versions[pv] = (stats.protocol_versions[pv] || 0) + 1;
     let t = sid ? transports.get(sid) : undefined;
     if (!t) {
       if (sid || req.method !== 'POST' || !isInitializeRequest(body)) {

@@ -10,6 +10,7 @@
 #include <cmocka.h>
 
 #include "sluice/mcp.h"
+#include "sluice/policy.h"
 
 static const char good[] =
         "mcp_servers:\n"
@@ -73,6 +74,44 @@ static void test_contract_loads(void **state)
 	config_unref(c);
 }
 
+static void test_prompts_resources_plugins(void **state)
+{
+	static const char y[] =
+	        "mcp_servers: [{ name: s, endpoint: http://h/mcp }]\n"
+	        "consumers:\n"
+	        "  - name: a\n"
+	        "    keys: [k1]\n"
+	        "    mcp_tools: { deny: [\"s__x\"], prompts: { allow: [\"s__p*\"] },\n"
+	        "                 resources: { deny: [\"s__file:///secret/*\"] } }\n"
+	        "routes:\n"
+	        "  - name: tools\n"
+	        "    type: mcp\n"
+	        "    paths: [/mcp]\n"
+	        "    mcp: { servers: [s], prompts: { deny: [\"*__admin*\"] },\n"
+	        "           resources: { allow: [\"s__*\"], deny: [\"*.key\"] } }\n"
+	        "    plugins:\n"
+	        "      - prompt_guard: { deny: [\"(?i)drop table\"] }\n"
+	        "      - request_limits: { max_prompt_tokens: 1000 }\n"
+	        "      - moderation: { endpoint: \"http://m/v1/moderations\", on: [request] }\n";
+	struct config_errors e;
+	struct config *c = config_load_string(y, strlen(y), "t.yaml", &e);
+	for (size_t i = 0; c == NULL && i < e.n; i++)
+		print_error("%s\n", e.msgs[i]);
+	assert_non_null(c);
+	const struct mcp_route_conf *rc = c->routes[0].mcp;
+	assert_int_equal(rc->prompts.n_deny, 1);
+	assert_int_equal(rc->resources.n_allow, 1);
+	assert_int_equal(rc->resources.n_deny, 1);
+	assert_int_equal(rc->tools.n_allow + rc->tools.n_deny, 0);
+	const struct mcp_consumer_conf *mc = c->consumers[0].mcp;
+	assert_int_equal(mc->tools.n_deny, 1);
+	assert_int_equal(mc->prompts.n_allow, 1);
+	assert_int_equal(mc->resources.n_deny, 1);
+	assert_int_equal(c->routes[0].n_plugins, 3);
+	assert_int_equal(c->routes[0].plugin_phases, POLICY_PHASE_REQUEST);
+	config_unref(c);
+}
+
 static void expect_(const char *yaml, const char *want, const char *file, int line)
 {
 	struct config_errors e;
@@ -108,8 +147,29 @@ static void test_errors(void **state)
 	                  "[...] })");
 	expect(ROUTE("    mcp: { servers: [s], tolls: {} }\n"),
 	       "t.yaml:6:26: routes[0].mcp: unknown key \"tolls\" (known: servers, tools, "
-	       "separator, "
-	       "session_idle_timeout)");
+	       "prompts, resources, separator, session_idle_timeout)");
+	expect(ROUTE("    mcp: { servers: [s], prompts: { alow: [] } }\n"),
+	       "t.yaml:6:37: routes[0].mcp.prompts: unknown key \"alow\" (known: allow, deny)");
+	expect("consumers: [{ name: a, keys: [k], mcp_tools: { resources: { deny: [\"\"] } } }]\n",
+	       "t.yaml:1:68: consumers[0].mcp_tools.resources.deny[0]: must be a non-empty pattern "
+	       "without control characters");
+	/* plugins: request policies over tool arguments; the rest means nothing there */
+	expect(ROUTE("    mcp: { servers: [s] }\n    plugins: [{ response_guard: { deny: [x] } "
+	             "}]\n"),
+	       "t.yaml:7:17: routes[0].plugins[0].response_guard: does not apply to a route with "
+	       "type: mcp: it reads model output; MCP routes run request policies only");
+	expect(ROUTE("    mcp: { servers: [s] }\n"
+	             "    plugins: [{ prompt_guard: { deny: [x], roles: [system] } }]\n"),
+	       "t.yaml:7:44: routes[0].plugins[0].prompt_guard.roles: does not apply on a route "
+	       "with type: mcp, where prompt_guard reads the text of a tool call's string "
+	       "arguments as one user message");
+	expect(ROUTE("    mcp: { servers: [s] }\n"
+	             "    plugins: [{ moderation: { endpoint: \"http://m/v1/moderations\" } }]\n"),
+	       "t.yaml:7:17: routes[0].plugins[0].moderation: runs on model output too; on a route "
+	       "with type: mcp policies run over tool arguments only: set on: [request]");
+	expect(ROUTE("    mcp: { servers: [s] }\n    plugins: [{ prompt_decorator: {} }]\n"),
+	       "t.yaml:7:17: routes[0].plugins[0].prompt_decorator: does not apply to a route with "
+	       "type: mcp: it adds messages to a model request; tool arguments have none");
 	expect(ROUTE("    mcp: { servers: [s] }\n    targets: []\n"),
 	       "t.yaml:7:5: routes[0]: key \"targets\" does not apply to a route with type: mcp");
 	expect(ROUTE("    mcp: { servers: [s], separator: \"\" }\n"),
@@ -155,6 +215,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 	        cmocka_unit_test(test_contract_loads),
 	        cmocka_unit_test(test_errors),
+	        cmocka_unit_test(test_prompts_resources_plugins),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

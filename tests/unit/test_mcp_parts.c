@@ -326,6 +326,129 @@ static void test_split_and_initialize(void **state)
 	assert_int_equal(mcp_version_index("2025-03-2", 9), -1);
 }
 
+static void test_batch_check(void **state)
+{
+	size_t n = 99;
+	json_t *a = J("[]");
+	assert_int_equal(mcp_batch_check(a, 4, &n), MCP_BATCH_EMPTY);
+	json_decref(a);
+	a = J("[{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"},"
+	      "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/x\"},7,{\"id\":2}]");
+	assert_int_equal(mcp_batch_check(a, 4, &n), MCP_BATCH_OK);
+	assert_int_equal(n, 3); /* the request and the two that are no message */
+	assert_int_equal(mcp_batch_check(a, 3, &n), MCP_BATCH_TOO_LARGE);
+	json_decref(a);
+	a = J("[{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}},"
+	      "{\"jsonrpc\":\"2.0\",\"id\":2,\"error\":{\"code\":1}}]");
+	assert_int_equal(mcp_batch_check(a, 4, &n), MCP_BATCH_OK);
+	assert_int_equal(n, 0);
+	json_decref(a);
+	a = J("[{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}},"
+	      "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/x\"}]");
+	assert_int_equal(mcp_batch_check(a, 4, &n), MCP_BATCH_MIXED);
+	json_decref(a);
+	assert_true(mcp_version_allows_batch(mcp_version_index("2025-03-26", 10)));
+	assert_false(mcp_version_allows_batch(mcp_version_index("2025-06-18", 10)));
+	assert_false(mcp_version_allows_batch(mcp_version_index("2024-11-05", 10)));
+}
+
+static void test_policy_body(void **state)
+{
+	json_t *args =
+	        J("{\"q\":\"one\",\"n\":3,\"o\":{\"deep\":[true,\"two\",{\"k\":\"three\"}]}}");
+	size_t n = 0;
+	json_t *b = mcp_policy_body(args, &n);
+	assert_non_null(b);
+	assert_int_equal(n, 3);
+	char *text = json_dumps(b, JSON_COMPACT);
+	assert_string_equal(text, "{\"messages\":[{\"role\":\"user\",\"content\":["
+	                          "{\"type\":\"text\",\"text\":\"one\"},"
+	                          "{\"type\":\"text\",\"text\":\"two\"},"
+	                          "{\"type\":\"text\",\"text\":\"three\"}]}]}");
+	free(text);
+	/* the parts are the arguments' own strings: a rewrite in place rewrites the argument */
+	json_t *part = json_object_get(
+	        json_array_get(json_object_get(json_array_get(json_object_get(b, "messages"), 0),
+	                                       "content"),
+	                       0),
+	        "text");
+	assert_ptr_equal(part, json_object_get(args, "q"));
+	json_string_setn(part, "ONE", 3);
+	assert_string_equal(json_string_value(json_object_get(args, "q")), "ONE");
+	json_decref(b);
+	json_decref(args);
+	/* no arguments: an empty message */
+	b = mcp_policy_body(NULL, &n);
+	assert_int_equal(n, 0);
+	json_decref(b);
+	/* deeper than the policies look: refused */
+	char deep[2 * (MCP_POLICY_MAX_DEPTH + 2) + 8];
+	size_t o = 0;
+	for (int i = 0; i < MCP_POLICY_MAX_DEPTH + 2; i++)
+		deep[o++] = '[';
+	deep[o++] = '"';
+	deep[o++] = 'x';
+	deep[o++] = '"';
+	for (int i = 0; i < MCP_POLICY_MAX_DEPTH + 2; i++)
+		deep[o++] = ']';
+	deep[o] = '\0';
+	args = J(deep);
+	assert_null(mcp_policy_body(args, &n));
+	json_decref(args);
+}
+
+static char *splice(const char *body, const char *sub, const char *field, const char *value,
+                    size_t cut)
+{
+	char *out = NULL;
+	size_t len = 0;
+	if (!mcp_splice_param(body, strlen(body), sub, field, value, strlen(value), cut, &out,
+	                      &len))
+		return NULL;
+	assert_int_equal(strlen(out), len);
+	return out;
+}
+
+static void test_splice(void **state)
+{
+	struct mcp_span sp;
+	const char *o = "{ \"a\" : [1,{\"name\":\"x\"}], \"name\" : \"y\" }";
+	assert_true(mcp_scan_member(o, strlen(o), "name", &sp));
+	assert_int_equal(sp.len, 3);
+	assert_memory_equal(sp.p, "\"y\"", 3);
+	assert_false(mcp_scan_member(o, strlen(o), "nope", &sp));
+	assert_false(mcp_scan_member("{\"name\":1", 9, "name", &sp));
+	assert_false(mcp_scan_member("[]", 2, "name", &sp));
+
+	/* the prefix goes; everything else keeps its bytes */
+	char *s = splice("{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"tools/call\",\"params\":{"
+	                 "\"arguments\":{\"name\":\"search__decoy\"}, \"name\":\"search__find\"}}",
+	                 NULL, "name", "search__find", 8);
+	assert_string_equal(s,
+	                    "{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"tools/call\",\"params\":{"
+	                    "\"arguments\":{\"name\":\"search__decoy\"}, \"name\":\"find\"}}");
+	free(s);
+	s = splice("{\"params\":{\"ref\":{\"type\":\"ref/resource\",\"uri\":\"docs__file:///a\"}}}",
+	           "ref", "uri", "docs__file:///a", 6);
+	assert_string_equal(
+	        s, "{\"params\":{\"ref\":{\"type\":\"ref/resource\",\"uri\":\"file:///a\"}}}");
+	free(s);
+	/* left to the encoder: escapes, a value the bytes do not hold, no such member */
+	assert_null(splice("{\"params\":{\"name\":\"search__\\u0066ind\"}}", NULL, "name",
+	                   "search__find", 8));
+	assert_null(splice("{\"params\":{\"name\":\"search__find\"}}", NULL, "name",
+	                   "search__other", 8));
+	assert_null(splice("{\"params\":{\"na\\u006de\":\"search__find\"}}", NULL, "name",
+	                   "search__find", 8));
+	assert_null(splice("{\"params\":{\"name\":\"s__f\"}}", NULL, "name", "s__f", 5));
+	assert_null(splice("{\"params\":[]}", NULL, "name", "s__f", 3));
+	/* not inside a UTF-8 sequence (found by fuzz_mcp) */
+	assert_null(splice("{\"params\":{\"name\":\"\xd2\x86\"}}", NULL, "name", "\xd2\x86", 1));
+	s = splice("{\"params\":{\"name\":\"a\xd2\x86\"}}", NULL, "name", "a\xd2\x86", 1);
+	assert_string_equal(s, "{\"params\":{\"name\":\"\xd2\x86\"}}");
+	free(s);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -337,6 +460,9 @@ int main(void)
 	        cmocka_unit_test(test_event_ids),
 	        cmocka_unit_test(test_merge_list),
 	        cmocka_unit_test(test_split_and_initialize),
+	        cmocka_unit_test(test_batch_check),
+	        cmocka_unit_test(test_policy_body),
+	        cmocka_unit_test(test_splice),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
