@@ -108,7 +108,9 @@ TAILQ_HEAD(conn_list, http_conn);
 struct http_listener {
 	struct http_server *srv;
 	struct evconnlistener *l;
-	SSL_CTX *tls; /* one reference, or NULL */
+	SSL_CTX *tls;        /* one reference, or NULL */
+	struct event *retry; /* re-enables l after a failed accept() (accept_error_cb) */
+	bool paused;         /* l is disabled after a failed accept() */
 };
 
 struct http_server {
@@ -126,6 +128,14 @@ struct http_server {
 	atomic_size_t n_active;
 	bool draining;
 	uint64_t last_full_warn_us;
+	/* accept() failures (out of descriptors or memory): counted (a metric) and logged
+	 * once per episode, at most every HTTP_ACCEPT_WARN_MS; an episode ends with the next
+	 * accepted connection. */
+	atomic_uint_least64_t accept_errors;
+	bool accept_failing;        /* in an episode */
+	bool accept_warned;         /* this episode was logged */
+	uint64_t accept_warn_us;    /* when an episode was last logged */
+	uint64_t accept_fail_count; /* failures in this episode */
 };
 
 static void tls_read_cb(struct bufferevent *bev, void *arg);
@@ -166,6 +176,75 @@ static void conn_arm_timer(struct http_conn *c, uint64_t ms)
 
 /* ---------------------------------------------------------------- accept */
 
+/* How long a listener rests after a failed accept() before it tries again, unless a
+ * connection closes first (which gives a descriptor back). */
+#define HTTP_ACCEPT_RETRY_MS 100
+/* Episodes that follow each other (a freed descriptor taken by one connection, the next
+ * accept failing again) are logged at most this often. */
+#define HTTP_ACCEPT_WARN_MS 10000
+
+static void listener_resume(struct http_listener *hl)
+{
+	if (!hl->paused)
+		return;
+	hl->paused = false;
+	event_del(hl->retry);
+	evconnlistener_enable(hl->l);
+}
+
+static void accept_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	listener_resume(arg);
+}
+
+/*
+ * accept() failed with an error that waiting cures (EMFILE, ENFILE, ENOBUFS, ENOMEM; libevent
+ * retries EAGAIN, EINTR and ECONNABORTED itself). The pending connection is still in the
+ * backlog and the socket stays readable, so a level-triggered listener would be called again
+ * at once, forever: it rests instead, until a connection of ours closes or
+ * HTTP_ACCEPT_RETRY_MS pass. Connections already open are served meanwhile.
+ */
+static void accept_error_cb(struct evconnlistener *l, void *arg)
+{
+	struct http_listener *hl = arg;
+	struct http_server *srv = hl->srv;
+	int err = EVUTIL_SOCKET_ERROR();
+	struct timeval tv = ms_to_tv(HTTP_ACCEPT_RETRY_MS);
+
+	atomic_fetch_add_explicit(&srv->accept_errors, 1, memory_order_relaxed);
+	srv->accept_fail_count++;
+	if (!srv->accept_failing) {
+		uint64_t now = http_now_us();
+		srv->accept_failing = true;
+		srv->accept_warned = srv->accept_warn_us == 0 ||
+		                     now - srv->accept_warn_us >= HTTP_ACCEPT_WARN_MS * 1000u;
+		if (srv->accept_warned) {
+			srv->accept_warn_us = now;
+			log_warn("accept() failed: %s; new connections wait (retried every %d ms "
+			         "and whenever a connection closes)",
+			         evutil_socket_error_to_string(err), HTTP_ACCEPT_RETRY_MS);
+		}
+	}
+	evconnlistener_disable(l);
+	hl->paused = true;
+	event_add(hl->retry, &tv);
+}
+
+/* A connection was accepted: a failing episode, if any, is over. */
+static void accept_recovered(struct http_server *srv)
+{
+	if (!srv->accept_failing)
+		return;
+	if (srv->accept_warned)
+		log_info("accepting connections again after %" PRIu64 " failed accept() calls in %" PRIu64
+		         " ms",
+		         srv->accept_fail_count, (http_now_us() - srv->accept_warn_us) / 1000);
+	srv->accept_failing = false;
+	srv->accept_fail_count = 0;
+}
+
 static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen,
                       void *arg)
 {
@@ -174,6 +253,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
 	struct http_conn *c;
 	int one = 1;
 
+	(void)l;
+	accept_recovered(srv);
 	if (srv->draining || (srv->limits.max_connections > 0 &&
 	                      atomic_load_explicit(&srv->n_conns, memory_order_relaxed) >=
 	                              (size_t)srv->limits.max_connections)) {
@@ -282,9 +363,16 @@ struct http_server *http_server_new(struct event_base *base, const int *fds, siz
 	for (size_t i = 0; i < n_fds; i++) {
 		struct http_listener *hl = &srv->listeners[i];
 		hl->srv = srv;
-		hl->l = evconnlistener_new(base, accept_cb, hl, LEV_OPT_CLOSE_ON_FREE, -1, fds[i]);
-		if (hl->l == NULL)
+		hl->retry = evtimer_new(base, accept_retry_cb, hl);
+		hl->l = hl->retry ? evconnlistener_new(base, accept_cb, hl, LEV_OPT_CLOSE_ON_FREE, -1,
+		                                       fds[i])
+		                  : NULL;
+		if (hl->l == NULL) {
+			if (hl->retry)
+				event_free(hl->retry);
 			goto fail;
+		}
+		evconnlistener_set_error_cb(hl->l, accept_error_cb);
 		srv->n_listeners++;
 	}
 	return srv;
@@ -318,6 +406,8 @@ static void listeners_close(struct http_server *srv)
 {
 	for (size_t i = 0; i < srv->n_listeners; i++) {
 		evconnlistener_free(srv->listeners[i].l);
+		event_free(srv->listeners[i].retry);
+		srv->listeners[i].paused = false;
 		if (srv->listeners[i].tls)
 			SSL_CTX_free(srv->listeners[i].tls);
 	}
@@ -327,6 +417,12 @@ static void listeners_close(struct http_server *srv)
 size_t http_server_connections(const struct http_server *srv)
 {
 	return atomic_load_explicit(&((struct http_server *)srv)->n_conns, memory_order_relaxed);
+}
+
+uint64_t http_server_accept_errors(const struct http_server *srv)
+{
+	return atomic_load_explicit(&((struct http_server *)srv)->accept_errors,
+	                            memory_order_relaxed);
 }
 
 size_t http_server_active(const struct http_server *srv)
@@ -1304,6 +1400,9 @@ static void conn_free(struct http_conn *c)
 	if (c->out_headers)
 		evbuffer_free(c->out_headers);
 	free(c);
+	/* A descriptor is free again: a listener resting after a failed accept() tries now. */
+	for (size_t i = 0; i < srv->n_listeners; i++)
+		listener_resume(&srv->listeners[i]);
 }
 
 /* The socket ended (EOF), failed, or stalled past write_timeout (BEV_EVENT_* flags). */

@@ -683,11 +683,16 @@ void metrics_write_upstreams(struct evbuffer *out, const struct metrics_upstream
 	}
 }
 
-void metrics_write_connections(struct evbuffer *out, unsigned long long open)
+void metrics_write_connections(struct evbuffer *out, unsigned long long open,
+                               unsigned long long accept_errors)
 {
 	metrics_write_family(out, "sluice_open_connections", "gauge",
 	                     "Client connections open on the traffic listeners.");
 	metrics_write_sample(out, "sluice_open_connections", NULL, (double)open);
+	metrics_write_family(out, "sluice_accept_errors_total", "counter",
+	                     "accept() calls on the traffic listeners that failed (out of file "
+	                     "descriptors or memory); the listener rests and retries.");
+	metrics_write_sample(out, "sluice_accept_errors_total", NULL, (double)accept_errors);
 }
 
 /* Nanoseconds as exact decimal seconds: 5000000 -> "0.005", 120e9 -> "120". */

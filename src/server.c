@@ -526,7 +526,7 @@ static void gauge_source(void *arg, struct evbuffer *out)
 	struct server *s = arg;
 	const struct config *c = s->config;
 	struct metrics_upstream_state *v = calloc(c->n_instances ? c->n_instances : 1, sizeof(*v));
-	unsigned long long conns = 0;
+	unsigned long long conns = 0, accept_errors = 0;
 
 	if (v != NULL) {
 		for (size_t i = 0; i < c->n_instances; i++) {
@@ -538,9 +538,11 @@ static void gauge_source(void *arg, struct evbuffer *out)
 		metrics_write_upstreams(out, v, c->n_instances);
 		free(v);
 	}
-	for (int i = 0; i < s->n_workers; i++)
+	for (int i = 0; i < s->n_workers; i++) {
 		conns += http_server_connections(s->workers[i].http);
-	metrics_write_connections(out, conns);
+		accept_errors += http_server_accept_errors(s->workers[i].http);
+	}
+	metrics_write_connections(out, conns, accept_errors);
 }
 
 /* ---------------------------------------------------------------- shared quota view */

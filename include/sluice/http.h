@@ -92,6 +92,8 @@ void http_server_set_tls(struct http_server *srv, size_t i, SSL_CTX *ctx);
 void http_server_drain(struct http_server *srv);
 size_t http_server_connections(const struct http_server *srv);
 size_t http_server_active(const struct http_server *srv); /* requests being handled */
+/* accept() calls that failed (out of descriptors or memory) since the server started. */
+uint64_t http_server_accept_errors(const struct http_server *srv);
 void http_server_free(struct http_server *srv);
 
 /* Case-insensitive lookup; NULL when absent. */

@@ -85,7 +85,8 @@ struct metrics_upstream_state {
 };
 void metrics_write_upstreams(struct evbuffer *out, const struct metrics_upstream_state *v,
                              size_t n);
-void metrics_write_connections(struct evbuffer *out, unsigned long long open);
+void metrics_write_connections(struct evbuffer *out, unsigned long long open,
+                               unsigned long long accept_errors);
 
 /* Everything, in the Prometheus text format 0.0.4 (Content-Type
  * "text/plain; version=0.0.4; charset=utf-8"). Main thread. */

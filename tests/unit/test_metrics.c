@@ -351,7 +351,7 @@ static void gauge_source(void *arg, struct evbuffer *out)
 	const struct metrics_upstream_state up[] = {{"odd\"na\\me\nx", false, 0}, {"b", true, 3}};
 	const char *const l[] = {"kind", "a \"b\"", "worker", "0", NULL};
 	metrics_write_upstreams(out, up, 2);
-	metrics_write_connections(out, (unsigned long long)*(int *)arg);
+	metrics_write_connections(out, (unsigned long long)*(int *)arg, 7);
 	metrics_write_family(out, "sluice_test_value", "gauge", "A \\ and\nnewline.");
 	metrics_write_sample(out, "sluice_test_value", l, 0.5);
 }
@@ -388,6 +388,8 @@ static void test_escaping_events_and_gauges(void **state)
 	expect_line(t, "sluice_upstream_inflight{upstream=\"b\"} 3");
 	expect_line(t, "# TYPE sluice_open_connections gauge");
 	expect_line(t, "sluice_open_connections 42");
+	expect_line(t, "# TYPE sluice_accept_errors_total counter");
+	expect_line(t, "sluice_accept_errors_total 7");
 	expect_line(t, "# HELP sluice_test_value A \\\\ and\\nnewline.");
 	expect_line(t, "sluice_test_value{kind=\"a \\\"b\\\"\",worker=\"0\"} 0.5");
 	expect_line(t, "sluice_build_info{version=\"" SLUICE_VERSION "\"} 1");
