@@ -908,19 +908,38 @@ bool upstream_xfer_find_header(const struct upstream_xfer *x, const char *name, 
 	return false;
 }
 
+/* Whether the transfer got as far as sending its request: the connection (and any TLS
+ * handshake) was made. libcurl reports the connect time once it completed, and the
+ * request's size once it was sent. */
+static bool xfer_sent_request(struct upstream_xfer *x)
+{
+	curl_off_t connect_us = 0;
+	long request_size = 0;
+
+	curl_easy_getinfo(x->easy, CURLINFO_CONNECT_TIME_T, &connect_us);
+	curl_easy_getinfo(x->easy, CURLINFO_REQUEST_SIZE, &request_size);
+	return connect_us > 0 && request_size > 0;
+}
+
 static enum upstream_result classify(struct upstream_xfer *x, CURLcode rc, const char **detail)
 {
 	*detail = x->errbuf[0] ? x->errbuf : curl_easy_strerror(rc);
 	switch (rc) {
 	case CURLE_OK:
 		return UPSTREAM_OK;
+	case CURLE_UNSUPPORTED_PROTOCOL:
+		/* Before connecting: a scheme libcurl cannot speak. After the request went out
+		 * (libcurl's "Received HTTP/0.9 when not allowed"): the instance answered bytes
+		 * that are not HTTP — an upstream error, not a connect error. */
+		if (xfer_sent_request(x))
+			return UPSTREAM_ERROR;
+		return UPSTREAM_CONNECT_ERROR;
 	case CURLE_COULDNT_CONNECT:
 	case CURLE_COULDNT_RESOLVE_HOST:
 	case CURLE_COULDNT_RESOLVE_PROXY:
 	case CURLE_SSL_CONNECT_ERROR:
 	case CURLE_PEER_FAILED_VERIFICATION:
 	case CURLE_SSL_CACERT_BADFILE:
-	case CURLE_UNSUPPORTED_PROTOCOL:
 	case CURLE_URL_MALFORMAT:
 		return UPSTREAM_CONNECT_ERROR;
 	case CURLE_OPERATION_TIMEDOUT: {

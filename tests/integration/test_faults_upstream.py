@@ -232,23 +232,14 @@ class ByteFaultTest(FaultCase):
                                (504, "upstream_timeout"), ("timeout",), peer_closes=True)
 
     def test_garbage_instead_of_http(self):
-        # Either error code is accepted here; the right one is asserted in
-        # test_garbage_counted_as_upstream_error.
+        # The connection was made and the request sent; the instance answered bytes that
+        # are not HTTP (libcurl: CURLE_UNSUPPORTED_PROTOCOL, "Received HTTP/0.9 when not
+        # allowed"). That is the instance failing (upstream_error), not a connect error
+        # (upstream.c, classify()).
         for stream in (False, True):
             with self.subTest(stream=stream):
-                self.run_fault("garbage", stream, "fallback",
-                               (502, ("upstream_error", "upstream_connect_error")),
-                               ("upstream_error", "connect_error"), counts=False)
-
-    @unittest.expectedFailure
-    def test_garbage_counted_as_upstream_error(self):
-        # BUG: bytes that are not HTTP are counted as a connect error (attempt outcome
-        # connect_error, 502 code upstream_connect_error, "Received HTTP/0.9 when not
-        # allowed"): upstream.c classify() maps CURLE_UNSUPPORTED_PROTOCOL, which libcurl
-        # also returns for an HTTP/0.9 answer, to UPSTREAM_CONNECT_ERROR. The connection
-        # was made; the instance answered nonsense.
-        self.run_fault("garbage", False, "fallback", (502, "upstream_error"),
-                       ("upstream_error",))
+                self.run_fault("garbage", stream, "fallback", (502, "upstream_error"),
+                               ("upstream_error",))
 
     def test_endless_headers(self):
         for stream in (False, True):
