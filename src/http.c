@@ -1802,8 +1802,12 @@ static void conn_error(struct http_conn *c, int status, const char *code, const 
 	/* What follows is read and thrown away (CLOSING), never parsed. */
 	c->keepalive = false;
 	c->linger = true;
-	if (c->req.method == NULL)
+	if (c->req.method == NULL) {
+		/* No request line was read (a 408 on a partial head, a malformed line): the
+		 * answer is in our own version (RFC 9110 §2.5), not HTTP/1.0. */
+		c->req.minor = 1;
 		c->req.method = "GET"; /* for http_reply's HEAD check */
+	}
 	c->req.conn = c;
 	c->handler_owns = false;
 	http_reply_error(&c->req, status, type, code, "%s", msg);

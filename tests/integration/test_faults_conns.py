@@ -17,6 +17,7 @@ exhaustion, slowloris, and many idle keep-alive connections.
                     measured (printed, and bounded); all of it is released when they close.
 """
 
+import json
 import os
 import re
 import resource
@@ -241,10 +242,75 @@ class SlowlorisTest(ConnCase):
         stop.set()
         t.join(10)
         got_408 = sum(1 for i in range(self.N) if ends[i] == "eof" and
-                      re.match(rb"HTTP/1\.[01] 408 ", got[i]) is not None)
+                      re.match(rb"HTTP/1\.1 408 ", got[i]) is not None)
         harness.note("%d of %d slow connections answered 408, then closed" % (got_408, self.N))
         self.assertGreaterEqual(got_408, self.N * 9 // 10, "slow connections not answered 408: "
                                 "%r" % sorted(set(ends.values()))[:5])
+        self.assertSettled(gw, baseline, pooled_ports=(self.mock.port,), pool_bound=8)
+
+
+class RequestTimeoutTest(ConnCase):
+    """A request not received within client_timeout is answered 408 in HTTP/1.1 (the
+    server's version, whatever part of the head arrived), in the OpenAI error shape
+    (invalid_request_error / request_timeout), with Connection: close, then EOF."""
+    CLIENT_TIMEOUT_S = 1
+
+    def answer(self, gw, data):
+        s = socket.create_connection(("127.0.0.1", gw.port), timeout=harness.DEADLINE)
+        self.addCleanup(s.close)
+        s.sendall(data)
+        got = b""
+        while True:                      # sluice answers at client_timeout, then closes
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in
+                   (l.split(":", 1) for l in lines[1:] if ":" in l)}
+        return lines[0], headers, body
+
+    def assert_408(self, status_line, headers, body, version="HTTP/1.1"):
+        self.assertEqual(status_line, version + " 408 Request Timeout")
+        self.assertEqual(headers.get("connection", "").lower(), "close", headers)
+        self.assertTrue(headers.get("content-type", "").startswith("application/json"),
+                        headers)
+        self.assertEqual(int(headers["content-length"]), len(body))
+        err = json.loads(body)["error"]
+        self.assertEqual((err["type"], err["code"]), ("invalid_request_error",
+                                                      "request_timeout"), err)
+        self.assertIsNone(err["param"])
+        self.assertTrue(err["message"])
+
+    def test_408_shape(self):
+        gw = self.gateway(server={"client_timeout": "%ds" % self.CLIENT_TIMEOUT_S})
+        baseline = self.census(gw, (self.mock.port,))
+        served0 = self.mock.stats()["requests"]
+        cases = [
+            ("part of the request line", b"POST /v1/chat/comp", "HTTP/1.1"),
+            ("part of the headers", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n",
+             "HTTP/1.1"),
+            ("part of the body", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":",
+             "HTTP/1.1"),
+            ("part of a chunked body", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod", "HTTP/1.1"),
+            # The request line said HTTP/1.0: the answer is in the client's version.
+            ("part of an HTTP/1.0 body", b"POST /v1/chat/completions HTTP/1.0\r\n"
+             b"Content-Length: 100\r\n\r\n{", "HTTP/1.0"),
+        ]
+        # A connection that sent nothing is closed at client_timeout without a word (as an
+        # idle keep-alive connection is).
+        self.assertEqual(self.answer(gw, b"")[0], "")
+        for name, data, version in cases:
+            with self.subTest(name):
+                self.assert_408(*self.answer(gw, data), version=version)
+        self.assertEqual(self.mock.stats()["requests"], served0, "a timed-out request reached "
+                         "the upstream")
+        r = harness.http_request(gw.port, "POST", "/v1/chat/completions",
+                                 json_body=chat_body("m", tokens=3, max_tokens=10))
+        self.assertEqual(r.status, 200, repr(r))
         self.assertSettled(gw, baseline, pooled_ports=(self.mock.port,), pool_bound=8)
 
 
