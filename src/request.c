@@ -49,6 +49,7 @@
 #include "sluice/accesslog.h"
 #include "sluice/auth.h"
 #include "sluice/balancer.h"
+#include "sluice/body_splice.h"
 #include "sluice/config.h"
 #include "sluice/health.h"
 #include "sluice/http.h"
@@ -979,29 +980,6 @@ static const char *upstream_model(const struct request *r)
 	return r->instance->model;
 }
 
-/* Append s as a JSON string literal (with quotes). */
-static char *put_json_string(char *o, const char *s)
-{
-	static const char hex[] = "0123456789abcdef";
-	*o++ = '"';
-	for (; *s; s++) {
-		unsigned char ch = (unsigned char)*s;
-		if (ch == '"' || ch == '\\') {
-			*o++ = '\\';
-			*o++ = (char)ch;
-		} else if (ch < 0x20) {
-			memcpy(o, "\\u00", 4);
-			o[4] = hex[ch >> 4];
-			o[5] = hex[ch & 15];
-			o += 6;
-		} else {
-			*o++ = (char)ch;
-		}
-	}
-	*o++ = '"';
-	return o;
-}
-
 /*
  * The client's bytes with "model" replaced by model (when not NULL) and, when
  * want_usage, "stream_options":{"include_usage":true} added as the first member.
@@ -1009,44 +987,8 @@ static char *put_json_string(char *o, const char *s)
  */
 static bool splice_body(struct request *r, const char *model, bool want_usage)
 {
-	static const char usage_member[] = "\"stream_options\":{\"include_usage\":true},";
-	const char *body = r->http->body, *end = body + r->http->body_len;
-	const char *val = NULL, *brace = memchr(body, '{', r->http->body_len);
-	size_t val_len = 0;
-
-	if (brace == NULL)
-		return false;
-	if (model && r->model &&
-	    !usage_scan_member(body, r->http->body_len, "model", &val, &val_len))
-		return false;
-	char *out = malloc(r->http->body_len + (model ? strlen(model) * 6 + 16 : 0) +
-	                   sizeof(usage_member) + 1);
-	if (out == NULL)
-		return false;
-	char *o = out;
-	const char *p = brace + 1;
-	memcpy(o, body, (size_t)(p - body));
-	o += p - body;
-	if (want_usage) {
-		memcpy(o, usage_member, sizeof(usage_member) - 1);
-		o += sizeof(usage_member) - 1;
-	}
-	if (model && val == NULL) { /* the client named no model: add one */
-		memcpy(o, "\"model\":", 8);
-		o = put_json_string(o + 8, model);
-		*o++ = ',';
-	}
-	if (model && val != NULL) {
-		memcpy(o, p, (size_t)(val - p));
-		o = put_json_string(o + (val - p), model);
-		p = val + val_len;
-	}
-	memcpy(o, p, (size_t)(end - p));
-	o += end - p;
-	*o = '\0';
-	r->upstream_body = out;
-	r->upstream_len = (size_t)(o - out);
-	return true;
+	return body_splice(r->http->body, r->http->body_len, model, r->model != NULL, want_usage,
+	                   &r->upstream_body, &r->upstream_len);
 }
 
 /* Stream usage is what quotas charge: the OpenAI protocols need asking for it. */

@@ -1,0 +1,72 @@
+/* body_splice.c — the request body an instance receives, as a splice of the client's bytes
+ * (body_splice.h). Moved out of request.c as it was, so that a fuzz target can reach it. */
+#include "sluice/body_splice.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "sluice/usage.h"
+
+/* Append s as a JSON string literal (with quotes). */
+static char *put_json_string(char *o, const char *s)
+{
+	static const char hex[] = "0123456789abcdef";
+	*o++ = '"';
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '"' || ch == '\\') {
+			*o++ = '\\';
+			*o++ = (char)ch;
+		} else if (ch < 0x20) {
+			memcpy(o, "\\u00", 4);
+			o[4] = hex[ch >> 4];
+			o[5] = hex[ch & 15];
+			o += 6;
+		} else {
+			*o++ = (char)ch;
+		}
+	}
+	*o++ = '"';
+	return o;
+}
+
+bool body_splice(const char *body, size_t len, const char *model, bool named_model,
+                 bool want_usage, char **out_body, size_t *out_len)
+{
+	static const char usage_member[] = "\"stream_options\":{\"include_usage\":true},";
+	const char *end = body + len;
+	const char *val = NULL, *brace = memchr(body, '{', len);
+	size_t val_len = 0;
+
+	if (brace == NULL)
+		return false;
+	if (model && named_model && !usage_scan_member(body, len, "model", &val, &val_len))
+		return false;
+	char *out = malloc(len + (model ? strlen(model) * 6 + 16 : 0) + sizeof(usage_member) + 1);
+	if (out == NULL)
+		return false;
+	char *o = out;
+	const char *p = brace + 1;
+	memcpy(o, body, (size_t)(p - body));
+	o += p - body;
+	if (want_usage) {
+		memcpy(o, usage_member, sizeof(usage_member) - 1);
+		o += sizeof(usage_member) - 1;
+	}
+	if (model && val == NULL) { /* the client named no model: add one */
+		memcpy(o, "\"model\":", 8);
+		o = put_json_string(o + 8, model);
+		*o++ = ',';
+	}
+	if (model && val != NULL) {
+		memcpy(o, p, (size_t)(val - p));
+		o = put_json_string(o + (val - p), model);
+		p = val + val_len;
+	}
+	memcpy(o, p, (size_t)(end - p));
+	o += end - p;
+	*o = '\0';
+	*out_body = out;
+	*out_len = (size_t)(o - out);
+	return true;
+}
