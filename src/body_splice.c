@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "sluice/usage.h"
 
 /* Append s as a JSON string literal (with quotes). */
@@ -30,6 +32,20 @@ static char *put_json_string(char *o, const char *s)
 	return o;
 }
 
+/* Exactly one JSON string literal, as jansson reads it. usage_scan_member() is a lenient
+ * scanner: over bytes that are not JSON it may hand back a span that is not a string, or that
+ * runs over the next member ({"model":\0"model":"b"}), and replacing that would turn bytes
+ * that are not JSON into JSON. The value of a body request.c parsed always passes. */
+static bool is_string_literal(const char *p, size_t n)
+{
+	if (n < 2 || p[0] != '"' || p[n - 1] != '"')
+		return false;
+	json_t *v = json_loadb(p, n, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+	bool ok = json_is_string(v);
+	json_decref(v);
+	return ok;
+}
+
 bool body_splice(const char *body, size_t len, const char *model, bool named_model,
                  bool want_usage, char **out_body, size_t *out_len)
 {
@@ -40,7 +56,8 @@ bool body_splice(const char *body, size_t len, const char *model, bool named_mod
 
 	if (brace == NULL)
 		return false;
-	if (model && named_model && !usage_scan_member(body, len, "model", &val, &val_len))
+	if (model && named_model &&
+	    (!usage_scan_member(body, len, "model", &val, &val_len) || !is_string_literal(val, val_len)))
 		return false;
 	char *out = malloc(len + (model ? strlen(model) * 6 + 16 : 0) + sizeof(usage_member) + 1);
 	if (out == NULL)
