@@ -908,17 +908,15 @@ bool upstream_xfer_find_header(const struct upstream_xfer *x, const char *name, 
 	return false;
 }
 
-/* Whether the transfer got as far as sending its request: the connection (and any TLS
- * handshake) was made. libcurl reports the connect time once it completed, and the
- * request's size once it was sent. */
+/* Whether the transfer got as far as sending its request, so a connection (and any TLS
+ * handshake) was made: libcurl counts the request's bytes once they are sent. (Not the
+ * connect time, which stays 0 on a connection reused from the pool.) */
 static bool xfer_sent_request(struct upstream_xfer *x)
 {
-	curl_off_t connect_us = 0;
 	long request_size = 0;
 
-	curl_easy_getinfo(x->easy, CURLINFO_CONNECT_TIME_T, &connect_us);
 	curl_easy_getinfo(x->easy, CURLINFO_REQUEST_SIZE, &request_size);
-	return connect_us > 0 && request_size > 0;
+	return request_size > 0;
 }
 
 static enum upstream_result classify(struct upstream_xfer *x, CURLcode rc, const char **detail)

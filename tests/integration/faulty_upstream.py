@@ -14,6 +14,8 @@ the connection? how many bytes did it take before giving up?). Modes:
                       body), then close with SO_LINGER 0: the peer gets a TCP RST
   hang_after_headers  a 200 head, then nothing until the peer leaves
   garbage             bytes that are not HTTP at all, then close
+  garbage_on_reuse    the first request on a connection gets a valid non-stream answer and
+                      the connection is kept open; the next one on it gets `garbage`
   not_sse             200 text/event-stream whose body is an HTML error page with blank
                       lines in it (no `data:` field anywhere), then the stream ends cleanly
   huge_event          200 text/event-stream, `events` valid events, then one `data:` event of
@@ -37,8 +39,8 @@ import sys
 import threading
 import time
 
-MODES = ("ok", "refuse", "reset", "hang_after_headers", "garbage", "not_sse", "huge_event",
-         "endless_headers", "slow", "close_on_accept")
+MODES = ("ok", "refuse", "reset", "hang_after_headers", "garbage", "garbage_on_reuse",
+         "not_sse", "huge_event", "endless_headers", "slow", "close_on_accept")
 
 GARBAGE = (b"\x00\xff\xfeSSH-2.0-OpenSSH_9.2p1 not-http\r\n\x1b[31m\x00\x01\x02"
            b"\r\n\r\n{\"choices\": nope}\r\n")
@@ -236,6 +238,13 @@ class FaultyUpstream:
 
     def _mode_garbage(self, c, stream):
         self._send(c, GARBAGE)
+
+    def _mode_garbage_on_reuse(self, c, stream):
+        body = completion_body()
+        self._send(c, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        if self._read_request(c) is not None:
+            self._send(c, GARBAGE)
 
     def _mode_not_sse(self, c, stream):
         self._send(c, SSE_HEAD + chunk(NOT_SSE_BODY) + b"0\r\n\r\n")

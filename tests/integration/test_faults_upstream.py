@@ -241,6 +241,30 @@ class ByteFaultTest(FaultCase):
                 self.run_fault("garbage", stream, "fallback", (502, "upstream_error"),
                                ("upstream_error",))
 
+    def test_garbage_on_a_reused_connection(self):
+        # The same bytes on a pooled connection that first carried a good answer: the
+        # request was sent on a connection made earlier (libcurl reports no connect time
+        # for it), and it is still the instance failing, not a connect error.
+        gw = self.gateway("garbage_on_reuse")
+        a0 = self.fu.counts()["accepted"]
+        # One client connection, so one worker (each has its own upstream pool).
+        with HTTPConn(gw.port, timeout=harness.DEADLINE) as c:
+            first = c.request("POST", CHAT, headers=auth(),
+                              json_body=chat_body("m-solo", tokens=3))
+            self.assertEqual(first.status, 200, repr(first))
+            rid = marker()
+            second = c.request("POST", CHAT, headers=auth(request_id=rid),
+                               json_body=chat_body("m-solo", mark=rid, tokens=3))
+        self.assertErrorReply(second, 502, "upstream_error")
+        counts = self.fu.counts()
+        self.assertEqual((counts["accepted"] - a0, counts["requests"]), (1, 2),
+                         "the second request did not go on the first one's connection: %r"
+                         % counts)
+        e = self.access_entry(gw, rid)
+        self.assertEqual([(a["instance"], a["outcome"]) for a in e["attempts"]],
+                         [("bad", "upstream_error")], repr(e))
+        self.assertServing(gw, "m-chat", instance="good")
+
     def test_endless_headers(self):
         for stream in (False, True):
             with self.subTest(stream=stream):
