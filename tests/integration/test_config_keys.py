@@ -5,6 +5,7 @@ key of the contract and of conf/ has a row there and that unknown keys are refus
   * server.expose_instance_header: true adds x-sluice-instance, false leaves it out;
   * instances[].tls_verify: against a TLS upstream with a self-signed certificate (a second
     sluice with a TLS listener, in front of the mock), false is served and true is refused;
+  * instances[].auth.query: URL-encoded and appended with ? or &;
   * log.error_log: a path gets the error log;
   * instances[].keepalive.pool: 0 keeps no upstream connection (every request opens one, seen
     through a recording relay); a pool reuses one.
@@ -70,6 +71,18 @@ class ConfigKeysTest(harness.SluiceTestCase):
             else:
                 self.assertEqual(r.status, 200, r)
                 self.assertEqual(len(self.mock.requests(CHAT)), before + 1)
+            gw.stop_and_check()
+
+    def test_auth_query_appended_encoded(self):
+        for endpoint, want in ((self.mock.url(), "key=a%20b%26c&v=1"),
+                               (self.mock.url(CHAT + "?api-version=2"),
+                                "api-version=2&key=a%20b%26c&v=1")):
+            inst = harness.instance("m", endpoint, auth={"query": {"key": "a b&c", "v": "1"}})
+            gw = self.start_sluice(instances=[inst], routes=[harness.route("chat", [CHAT], "m")])
+            self.mock.clear()
+            self.assertEqual(self.chat(gw.port).status, 200)
+            q = self.mock.requests(CHAT)[-1]
+            self.assertEqual(q["query"], want, q)
             gw.stop_and_check()
 
     def test_error_log_path(self):
