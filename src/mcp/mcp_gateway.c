@@ -157,7 +157,10 @@ struct mcp_exchange {
 	json_t *policy_body;         /* the arguments' text as they read it; owned */
 	bool policy_pending;
 	bool args_changed;                  /* a policy rewrote an argument */
-	const char *policy, *policy_action; /* the first decision (the snapshot's strings) */
+	/* the policies' decisions, copied from the run (freed before the record is written);
+	 * strings are the snapshot's or fixed */
+	struct record_policy policy_actions[RECORD_MAX_POLICY_ACTIONS];
+	int n_policy_actions;
 
 	/* the record */
 	char http_method[8];
@@ -1490,10 +1493,10 @@ static void policies_decided(struct mcp_exchange *ex, enum policy_verdict v)
 {
 	const struct policy_request *out = policy_run_request_outcome(ex->policies);
 	const struct policy_action *acts;
-	if (policy_run_actions(ex->policies, &acts, NULL) > 0) {
-		ex->policy = acts[0].policy;
-		ex->policy_action = acts[0].action;
-	}
+	size_t n = policy_run_actions(ex->policies, &acts, NULL);
+	for (size_t i = 0; i < n && ex->n_policy_actions < RECORD_MAX_POLICY_ACTIONS; i++)
+		ex->policy_actions[ex->n_policy_actions++] = (struct record_policy){
+		        .policy = acts[i].policy, .action = acts[i].action, .count = acts[i].count};
 	if (v == POLICY_REFUSE) {
 		/* A JSON-RPC error the agent can read; the server never sees the call. */
 		reply_error(ex, 200, MCP_ERR_POLICY, "policy_refused",
@@ -2438,8 +2441,8 @@ void mcp_record(const struct mcp_exchange *ex)
 	        .status = ex->status,
 	        .upstream_status = ex->upstream_status,
 	        .outcome = ex->outcome ? ex->outcome : "ok",
-	        .policy = ex->policy,
-	        .policy_action = ex->policy_action,
+	        .policies = ex->policy_actions,
+	        .n_policies = ex->n_policy_actions,
 	        .rpc_error = ex->rpc_error,
 	        .duration_us = http_now_us() - ex->start_us,
 	        .bytes_in = ex->bytes_in,

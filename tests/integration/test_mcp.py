@@ -591,9 +591,27 @@ class MCPTest(harness.SluiceTestCase):
             lambda: [l for l in self.access_lines() if l["outcome"] == "policy_refused"]
             if len([l for l in self.access_lines() if l["outcome"] == "policy_refused"]) == 5
             else None, message="five policy_refused lines")
-        self.assertEqual([(l["policy"], l["policy_action"]) for l in lines[:2]],
-                         [("prompt_guard", "blocked")] * 2)
-        self.assertEqual(lines[2]["policy"], "moderation")
+        # each line's "policy" has the model access log's shape: every decision, counted
+        act = lambda p, a: [{"count": 1, "policy": p, "action": a}]
+        self.assertEqual([l["policy"] for l in lines],
+                         [act("prompt_guard", "blocked")] * 2 + [act("moderation", "blocked"),
+                          act("request_limits", "refused"), act("prompt_guard", "blocked")])
+        passed = [l for l in self.access_lines()
+                  if l["rpc_method"] == "tools/call" and l["outcome"] == "ok"]
+        self.assertEqual([l["policy"] for l in passed], [None])
+        # and sluice_policy_actions_total counts them like a model request's (the metric is
+        # recorded just after the line is written: wait for it)
+        want = {("prompt_guard", "blocked"): 3, ("moderation", "blocked"): 1,
+                ("request_limits", "refused"): 1}
+
+        def counted():
+            text = self.admin("/metrics").body.decode()
+            got = {(m[0], m[1]): int(m[2]) for m in re.findall(
+                r'^sluice_policy_actions_total\{route="tools",policy="([^"]+)",'
+                r'action="([^"]+)"\} (\d+)$', text, re.M)}
+            return got if got == want else None
+        harness.wait_until(counted, message="sluice_policy_actions_total for route tools: %r"
+                           % want)
 
     def test_batches_2025_03_26(self):
         off = self.gw.reload(self.config(plugins=[
