@@ -631,7 +631,8 @@ static bool raw_event_id(const char *raw, size_t len, const char **v, size_t *vl
 
 /*
  * A server's event on its way to the client. Most pass as received. Rewritten:
- * - the event id, when the server sets one: the composite of every server's last id;
+ * - the event id, when the server sets one: the composite of every server's last id on
+ *   this stream (a batch's: of all its members);
  * - in sessions with several servers, a server-to-client request's id becomes
  *   "s<slot>:<id>", so the client's answer can be sent back to the server that asked;
  * - notifications/resources/updated: the uri gets the server's prefix, like resources/list.
@@ -646,8 +647,11 @@ static bool forward_event(struct mcp_leg *l, const struct sse_event *ev)
 	json_t *rewritten = NULL;
 
 	if (has_id) {
-		if (!mcp_event_ids_set(&ex->ids, l->slot, idv, idl) ||
-		    !mcp_event_ids_format(&ex->ids, composite, sizeof(composite)))
+		/* A batch's members share one stream: its ids carry every member's server, so
+		 * that resuming from the last one resumes the servers whose events came before. */
+		struct mcp_event_ids *ids = ex->batch != NULL ? &ex->batch->ids : &ex->ids;
+		if (!mcp_event_ids_set(ids, l->slot, idv, idl) ||
+		    !mcp_event_ids_format(ids, composite, sizeof(composite)))
 			has_id = false;
 	}
 	if (ev->has_data && ev->data_len > 0) {

@@ -7,6 +7,9 @@
 // Stateful: each initialize gets its own session (Mcp-Session-Id) and transport.
 // Also answers GET /_stats (JSON): what arrived, for the test's assertions.
 //
+// --resumable 1 gives each session's transport an event store: events carry ids and a GET
+// with Last-Event-ID replays what followed on that event's stream (also a POST's stream).
+//
 // Usage: node servers.mjs --kind search --port 0   (prints "listening PORT" when ready)
 
 import http from 'node:http';
@@ -31,6 +34,31 @@ const stats = {
   client_keys_seen: [], deletes: 0, protocol_versions: {},
 };
 const transports = new Map();
+
+// The SDK's EventStore interface, in memory: ids are "<stream>.<n>", replay sends the events
+// of the id's stream that came after it, in order.
+function eventStore() {
+  const events = [];
+  return {
+    async storeEvent(streamId, message) {
+      const id = `${streamId}.${events.length}`;
+      events.push({ id, streamId, message });
+      return id;
+    },
+    async getStreamIdForEventId(id) {
+      return events.find((e) => e.id === id)?.streamId;
+    },
+    async replayEventsAfter(lastEventId, { send }) {
+      const at = events.findIndex((e) => e.id === lastEventId);
+      if (at < 0) return '';
+      const { streamId } = events[at];
+      for (const e of events.slice(at + 1)) {
+        if (e.streamId === streamId) await send(e.id, e.message);
+      }
+      return streamId;
+    },
+  };
+}
 
 function countCall(name) { stats.calls[name] = (stats.calls[name] || 0) + 1; }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -94,6 +122,8 @@ function ticketsServer() {
     if (!TICKET_TOOLS.includes(name)) {
       return { isError: true, content: [{ type: 'text', text: `no tool ${name}` }] };
     }
+    const delay = Number(req.params.arguments?.delay_ms || 0); // answer late (resume tests)
+    if (delay > 0) await sleep(delay);
     return { content: [{ type: 'text', text: `${name}: ${req.params.arguments?.title ?? 'ok'}` }] };
   });
   return s;
@@ -139,6 +169,7 @@ const httpServer = http.createServer(async (req, res) => {
       t = new StreamableHTTPServerTransport({
         sessionIdGenerator: () => randomUUID(),
         onsessioninitialized: (id) => transports.set(id, t),
+        eventStore: args.resumable ? eventStore() : undefined,
       });
       t.onclose = () => {
         if (t.sessionId && transports.delete(t.sessionId)) stats.sessions_closed++;
