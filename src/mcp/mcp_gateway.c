@@ -109,7 +109,8 @@ struct mcp_worker {
 	struct mcp_crypto *crypto;
 	struct mcp_url *urls; /* grown on use; a retired server's is released */
 	size_t n_urls;
-	LIST_HEAD(, mcp_exchange) live;
+	/* named: cppcheck cannot parse an anonymous one */
+	LIST_HEAD(mcp_exchange_list, mcp_exchange) live;
 	size_t n_live;
 	struct event *retired_ev; /* main → worker: servers were retired */
 	char shared[];            /* struct mcp_worker_shared (mcp_registry.c) */
@@ -156,7 +157,7 @@ struct mcp_exchange {
 	struct policy_run *policies; /* tools/call on a route with plugins; owned */
 	json_t *policy_body;         /* the arguments' text as they read it; owned */
 	bool policy_pending;
-	bool args_changed;                  /* a policy rewrote an argument */
+	bool args_changed; /* a policy rewrote an argument */
 	/* the policies' decisions, copied from the run (freed before the record is written);
 	 * strings are the snapshot's or fixed */
 	struct record_policy policy_actions[RECORD_MAX_POLICY_ACTIONS];

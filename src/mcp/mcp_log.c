@@ -134,7 +134,7 @@ size_t mcp_log_format(const struct mcp_log_record *r, char *buf, size_t cap)
 	if (r->n_policies > 0) {
 		puts_(&o, ",\"policy\":[");
 		for (int i = 0; i < r->n_policies && i < RECORD_MAX_POLICY_ACTIONS; i++) {
-			/* put_str writes ",\"key\":value": the object opens with a member of its own */
+			/* put_str writes ",\"key\":v": the object opens with a member of its own */
 			snprintf(tmp, sizeof(tmp), "%s{\"count\":%u", i ? "," : "",
 			         r->policies[i].count);
 			puts_(&o, tmp);
