@@ -102,7 +102,7 @@ class NodeServer:
 
 def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__delete_*",),
                servers=("search", "tickets"), tickets_limit=None, checks=False, plugins=None,
-               store=None, carol_limit=2):
+               store=None, carol_limit=2, tickets_idle=None):
     srv = []
     if "search" in servers:
         srv.append({"name": "search", "endpoint": search.url(),
@@ -110,6 +110,8 @@ def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__de
                     "timeouts": {"connect": Raw("2s"), "first_byte": Raw("10s")}})
     if "tickets" in servers:
         t = {"name": "tickets", "endpoint": tickets.url(), "timeouts": {"connect": Raw("2s")}}
+        if tickets_idle:
+            t["timeouts"]["idle"] = Raw(tickets_idle)
         if tickets_limit:
             t["limits"] = [{"requests": tickets_limit, "window": Raw("1h")}]
         if checks:
@@ -612,6 +614,28 @@ class MCPTest(harness.SluiceTestCase):
             return got if got == want else None
         harness.wait_until(counted, message="sluice_policy_actions_total for route tools: %r"
                            % want)
+
+    def test_server_idle_timeout(self):
+        """mcp_servers[].timeouts.idle: a server whose answer stream goes silent for longer is
+        cut, and the client gets a JSON-RPC error instead of waiting."""
+        off = self.gw.reload(self.config(tickets_idle="300ms"))
+        self.gw.wait_log(r"reloaded", since=off)
+        sid = self.session()
+        call = lambda delay, i: self.rpc(
+            "tools/call", {"name": "tickets__create_ticket",
+                           "arguments": {"title": "t%d" % i, "delay_ms": delay}},
+            session=sid, id_=i)
+        r, b = call(0, 1)
+        self.assertEqual(b["result"]["content"][0]["text"], "create_ticket: t1")
+        r, b = call(3000, 2)  # silent ten times longer than the idle timeout
+        self.assertEqual(b["id"], 2, b)
+        self.assertEqual(b["error"]["code"], -32050, b)
+        self.assertIn("no data within idle timeout", b["error"]["message"])
+        line = harness.wait_until(
+            lambda: [l for l in self.access_lines()
+                     if l["rpc_method"] == "tools/call" and l["outcome"] == "timeout"],
+            message="the timed-out call's access-log line")[0]
+        self.assertEqual((line["upstream"], line["tool"]), ("tickets", "create_ticket"), line)
 
     def test_batches_2025_03_26(self):
         off = self.gw.reload(self.config(plugins=[
