@@ -139,7 +139,8 @@ static const char *base_name(const char *path)
 #define PATH_CAP 256
 
 struct found_map {
-	const struct cnode *node;
+	const struct cnode *node; /* valid while its file's tree is */
+	unsigned line, col;
 	char path[PATH_CAP]; /* as the loader writes it: routes[0].targets[1] */
 };
 
@@ -185,10 +186,12 @@ static void walk(struct walk *w, const struct cnode *n, const char *path, const 
 		return;
 	bool seen = false;
 	for (size_t i = 0; i < w->n_maps; i++)
-		seen |= w->maps[i].node->line == n->line && w->maps[i].node->col == n->col;
+		seen |= w->maps[i].line == n->line && w->maps[i].col == n->col;
 	if (!seen) { /* an alias repeats its anchor's node and position: probe it once */
 		assert_true(w->n_maps < MAX_MAPS);
 		w->maps[w->n_maps].node = n;
+		w->maps[w->n_maps].line = n->line;
+		w->maps[w->n_maps].col = n->col;
 		snprintf(w->maps[w->n_maps].path, PATH_CAP, "%s", path);
 		w->n_maps++;
 	}
@@ -327,6 +330,7 @@ static void test_every_key_documented_and_tested(void **state)
 		char *text = load_text(files[f], &len);
 		struct cnode *root = ctree_parse(text, len, tree_report, NULL);
 		assert_non_null(root);
+		w.n_maps = 0; /* mappings are per file (positions); keys add up */
 		walk(&w, root, "", "");
 		ctree_free(root);
 		free(text);
