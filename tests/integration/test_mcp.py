@@ -876,13 +876,13 @@ class MCPResumeTest(harness.SluiceTestCase):
         servers' positions, so that resuming from the last one resumes the server whose
         events came earlier too."""
         sid = self.session_of("2025-03-26")
-        steps = 60
+        steps = 100
         batch = [self.slow_call(1, steps),
                  {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                   "params": {"name": "tickets__create_ticket",
-                             "arguments": {"title": "r", "delay_ms": 200}}}]
+                             "arguments": {"title": "r", "delay_ms": 500}}}]
         # read until tickets' (late) answer: the last event seen is tickets' own, after some
-        # of search's, and search is still working (60 steps of 20 ms)
+        # of search's, and search is still working (100 steps of 20 ms)
         seen = self.read_until(sid, "2025-03-26", batch, lambda m: m.get("id") == 2)
         self.assertEqual(seen[-1][0]["result"]["content"][0]["text"], "create_ticket: r")
         done = self.progress([m for m, _ in seen], "t1")
