@@ -827,7 +827,11 @@ class MCPResumeTest(harness.SluiceTestCase):
         return seen
 
     def resume(self, sid, version, last_id, until):
-        """GET with Last-Event-ID: the messages of the resumed stream until until(msgs)."""
+        """GET with Last-Event-ID: the messages of the resumed stream until until(msgs).
+        Sent once search has seen the dropped stream go (a resume that arrives first finds
+        the stream still attached and is refused 409, as the SDK does)."""
+        harness.wait_until(lambda: self.search.stats()["aborted_posts"] >= 1,
+                           message="search to see the dropped POST stream close")
         got = []
         h = dict(self.headers(sid, version), Accept="text/event-stream")
         h["Last-Event-ID"] = last_id

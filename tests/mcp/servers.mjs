@@ -32,6 +32,7 @@ const port = Number(args.port || 0);
 const stats = {
   kind, initialize: 0, sessions_closed: 0, calls: {}, auth: [], methods: {}, get_streams: 0,
   client_keys_seen: [], deletes: 0, protocol_versions: {},
+  aborted_posts: 0, // POST answers whose connection closed before they ended
 };
 const transports = new Map();
 
@@ -154,6 +155,15 @@ const httpServer = http.createServer(async (req, res) => {
       stats.methods[m] = (stats.methods[m] || 0) + 1;
     }
     if (req.method === 'GET') stats.get_streams++;
+    // Counted after the transport's own close handling has run (setImmediate: after this
+    // event's listeners and their promise jobs): a resume sent once this has moved cannot
+    // find the dropped stream still attached.
+    if (req.method === 'POST') {
+      res.on('close', () => {
+        const aborted = !res.writableFinished;
+        setImmediate(() => { if (aborted) stats.aborted_posts++; });
+      });
+    }
     if (req.method === 'DELETE') stats.deletes++;
     const pv = req.headers['mcp-protocol-version'];
     if (pv) stats.protocol_versions[pv] = (stats.protocol_versions[pv] || 0) + 1;
