@@ -447,6 +447,16 @@ static bool outcome_is_skip(const char *o)
 	       strcmp(o, "unsupported") == 0;
 }
 
+void metrics_record_policies(struct metrics_shard *s, const char *route,
+                             const struct record_policy *p, int n)
+{
+	if (s == NULL || p == NULL)
+		return;
+	/* Policy names come from the configuration, actions from a fixed set per policy. */
+	for (int i = 0; i < n && i < RECORD_MAX_POLICY_ACTIONS; i++)
+		counter_add(s, F_POLICY_ACTIONS, route, p[i].policy, p[i].action, 0, p[i].count);
+}
+
 void metrics_record_request(struct metrics_shard *s, const struct request_record *r)
 {
 	if (s == NULL || r == NULL)
@@ -461,10 +471,7 @@ void metrics_record_request(struct metrics_shard *s, const struct request_record
 		n = RECORD_MAX_ATTEMPTS;
 
 	counter_add(s, F_REQUESTS, route, consumer, NULL, r->status, 1);
-	/* Policy names come from the configuration, actions from a fixed set per policy. */
-	for (int i = 0; i < r->n_policies && i < RECORD_MAX_POLICY_ACTIONS; i++)
-		counter_add(s, F_POLICY_ACTIONS, route, r->policies[i].policy,
-		            r->policies[i].action, 0, r->policies[i].count);
+	metrics_record_policies(s, route, r->policies, r->n_policies);
 
 	for (int i = 0; i < n; i++) {
 		const struct record_attempt *a = &r->attempts[i];

@@ -1259,8 +1259,10 @@ static void attempt_start(struct request *r)
 	          r->trial ? ", health trial" : "");
 	health_inflight_add(r->state, 1);
 	r->inflight_held = true;
+	/* keepalive.pool: 0 keeps no connection to this instance (-1: close after the exchange) */
 	if (!upstream_xfer_start(&r->xfer, NULL, r->up_url, body, len, &to, in->tls_verify,
-	                         (long)(in->keepalive.idle / 1000))) {
+	                         in->keepalive.pool == 0 ? -1L
+	                                                 : (long)(in->keepalive.idle / 1000))) {
 		reply_error(r, 500, "server_error", "internal_error",
 		            "cannot start the upstream transfer");
 		return;

@@ -773,6 +773,8 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, tls_verify ? 1L : 0L);
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, tls_verify ? 2L : 0L);
 	curl_easy_setopt(e, CURLOPT_MAXAGE_CONN, keepalive_idle_s > 0 ? keepalive_idle_s : 1L);
+	/* set both ways: easy handles are pooled and never reset */
+	curl_easy_setopt(e, CURLOPT_FORBID_REUSE, keepalive_idle_s < 0 ? 1L : 0L);
 
 	x->start_us = x->last_activity_us = http_now_us();
 	x->head_us = x->first_body_us = 0;

@@ -5,6 +5,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sluice/record.h"
+
 struct metrics_shard;
 
 /* Strings are borrowed for the call; NULL means none. */
@@ -25,8 +27,11 @@ struct mcp_log_record {
 	int status;             /* HTTP status sent to the client */
 	int upstream_status;
 	const char *outcome; /* a fixed string: ok, error, denied, rate_limited, ... */
-	const char *policy;  /* the first request policy that acted on a tools/call, and how */
-	const char *policy_action;
+	/* What the route's request policies did to a tools/call, in order of first use: the
+	 * model access log's "policy" field and sluice_policy_actions_total (strings are the
+	 * snapshot's or fixed) */
+	const struct record_policy *policies;
+	int n_policies;
 	int rpc_error; /* the gateway's JSON-RPC error code, 0 when none */
 	uint64_t duration_us;
 	uint64_t bytes_in, bytes_out;
@@ -37,7 +42,8 @@ struct mcp_log_record {
 const char *mcp_method_label(const char *method, const char *http_method);
 /* Format the JSON line (no newline) into buf; returns its length like snprintf. */
 size_t mcp_log_format(const struct mcp_log_record *r, char *buf, size_t cap);
-/* Access log line + sluice_mcp_requests_total + sluice_mcp_request_duration_seconds. */
+/* Access log line + sluice_mcp_requests_total + sluice_mcp_request_duration_seconds +
+ * sluice_policy_actions_total. */
 void mcp_log_write(struct metrics_shard *shard, const struct mcp_log_record *r);
 
 #endif

@@ -10,6 +10,7 @@
 
 struct evbuffer;
 struct request_record;
+struct record_policy;
 
 /*
  * Threads. Each worker owns one shard and is its only writer: recording a
@@ -36,6 +37,10 @@ struct metrics_shard *metrics_shard(int worker_id);
 
 /* Worker, once per finished request, after the access log line. */
 void metrics_record_request(struct metrics_shard *s, const struct request_record *r);
+/* sluice_policy_actions_total for decisions made outside a model request (MCP tools/call);
+ * metrics_record_request counts a model request's own. */
+void metrics_record_policies(struct metrics_shard *s, const char *route,
+                             const struct record_policy *p, int n);
 
 /* Worker, once per MCP message (src/mcp/mcp_log.c): sluice_mcp_requests_total{route,server,
  * method,tool,outcome} and sluice_mcp_request_duration_seconds{route,server,method}. Every

@@ -91,7 +91,8 @@ bool upstream_xfer_header(struct upstream_xfer *x, const char *line);
  * once per configuration snapshot). */
 bool upstream_xfer_header_static(struct upstream_xfer *x, const char *line);
 /* Send method (NULL: POST) with body (not copied: it must outlive the transfer;
- * NULL: none) to url. */
+ * NULL: none) to url. A connection idle longer than keepalive_idle_s is not reused; with
+ * keepalive_idle_s < 0 (an instance's keepalive.pool: 0) it is closed after the transfer. */
 bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char *url,
                          const char *body, size_t len, const struct upstream_timeouts *to,
                          bool tls_verify, long keepalive_idle_s);

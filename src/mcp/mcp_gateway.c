@@ -109,7 +109,8 @@ struct mcp_worker {
 	struct mcp_crypto *crypto;
 	struct mcp_url *urls; /* grown on use; a retired server's is released */
 	size_t n_urls;
-	LIST_HEAD(, mcp_exchange) live;
+	/* named: cppcheck cannot parse an anonymous one */
+	LIST_HEAD(mcp_exchange_list, mcp_exchange) live;
 	size_t n_live;
 	struct event *retired_ev; /* main → worker: servers were retired */
 	char shared[];            /* struct mcp_worker_shared (mcp_registry.c) */
@@ -156,8 +157,11 @@ struct mcp_exchange {
 	struct policy_run *policies; /* tools/call on a route with plugins; owned */
 	json_t *policy_body;         /* the arguments' text as they read it; owned */
 	bool policy_pending;
-	bool args_changed;                  /* a policy rewrote an argument */
-	const char *policy, *policy_action; /* the first decision (the snapshot's strings) */
+	bool args_changed; /* a policy rewrote an argument */
+	/* the policies' decisions, copied from the run (freed before the record is written);
+	 * strings are the snapshot's or fixed */
+	struct record_policy policy_actions[RECORD_MAX_POLICY_ACTIONS];
+	int n_policy_actions;
 
 	/* the record */
 	char http_method[8];
@@ -628,7 +632,8 @@ static bool raw_event_id(const char *raw, size_t len, const char **v, size_t *vl
 
 /*
  * A server's event on its way to the client. Most pass as received. Rewritten:
- * - the event id, when the server sets one: the composite of every server's last id;
+ * - the event id, when the server sets one: the composite of every server's last id on
+ *   this stream (a batch's: of all its members);
  * - in sessions with several servers, a server-to-client request's id becomes
  *   "s<slot>:<id>", so the client's answer can be sent back to the server that asked;
  * - notifications/resources/updated: the uri gets the server's prefix, like resources/list.
@@ -643,8 +648,11 @@ static bool forward_event(struct mcp_leg *l, const struct sse_event *ev)
 	json_t *rewritten = NULL;
 
 	if (has_id) {
-		if (!mcp_event_ids_set(&ex->ids, l->slot, idv, idl) ||
-		    !mcp_event_ids_format(&ex->ids, composite, sizeof(composite)))
+		/* A batch's members share one stream: its ids carry every member's server, so
+		 * that resuming from the last one resumes the servers whose events came before. */
+		struct mcp_event_ids *ids = ex->batch != NULL ? &ex->batch->ids : &ex->ids;
+		if (!mcp_event_ids_set(ids, l->slot, idv, idl) ||
+		    !mcp_event_ids_format(ids, composite, sizeof(composite)))
 			has_id = false;
 	}
 	if (ev->has_data && ev->data_len > 0) {
@@ -1490,10 +1498,10 @@ static void policies_decided(struct mcp_exchange *ex, enum policy_verdict v)
 {
 	const struct policy_request *out = policy_run_request_outcome(ex->policies);
 	const struct policy_action *acts;
-	if (policy_run_actions(ex->policies, &acts, NULL) > 0) {
-		ex->policy = acts[0].policy;
-		ex->policy_action = acts[0].action;
-	}
+	size_t n = policy_run_actions(ex->policies, &acts, NULL);
+	for (size_t i = 0; i < n && ex->n_policy_actions < RECORD_MAX_POLICY_ACTIONS; i++)
+		ex->policy_actions[ex->n_policy_actions++] = (struct record_policy){
+		        .policy = acts[i].policy, .action = acts[i].action, .count = acts[i].count};
 	if (v == POLICY_REFUSE) {
 		/* A JSON-RPC error the agent can read; the server never sees the call. */
 		reply_error(ex, 200, MCP_ERR_POLICY, "policy_refused",
@@ -2438,8 +2446,8 @@ void mcp_record(const struct mcp_exchange *ex)
 	        .status = ex->status,
 	        .upstream_status = ex->upstream_status,
 	        .outcome = ex->outcome ? ex->outcome : "ok",
-	        .policy = ex->policy,
-	        .policy_action = ex->policy_action,
+	        .policies = ex->policy_actions,
+	        .n_policies = ex->n_policy_actions,
 	        .rpc_error = ex->rpc_error,
 	        .duration_us = http_now_us() - ex->start_us,
 	        .bytes_in = ex->bytes_in,

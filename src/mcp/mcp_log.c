@@ -130,8 +130,22 @@ size_t mcp_log_format(const struct mcp_log_record *r, char *buf, size_t cap)
 	put_num(&o, "upstream_status", (uint64_t)(r->upstream_status > 0 ? r->upstream_status : 0),
 	        true);
 	put_str(&o, "outcome", r->outcome);
-	put_str(&o, "policy", r->policy);
-	put_str(&o, "policy_action", r->policy_action);
+	/* the same shape as the model access log's "policy" (accesslog.c) */
+	if (r->n_policies > 0) {
+		puts_(&o, ",\"policy\":[");
+		for (int i = 0; i < r->n_policies && i < RECORD_MAX_POLICY_ACTIONS; i++) {
+			/* put_str writes ",\"key\":v": the object opens with a member of its own */
+			snprintf(tmp, sizeof(tmp), "%s{\"count\":%u", i ? "," : "",
+			         r->policies[i].count);
+			puts_(&o, tmp);
+			put_str(&o, "policy", r->policies[i].policy);
+			put_str(&o, "action", r->policies[i].action);
+			puts_(&o, "}");
+		}
+		puts_(&o, "]");
+	} else {
+		puts_(&o, ",\"policy\":null");
+	}
 	if (r->rpc_error != 0) {
 		snprintf(tmp, sizeof(tmp), ",\"rpc_error\":%d", r->rpc_error);
 		puts_(&o, tmp);
@@ -159,4 +173,5 @@ void mcp_log_write(struct metrics_shard *shard, const struct mcp_log_record *r)
 	const char *tool = r->tool_label ? r->tool_label : "";
 	metrics_record_mcp(shard, r->route ? r->route : "", r->server ? r->server : "", method,
 	                   tool, r->outcome ? r->outcome : "ok", r->duration_us);
+	metrics_record_policies(shard, r->route ? r->route : "", r->policies, r->n_policies);
 }

@@ -78,11 +78,11 @@ def prepare_node(workdir):
 class NodeServer:
     """One tests/mcp/servers.mjs process."""
 
-    def __init__(self, workdir, kind, port=0):
+    def __init__(self, workdir, kind, port=0, args=()):
         self.kind = kind
         self.log_path = os.path.join(workdir, "%s.log" % kind)
         self.proc = harness._spawn([shutil.which("node"), os.path.join(MCP_DIR, "servers.mjs"),
-                                    "--kind", kind, "--port", str(port)],
+                                    "--kind", kind, "--port", str(port)] + list(args),
                                    self.log_path, self.log_path, env=dict(os.environ))
         m = harness.wait_until(lambda: re.search(r"listening (\d+)",
                                                  harness.read_text(self.log_path)),
@@ -102,7 +102,7 @@ class NodeServer:
 
 def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__delete_*",),
                servers=("search", "tickets"), tickets_limit=None, checks=False, plugins=None,
-               store=None, carol_limit=2):
+               store=None, carol_limit=2, tickets_idle=None):
     srv = []
     if "search" in servers:
         srv.append({"name": "search", "endpoint": search.url(),
@@ -110,6 +110,8 @@ def mcp_config(port, admin_port, search, tickets, access_log, deny=("tickets__de
                     "timeouts": {"connect": Raw("2s"), "first_byte": Raw("10s")}})
     if "tickets" in servers:
         t = {"name": "tickets", "endpoint": tickets.url(), "timeouts": {"connect": Raw("2s")}}
+        if tickets_idle:
+            t["timeouts"]["idle"] = Raw(tickets_idle)
         if tickets_limit:
             t["limits"] = [{"requests": tickets_limit, "window": Raw("1h")}]
         if checks:
@@ -591,9 +593,49 @@ class MCPTest(harness.SluiceTestCase):
             lambda: [l for l in self.access_lines() if l["outcome"] == "policy_refused"]
             if len([l for l in self.access_lines() if l["outcome"] == "policy_refused"]) == 5
             else None, message="five policy_refused lines")
-        self.assertEqual([(l["policy"], l["policy_action"]) for l in lines[:2]],
-                         [("prompt_guard", "blocked")] * 2)
-        self.assertEqual(lines[2]["policy"], "moderation")
+        # each line's "policy" has the model access log's shape: every decision, counted
+        act = lambda p, a: [{"count": 1, "policy": p, "action": a}]
+        self.assertEqual([l["policy"] for l in lines],
+                         [act("prompt_guard", "blocked")] * 2 + [act("moderation", "blocked"),
+                          act("request_limits", "refused"), act("prompt_guard", "blocked")])
+        passed = [l for l in self.access_lines()
+                  if l["rpc_method"] == "tools/call" and l["outcome"] == "ok"]
+        self.assertEqual([l["policy"] for l in passed], [None])
+        # and sluice_policy_actions_total counts them like a model request's (the metric is
+        # recorded just after the line is written: wait for it)
+        want = {("prompt_guard", "blocked"): 3, ("moderation", "blocked"): 1,
+                ("request_limits", "refused"): 1}
+
+        def counted():
+            text = self.admin("/metrics").body.decode()
+            got = {(m[0], m[1]): int(m[2]) for m in re.findall(
+                r'^sluice_policy_actions_total\{route="tools",policy="([^"]+)",'
+                r'action="([^"]+)"\} (\d+)$', text, re.M)}
+            return got if got == want else None
+        harness.wait_until(counted, message="sluice_policy_actions_total for route tools: %r"
+                           % want)
+
+    def test_server_idle_timeout(self):
+        """mcp_servers[].timeouts.idle: a server whose answer stream goes silent for longer is
+        cut, and the client gets a JSON-RPC error instead of waiting."""
+        off = self.gw.reload(self.config(tickets_idle="300ms"))
+        self.gw.wait_log(r"reloaded", since=off)
+        sid = self.session()
+        call = lambda delay, i: self.rpc(
+            "tools/call", {"name": "tickets__create_ticket",
+                           "arguments": {"title": "t%d" % i, "delay_ms": delay}},
+            session=sid, id_=i)
+        r, b = call(0, 1)
+        self.assertEqual(b["result"]["content"][0]["text"], "create_ticket: t1")
+        r, b = call(3000, 2)  # silent ten times longer than the idle timeout
+        self.assertEqual(b["id"], 2, b)
+        self.assertEqual(b["error"]["code"], -32050, b)
+        self.assertIn("no data within idle timeout", b["error"]["message"])
+        line = harness.wait_until(
+            lambda: [l for l in self.access_lines()
+                     if l["rpc_method"] == "tools/call" and l["outcome"] == "timeout"],
+            message="the timed-out call's access-log line")[0]
+        self.assertEqual((line["upstream"], line["tool"]), ("tickets", "create_ticket"), line)
 
     def test_batches_2025_03_26(self):
         off = self.gw.reload(self.config(plugins=[
@@ -729,6 +771,136 @@ class MCPTest(harness.SluiceTestCase):
         self.assertEqual(b, {"jsonrpc": "2.0", "id": "p", "result": {}})
         r, _ = self.rpc("ping", session=sid, extra={"MCP-Protocol-Version": "1999-01-01"})
         self.assertEqual(r.status, 400)
+
+
+def sse_id(ev):
+    """The id field of an SSEEvent, or None."""
+    for line in ev.raw.decode().splitlines():
+        if line.startswith("id:"):
+            return line[3:].strip()
+    return None
+
+
+class MCPResumeTest(harness.SluiceTestCase):
+    """Resumability (Last-Event-ID) through the gateway: the servers keep their events
+    (servers.mjs --resumable), the client drops a POST's stream part-way and resumes it with
+    a GET carrying the last event id it saw, as the spec has it."""
+
+    def setUp(self):
+        super().setUp()
+        reason = prepare_node(self.workdir)
+        if reason:
+            self.skipTest(reason)
+        self.search = NodeServer(self.workdir, "search", args=("--resumable", "1"))
+        self.tickets = NodeServer(self.workdir, "tickets", args=("--resumable", "1"))
+        self.port, self.admin_port = harness.free_port(), harness.free_port()
+        self.access_log = os.path.join(self.workdir, "access.log")
+        self.gw = self.start_sluice(mcp_config(self.port, self.admin_port, self.search,
+                                               self.tickets, self.access_log), port=self.port)
+
+    def log_files(self):
+        return super().log_files() + [self.search.log_path, self.tickets.log_path]
+
+    def headers(self, sid, version):
+        return {"Authorization": "Bearer alice-key", "Accept": ACCEPT, "Mcp-Session-Id": sid,
+                "MCP-Protocol-Version": version}
+
+    def read_until(self, sid, version, body, stop):
+        """POST body, read its SSE stream until stop(message) is true, then drop the
+        connection. The messages and event ids seen, in order."""
+        seen = []
+        with harness.HTTPConn(self.port) as c:
+            c.send_request("POST", "/mcp", self.headers(sid, version),
+                           body=json.dumps(body).encode())
+            head = c.read_head()
+            self.assertEqual(head.status, 200, head)
+            self.assertTrue(head.header("content-type").startswith("text/event-stream"), head)
+            deadline = time.monotonic() + harness.DEADLINE
+            for ev in c.iter_events():
+                if ev.data:
+                    seen.append((json.loads(ev.data), sse_id(ev)))
+                    if stop(seen[-1][0]):
+                        break
+                if time.monotonic() > deadline:
+                    self.fail("the POST's stream: no stop within %ds; got %r"
+                              % (harness.DEADLINE, seen))
+        return seen
+
+    def resume(self, sid, version, last_id, until):
+        """GET with Last-Event-ID: the messages of the resumed stream until until(msgs).
+        Sent once search has seen the dropped stream go (a resume that arrives first finds
+        the stream still attached and is refused 409, as the SDK does)."""
+        harness.wait_until(lambda: self.search.stats()["aborted_posts"] >= 1,
+                           message="search to see the dropped POST stream close")
+        got = []
+        h = dict(self.headers(sid, version), Accept="text/event-stream")
+        h["Last-Event-ID"] = last_id
+        with harness.HTTPConn(self.port) as c:
+            c.send_request("GET", "/mcp", h)
+            head = c.read_head()
+            self.assertEqual(head.status, 200, head)
+            deadline = time.monotonic() + harness.DEADLINE
+            for ev in c.iter_events():
+                if ev.data:
+                    got.append(json.loads(ev.data))
+                if until(got):
+                    break
+                if time.monotonic() > deadline:  # keep-alive comments never time out
+                    self.fail("the resumed stream did not finish within %ds; got %r"
+                              % (harness.DEADLINE, got))
+        return got
+
+    def slow_call(self, id_, steps):
+        return {"jsonrpc": "2.0", "id": id_, "method": "tools/call",
+                "params": {"name": "search__slow_search", "arguments": {"steps": steps},
+                           "_meta": {"progressToken": "t%s" % id_}}}
+
+    @staticmethod
+    def progress(msgs, token):
+        return [m["params"]["progress"] for m in msgs
+                if m.get("method") == "notifications/progress"
+                and m["params"]["progressToken"] == token]
+
+    def test_post_stream_resumed_by_get(self):
+        sid = self.session_of("2025-06-18")
+        steps = 40
+        seen = self.read_until(sid, "2025-06-18", self.slow_call(1, steps),
+                               lambda m: m.get("method") == "notifications/progress"
+                               and m["params"]["progress"] == 2)
+        last = seen[-1][1]
+        self.assertTrue(last, "the server's event ids reach the client: %r" % seen)
+        got = self.resume(sid, "2025-06-18", last, lambda ms: any(m.get("id") == 1 for m in ms))
+        # nothing lost, nothing repeated: progress 3..steps, then the result
+        self.assertEqual(self.progress(got, "t1"), list(range(3, steps + 1)))
+        self.assertEqual(got[-1]["result"]["content"][0]["text"], "done in %d steps" % steps)
+        self.assertEqual(self.search.stats()["calls"], {"slow_search": 1})
+
+    def test_batch_stream_resumed_by_get(self):
+        """A batch's stream merges two servers' streams; its event ids must carry both
+        servers' positions, so that resuming from the last one resumes the server whose
+        events came earlier too."""
+        sid = self.session_of("2025-03-26")
+        steps = 100
+        batch = [self.slow_call(1, steps),
+                 {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                  "params": {"name": "tickets__create_ticket",
+                             "arguments": {"title": "r", "delay_ms": 500}}}]
+        # read until tickets' (late) answer: the last event seen is tickets' own, after some
+        # of search's, and search is still working (100 steps of 20 ms)
+        seen = self.read_until(sid, "2025-03-26", batch, lambda m: m.get("id") == 2)
+        self.assertEqual(seen[-1][0]["result"]["content"][0]["text"], "create_ticket: r")
+        done = self.progress([m for m, _ in seen], "t1")
+        self.assertTrue(done and len(done) < steps,
+                        "precondition: search had sent events, and had more to send: %r"
+                        % done)
+        got = self.resume(sid, "2025-03-26", seen[-1][1],
+                          lambda ms: any(m.get("id") == 1 for m in ms))
+        self.assertEqual(self.progress(got, "t1"), list(range(len(done) + 1, steps + 1)))
+        self.assertEqual(got[-1]["result"]["content"][0]["text"], "done in %d steps" % steps)
+        self.assertFalse([m for m in got if m.get("id") == 2], "tickets' answer came twice")
+
+    def session_of(self, version):
+        return open_session(self, self.port, "alice-key", version)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
 // Stateful: each initialize gets its own session (Mcp-Session-Id) and transport.
 // Also answers GET /_stats (JSON): what arrived, for the test's assertions.
 //
+// --resumable 1 gives each session's transport an event store: events carry ids and a GET
+// with Last-Event-ID replays what followed on that event's stream (also a POST's stream).
+//
 // Usage: node servers.mjs --kind search --port 0   (prints "listening PORT" when ready)
 
 import http from 'node:http';
@@ -29,8 +32,34 @@ const port = Number(args.port || 0);
 const stats = {
   kind, initialize: 0, sessions_closed: 0, calls: {}, auth: [], methods: {}, get_streams: 0,
   client_keys_seen: [], deletes: 0, protocol_versions: {},
+  aborted_posts: 0, // POST answers whose connection closed before they ended
 };
 const transports = new Map();
+
+// The SDK's EventStore interface, in memory: ids are "<stream>.<n>", replay sends the events
+// of the id's stream that came after it, in order.
+function eventStore() {
+  const events = [];
+  return {
+    async storeEvent(streamId, message) {
+      const id = `${streamId}.${events.length}`;
+      events.push({ id, streamId, message });
+      return id;
+    },
+    async getStreamIdForEventId(id) {
+      return events.find((e) => e.id === id)?.streamId;
+    },
+    async replayEventsAfter(lastEventId, { send }) {
+      const at = events.findIndex((e) => e.id === lastEventId);
+      if (at < 0) return '';
+      const { streamId } = events[at];
+      for (const e of events.slice(at + 1)) {
+        if (e.streamId === streamId) await send(e.id, e.message);
+      }
+      return streamId;
+    },
+  };
+}
 
 function countCall(name) { stats.calls[name] = (stats.calls[name] || 0) + 1; }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -94,6 +123,8 @@ function ticketsServer() {
     if (!TICKET_TOOLS.includes(name)) {
       return { isError: true, content: [{ type: 'text', text: `no tool ${name}` }] };
     }
+    const delay = Number(req.params.arguments?.delay_ms || 0); // answer late (resume tests)
+    if (delay > 0) await sleep(delay);
     return { content: [{ type: 'text', text: `${name}: ${req.params.arguments?.title ?? 'ok'}` }] };
   });
   return s;
@@ -124,6 +155,15 @@ const httpServer = http.createServer(async (req, res) => {
       stats.methods[m] = (stats.methods[m] || 0) + 1;
     }
     if (req.method === 'GET') stats.get_streams++;
+    // Counted after the transport's own close handling has run (setImmediate: after this
+    // event's listeners and their promise jobs): a resume sent once this has moved cannot
+    // find the dropped stream still attached.
+    if (req.method === 'POST') {
+      res.on('close', () => {
+        const aborted = !res.writableFinished;
+        setImmediate(() => { if (aborted) stats.aborted_posts++; });
+      });
+    }
     if (req.method === 'DELETE') stats.deletes++;
     const pv = req.headers['mcp-protocol-version'];
     if (pv) stats.protocol_versions[pv] = (stats.protocol_versions[pv] || 0) + 1;
@@ -139,6 +179,7 @@ const httpServer = http.createServer(async (req, res) => {
       t = new StreamableHTTPServerTransport({
         sessionIdGenerator: () => randomUUID(),
         onsessioninitialized: (id) => transports.set(id, t),
+        eventStore: args.resumable ? eventStore() : undefined,
       });
       t.onclose = () => {
         if (t.sessionId && transports.delete(t.sessionId)) stats.sessions_closed++;
