@@ -131,6 +131,10 @@ struct request {
 	json_t *answer;       /* a non-stream pivot answer waiting on a pending policy */
 	const json_t *answer_members[2 * RAW_CHOICES]; /* its text before the policies */
 	size_t n_answer_members;
+	bool answer_bytes;       /* chat → chat: the policies read the answer's bytes, no tree */
+	bool answer_no_usage;    /* ... which carry no usage */
+	bool answer_changed;     /* ... and rewrote them into policed */
+	struct evbuffer *policed; /* what they rewrote (policy_run_chat_bytes) */
 
 	/* where it goes: the fallback loop */
 	const struct config_route *route;
@@ -1614,6 +1618,49 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 	return v != POLICY_STOP;
 }
 
+/*
+ * A chat event on a chat instance through the response policies, once the encoder knows
+ * the stream's id: read in its bytes, no tree (policy_run_chat_bytes). An event the
+ * policies leave alone goes out as it came; one they changed goes out spliced. 1: handled,
+ * go on; 0: handled, the stream is over; -1: not read, take the tree path.
+ */
+static int policed_chat_event(struct request *r, const struct sse_event *ev)
+{
+	struct policy_chat_bytes pb;
+	struct record_usage u;
+	bool usage_only = false;
+
+	if (r->policed == NULL && (r->policed = evbuffer_new()) == NULL)
+		return -1;
+	enum policy_verdict v =
+	        policy_run_chat_bytes(r->policies, ev->data, ev->data_len, true, r->policed, &pb);
+	if (!pb.read)
+		return -1;
+	if (v == POLICY_REFUSE) {
+		evbuffer_drain(r->policed, evbuffer_get_length(r->policed));
+		proto_error_set(&r->stream_err, 500, "server_error", "policy_error",
+		                "the route's response policies could not run");
+		r->stream_failed = r->feed_stopped = true;
+		return 0;
+	}
+	r->output_text_bytes += pb.text_bytes;
+	if (usage_from_sse_data(ev->data, ev->data_len, &u, &usage_only))
+		r->usage = u;
+	if (pb.changed) {
+		evbuffer_add(r->events, "data: ", 6);
+		evbuffer_add_buffer(r->events, r->policed);
+		evbuffer_add(r->events, "\n\n", 2);
+	} else if (!(usage_only && r->hide_usage_chunk)) {
+		evbuffer_add(r->events, ev->raw, ev->raw_len);
+	}
+	if (v == POLICY_STOP) {
+		proto_codec(r->proto)->stream_end(r->enc, policy_run_stopped(r->policies), r->events);
+		r->stopped = r->feed_stopped = true;
+	}
+	take_encoded(r);
+	return v != POLICY_STOP;
+}
+
 static bool on_stream_event(void *arg, const struct sse_event *ev)
 {
 	struct request *r = arg;
@@ -1621,6 +1668,14 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 
 	if (!r->pivot_answer)
 		return identity_event(r, ev);
+	/* Chat through the policies: after the first event, without a tree (payload logging
+	 * and error events take the tree path). */
+	if (r->raw_ok && r->output_payload == NULL && ev->has_data && ev->event[0] == '\0' &&
+	    !(ev->data_len == 6 && memcmp(ev->data, "[DONE]", 6) == 0)) {
+		int k = policed_chat_event(r, ev);
+		if (k >= 0)
+			return k == 1;
+	}
 	memset(&err, 0, sizeof(err));
 	r->cur_event = ev;
 	bool ok = proto_codec(r->up_proto)->decode(r->dec, ev, on_pivot_chunk, r, &err);
@@ -1903,6 +1958,15 @@ static void on_answer_policies_done(void *arg)
  */
 static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
 {
+	/* Chat on a chat instance: the policies read the bytes (deliver_answer_bytes); a tree
+	 * only when that reader declines them. */
+	r->answer_bytes = r->answer_policies && r->proto == PROTO_CHAT &&
+	                  r->up_proto == PROTO_CHAT && r->output_payload == NULL &&
+	                  policy_chat_bytes_readable(body, n, false);
+	if (r->answer_bytes) {
+		r->answer_no_usage = !usage_from_body(body, n, &r->usage);
+		return true;
+	}
 	json_t *root = json_loadb(body, n, JSON_ALLOW_NUL, NULL);
 
 	r->answer = root ? proto_codec(r->up_proto)->response_to_chat(root, &r->reply) : NULL;
@@ -1917,8 +1981,77 @@ static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
 	return true;
 }
 
+static void send_answer_bytes(struct request *r);
+
+static void on_answer_bytes_done(void *arg)
+{
+	send_answer_bytes(arg);
+}
+
+/* A chat answer from a chat instance through the response policies, read in its bytes:
+ * it goes out as it came, or as they spliced it. */
+static void deliver_answer_bytes(struct request *r)
+{
+	size_t n = evbuffer_get_length(r->buffered);
+	const char *body = n ? (const char *)evbuffer_pullup(r->buffered, -1) : "";
+	struct policy_chat_bytes pb = {0};
+	enum policy_verdict v = POLICY_REFUSE;
+
+	if (r->policed != NULL || (r->policed = evbuffer_new()) != NULL)
+		v = policy_run_chat_bytes(r->policies, body, n, false, r->policed, &pb);
+	if (v == POLICY_REFUSE || !pb.read) {
+		reply_error(r, 500, "server_error", "policy_error",
+		            "the route's response policies could not run");
+		return;
+	}
+	if (r->answer_no_usage)
+		r->output_text_bytes = pb.text_bytes;
+	r->answer_changed = pb.changed;
+	if (policy_run_done(r->policies, on_answer_bytes_done, r) == POLICY_PENDING)
+		return; /* on_answer_bytes_done, from the loop */
+	send_answer_bytes(r);
+}
+
+static void send_answer_bytes(struct request *r)
+{
+	struct evbuffer *src = r->answer_changed ? r->policed : r->buffered;
+	size_t n = evbuffer_get_length(src);
+	const char *body = n ? (const char *)evbuffer_pullup(src, -1) : "";
+	char *text = NULL;
+
+	if (policy_run_withheld(r->policies)) {
+		/* A done-phase decision (moderation) withholds a choice's text: on a tree. */
+		json_t *a = json_loadb(body, n, JSON_ALLOW_NUL, NULL);
+		if (a != NULL) {
+			policy_run_chat_completion_done(r->policies, a);
+			text = json_dumps(a, JSON_COMPACT);
+		}
+		json_decref(a);
+		if (text == NULL) {
+			reply_error(r, 500, "server_error", "policy_error",
+			            "the route's response policies could not run");
+			return;
+		}
+		body = text;
+		n = strlen(text);
+	}
+	add_response_headers(r);
+	r->rec.status = (int)r->xfer.status;
+	r->rec.bytes_out = n;
+	r->rec.ttft_us = http_now_us() - r->start_us;
+	http_reply(r->http, (int)r->xfer.status,
+	           r->xfer.content_type[0] ? r->xfer.content_type : "application/json", body, n);
+	r->http = NULL;
+	free(text);
+	request_finish(r);
+}
+
 static void deliver_pivot_answer(struct request *r)
 {
+	if (r->answer_bytes) {
+		deliver_answer_bytes(r);
+		return;
+	}
 	/* A chat answer on a chat instance that the policies leave alone goes out as the
 	 * upstream's bytes (send_pivot_answer), as on the identity path. */
 	r->raw_ok = r->proto == PROTO_CHAT && r->up_proto == PROTO_CHAT &&
@@ -2407,6 +2540,8 @@ static void request_finish(struct request *r)
 	free(r->prompt_payload);
 	if (r->output_payload)
 		evbuffer_free(r->output_payload);
+	if (r->policed)
+		evbuffer_free(r->policed);
 	json_decref(r->answer);
 	json_decref(r->pivot);
 	json_decref(r->body);

@@ -138,6 +138,37 @@ void policy_run_chat_completion_done(struct policy_run *run, json_t *completion)
  * chunk holds the last text and the stream ends with policy_run_stopped(run). */
 enum policy_verdict policy_run_chat_chunk(struct policy_run *run, json_t *chunk);
 
+/* ---- the same over the upstream's bytes (src/policy/chat_bytes.c) --------------------- */
+
+/* Choices one document may have for the byte path; more: the tree path. */
+#define POLICY_CHAT_BYTES_CHOICES 8
+
+struct policy_chat_bytes {
+	bool read;         /* false: the bytes were not read (see below); nothing ran */
+	bool changed;      /* out holds the rewritten document; else the input stands */
+	size_t text_bytes; /* decoded text the upstream produced (before the policies) */
+};
+
+/*
+ * A chat.completion (chunk false) or a chat.completion.chunk (chunk true) as the upstream's
+ * JSON bytes, through the chain without a tree: what policy_run_chat_completion /
+ * policy_run_chat_chunk do, with the same verdicts, but the text is found in the bytes (and
+ * decoded, escapes resolved, for the policies) and only a changed document is written to
+ * out — the input's bytes with each changed text spliced in as a JSON string, and the
+ * finish_reason the gateway imposes. res->read is false, with nothing run, when the bytes
+ * are not a document this reader takes with certainty (invalid JSON, an escaped or
+ * repeated key it looks at, an error event, more than POLICY_CHAT_BYTES_CHOICES choices):
+ * use the tree functions then.
+ */
+enum policy_verdict policy_run_chat_bytes(struct policy_run *run, const char *data, size_t len,
+                                          bool chunk, struct evbuffer *out,
+                                          struct policy_chat_bytes *res);
+/* Whether policy_run_chat_bytes would read these bytes (runs nothing). */
+bool policy_chat_bytes_readable(const char *data, size_t len, bool chunk);
+/* After policy_run_done: a done-phase policy withheld some choice's text (the answer then
+ * needs policy_run_chat_completion_done on a tree). */
+bool policy_run_withheld(const struct policy_run *run);
+
 /* ---- decisions ------------------------------------------------------------------------ */
 
 /* The decisions so far, in order of first occurrence; *dropped (may be NULL) gets how many
@@ -162,5 +193,10 @@ size_t policy_utf8_count(const char *s, size_t len);
 size_t policy_utf8_complete(const char *s, size_t len);
 /* The byte offset after the first n code points of s[0..len) (len when it has fewer). */
 size_t policy_utf8_advance(const char *s, size_t len, size_t n);
+
+/* The run's buffers for chat_bytes.c: one it keeps decoded and rewritten texts in (emptied
+ * by this call), and the chain's output buffer (emptied too). NULL when out of memory. */
+struct evbuffer *policy_run_bytes_buffer(struct policy_run *run);
+struct evbuffer *policy_run_text_out(struct policy_run *run);
 
 #endif

@@ -190,6 +190,7 @@ struct policy_run {
 	size_t n_choices, cap_choices;
 	struct evbuffer *scratch[2]; /* text between two policies of the chain */
 	struct evbuffer *text;       /* the chat helpers' and flush's output */
+	struct evbuffer *bytes;      /* chat_bytes.c's texts */
 	bool stopped;                /* streams: the answer is over */
 	const char *stop_reason;
 	bool done_called;
@@ -273,6 +274,8 @@ void policy_run_free(struct policy_run *run)
 			evbuffer_free(run->scratch[i]);
 	if (run->text != NULL)
 		evbuffer_free(run->text);
+	if (run->bytes != NULL)
+		evbuffer_free(run->bytes);
 	free(run);
 }
 
@@ -500,6 +503,28 @@ static struct evbuffer *text_buffer(struct policy_run *run)
 	else
 		evbuffer_drain(run->text, evbuffer_get_length(run->text));
 	return run->text;
+}
+
+struct evbuffer *policy_run_text_out(struct policy_run *run)
+{
+	return text_buffer(run);
+}
+
+struct evbuffer *policy_run_bytes_buffer(struct policy_run *run)
+{
+	if (run->bytes == NULL)
+		run->bytes = evbuffer_new();
+	else
+		evbuffer_drain(run->bytes, evbuffer_get_length(run->bytes));
+	return run->bytes;
+}
+
+bool policy_run_withheld(const struct policy_run *run)
+{
+	for (size_t i = 0; i < run->n_choices; i++)
+		if (run->choices[i]->withheld)
+			return true;
+	return false;
 }
 
 enum policy_verdict policy_run_flush(struct policy_run *run, policy_flush_fn emit, void *arg)
