@@ -187,7 +187,9 @@ struct request {
 	const struct sse_event *cur_event; /* the upstream event being decoded (borrowed) */
 	bool raw_ok;       /* chat → chat through the policies: events they leave alone go out as
 	                      they came (keep_raw) */
-	bool raw_started;  /* the encoder has seen the stream's first chunk */
+	bool raw_started;  /* raw_ok was decided for this attempt's stream */
+	bool enc_taught;   /* the encoder has seen a chunk of the stream (its id, model) */
+	char *first_chunk; /* the stream's first chunk read in its bytes, to teach it later */
 	bool body_refused; /* its answer passed a cap: an upstream error */
 	const char *refused_why;
 	struct record_usage usage;
@@ -1186,7 +1188,9 @@ static void attempt_reset(struct request *r)
 	r->cost = COST_NOTHING;
 	r->client_paused = false;
 	r->feed_stopped = r->stream_failed = r->body_refused = false;
-	r->raw_ok = r->raw_started = false;
+	r->raw_ok = r->raw_started = r->enc_taught = false;
+	free(r->first_chunk);
+	r->first_chunk = NULL;
 	memset(&r->usage, 0, sizeof(r->usage));
 	r->output_text_bytes = 0;
 }
@@ -1602,8 +1606,12 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 		}
 		if (r->output_payload)
 			chunk_text(chunk, r->output_payload);
-		raw = v == POLICY_CONTINUE && keep_raw(r, chunk, before, n_before);
+		/* Raw once the encoder knows the stream's id: a chunk the gateway adds later
+		 * carries it. */
+		raw = v == POLICY_CONTINUE && r->enc_taught && keep_raw(r, chunk, before, n_before);
 	}
+	if (!raw)
+		r->enc_taught = true;
 	if (!raw && !client->encode(r->enc, chunk, r->events)) {
 		proto_error_set(&r->stream_err, 502, "upstream_error", "upstream_error",
 		                "the upstream's answer cannot be expressed in this protocol");
@@ -1619,10 +1627,29 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 }
 
 /*
- * A chat event on a chat instance through the response policies, once the encoder knows
- * the stream's id: read in its bytes, no tree (policy_run_chat_bytes). An event the
- * policies leave alone goes out as it came; one they changed goes out spliced. 1: handled,
- * go on; 0: handled, the stream is over; -1: not read, take the tree path.
+ * Before the gateway writes a chunk of its own into a stream whose events went out as the
+ * upstream's bytes (a cut, held text released at the end): the encoder learns the stream's
+ * id, model and created from its first chunk, parsed now — only on those paths.
+ */
+static void teach_encoder(struct request *r)
+{
+	if (r->enc_taught || r->first_chunk == NULL || r->enc == NULL)
+		return;
+	r->enc_taught = true;
+	json_t *c = json_loads(r->first_chunk, 0, NULL);
+	struct evbuffer *sink = c ? evbuffer_new() : NULL;
+	if (sink != NULL) {
+		proto_codec(r->proto)->encode(r->enc, c, sink);
+		evbuffer_free(sink);
+	}
+	json_decref(c);
+}
+
+/*
+ * A chat event on a chat instance through the response policies: read in its bytes, no
+ * tree (policy_run_chat_bytes). An event the policies leave alone goes out as it came; one
+ * they changed goes out spliced. 1: handled, go on; 0: handled, the stream is over; -1:
+ * not read, take the tree path.
  */
 static int policed_chat_event(struct request *r, const struct sse_event *ev)
 {
@@ -1643,6 +1670,11 @@ static int policed_chat_event(struct request *r, const struct sse_event *ev)
 		r->stream_failed = r->feed_stopped = true;
 		return 0;
 	}
+	if (!r->enc_taught && r->first_chunk == NULL &&
+	    (r->first_chunk = strndup(ev->data, ev->data_len)) == NULL) {
+		evbuffer_drain(r->policed, evbuffer_get_length(r->policed));
+		return -1; /* out of memory: the tree path teaches the encoder itself */
+	}
 	r->output_text_bytes += pb.text_bytes;
 	if (usage_from_sse_data(ev->data, ev->data_len, &u, &usage_only))
 		r->usage = u;
@@ -1654,6 +1686,7 @@ static int policed_chat_event(struct request *r, const struct sse_event *ev)
 		evbuffer_add(r->events, ev->raw, ev->raw_len);
 	}
 	if (v == POLICY_STOP) {
+		teach_encoder(r);
 		proto_codec(r->proto)->stream_end(r->enc, policy_run_stopped(r->policies), r->events);
 		r->stopped = r->feed_stopped = true;
 	}
@@ -1668,8 +1701,11 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 
 	if (!r->pivot_answer)
 		return identity_event(r, ev);
-	/* Chat through the policies: after the first event, without a tree (payload logging
-	 * and error events take the tree path). */
+	/* Chat through the policies: every event read in its bytes, without a tree (payload
+	 * logging and error events take the tree path). */
+	if (!r->raw_started && r->answer_policies && r->proto == PROTO_CHAT &&
+	    r->up_proto == PROTO_CHAT && r->reply.model == NULL)
+		r->raw_started = r->raw_ok = true;
 	if (r->raw_ok && r->output_payload == NULL && ev->has_data && ev->event[0] == '\0' &&
 	    !(ev->data_len == 6 && memcmp(ev->data, "[DONE]", 6) == 0)) {
 		int k = policed_chat_event(r, ev);
@@ -1680,12 +1716,6 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 	r->cur_event = ev;
 	bool ok = proto_codec(r->up_proto)->decode(r->dec, ev, on_pivot_chunk, r, &err);
 	r->cur_event = NULL;
-	/* Once the encoder knows the stream's id, unchanged chat events may pass as they are. */
-	if (!r->raw_started && ev->has_data && r->answer_policies && r->proto == PROTO_CHAT &&
-	    r->up_proto == PROTO_CHAT && r->reply.model == NULL) {
-		r->raw_started = true;
-		r->raw_ok = true;
-	}
 	if (ok)
 		return true;
 	if (!r->feed_stopped) { /* the upstream's stream is broken, or said it failed */
@@ -2142,6 +2172,7 @@ static void pivot_stream_close(struct request *r)
 {
 	const char *reason = r->policies ? policy_run_stopped(r->policies) : NULL;
 
+	teach_encoder(r);
 	proto_codec(r->proto)->stream_end(r->enc, reason, r->events);
 	end_client_stream(r);
 }
@@ -2162,6 +2193,7 @@ static void on_flush_text(void *arg, unsigned choice, const char *text, size_t l
 	if (chunk != NULL) {
 		if (r->output_payload)
 			evbuffer_add(r->output_payload, text, len);
+		teach_encoder(r);
 		proto_codec(r->proto)->encode(r->enc, chunk, r->events);
 	}
 	json_decref(chunk);
@@ -2214,6 +2246,7 @@ static void on_policy_stop(void *arg, const char *finish_reason)
 		request_finish(r);
 		return;
 	}
+	teach_encoder(r);
 	proto_codec(r->proto)->stream_end(r->enc, finish_reason, r->events);
 	start_client_stream(r);
 	end_client_stream(r);

@@ -120,6 +120,39 @@ static size_t utf8_seq(const unsigned char *p, const unsigned char *e)
 	return n;
 }
 
+/* Whether the byte needs no look inside a string: not '"', '\\', under 0x20 or 0x80 and over. */
+static bool plain_byte(unsigned char c)
+{
+	return c >= 0x20 && c < 0x80 && c != '"' && c != '\\';
+}
+
+/* Past the plain bytes from p (up to e), eight at a time: in each 64-bit word, a byte that
+ * is '"' or '\\' is turned into zero and found by the zero-byte test ((x - 0x01..) & ~x &
+ * 0x80..), one under 0x20 borrows in x - 0x20.., one of 0x80 and over has its top bit. The
+ * lowest flagged byte is the first that is not plain (later flags may be spurious). */
+static const unsigned char *skip_plain(const unsigned char *p, const unsigned char *e)
+{
+	const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+
+	while (e - p >= 8) {
+		uint64_t x;
+		memcpy(&x, p, 8);
+		uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
+		uint64_t bad = (((q - ones) & ~q) | ((b - ones) & ~b) | (x - ones * 0x20) | x) & highs;
+		if (bad != 0) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+			return p + __builtin_ctzll(bad) / 8;
+#else
+			break;
+#endif
+		}
+		p += 8;
+	}
+	while (p < e && plain_byte(*p))
+		p++;
+	return p;
+}
+
 /* A string at s->p ('"'): validated, s->p after its closing quote. */
 static bool string(struct cb *s, bool *escaped)
 {
@@ -127,8 +160,7 @@ static bool string(struct cb *s, bool *escaped)
 	bool esc = false;
 
 	for (;;) {
-		while (p < e && *p >= 0x20 && *p != '"' && *p != '\\' && *p < 0x80)
-			p++;
+		p = skip_plain(p, e);
 		if (p >= e)
 			return false;
 		unsigned char c = *p;
@@ -336,20 +368,21 @@ static int member(struct cb *s, bool *first, const char **key, size_t *klen, boo
 	return 1;
 }
 
-static bool is_key(const char *k, size_t n, const char *name)
-{
-	size_t m = strlen(name);
-	return n == m && memcmp(k, name, m) == 0;
-}
+struct key {
+	const char *name;
+	size_t len;
+};
 
-/* 1: the key is one of names (its bit in *seen set), 0: another key, -1: decline (an
- * escaped key, which might be one of them, or one of them twice). */
-static int watched(const char *k, size_t n, bool esc, const char *const *names, unsigned *seen)
+#define KEY(s) {s, sizeof(s) - 1}
+
+/* 1 + i: the key is names[i] (its bit in *seen set), 0: another key, -1: decline (an escaped
+ * key, which might be one of them, or one of them twice). */
+static int watched(const char *k, size_t n, bool esc, const struct key *names, unsigned *seen)
 {
 	if (esc)
 		return -1;
-	for (unsigned i = 0; names[i] != NULL; i++) {
-		if (is_key(k, n, names[i])) {
+	for (unsigned i = 0; names[i].name != NULL; i++) {
+		if (n == names[i].len && k[0] == names[i].name[0] && memcmp(k, names[i].name, n) == 0) {
 			if (*seen & (1u << i))
 				return -1;
 			*seen |= 1u << i;
@@ -362,7 +395,7 @@ static int watched(const char *k, size_t n, bool esc, const char *const *names, 
 /* delta / message: content. */
 static bool part(struct cb *s, struct cb_choice *c)
 {
-	static const char *const names[] = {"content", NULL};
+	static const struct key names[] = {KEY("content"), {NULL, 0}};
 	bool first = true, esc;
 	const char *k;
 	size_t kn;
@@ -394,7 +427,8 @@ static bool part(struct cb *s, struct cb_choice *c)
 
 static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 {
-	static const char *const names[] = {"index", "delta", "message", "finish_reason", NULL};
+	static const struct key names[] = {KEY("index"), KEY("delta"), KEY("message"),
+	                                   KEY("finish_reason"), {NULL, 0}};
 	bool first = true, esc;
 	const char *k;
 	size_t kn;
@@ -439,7 +473,7 @@ static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 
 static bool doc_scan(const char *data, size_t len, bool chunk, struct cb_doc *d)
 {
-	static const char *const names[] = {"choices", "error", "object", NULL};
+	static const struct key names[] = {KEY("choices"), KEY("error"), KEY("object"), {NULL, 0}};
 	struct cb s = {data, data + len, 0};
 	bool first = true, esc;
 	const char *k;
