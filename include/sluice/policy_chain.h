@@ -106,6 +106,12 @@ void policy_run_on_stop(struct policy_run *run, policy_stop_fn fn, void *arg);
 enum policy_verdict policy_run_text(struct policy_run *run, unsigned choice, const char *text,
                                     size_t len, bool final, struct evbuffer *out);
 
+/* The same, except that when every policy let the text through unchanged (holding
+ * nothing) *passed is set and out is left alone: the output is text itself, not copied. */
+enum policy_verdict policy_run_text_ref(struct policy_run *run, unsigned choice,
+                                        const char *text, size_t len, bool final,
+                                        struct evbuffer *out, bool *passed);
+
 /* Streams, at the upstream's end: final text for every choice not finished yet; emit gets
  * what each releases (only when not empty). Verdicts as policy_run_text. */
 typedef void (*policy_flush_fn)(void *arg, unsigned choice, const char *text, size_t len);

@@ -449,9 +449,12 @@ static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 			if (integer) {
 				if (s->p - v > 18)
 					return false; /* near int64's bounds: the tree path decides */
-				long long x = strtoll(v, NULL, 10); /* stops at the number's end */
-				c->index = x >= 0 && x < POLICY_MAX_CHOICES ? (unsigned)x
-				                                            : POLICY_MAX_CHOICES;
+				unsigned long long x = 0;
+				for (const char *q = v + (*v == '-'); q < s->p; q++)
+					x = x * 10 + (unsigned)(*q - '0');
+				c->index = x < POLICY_MAX_CHOICES && (*v != '-' || x == 0)
+				                   ? (unsigned)x
+				                   : POLICY_MAX_CHOICES;
 			}
 			continue;
 		}
@@ -774,17 +777,25 @@ enum policy_verdict policy_run_chat_bytes(struct policy_run *run, const char *da
 		/* The chain's output goes after everything in work: its offset there. */
 		size_t o0 = evbuffer_get_length(work);
 		struct evbuffer *tout = policy_run_text_out(run);
+		bool passed;
 		if (tout == NULL)
 			return POLICY_REFUSE;
-		enum policy_verdict v = policy_run_text(run, c->index, text, tlen, final, tout);
+		enum policy_verdict v =
+		        policy_run_text_ref(run, c->index, text, tlen, final, tout, &passed);
 		if (v == POLICY_REFUSE)
 			return v;
 		size_t olen = evbuffer_get_length(tout);
-		const char *o = olen ? (const char *)evbuffer_pullup(tout, -1) : "";
-		if (o == NULL)
-			return POLICY_REFUSE;
-		bool same = c->text_is_string ? olen == tlen && memcmp(o, text, tlen) == 0
-		                              : olen == 0;
+		bool same;
+		if (passed) {
+			same = true;
+		} else if (olen == 0) {
+			same = !c->text_is_string || tlen == 0;
+		} else {
+			const char *o = (const char *)evbuffer_pullup(tout, -1);
+			if (o == NULL)
+				return POLICY_REFUSE;
+			same = c->text_is_string && olen == tlen && memcmp(o, text, tlen) == 0;
+		}
 		if (!same) {
 			if (chunk ? !c->has_part : !c->text_is_string)
 				return POLICY_REFUSE; /* nowhere to put the text (as the tree path) */

@@ -353,6 +353,8 @@ const struct policy_request *policy_run_request_outcome(const struct policy_run 
 static void stream_stop(struct policy_stream *s, const char *policy, const char *action,
                         const char *finish_reason);
 static void stream_resume(struct policy_stream *s);
+static void stream_note(struct policy_stream *s, const char *policy, const char *action,
+                        const char *rule);
 
 static struct choice *find_choice(struct policy_run *run, unsigned index)
 {
@@ -392,6 +394,7 @@ static struct choice *get_choice(struct policy_run *run, unsigned index)
 	c->s.choice = index;
 	c->s.stop = stream_stop;
 	c->s.resume = stream_resume;
+	c->s.note = stream_note;
 	c->s.pipeline = c;
 	for (size_t i = 0; i < rt->n_plugins; i++) {
 		const struct config_plugin *pl = &rt->plugins[i];
@@ -421,6 +424,7 @@ static void text_init(struct policy_text *t, unsigned choice, const char *text, 
 	t->action = NULL;
 	t->rule[0] = '\0';
 	t->alert = NULL;
+	t->passed = false;
 }
 
 static size_t last_response_plugin(const struct choice *c, size_t n)
@@ -432,16 +436,22 @@ static size_t last_response_plugin(const struct choice *c, size_t n)
 	return last;
 }
 
-/* text through every response policy of the route, in order, into out. */
+/* text through every response policy of the route, in order, into out — or, when every
+ * policy passed it unchanged and ref is not NULL, nowhere: *ref_passed is set and out stays
+ * as it was. */
 static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, const char *text,
-                                      size_t len, bool final, struct evbuffer *out)
+                                      size_t len, bool final, struct evbuffer *out,
+                                      bool *ref_passed)
 {
 	const struct config_route *rt = run->route;
 	size_t last = last_response_plugin(c, rt->n_plugins);
 	struct evbuffer *prev = NULL;
 	const char *finish = NULL;
 	int flip = 0;
+	bool passed = true; /* text is still the caller's: no policy wrote anything */
 
+	if (ref_passed != NULL)
+		*ref_passed = false;
 	for (size_t i = 0; last != SIZE_MAX && i <= last; i++) {
 		const struct config_plugin *pl = &rt->plugins[i];
 		if (c->states[i] == NULL)
@@ -455,9 +465,21 @@ static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, 
 			record(run, pl->name, t.action, t.rule, t.alert);
 			if (v == POLICY_STOP && finish == NULL)
 				finish = t.finish_reason ? t.finish_reason : "content_filter";
+			if (t.passed) {
+				/* text goes on as it is: into out only at the end, when asked */
+				if (i == last && ref_passed != NULL && passed)
+					*ref_passed = true;
+				else if (i == last && evbuffer_add(out, text, len) != 0)
+					return POLICY_REFUSE;
+				continue;
+			}
+		} else {
+			continue; /* nothing in, nothing out: the next gets the same (empty) text */
 		}
 		if (prev != NULL)
 			evbuffer_drain(prev, evbuffer_get_length(prev));
+		prev = NULL;
+		passed = false;
 		if (i != last) {
 			len = evbuffer_get_length(dst);
 			text = len ? (const char *)evbuffer_pullup(dst, -1) : "";
@@ -467,6 +489,8 @@ static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, 
 			flip ^= 1;
 		}
 	}
+	if (prev != NULL) /* a policy after it passed its text on: out has its copy */
+		evbuffer_drain(prev, evbuffer_get_length(prev));
 	if (final || finish != NULL)
 		c->final = true;
 	if (finish == NULL)
@@ -493,14 +517,35 @@ enum policy_verdict policy_run_text(struct policy_run *run, unsigned choice, con
 		return POLICY_REFUSE;
 	if (c->final)
 		return c->finish ? POLICY_STOP : POLICY_CONTINUE; /* nothing after the end */
-	return chain_text(run, c, text ? text : "", len, final, out);
+	return chain_text(run, c, text ? text : "", len, final, out, NULL);
+}
+
+enum policy_verdict policy_run_text_ref(struct policy_run *run, unsigned choice,
+                                        const char *text, size_t len, bool final,
+                                        struct evbuffer *out, bool *passed)
+{
+	*passed = false;
+	if (run->stopped)
+		return POLICY_STOP;
+	if (choice >= POLICY_MAX_CHOICES)
+		return POLICY_REFUSE;
+	if (len == 0 && !final) {
+		*passed = true;
+		return POLICY_CONTINUE;
+	}
+	struct choice *c = get_choice(run, choice);
+	if (c == NULL)
+		return POLICY_REFUSE;
+	if (c->final)
+		return c->finish ? POLICY_STOP : POLICY_CONTINUE; /* nothing after the end */
+	return chain_text(run, c, text ? text : "", len, final, out, passed);
 }
 
 static struct evbuffer *text_buffer(struct policy_run *run)
 {
 	if (run->text == NULL)
 		run->text = evbuffer_new();
-	else
+	else if (evbuffer_get_length(run->text) > 0)
 		evbuffer_drain(run->text, evbuffer_get_length(run->text));
 	return run->text;
 }
@@ -514,7 +559,7 @@ struct evbuffer *policy_run_bytes_buffer(struct policy_run *run)
 {
 	if (run->bytes == NULL)
 		run->bytes = evbuffer_new();
-	else
+	else if (evbuffer_get_length(run->bytes) > 0)
 		evbuffer_drain(run->bytes, evbuffer_get_length(run->bytes));
 	return run->bytes;
 }
@@ -536,7 +581,7 @@ enum policy_verdict policy_run_flush(struct policy_run *run, policy_flush_fn emi
 		struct evbuffer *out = text_buffer(run);
 		if (out == NULL)
 			return POLICY_REFUSE;
-		enum policy_verdict v = chain_text(run, c, "", 0, true, out);
+		enum policy_verdict v = chain_text(run, c, "", 0, true, out, NULL);
 		size_t n = evbuffer_get_length(out);
 		if (n > 0 && emit != NULL)
 			emit(arg, c->s.choice, (const char *)evbuffer_pullup(out, -1), n);
@@ -606,6 +651,13 @@ static void stream_stop(struct policy_stream *s, const char *policy, const char 
 	c->finish = finish_reason;
 	if (run->streaming && run->stop_reason == NULL)
 		run->stop_reason = finish_reason;
+}
+
+static void stream_note(struct policy_stream *s, const char *policy, const char *action,
+                        const char *rule)
+{
+	struct choice *c = s->pipeline;
+	record(c->run, policy, action, rule, NULL);
 }
 
 static void stream_resume(struct policy_stream *s)

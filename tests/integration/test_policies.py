@@ -425,9 +425,18 @@ class ModerationTest(PolicyCase):
                  "plugins": [{"moderation": {"endpoint": mod.url("/v1/moderations"),
                                              "timeout": Raw("300ms"),
                                              "on_error": Raw("allow")}}]}
+        # the response side alone, on streams: each window's failed call is a decision too
+        stream_allow = {"name": "lenient-stream", "paths": ["/v3/chat/completions"],
+                        "auth": Raw("none"), "targets": [{"instance": "up"}],
+                        "plugins": [{"moderation": {"endpoint": mod.url("/v1/moderations"),
+                                                    "on": [Raw("response")],
+                                                    "chunk_chars": 65,
+                                                    "timeout": Raw("300ms"),
+                                                    "on_error": Raw("allow")}}]}
         gw = self.gateway([{"moderation": {"endpoint": mod.url("/v1/moderations"),
                                            "timeout": Raw("300ms"),
-                                           "on_error": Raw("deny")}}], extra_routes=[allow])
+                                           "on_error": Raw("deny")}}],
+                          extra_routes=[allow, stream_allow])
         r = self.post(gw, chat(marker()))
         self.assertEqual(r.status, 503, repr(r))
         self.assertEqual(r.json()["error"]["code"], "moderation_unavailable")
@@ -437,9 +446,25 @@ class ModerationTest(PolicyCase):
         self.assertEqual(r.status, 200, repr(r))
         e = self.access(r.header("x-request-id"))
         self.assertEqual(e["policy"], [{"policy": "moderation", "action": "error_allowed",
-                                        "count": 1}], "the request side's timeout, allowed")
+                                        "count": 2}],
+                         "the request side's timeout and the response side's, both allowed "
+                         "and both recorded")
         self.assertEqual(r.json()["choices"][0]["finish_reason"], "stop",
                          "the response side's timeout, allowed too")
+        # a stream: the windows' calls time out while the text flows on; every one of those
+        # decisions is in the access log and the metric, none stops the stream
+        head, events = self.stream(gw, chat(marker(), stream=True,
+                                            mock={"chunks": ["calm words here "] * 12}),
+                                   path="/v3/chat/completions")
+        self.assertEqual(finish_of(events)[-1:], ["stop"])
+        self.assertEqual(content_of(events), "calm words here " * 12)
+        e = self.access(head.header("x-request-id"))
+        self.assertEqual([(p["policy"], p["action"]) for p in e["policy"]],
+                         [("moderation", "error_allowed")], e)
+        self.assertGreaterEqual(e["policy"][0]["count"], 1)
+        self.assertGreaterEqual(self.metrics().series("sluice_policy_actions_total").get(
+            tuple(sorted({"route": "lenient-stream", "policy": "moderation",
+                          "action": "error_allowed"}.items())), 0), 1)
 
 
 # ---------------------------------------------------------------------------------------
