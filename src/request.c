@@ -2172,7 +2172,8 @@ static void pivot_stream_close(struct request *r)
 {
 	const char *reason = r->policies ? policy_run_stopped(r->policies) : NULL;
 
-	teach_encoder(r);
+	if (reason != NULL) /* only then does the end carry a chunk of the gateway's */
+		teach_encoder(r);
 	proto_codec(r->proto)->stream_end(r->enc, reason, r->events);
 	end_client_stream(r);
 }

@@ -377,12 +377,21 @@ struct key {
 
 /* 1 + i: the key is names[i] (its bit in *seen set), 0: another key, -1: decline (an escaped
  * key, which might be one of them, or one of them twice). */
-static int watched(const char *k, size_t n, bool esc, const struct key *names, unsigned *seen)
+static bool same_bytes(const char *a, const char *b, size_t n)
+{
+	for (size_t i = 0; i < n; i++) /* short keys: no call */
+		if (a[i] != b[i])
+			return false;
+	return true;
+}
+
+static inline int watched(const char *k, size_t n, bool esc, const struct key *names,
+                          unsigned *seen)
 {
 	if (esc)
 		return -1;
 	for (unsigned i = 0; names[i].name != NULL; i++) {
-		if (n == names[i].len && k[0] == names[i].name[0] && memcmp(k, names[i].name, n) == 0) {
+		if (n == names[i].len && same_bytes(k, names[i].name, n)) {
 			if (*seen & (1u << i))
 				return -1;
 			*seen |= 1u << i;
