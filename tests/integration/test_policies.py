@@ -278,6 +278,26 @@ class ResponseGuardTest(PolicyCase):
         self.assertEqual(events[-1].event, "message_stop")
         self.assertEqual(self.actions("response_guard", "masked"), 3)
 
+    def test_mask_escaped_text(self):
+        # The guard sees the text decoded: a number after a "\n" escape starts at a word
+        # boundary (in the raw JSON it follows the letter n), and the mask — a quote and a
+        # backslash in it — goes back escaped, so every answer and event stays valid JSON.
+        mask = '"[x]\\'
+        gw = self.gateway([{"response_guard": {"deny": ["\\b\\d{16}\\b"], "mask": mask}}])
+        r = self.post(gw, chat(marker(), mock={"content": 'say "hi"\n%s\tend' % CARD}))
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(r.json()["choices"][0]["message"]["content"],
+                         'say "hi"\n' + mask + "\tend")
+        head, events = self.stream(gw, chat(marker(), stream=True, mock={
+            "chunks": ['quote "a"\n41111111', '11111111\t"b" \\ done']}))
+        for e in events:  # every event the client gets is JSON
+            if e.data and e.data != "[DONE]":
+                json.loads(e.data)
+        self.assertEqual(content_of(events), 'quote "a"\n' + mask + '\t"b" \\ done')
+        self.assertEqual(finish_of(events)[-1:], ["stop"])
+        self.assertTrue(events[-1].is_done)
+        self.assertEqual(self.actions("response_guard", "masked"), 2)
+
     def test_mask_on_every_protocol(self):
         # Messages on an Anthropic instance (the identity request, the answer through the
         # pivot) and Responses on a chat instance: the same guard, the same result.
