@@ -29,8 +29,8 @@ static const char *const configs[] = {
         "      - response_guard: { deny: [\"\\\\b\\\\d{16}\\\\b\", \"\\\\d{3}\"] }\n",
         "      - response_guard: { deny: [\"\\\\d{2}\"], action: block }\n",
         "      - response_guard: { deny: [\"[\\\"\\\\\\\\\\\\n]\"], mask: \"\\\"\\\\\\\\\\u0001\" }\n",
-        "      - response_guard: { deny: [\"a\\\\d\"], hold: 4 }\n"
-        "      - loop_guard: { max_repeats: 3, window: 12, min_period: 1 }\n",
+        ("      - response_guard: { deny: [\"a\\\\d\"], hold: 4 }\n"
+         "      - loop_guard: { max_repeats: 3, window: 12, min_period: 1 }\n"),
 };
 #define N_CONFIGS (sizeof configs / sizeof configs[0])
 
