@@ -52,6 +52,7 @@
 #include "sluice/config.h"
 #include "sluice/health.h"
 #include "sluice/http.h"
+#include "sluice/json_scan.h"
 #include "sluice/log.h"
 #include "sluice/mcp.h"
 #include "sluice/metrics.h"
@@ -135,6 +136,7 @@ struct request {
 	bool answer_no_usage;    /* ... which carry no usage */
 	bool answer_changed;     /* ... and rewrote them into policed */
 	struct evbuffer *policed; /* what they rewrote (policy_run_chat_bytes) */
+	char *policy_body;        /* the client's bytes as the request policies spliced them */
 
 	/* where it goes: the fallback loop */
 	const struct config_route *route;
@@ -643,6 +645,61 @@ static bool plan(struct request *r)
 
 static void start_attempts(struct request *r);
 
+static bool json_ws(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/*
+ * A chain whose whole change was chat messages added around the client's (a decorator)
+ * says so in bytes: they are spliced into the client's "messages" array, and the body is
+ * not re-serialised. From then on the pipeline reads those bytes as the client's (the tree
+ * says the same). False: re-serialise.
+ */
+static bool splice_request_body(struct request *r)
+{
+	struct http_request *hr = r->http;
+	const char *before, *after;
+	struct json_scan js;
+
+	if (r->proto != PROTO_CHAT || !policy_run_request_splice(r->policies, &before, &after) ||
+	    json_scan_body(hr->body, hr->body_len, &js) != JSON_SCAN_OK ||
+	    js.member[JSON_SCAN_MESSAGES].type != JSON_SCAN_ARRAY)
+		return false;
+	const char *open = js.member[JSON_SCAN_MESSAGES].p;
+	const char *close = open + js.member[JSON_SCAN_MESSAGES].len - 1; /* its ']' */
+	const char *q = open + 1, *end = hr->body + hr->body_len;
+	while (q < close && json_ws(*q))
+		q++;
+	bool empty = q == close;
+	size_t bl = before ? strlen(before) : 0, al = after ? strlen(after) : 0;
+	char *buf = malloc(hr->body_len + bl + al + 3);
+	if (buf == NULL)
+		return false;
+	char *o = buf;
+	size_t head = (size_t)(open + 1 - hr->body), mid = (size_t)(close - (open + 1));
+	memcpy(o, hr->body, head);
+	o += head;
+	memcpy(o, before ? before : "", bl);
+	o += bl;
+	if (bl > 0 && (!empty || al > 0))
+		*o++ = ',';
+	memcpy(o, open + 1, mid);
+	o += mid;
+	if (al > 0 && !empty)
+		*o++ = ',';
+	memcpy(o, after ? after : "", al);
+	o += al;
+	memcpy(o, close, (size_t)(end - close));
+	o += end - close;
+	*o = '\0';
+	free(r->policy_body);
+	r->policy_body = buf;
+	hr->body = buf; /* owned by the request, which outlives every reader of hr->body */
+	hr->body_len = (size_t)(o - buf);
+	return true;
+}
+
 /* The chain's verdict (now, or later from the loop): refuse, or go on to the attempts. */
 static void after_request_policies(void *arg, enum policy_verdict v)
 {
@@ -656,8 +713,9 @@ static void after_request_policies(void *arg, enum policy_verdict v)
 		            out->message[0] ? out->message : "refused by the route's policy");
 		return;
 	}
-	/* A rewritten body goes out re-serialised: the client's bytes are not what it says now. */
-	if (out->changed)
+	/* A rewritten body goes out re-serialised (the client's bytes are not what it says
+	 * now), or spliced when all that changed were messages added around the client's. */
+	if (out->changed && !splice_request_body(r))
 		r->body_changed = true;
 	start_attempts(r);
 }
@@ -2576,6 +2634,7 @@ static void request_finish(struct request *r)
 		evbuffer_free(r->output_payload);
 	if (r->policed)
 		evbuffer_free(r->policed);
+	free(r->policy_body);
 	json_decref(r->answer);
 	json_decref(r->pivot);
 	json_decref(r->body);

@@ -92,6 +92,13 @@ struct policy_request {
 	void (*resume)(void *resume_arg, enum policy_verdict v);
 	void *resume_arg;
 	void *pending;
+	/* Optional, with changed: the same change as bytes, when all it did was add chat
+	 * messages before and/or after the client's (proto PROTO_CHAT) — the members to put at
+	 * the start and at the end of the "messages" array, as JSON ("{...},{...}", no
+	 * brackets; NULL: none), living as long as the configuration. The client's bytes are
+	 * then spliced instead of the body re-serialised. Reset before each policy runs. */
+	const char *splice_before;
+	const char *splice_after;
 };
 
 /* ------------------------------------------------------------------ response phases */

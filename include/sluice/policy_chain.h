@@ -85,6 +85,11 @@ enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto,
 /* After the chain: changed, and for a refusal status (0 = 400), type (NULL =
  * invalid_request_error), code and message. */
 const struct policy_request *policy_run_request_outcome(const struct policy_run *run);
+/* After a chain that changed the body: true when its whole change was chat messages added
+ * around the client's by one policy that described them as bytes (policy_request's
+ * splice_before / splice_after, either may be NULL): the client's bytes can be spliced. */
+bool policy_run_request_splice(const struct policy_run *run, const char **before,
+                               const char **after);
 
 /* ---- response phases ------------------------------------------------------------------ */
 

@@ -182,6 +182,10 @@ struct policy_run {
 	struct policy_request req;
 	size_t req_next; /* the plugin running (or to run) */
 	bool req_pending;
+	bool req_was_changed;          /* by the policies before the running one */
+	unsigned req_changes;          /* policies that changed the body */
+	bool req_spliceable;           /* ... and the last one described its change as bytes */
+	const char *splice_before, *splice_after;
 	policy_request_done_fn req_done;
 	void *req_done_arg;
 
@@ -283,6 +287,39 @@ void policy_run_free(struct policy_run *run)
 
 static void request_resumed(void *arg, enum policy_verdict v);
 
+/* Before a policy's on_request: what it changes is told apart from what came before. */
+static void request_before(struct policy_run *run)
+{
+	run->req_was_changed = run->req.changed;
+	run->req.changed = false;
+	run->req.splice_before = run->req.splice_after = NULL;
+}
+
+/* After it: one more change, described as bytes or not. */
+static void request_after(struct policy_run *run)
+{
+	struct policy_request *req = &run->req;
+
+	if (req->changed) {
+		run->req_changes++;
+		run->req_spliceable = req->proto == PROTO_CHAT &&
+		                      (req->splice_before != NULL || req->splice_after != NULL);
+		run->splice_before = req->splice_before;
+		run->splice_after = req->splice_after;
+	}
+	req->changed = req->changed || run->req_was_changed;
+}
+
+bool policy_run_request_splice(const struct policy_run *run, const char **before,
+                               const char **after)
+{
+	if (run->req_changes != 1 || !run->req_spliceable)
+		return false;
+	*before = run->splice_before;
+	*after = run->splice_after;
+	return true;
+}
+
 /* From req_next on; a pending policy stops the walk until it resumes. */
 static enum policy_verdict request_chain(struct policy_run *run)
 {
@@ -298,11 +335,13 @@ static enum policy_verdict request_chain(struct policy_run *run)
 		req->resume = request_resumed;
 		req->resume_arg = run;
 		req->pending = NULL;
+		request_before(run);
 		enum policy_verdict v = pl->def->on_request(pl->conf, req);
 		if (v == POLICY_PENDING) {
 			run->req_pending = true;
 			return POLICY_PENDING;
 		}
+		request_after(run);
 		record(run, pl->name, req->action, req->rule, NULL);
 		if (v == POLICY_REFUSE)
 			return POLICY_REFUSE;
@@ -319,6 +358,7 @@ static void request_resumed(void *arg, enum policy_verdict v)
 		return; /* a second call: the contract says once */
 	run->req_pending = false;
 	run->req.pending = NULL;
+	request_after(run);
 	record(run, pl->name, run->req.action, run->req.rule, NULL);
 	if (v != POLICY_REFUSE) {
 		run->req_next++;
@@ -338,6 +378,8 @@ enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto,
 	run->req.proto = proto;
 	run->req.body = body;
 	run->req_next = 0;
+	run->req_changes = 0;
+	run->req_spliceable = false;
 	run->req_done = done;
 	run->req_done_arg = arg;
 	return request_chain(run);

@@ -230,6 +230,38 @@ class RequestRewriteTest(PolicyCase):
         self.assertOpenAIError(r, 400)
         self.assertEqual(r.json()["error"]["code"], "param_denied")
 
+    def test_decorator_alone_splices_the_client_bytes(self):
+        # A decorator alone: its messages are spliced into the client's "messages" array
+        # (the rest of the client's bytes go as they were — "1.50" is not re-serialised
+        # as 1.5), the upstream sees valid JSON with every message in order, and the
+        # decorated prompt is what is estimated and charged.
+        pre = [{"role": "system", "content": 'Be "brief" \\ café 密'},
+               {"role": "developer", "content": "line\nbreak"}]
+        post = [{"role": "user", "content": "Thanks."}]
+        gw = self.gateway([{"prompt_decorator": {"prepend": pre, "append": post}}])
+        mark = marker()
+        raw = ('{ "model" : "m", "temperature" : 1.50, "mock": {"tokens": 2},\n'
+               ' "messages" : [ {"role":"user","content":"%s hi"} ] }' % mark).encode()
+        r = harness.http_request(gw.port, "POST", CHAT, body=raw)
+        self.assertEqual(r.status, 200, repr(r))
+        rec = self.mock.wait_request(mark)
+        self.assertIn('"temperature" : 1.50', rec["body"], "the client's bytes, spliced")
+        up = json.loads(rec["body"])
+        self.assertEqual(up["messages"], pre + [{"role": "user", "content": mark + " hi"}] + post)
+        self.assertEqual(up["model"], "up-model")
+        e = self.access(r.header("x-request-id"))
+        self.assertEqual(e["usage"]["prompt"], r.json()["usage"]["prompt_tokens"])
+        self.assertEqual(e["policy"], [{"policy": "prompt_decorator", "action": "decorated",
+                                        "count": 1}])
+        # a stream, whose body gets stream_options from the gateway as well
+        mark = marker()
+        head, events = self.stream(gw, chat(mark, stream=True))
+        up = self.upstream_body(mark)
+        self.assertEqual(up["messages"][:2], pre)
+        self.assertEqual(up["messages"][-1], post[0])
+        self.assertTrue(up["stream_options"]["include_usage"])
+        self.assertTrue(events[-1].is_done)
+
     def test_external_plugin_rewrites_the_request(self):
         path = redact_plugin()
         if not os.path.exists(path):
