@@ -64,9 +64,13 @@ struct cb {
 	int depth;
 };
 
-static void ws(struct cb *s)
+#define CB_INLINE static inline __attribute__((always_inline))
+
+CB_INLINE void ws(struct cb *s)
 {
-	while (s->p < s->e && (*s->p == ' ' || *s->p == '\n' || *s->p == '\r' || *s->p == '\t'))
+	/* most documents have none: one test for the common case */
+	while (s->p < s->e && (unsigned char)*s->p <= ' ' &&
+	       (*s->p == ' ' || *s->p == '\n' || *s->p == '\r' || *s->p == '\t'))
 		s->p++;
 }
 
@@ -154,7 +158,7 @@ static const unsigned char *skip_plain(const unsigned char *p, const unsigned ch
 }
 
 /* A string at s->p ('"'): validated, s->p after its closing quote. */
-static bool string(struct cb *s, bool *escaped)
+CB_INLINE bool string(struct cb *s, bool *escaped)
 {
 	const unsigned char *p = (const unsigned char *)s->p + 1, *e = (const unsigned char *)s->e;
 	bool esc = false;
@@ -327,7 +331,7 @@ static bool value(struct cb *s)
 /* The members of an object at s->p, one at a time: the key's raw bytes (between the quotes)
  * and whether it holds an escape; s->p at the value. Returns 1 for a member, 0 at the end
  * (s->p after '}'), -1 on invalid JSON. first: s->p is at '{'. */
-static int member(struct cb *s, bool *first, const char **key, size_t *klen, bool *kesc)
+CB_INLINE int member(struct cb *s, bool *first, const char **key, size_t *klen, bool *kesc)
 {
 	if (*first) {
 		*first = false;
