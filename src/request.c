@@ -1737,9 +1737,24 @@ static int policed_chat_event(struct request *r, const struct sse_event *ev)
 	if (usage_from_sse_data(ev->data, ev->data_len, &u, &usage_only))
 		r->usage = u;
 	if (pb.changed) {
-		evbuffer_add(r->events, "data: ", 6);
-		evbuffer_add_buffer(r->events, r->policed);
-		evbuffer_add(r->events, "\n\n", 2);
+		/* One data line per line of the JSON: an event whose data came in several lines
+		 * has line breaks between its tokens (whitespace), which a single line would
+		 * turn into the end of the field. */
+		size_t n = evbuffer_get_length(r->policed);
+		const char *p = (const char *)evbuffer_pullup(r->policed, -1), *e = p + n;
+		while (p != NULL && p <= e) {
+			const char *q = p;
+			while (q < e && *q != '\n' && *q != '\r')
+				q++;
+			evbuffer_add(r->events, "data: ", 6);
+			evbuffer_add(r->events, p, (size_t)(q - p));
+			evbuffer_add(r->events, "\n", 1);
+			if (q == e)
+				break;
+			p = q + 1;
+		}
+		evbuffer_add(r->events, "\n", 1);
+		evbuffer_drain(r->policed, n);
 	} else if (!(usage_only && r->hide_usage_chunk)) {
 		evbuffer_add(r->events, ev->raw, ev->raw_len);
 	}

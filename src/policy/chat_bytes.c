@@ -369,7 +369,7 @@ CB_INLINE int member(struct cb *s, bool *first, const char **key, size_t *klen, 
 		return -1;
 	s->p++;
 	ws(s);
-	return 1;
+	return s->p < s->e ? 1 : -1; /* the callers look at the value's first byte */
 }
 
 struct key {

@@ -105,7 +105,21 @@ static void texts(const uint8_t *p, size_t n, struct evbuffer *a, struct evbuffe
 	}
 }
 
+static void check_exact(const struct config *c, bool chunk, const char *doc, size_t len);
+
+/* The document in a buffer of exactly its size, so that a read past its end is caught (by
+ * ASan under libFuzzer, by valgrind on the replay). */
 static void check(const struct config *c, bool chunk, const char *doc, size_t len)
+{
+	char *copy = malloc(len ? len : 1);
+	if (copy == NULL)
+		abort();
+	memcpy(copy, doc, len);
+	check_exact(c, chunk, copy, len);
+	free(copy);
+}
+
+static void check_exact(const struct config *c, bool chunk, const char *doc, size_t len)
 {
 	static const struct policy_env env = {.request_id = "fuzz", .route = "chat"};
 	struct policy_run *rb = policy_run_new(&c->routes[0], &env, chunk);

@@ -25,6 +25,7 @@ import socket
 import threading
 import uuid
 
+import faulty_upstream
 import harness
 import quota_helpers
 from harness import Raw, wait_until
@@ -329,6 +330,21 @@ class ResponseGuardTest(PolicyCase):
         self.assertEqual(finish_of(events)[-1:], ["stop"])
         self.assertTrue(events[-1].is_done)
         self.assertEqual(self.actions("response_guard", "masked"), 2)
+
+    def test_mask_events_of_several_data_lines(self):
+        # An upstream whose events' JSON spans several data: lines (SSE joins them with
+        # newlines): a masked event goes out as data lines too, each event still one JSON.
+        up = faulty_upstream.FaultyUpstream("multiline")
+        self.addCleanup(up.close)
+        inst = harness.instance("up", up.url(), model="up-model")
+        gw = self.gateway([{"response_guard": {"deny": ["\\b\\d{16}\\b"]}}],
+                          instances=[inst])
+        head, events = self.stream(gw, chat(marker(), stream=True))
+        for e in events:
+            if e.data and e.data != "[DONE]":
+                json.loads(e.data)
+        self.assertEqual(content_of(events), "card [redacted] ok")
+        self.assertTrue(events[-1].is_done)
 
     def test_mask_on_every_protocol(self):
         # Messages on an Anthropic instance (the identity request, the answer through the
