@@ -2065,7 +2065,7 @@ static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
 	 * only when that reader declines them. */
 	r->answer_bytes = r->answer_policies && r->proto == PROTO_CHAT &&
 	                  r->up_proto == PROTO_CHAT && r->output_payload == NULL &&
-	                  policy_chat_bytes_readable(body, n, false);
+	                  policy_run_chat_bytes_readable(r->policies, body, n, false);
 	if (r->answer_bytes) {
 		r->answer_no_usage = !usage_from_body(body, n, &r->usage);
 		return true;

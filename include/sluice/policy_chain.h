@@ -174,8 +174,12 @@ struct policy_chat_bytes {
 enum policy_verdict policy_run_chat_bytes(struct policy_run *run, const char *data, size_t len,
                                           bool chunk, struct evbuffer *out,
                                           struct policy_chat_bytes *res);
-/* Whether policy_run_chat_bytes would read these bytes (runs nothing). */
+/* Whether policy_run_chat_bytes would read these bytes (runs nothing). The run's variant
+ * keeps what it read for the next policy_run_chat_bytes over the same bytes (data, len and
+ * chunk the same, the bytes unchanged in between), which then does not read them again. */
 bool policy_chat_bytes_readable(const char *data, size_t len, bool chunk);
+bool policy_run_chat_bytes_readable(struct policy_run *run, const char *data, size_t len,
+                                    bool chunk);
 /* After policy_run_done: a done-phase policy withheld some choice's text (the answer then
  * needs policy_run_chat_completion_done on a tree). */
 bool policy_run_withheld(const struct policy_run *run);
@@ -209,5 +213,7 @@ size_t policy_utf8_advance(const char *s, size_t len, size_t n);
  * by this call), and the chain's output buffer (emptied too). NULL when out of memory. */
 struct evbuffer *policy_run_bytes_buffer(struct policy_run *run);
 struct evbuffer *policy_run_text_out(struct policy_run *run);
+/* A slot chat_bytes.c keeps a malloc'd block in; freed with the run. */
+void **policy_run_bytes_slot(struct policy_run *run);
 
 #endif

@@ -739,6 +739,31 @@ bool policy_chat_bytes_readable(const char *data, size_t len, bool chunk)
 	return doc_scan(data, len, chunk, &d);
 }
 
+/* A scan kept for the next policy_run_chat_bytes over the same bytes (the run's slot). */
+struct cb_saved {
+	const char *data; /* NULL: nothing kept */
+	size_t len;
+	bool chunk;
+	struct cb_doc d;
+};
+
+bool policy_run_chat_bytes_readable(struct policy_run *run, const char *data, size_t len,
+                                    bool chunk)
+{
+	void **slot = policy_run_bytes_slot(run);
+	struct cb_saved *sv = *slot;
+
+	if (sv == NULL && (sv = *slot = malloc(sizeof *sv)) == NULL)
+		return policy_chat_bytes_readable(data, len, chunk);
+	sv->data = NULL;
+	if (!doc_scan(data, len, chunk, &sv->d))
+		return false;
+	sv->data = data;
+	sv->len = len;
+	sv->chunk = chunk;
+	return true;
+}
+
 /*
  * The chain over each choice's text; the changed texts and finish reasons are spliced into
  * out. Text buffers: run_text holds, one after the other, each choice's decoded input (when
@@ -748,7 +773,8 @@ enum policy_verdict policy_run_chat_bytes(struct policy_run *run, const char *da
                                           bool chunk, struct evbuffer *out,
                                           struct policy_chat_bytes *res)
 {
-	struct cb_doc d;
+	struct cb_doc scanned, *d = &scanned;
+	struct cb_saved *sv = *policy_run_bytes_slot(run);
 	struct edit ed[MAX_EDITS];
 	size_t n_ed = 0;
 	enum policy_verdict result = POLICY_CONTINUE;
@@ -757,13 +783,17 @@ enum policy_verdict policy_run_chat_bytes(struct policy_run *run, const char *da
 	res->read = false;
 	res->changed = false;
 	res->text_bytes = 0;
-	if (!doc_scan(data, len, chunk, &d))
+	if (sv != NULL && sv->data == data && sv->len == len && sv->chunk == chunk) {
+		d = &sv->d; /* read by policy_run_chat_bytes_readable: once */
+		sv->data = NULL;
+	} else if (!doc_scan(data, len, chunk, &scanned)) {
 		return POLICY_CONTINUE;
+	}
 	res->read = true;
 	if (work == NULL)
 		return POLICY_REFUSE;
-	for (size_t i = 0; i < d.n; i++) {
-		struct cb_choice *c = &d.c[i];
+	for (size_t i = 0; i < d->n; i++) {
+		struct cb_choice *c = &d->c[i];
 		bool final = chunk ? c->final : true;
 		if (!c->text_is_string && !(chunk && final))
 			continue; /* no text to look at (tool calls, a refusal) */

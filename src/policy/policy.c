@@ -195,6 +195,7 @@ struct policy_run {
 	struct evbuffer *scratch[2]; /* text between two policies of the chain */
 	struct evbuffer *text;       /* the chat helpers' and flush's output */
 	struct evbuffer *bytes;      /* chat_bytes.c's texts */
+	void *bytes_slot;            /* chat_bytes.c's kept scan */
 	bool stopped;                /* streams: the answer is over */
 	const char *stop_reason;
 	bool done_called;
@@ -280,6 +281,7 @@ void policy_run_free(struct policy_run *run)
 		evbuffer_free(run->text);
 	if (run->bytes != NULL)
 		evbuffer_free(run->bytes);
+	free(run->bytes_slot);
 	free(run);
 }
 
@@ -604,6 +606,11 @@ struct evbuffer *policy_run_bytes_buffer(struct policy_run *run)
 	else if (evbuffer_get_length(run->bytes) > 0)
 		evbuffer_drain(run->bytes, evbuffer_get_length(run->bytes));
 	return run->bytes;
+}
+
+void **policy_run_bytes_slot(struct policy_run *run)
+{
+	return &run->bytes_slot;
 }
 
 bool policy_run_withheld(const struct policy_run *run)
