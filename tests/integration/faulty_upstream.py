@@ -41,7 +41,7 @@ import threading
 import time
 
 MODES = ("ok", "refuse", "reset", "hang_after_headers", "garbage", "not_sse", "huge_event",
-         "endless_headers", "slow", "close_on_accept", "multiline")
+         "endless_headers", "slow", "close_on_accept")
 
 GARBAGE = (b"\x00\xff\xfeSSH-2.0-OpenSSH_9.2p1 not-http\r\n\x1b[31m\x00\x01\x02"
            b"\r\n\r\n{\"choices\": nope}\r\n")
@@ -283,6 +283,9 @@ class FaultyUpstream:
         if self._wait_peer_gone(c, self.delay):
             return
         self._mode_ok(c, stream)
+
+
+MODES += ("multiline",)  # the response policies' test (test_policies.py)
 
 
 def main(argv):
