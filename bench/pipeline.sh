@@ -14,7 +14,9 @@
 #
 # Usage: bench/pipeline.sh            (~4-6 minutes; needs valgrind — installed when missing)
 # Knobs: N=1000 requests per callgrind run, BASE_REF=3d4b00d, BUILD_DIR, BASE_DIR,
-#        SKIP_BUILD=1, BASE_PORT=28300, KEEP=1, SERVER_CPUS=0 CLIENT_CPUS=1 (as in run.sh)
+#        SKIP_BUILD=1, BASE_PORT=28300, KEEP=1, SERVER_CPUS=0 CLIENT_CPUS=1 (as in run.sh),
+#        ONLY=policies (just this tree's identity and policed routes: 3 and its reference,
+#        no base build; ~2 minutes)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +28,7 @@ BASE_DIR=${BASE_DIR:-$ROOT/build-bench-base}
 BASE_PORT=${BASE_PORT:-28300}
 SERVER_CPUS=${SERVER_CPUS-0}
 CLIENT_CPUS=${CLIENT_CPUS-1}
+ONLY=${ONLY:-}
 BENCH_TAG=pipeline
 # shellcheck source=bench/lib.sh
 . "$BENCH/lib.sh"
@@ -46,7 +49,7 @@ build() { # source-dir build-dir
 }
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
 	build "$ROOT" "$BUILD_DIR" || log "WARNING: build failed; using the binaries in $BUILD_DIR"
-	if [ ! -x "$BASE_DIR/sluice" ]; then
+	if [ "$ONLY" != policies ] && [ ! -x "$BASE_DIR/sluice" ]; then
 		log "building $BASE_REF into $BASE_DIR"
 		src="$BASE_DIR-src"
 		rm -rf "$src" && mkdir -p "$src"
@@ -57,7 +60,8 @@ fi
 SLUICE="$BUILD_DIR/sluice"
 BASE_SLUICE="$BASE_DIR/sluice"
 MOCK="$BUILD_DIR/sluice-mockllm"
-[ -x "$SLUICE" ] && [ -x "$BASE_SLUICE" ] && [ -x "$MOCK" ] || die "no binaries"
+[ -x "$SLUICE" ] && [ -x "$MOCK" ] || die "no binaries"
+[ "$ONLY" = policies ] || [ -x "$BASE_SLUICE" ] || die "no base binary"
 
 P_MOCK=$((BASE_PORT + 1)) P_SLU=$((BASE_PORT + 2))
 for p in $P_MOCK $P_SLU; do
@@ -170,30 +174,39 @@ allocs() { # label binary config path nreq-args...
 
 : >"$WORK/cg.txt"
 : >"$WORK/allocs.txt"
-log "1. identity, this tree vs $BASE_REF ($N requests per run)"
-cg base-ns "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --tokens 64
-cg new-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --tokens 64
-cg base-st16 "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --stream --tokens 16
-cg new-st16 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 16
-cg new-st48 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 48
-log "2. translation"
-for p in "claude chat /v1/chat/completions" "mock-model messages /v1/messages" \
-	"mock-model responses /v1/responses"; do
-	set -- $p
-	cg "$2-$1-ns" "$SLUICE" "$WORK/new.yaml" "$3" --model "$1" --proto "$2" --tokens 64
-	cg "$2-$1-st16" "$SLUICE" "$WORK/new.yaml" "$3" --model "$1" --proto "$2" --stream --tokens 16
-	cg "$2-$1-st48" "$SLUICE" "$WORK/new.yaml" "$3" --model "$1" --proto "$2" --stream --tokens 48
-done
-log "3. policies"
-cg policed-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --tokens 64
-cg policed-st16 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --stream --tokens 16
-cg policed-st48 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --stream --tokens 48
-log "4. allocations"
-allocs base-ns "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --tokens 64
-allocs new-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --tokens 64
-allocs base-st "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --stream --tokens 16
-allocs new-st "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 16
-
+if [ "$ONLY" = policies ]; then
+	log "identity and policed routes only ($N requests per run)"
+	cg new-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --tokens 64
+	cg new-st16 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 16
+	cg new-st48 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 48
+	cg policed-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --tokens 64
+	cg policed-st16 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --stream --tokens 16
+	cg policed-st48 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --stream --tokens 48
+else
+	log "1. identity, this tree vs $BASE_REF ($N requests per run)"
+	cg base-ns "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --tokens 64
+	cg new-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --tokens 64
+	cg base-st16 "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --stream --tokens 16
+	cg new-st16 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 16
+	cg new-st48 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 48
+	log "2. translation"
+	for p in "claude chat /v1/chat/completions" "mock-model messages /v1/messages" \
+		"mock-model responses /v1/responses"; do
+		set -- $p
+		cg "$2-$1-ns" "$SLUICE" "$WORK/new.yaml" "$3" --model "$1" --proto "$2" --tokens 64
+		cg "$2-$1-st16" "$SLUICE" "$WORK/new.yaml" "$3" --model "$1" --proto "$2" --stream --tokens 16
+		cg "$2-$1-st48" "$SLUICE" "$WORK/new.yaml" "$3" --model "$1" --proto "$2" --stream --tokens 48
+	done
+	log "3. policies"
+	cg policed-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --tokens 64
+	cg policed-st16 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --stream --tokens 16
+	cg policed-st48 "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --model policed --stream --tokens 48
+	log "4. allocations"
+	allocs base-ns "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --tokens 64
+	allocs new-ns "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --tokens 64
+	allocs base-st "$BASE_SLUICE" "$WORK/base.yaml" /v1/chat/completions --stream --tokens 16
+	allocs new-st "$SLUICE" "$WORK/new.yaml" /v1/chat/completions --stream --tokens 16
+fi
 python3 - "$WORK" "$N" <<'PY'
 import sys
 work, n = sys.argv[1], int(sys.argv[2])
@@ -204,6 +217,14 @@ def k(x):
 def per_event(prefix):
     return (ir[prefix + "-st48"] - ir[prefix + "-st16"]) / 32
 print(f"**Instructions per request** (callgrind, {n} requests after 100 of warm-up, the whole process)\n")
+if "base-ns" not in ir:
+    print("| path | non-stream | stream, 16 tokens | per stream event |")
+    print("|---|---:|---:|---:|")
+    print(f"| identity | {k(ir['new-ns'])} | {k(ir['new-st16'])} | {k(per_event('new'))} |")
+    print(f"| chat, 6 policies | {k(ir['policed-ns'])} ({ir['policed-ns'] / ir['new-ns']:.2f}×) | "
+          f"{k(ir['policed-st16'])} ({ir['policed-st16'] / ir['new-st16']:.2f}×) | "
+          f"{k(per_event('policed'))} ({per_event('policed') / per_event('new'):.2f}×) |")
+    sys.exit(0)
 print("| path | non-stream | stream, 16 tokens | per stream event |")
 print("|---|---:|---:|---:|")
 print(f"| identity, base | {k(ir['base-ns'])} | {k(ir['base-st16'])} | |")

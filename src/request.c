@@ -53,6 +53,7 @@
 #include "sluice/config.h"
 #include "sluice/health.h"
 #include "sluice/http.h"
+#include "sluice/json_scan.h"
 #include "sluice/log.h"
 #include "sluice/mcp.h"
 #include "sluice/metrics.h"
@@ -132,6 +133,11 @@ struct request {
 	json_t *answer;       /* a non-stream pivot answer waiting on a pending policy */
 	const json_t *answer_members[2 * RAW_CHOICES]; /* its text before the policies */
 	size_t n_answer_members;
+	bool answer_bytes;       /* chat → chat: the policies read the answer's bytes, no tree */
+	bool answer_no_usage;    /* ... which carry no usage */
+	bool answer_changed;     /* ... and rewrote them into policed */
+	struct evbuffer *policed; /* what they rewrote (policy_run_chat_bytes) */
+	char *policy_body;        /* the client's bytes as the request policies spliced them */
 
 	/* where it goes: the fallback loop */
 	const struct config_route *route;
@@ -184,7 +190,9 @@ struct request {
 	const struct sse_event *cur_event; /* the upstream event being decoded (borrowed) */
 	bool raw_ok;       /* chat → chat through the policies: events they leave alone go out as
 	                      they came (keep_raw) */
-	bool raw_started;  /* the encoder has seen the stream's first chunk */
+	bool raw_started;  /* raw_ok was decided for this attempt's stream */
+	bool enc_taught;   /* the encoder has seen a chunk of the stream (its id, model) */
+	char *first_chunk; /* the stream's first chunk read in its bytes, to teach it later */
 	bool body_refused; /* its answer passed a cap: an upstream error */
 	const char *refused_why;
 	struct record_usage usage;
@@ -638,6 +646,61 @@ static bool plan(struct request *r)
 
 static void start_attempts(struct request *r);
 
+static bool json_ws(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/*
+ * A chain whose whole change was chat messages added around the client's (a decorator)
+ * says so in bytes: they are spliced into the client's "messages" array, and the body is
+ * not re-serialised. From then on the pipeline reads those bytes as the client's (the tree
+ * says the same). False: re-serialise.
+ */
+static bool splice_request_body(struct request *r)
+{
+	struct http_request *hr = r->http;
+	const char *before, *after;
+	struct json_scan js;
+
+	if (r->proto != PROTO_CHAT || !policy_run_request_splice(r->policies, &before, &after) ||
+	    json_scan_body(hr->body, hr->body_len, &js) != JSON_SCAN_OK ||
+	    js.member[JSON_SCAN_MESSAGES].type != JSON_SCAN_ARRAY)
+		return false;
+	const char *open = js.member[JSON_SCAN_MESSAGES].p;
+	const char *close = open + js.member[JSON_SCAN_MESSAGES].len - 1; /* its ']' */
+	const char *q = open + 1, *end = hr->body + hr->body_len;
+	while (q < close && json_ws(*q))
+		q++;
+	bool empty = q == close;
+	size_t bl = before ? strlen(before) : 0, al = after ? strlen(after) : 0;
+	char *buf = malloc(hr->body_len + bl + al + 3);
+	if (buf == NULL)
+		return false;
+	char *o = buf;
+	size_t head = (size_t)(open + 1 - hr->body), mid = (size_t)(close - (open + 1));
+	memcpy(o, hr->body, head);
+	o += head;
+	memcpy(o, before ? before : "", bl);
+	o += bl;
+	if (bl > 0 && (!empty || al > 0))
+		*o++ = ',';
+	memcpy(o, open + 1, mid);
+	o += mid;
+	if (al > 0 && !empty)
+		*o++ = ',';
+	memcpy(o, after ? after : "", al);
+	o += al;
+	memcpy(o, close, (size_t)(end - close));
+	o += end - close;
+	*o = '\0';
+	free(r->policy_body);
+	r->policy_body = buf;
+	hr->body = buf; /* owned by the request, which outlives every reader of hr->body */
+	hr->body_len = (size_t)(o - buf);
+	return true;
+}
+
 /* The chain's verdict (now, or later from the loop): refuse, or go on to the attempts. */
 static void after_request_policies(void *arg, enum policy_verdict v)
 {
@@ -651,8 +714,9 @@ static void after_request_policies(void *arg, enum policy_verdict v)
 		            out->message[0] ? out->message : "refused by the route's policy");
 		return;
 	}
-	/* A rewritten body goes out re-serialised: the client's bytes are not what it says now. */
-	if (out->changed)
+	/* A rewritten body goes out re-serialised (the client's bytes are not what it says
+	 * now), or spliced when all that changed were messages added around the client's. */
+	if (out->changed && !splice_request_body(r))
 		r->body_changed = true;
 	start_attempts(r);
 }
@@ -1124,7 +1188,9 @@ static void attempt_reset(struct request *r)
 	r->cost = COST_NOTHING;
 	r->client_paused = false;
 	r->feed_stopped = r->stream_failed = r->body_refused = false;
-	r->raw_ok = r->raw_started = false;
+	r->raw_ok = r->raw_started = r->enc_taught = false;
+	free(r->first_chunk);
+	r->first_chunk = NULL;
 	memset(&r->usage, 0, sizeof(r->usage));
 	r->output_text_bytes = 0;
 }
@@ -1542,8 +1608,12 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 		}
 		if (r->output_payload)
 			chunk_text(chunk, r->output_payload);
-		raw = v == POLICY_CONTINUE && keep_raw(r, chunk, before, n_before);
+		/* Raw once the encoder knows the stream's id: a chunk the gateway adds later
+		 * carries it. */
+		raw = v == POLICY_CONTINUE && r->enc_taught && keep_raw(r, chunk, before, n_before);
 	}
+	if (!raw)
+		r->enc_taught = true;
 	if (!raw && !client->encode(r->enc, chunk, r->events)) {
 		proto_error_set(&r->stream_err, 502, "upstream_error", "upstream_error",
 		                "the upstream's answer cannot be expressed in this protocol");
@@ -1558,6 +1628,89 @@ static bool on_pivot_chunk(void *arg, json_t *chunk)
 	return v != POLICY_STOP;
 }
 
+/*
+ * Before the gateway writes a chunk of its own into a stream whose events went out as the
+ * upstream's bytes (a cut, held text released at the end): the encoder learns the stream's
+ * id, model and created from its first chunk, parsed now — only on those paths.
+ */
+static void teach_encoder(struct request *r)
+{
+	if (r->enc_taught || r->first_chunk == NULL || r->enc == NULL)
+		return;
+	r->enc_taught = true;
+	json_t *c = json_loads(r->first_chunk, 0, NULL);
+	struct evbuffer *sink = c ? evbuffer_new() : NULL;
+	if (sink != NULL) {
+		proto_codec(r->proto)->encode(r->enc, c, sink);
+		evbuffer_free(sink);
+	}
+	json_decref(c);
+}
+
+/*
+ * A chat event on a chat instance through the response policies: read in its bytes, no
+ * tree (policy_run_chat_bytes). An event the policies leave alone goes out as it came; one
+ * they changed goes out spliced. 1: handled, go on; 0: handled, the stream is over; -1:
+ * not read, take the tree path.
+ */
+static int policed_chat_event(struct request *r, const struct sse_event *ev)
+{
+	struct policy_chat_bytes pb;
+	struct record_usage u;
+	bool usage_only = false;
+
+	if (r->policed == NULL && (r->policed = evbuffer_new()) == NULL)
+		return -1;
+	enum policy_verdict v =
+	        policy_run_chat_bytes(r->policies, ev->data, ev->data_len, true, r->policed, &pb);
+	if (!pb.read)
+		return -1;
+	if (v == POLICY_REFUSE) {
+		evbuffer_drain(r->policed, evbuffer_get_length(r->policed));
+		proto_error_set(&r->stream_err, 500, "server_error", "policy_error",
+		                "the route's response policies could not run");
+		r->stream_failed = r->feed_stopped = true;
+		return 0;
+	}
+	if (!r->enc_taught && r->first_chunk == NULL &&
+	    (r->first_chunk = strndup(ev->data, ev->data_len)) == NULL) {
+		evbuffer_drain(r->policed, evbuffer_get_length(r->policed));
+		return -1; /* out of memory: the tree path teaches the encoder itself */
+	}
+	r->output_text_bytes += pb.text_bytes;
+	if (usage_from_sse_data(ev->data, ev->data_len, &u, &usage_only))
+		r->usage = u;
+	if (pb.changed) {
+		/* One data line per line of the JSON: an event whose data came in several lines
+		 * has line breaks between its tokens (whitespace), which a single line would
+		 * turn into the end of the field. */
+		size_t n = evbuffer_get_length(r->policed);
+		const char *p = (const char *)evbuffer_pullup(r->policed, -1), *e = p + n;
+		while (p != NULL && p <= e) {
+			const char *q = p;
+			while (q < e && *q != '\n' && *q != '\r')
+				q++;
+			evbuffer_add(r->events, "data: ", 6);
+			evbuffer_add(r->events, p, (size_t)(q - p));
+			evbuffer_add(r->events, "\n", 1);
+			if (q == e)
+				break;
+			p = q + 1;
+		}
+		evbuffer_add(r->events, "\n", 1);
+		evbuffer_drain(r->policed, n);
+	} else if (!(usage_only && r->hide_usage_chunk)) {
+		evbuffer_add(r->events, ev->raw, ev->raw_len);
+	}
+	if (v == POLICY_STOP) {
+		teach_encoder(r);
+		proto_codec(r->proto)->stream_end(r->enc, policy_run_stopped(r->policies), r->events);
+		r->stopped = r->feed_stopped = true;
+	}
+	take_encoded(r);
+	return v != POLICY_STOP;
+}
+
 static bool on_stream_event(void *arg, const struct sse_event *ev)
 {
 	struct request *r = arg;
@@ -1565,16 +1718,21 @@ static bool on_stream_event(void *arg, const struct sse_event *ev)
 
 	if (!r->pivot_answer)
 		return identity_event(r, ev);
+	/* Chat through the policies: every event read in its bytes, without a tree (payload
+	 * logging and error events take the tree path). */
+	if (!r->raw_started && r->answer_policies && r->proto == PROTO_CHAT &&
+	    r->up_proto == PROTO_CHAT && r->reply.model == NULL)
+		r->raw_started = r->raw_ok = true;
+	if (r->raw_ok && r->output_payload == NULL && ev->has_data && ev->event[0] == '\0' &&
+	    !(ev->data_len == 6 && memcmp(ev->data, "[DONE]", 6) == 0)) {
+		int k = policed_chat_event(r, ev);
+		if (k >= 0)
+			return k == 1;
+	}
 	memset(&err, 0, sizeof(err));
 	r->cur_event = ev;
 	bool ok = proto_codec(r->up_proto)->decode(r->dec, ev, on_pivot_chunk, r, &err);
 	r->cur_event = NULL;
-	/* Once the encoder knows the stream's id, unchanged chat events may pass as they are. */
-	if (!r->raw_started && ev->has_data && r->answer_policies && r->proto == PROTO_CHAT &&
-	    r->up_proto == PROTO_CHAT && r->reply.model == NULL) {
-		r->raw_started = true;
-		r->raw_ok = true;
-	}
 	if (ok)
 		return true;
 	if (!r->feed_stopped) { /* the upstream's stream is broken, or said it failed */
@@ -1847,6 +2005,15 @@ static void on_answer_policies_done(void *arg)
  */
 static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
 {
+	/* Chat on a chat instance: the policies read the bytes (deliver_answer_bytes); a tree
+	 * only when that reader declines them. */
+	r->answer_bytes = r->answer_policies && r->proto == PROTO_CHAT &&
+	                  r->up_proto == PROTO_CHAT && r->output_payload == NULL &&
+	                  policy_run_chat_bytes_readable(r->policies, body, n, false);
+	if (r->answer_bytes) {
+		r->answer_no_usage = !usage_from_body(body, n, &r->usage);
+		return true;
+	}
 	json_t *root = json_loadb(body, n, JSON_ALLOW_NUL, NULL);
 
 	r->answer = root ? proto_codec(r->up_proto)->response_to_chat(root, &r->reply) : NULL;
@@ -1861,8 +2028,77 @@ static bool decode_pivot_answer(struct request *r, const char *body, size_t n)
 	return true;
 }
 
+static void send_answer_bytes(struct request *r);
+
+static void on_answer_bytes_done(void *arg)
+{
+	send_answer_bytes(arg);
+}
+
+/* A chat answer from a chat instance through the response policies, read in its bytes:
+ * it goes out as it came, or as they spliced it. */
+static void deliver_answer_bytes(struct request *r)
+{
+	size_t n = evbuffer_get_length(r->buffered);
+	const char *body = n ? (const char *)evbuffer_pullup(r->buffered, -1) : "";
+	struct policy_chat_bytes pb = {0};
+	enum policy_verdict v = POLICY_REFUSE;
+
+	if (r->policed != NULL || (r->policed = evbuffer_new()) != NULL)
+		v = policy_run_chat_bytes(r->policies, body, n, false, r->policed, &pb);
+	if (v == POLICY_REFUSE || !pb.read) {
+		reply_error(r, 500, "server_error", "policy_error",
+		            "the route's response policies could not run");
+		return;
+	}
+	if (r->answer_no_usage)
+		r->output_text_bytes = pb.text_bytes;
+	r->answer_changed = pb.changed;
+	if (policy_run_done(r->policies, on_answer_bytes_done, r) == POLICY_PENDING)
+		return; /* on_answer_bytes_done, from the loop */
+	send_answer_bytes(r);
+}
+
+static void send_answer_bytes(struct request *r)
+{
+	struct evbuffer *src = r->answer_changed ? r->policed : r->buffered;
+	size_t n = evbuffer_get_length(src);
+	const char *body = n ? (const char *)evbuffer_pullup(src, -1) : "";
+	char *text = NULL;
+
+	if (policy_run_withheld(r->policies)) {
+		/* A done-phase decision (moderation) withholds a choice's text: on a tree. */
+		json_t *a = json_loadb(body, n, JSON_ALLOW_NUL, NULL);
+		if (a != NULL) {
+			policy_run_chat_completion_done(r->policies, a);
+			text = json_dumps(a, JSON_COMPACT);
+		}
+		json_decref(a);
+		if (text == NULL) {
+			reply_error(r, 500, "server_error", "policy_error",
+			            "the route's response policies could not run");
+			return;
+		}
+		body = text;
+		n = strlen(text);
+	}
+	add_response_headers(r);
+	r->rec.status = (int)r->xfer.status;
+	r->rec.bytes_out = n;
+	r->rec.ttft_us = http_now_us() - r->start_us;
+	http_reply(r->http, (int)r->xfer.status,
+	           r->xfer.content_type[0] ? r->xfer.content_type : "application/json", body, n);
+	r->http = NULL;
+	free(text);
+	request_finish(r);
+}
+
 static void deliver_pivot_answer(struct request *r)
 {
+	if (r->answer_bytes) {
+		deliver_answer_bytes(r);
+		return;
+	}
 	/* A chat answer on a chat instance that the policies leave alone goes out as the
 	 * upstream's bytes (send_pivot_answer), as on the identity path. */
 	r->raw_ok = r->proto == PROTO_CHAT && r->up_proto == PROTO_CHAT &&
@@ -1953,6 +2189,8 @@ static void pivot_stream_close(struct request *r)
 {
 	const char *reason = r->policies ? policy_run_stopped(r->policies) : NULL;
 
+	if (reason != NULL) /* only then does the end carry a chunk of the gateway's */
+		teach_encoder(r);
 	proto_codec(r->proto)->stream_end(r->enc, reason, r->events);
 	end_client_stream(r);
 }
@@ -1973,6 +2211,7 @@ static void on_flush_text(void *arg, unsigned choice, const char *text, size_t l
 	if (chunk != NULL) {
 		if (r->output_payload)
 			evbuffer_add(r->output_payload, text, len);
+		teach_encoder(r);
 		proto_codec(r->proto)->encode(r->enc, chunk, r->events);
 	}
 	json_decref(chunk);
@@ -2025,6 +2264,7 @@ static void on_policy_stop(void *arg, const char *finish_reason)
 		request_finish(r);
 		return;
 	}
+	teach_encoder(r);
 	proto_codec(r->proto)->stream_end(r->enc, finish_reason, r->events);
 	start_client_stream(r);
 	end_client_stream(r);
@@ -2351,6 +2591,9 @@ static void request_finish(struct request *r)
 	free(r->prompt_payload);
 	if (r->output_payload)
 		evbuffer_free(r->output_payload);
+	if (r->policed)
+		evbuffer_free(r->policed);
+	free(r->policy_body);
 	json_decref(r->answer);
 	json_decref(r->pivot);
 	json_decref(r->body);

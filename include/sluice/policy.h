@@ -92,6 +92,13 @@ struct policy_request {
 	void (*resume)(void *resume_arg, enum policy_verdict v);
 	void *resume_arg;
 	void *pending;
+	/* Optional, with changed: the same change as bytes, when all it did was add chat
+	 * messages before and/or after the client's (proto PROTO_CHAT) — the members to put at
+	 * the start and at the end of the "messages" array, as JSON ("{...},{...}", no
+	 * brackets; NULL: none), living as long as the configuration. The client's bytes are
+	 * then spliced instead of the body re-serialised. Reset before each policy runs. */
+	const char *splice_before;
+	const char *splice_after;
 };
 
 /* ------------------------------------------------------------------ response phases */
@@ -113,6 +120,11 @@ struct policy_stream {
 	 * state (see above). */
 	void (*resume)(struct policy_stream *s);
 	void *pipeline; /* private to the pipeline */
+	/* Record a decision taken asynchronously that does not stop the answer (moderation's
+	 * on_error: allow after a failed call): counted and logged like every other. rule:
+	 * what happened, never the content. */
+	void (*note)(struct policy_stream *s, const char *policy, const char *action,
+	             const char *rule);
 };
 
 struct policy_text {
@@ -130,6 +142,11 @@ struct policy_text {
 	char rule[128];
 	const char *alert; /* an alert event type to raise for this decision, e.g.
 	                      "loop_detected" (alerts.h); NULL: none */
+	/* A policy that lets all of text out unchanged, holding nothing, may set passed
+	 * instead of appending text to out (which it leaves alone): the pipeline hands the
+	 * same bytes on without a copy. Optional: appending is always right (plugins built
+	 * before this field existed do that). */
+	bool passed;
 };
 
 /* ------------------------------------------------------------------ the table */

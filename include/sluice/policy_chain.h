@@ -85,6 +85,11 @@ enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto,
 /* After the chain: changed, and for a refusal status (0 = 400), type (NULL =
  * invalid_request_error), code and message. */
 const struct policy_request *policy_run_request_outcome(const struct policy_run *run);
+/* After a chain that changed the body: true when its whole change was chat messages added
+ * around the client's by one policy that described them as bytes (policy_request's
+ * splice_before / splice_after, either may be NULL): the client's bytes can be spliced. */
+bool policy_run_request_splice(const struct policy_run *run, const char **before,
+                               const char **after);
 
 /* ---- response phases ------------------------------------------------------------------ */
 
@@ -105,6 +110,12 @@ void policy_run_on_stop(struct policy_run *run, policy_stop_fn fn, void *arg);
  *             the answer with an error. */
 enum policy_verdict policy_run_text(struct policy_run *run, unsigned choice, const char *text,
                                     size_t len, bool final, struct evbuffer *out);
+
+/* The same, except that when every policy let the text through unchanged (holding
+ * nothing) *passed is set and out is left alone: the output is text itself, not copied. */
+enum policy_verdict policy_run_text_ref(struct policy_run *run, unsigned choice,
+                                        const char *text, size_t len, bool final,
+                                        struct evbuffer *out, bool *passed);
 
 /* Streams, at the upstream's end: final text for every choice not finished yet; emit gets
  * what each releases (only when not empty). Verdicts as policy_run_text. */
@@ -138,6 +149,41 @@ void policy_run_chat_completion_done(struct policy_run *run, json_t *completion)
  * chunk holds the last text and the stream ends with policy_run_stopped(run). */
 enum policy_verdict policy_run_chat_chunk(struct policy_run *run, json_t *chunk);
 
+/* ---- the same over the upstream's bytes (src/policy/chat_bytes.c) --------------------- */
+
+/* Choices one document may have for the byte path; more: the tree path. */
+#define POLICY_CHAT_BYTES_CHOICES 8
+
+struct policy_chat_bytes {
+	bool read;         /* false: the bytes were not read (see below); nothing ran */
+	bool changed;      /* out holds the rewritten document; else the input stands */
+	size_t text_bytes; /* decoded text the upstream produced (before the policies) */
+};
+
+/*
+ * A chat.completion (chunk false) or a chat.completion.chunk (chunk true) as the upstream's
+ * JSON bytes, through the chain without a tree: what policy_run_chat_completion /
+ * policy_run_chat_chunk do, with the same verdicts, but the text is found in the bytes (and
+ * decoded, escapes resolved, for the policies) and only a changed document is written to
+ * out — the input's bytes with each changed text spliced in as a JSON string, and the
+ * finish_reason the gateway imposes. res->read is false, with nothing run, when the bytes
+ * are not a document this reader takes with certainty (invalid JSON, an escaped or
+ * repeated key it looks at, an error event, more than POLICY_CHAT_BYTES_CHOICES choices):
+ * use the tree functions then.
+ */
+enum policy_verdict policy_run_chat_bytes(struct policy_run *run, const char *data, size_t len,
+                                          bool chunk, struct evbuffer *out,
+                                          struct policy_chat_bytes *res);
+/* Whether policy_run_chat_bytes would read these bytes (runs nothing). The run's variant
+ * keeps what it read for the next policy_run_chat_bytes over the same bytes (data, len and
+ * chunk the same, the bytes unchanged in between), which then does not read them again. */
+bool policy_chat_bytes_readable(const char *data, size_t len, bool chunk);
+bool policy_run_chat_bytes_readable(struct policy_run *run, const char *data, size_t len,
+                                    bool chunk);
+/* After policy_run_done: a done-phase policy withheld some choice's text (the answer then
+ * needs policy_run_chat_completion_done on a tree). */
+bool policy_run_withheld(const struct policy_run *run);
+
 /* ---- decisions ------------------------------------------------------------------------ */
 
 /* The decisions so far, in order of first occurrence; *dropped (may be NULL) gets how many
@@ -162,5 +208,12 @@ size_t policy_utf8_count(const char *s, size_t len);
 size_t policy_utf8_complete(const char *s, size_t len);
 /* The byte offset after the first n code points of s[0..len) (len when it has fewer). */
 size_t policy_utf8_advance(const char *s, size_t len, size_t n);
+
+/* The run's buffers for chat_bytes.c: one it keeps decoded and rewritten texts in (emptied
+ * by this call), and the chain's output buffer (emptied too). NULL when out of memory. */
+struct evbuffer *policy_run_bytes_buffer(struct policy_run *run);
+struct evbuffer *policy_run_text_out(struct policy_run *run);
+/* A slot chat_bytes.c keeps a malloc'd block in; freed with the run. */
+void **policy_run_bytes_slot(struct policy_run *run);
 
 #endif

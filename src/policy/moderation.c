@@ -18,7 +18,8 @@
  * Flagged: any listed block_categories true (with threshold: its score at least threshold),
  * or — with no list — the service's own "flagged" (with threshold: any score). A timeout, a
  * connection error, a non-2xx status or an answer that is not a moderation result follow
- * on_error: allow lets the text through (action error_allowed), deny refuses the request
+ * on_error: allow lets the text through (action error_allowed, recorded for every failed
+ * call, the asynchronous ones of a stream included), deny refuses the request
  * (503, moderation_unavailable) or ends the answer (content_filter).
  */
 #include <math.h>
@@ -544,6 +545,8 @@ static void after_call(struct mod_state *st, enum mod_result r)
 		}
 		return;
 	}
+	if (r == MOD_ERROR) /* on_error: allow — the text goes on, and that is a decision */
+		s->note(s, "moderation", "error_allowed", "moderation unavailable, on_error: allow");
 	bool more = st->waiting ? st->fresh_chars > 0 : st->fresh_chars >= st->c->chunk_chars;
 	if (more) {
 		if (!send_window(st))
@@ -568,9 +571,10 @@ static enum policy_verdict mod_text(void *state, struct policy_text *t)
 {
 	struct mod_state *st = state;
 
-	evbuffer_add(t->out, t->text, t->len);
-	if (st->verdict_stop)
+	if (st->verdict_stop) {
+		evbuffer_add(t->out, t->text, t->len);
 		return POLICY_STOP;
+	}
 	if (t->len > 0 && evbuffer_add(st->text, t->text, t->len) != 0)
 		goto error;
 	st->fresh_chars += policy_utf8_count(t->text, t->len);
@@ -578,10 +582,16 @@ static enum policy_verdict mod_text(void *state, struct policy_text *t)
 	if (st->s->streaming && st->call == NULL && st->fresh_chars >= st->c->chunk_chars &&
 	    !send_window(st))
 		goto error;
+	t->passed = true; /* the text goes on as it is while it is reviewed */
 	return POLICY_CONTINUE;
 error:
-	if (!st->c->deny_on_error)
+	if (!st->c->deny_on_error) {
+		t->passed = true;
+		t->action = "error_allowed";
+		snprintf(t->rule, sizeof t->rule, "moderation unavailable, on_error: allow");
 		return POLICY_CONTINUE;
+	}
+	evbuffer_add(t->out, t->text, t->len);
 	st->verdict_stop = true;
 	t->finish_reason = "content_filter";
 	t->action = "error_denied";
@@ -600,6 +610,7 @@ static enum policy_verdict mod_done(void *state, struct policy_text *t)
 	if (st->call == NULL && st->fresh_chars > 0 && !send_window(st)) {
 		if (!st->c->deny_on_error) {
 			t->action = "error_allowed";
+			snprintf(t->rule, sizeof t->rule, "moderation unavailable, on_error: allow");
 			return POLICY_CONTINUE;
 		}
 		st->verdict_stop = true;

@@ -182,6 +182,10 @@ struct policy_run {
 	struct policy_request req;
 	size_t req_next; /* the plugin running (or to run) */
 	bool req_pending;
+	bool req_was_changed;          /* by the policies before the running one */
+	unsigned req_changes;          /* policies that changed the body */
+	bool req_spliceable;           /* ... and the last one described its change as bytes */
+	const char *splice_before, *splice_after;
 	policy_request_done_fn req_done;
 	void *req_done_arg;
 
@@ -190,6 +194,8 @@ struct policy_run {
 	size_t n_choices, cap_choices;
 	struct evbuffer *scratch[2]; /* text between two policies of the chain */
 	struct evbuffer *text;       /* the chat helpers' and flush's output */
+	struct evbuffer *bytes;      /* chat_bytes.c's texts */
+	void *bytes_slot;            /* chat_bytes.c's kept scan */
 	bool stopped;                /* streams: the answer is over */
 	const char *stop_reason;
 	bool done_called;
@@ -273,12 +279,48 @@ void policy_run_free(struct policy_run *run)
 			evbuffer_free(run->scratch[i]);
 	if (run->text != NULL)
 		evbuffer_free(run->text);
+	if (run->bytes != NULL)
+		evbuffer_free(run->bytes);
+	free(run->bytes_slot);
 	free(run);
 }
 
 /* ---------------------------------------------------------------- request phase */
 
 static void request_resumed(void *arg, enum policy_verdict v);
+
+/* Before a policy's on_request: what it changes is told apart from what came before. */
+static void request_before(struct policy_run *run)
+{
+	run->req_was_changed = run->req.changed;
+	run->req.changed = false;
+	run->req.splice_before = run->req.splice_after = NULL;
+}
+
+/* After it: one more change, described as bytes or not. */
+static void request_after(struct policy_run *run)
+{
+	struct policy_request *req = &run->req;
+
+	if (req->changed) {
+		run->req_changes++;
+		run->req_spliceable = req->proto == PROTO_CHAT &&
+		                      (req->splice_before != NULL || req->splice_after != NULL);
+		run->splice_before = req->splice_before;
+		run->splice_after = req->splice_after;
+	}
+	req->changed = req->changed || run->req_was_changed;
+}
+
+bool policy_run_request_splice(const struct policy_run *run, const char **before,
+                               const char **after)
+{
+	if (run->req_changes != 1 || !run->req_spliceable)
+		return false;
+	*before = run->splice_before;
+	*after = run->splice_after;
+	return true;
+}
 
 /* From req_next on; a pending policy stops the walk until it resumes. */
 static enum policy_verdict request_chain(struct policy_run *run)
@@ -295,11 +337,13 @@ static enum policy_verdict request_chain(struct policy_run *run)
 		req->resume = request_resumed;
 		req->resume_arg = run;
 		req->pending = NULL;
+		request_before(run);
 		enum policy_verdict v = pl->def->on_request(pl->conf, req);
 		if (v == POLICY_PENDING) {
 			run->req_pending = true;
 			return POLICY_PENDING;
 		}
+		request_after(run);
 		record(run, pl->name, req->action, req->rule, NULL);
 		if (v == POLICY_REFUSE)
 			return POLICY_REFUSE;
@@ -316,6 +360,7 @@ static void request_resumed(void *arg, enum policy_verdict v)
 		return; /* a second call: the contract says once */
 	run->req_pending = false;
 	run->req.pending = NULL;
+	request_after(run);
 	record(run, pl->name, run->req.action, run->req.rule, NULL);
 	if (v != POLICY_REFUSE) {
 		run->req_next++;
@@ -335,6 +380,8 @@ enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto,
 	run->req.proto = proto;
 	run->req.body = body;
 	run->req_next = 0;
+	run->req_changes = 0;
+	run->req_spliceable = false;
 	run->req_done = done;
 	run->req_done_arg = arg;
 	return request_chain(run);
@@ -350,6 +397,8 @@ const struct policy_request *policy_run_request_outcome(const struct policy_run 
 static void stream_stop(struct policy_stream *s, const char *policy, const char *action,
                         const char *finish_reason);
 static void stream_resume(struct policy_stream *s);
+static void stream_note(struct policy_stream *s, const char *policy, const char *action,
+                        const char *rule);
 
 static struct choice *find_choice(struct policy_run *run, unsigned index)
 {
@@ -389,6 +438,7 @@ static struct choice *get_choice(struct policy_run *run, unsigned index)
 	c->s.choice = index;
 	c->s.stop = stream_stop;
 	c->s.resume = stream_resume;
+	c->s.note = stream_note;
 	c->s.pipeline = c;
 	for (size_t i = 0; i < rt->n_plugins; i++) {
 		const struct config_plugin *pl = &rt->plugins[i];
@@ -418,6 +468,7 @@ static void text_init(struct policy_text *t, unsigned choice, const char *text, 
 	t->action = NULL;
 	t->rule[0] = '\0';
 	t->alert = NULL;
+	t->passed = false;
 }
 
 static size_t last_response_plugin(const struct choice *c, size_t n)
@@ -429,16 +480,22 @@ static size_t last_response_plugin(const struct choice *c, size_t n)
 	return last;
 }
 
-/* text through every response policy of the route, in order, into out. */
+/* text through every response policy of the route, in order, into out — or, when every
+ * policy passed it unchanged and ref is not NULL, nowhere: *ref_passed is set and out stays
+ * as it was. */
 static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, const char *text,
-                                      size_t len, bool final, struct evbuffer *out)
+                                      size_t len, bool final, struct evbuffer *out,
+                                      bool *ref_passed)
 {
 	const struct config_route *rt = run->route;
 	size_t last = last_response_plugin(c, rt->n_plugins);
 	struct evbuffer *prev = NULL;
 	const char *finish = NULL;
 	int flip = 0;
+	bool passed = true; /* text is still the caller's: no policy wrote anything */
 
+	if (ref_passed != NULL)
+		*ref_passed = false;
 	for (size_t i = 0; last != SIZE_MAX && i <= last; i++) {
 		const struct config_plugin *pl = &rt->plugins[i];
 		if (c->states[i] == NULL)
@@ -452,9 +509,21 @@ static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, 
 			record(run, pl->name, t.action, t.rule, t.alert);
 			if (v == POLICY_STOP && finish == NULL)
 				finish = t.finish_reason ? t.finish_reason : "content_filter";
+			if (t.passed) {
+				/* text goes on as it is: into out only at the end, when asked */
+				if (i == last && ref_passed != NULL && passed)
+					*ref_passed = true;
+				else if (i == last && evbuffer_add(out, text, len) != 0)
+					return POLICY_REFUSE;
+				continue;
+			}
+		} else {
+			continue; /* nothing in, nothing out: the next gets the same (empty) text */
 		}
 		if (prev != NULL)
 			evbuffer_drain(prev, evbuffer_get_length(prev));
+		prev = NULL;
+		passed = false;
 		if (i != last) {
 			len = evbuffer_get_length(dst);
 			text = len ? (const char *)evbuffer_pullup(dst, -1) : "";
@@ -464,6 +533,8 @@ static enum policy_verdict chain_text(struct policy_run *run, struct choice *c, 
 			flip ^= 1;
 		}
 	}
+	if (prev != NULL) /* a policy after it passed its text on: out has its copy */
+		evbuffer_drain(prev, evbuffer_get_length(prev));
 	if (final || finish != NULL)
 		c->final = true;
 	if (finish == NULL)
@@ -490,16 +561,64 @@ enum policy_verdict policy_run_text(struct policy_run *run, unsigned choice, con
 		return POLICY_REFUSE;
 	if (c->final)
 		return c->finish ? POLICY_STOP : POLICY_CONTINUE; /* nothing after the end */
-	return chain_text(run, c, text ? text : "", len, final, out);
+	return chain_text(run, c, text ? text : "", len, final, out, NULL);
+}
+
+enum policy_verdict policy_run_text_ref(struct policy_run *run, unsigned choice,
+                                        const char *text, size_t len, bool final,
+                                        struct evbuffer *out, bool *passed)
+{
+	*passed = false;
+	if (run->stopped)
+		return POLICY_STOP;
+	if (choice >= POLICY_MAX_CHOICES)
+		return POLICY_REFUSE;
+	if (len == 0 && !final) {
+		*passed = true;
+		return POLICY_CONTINUE;
+	}
+	struct choice *c = get_choice(run, choice);
+	if (c == NULL)
+		return POLICY_REFUSE;
+	if (c->final)
+		return c->finish ? POLICY_STOP : POLICY_CONTINUE; /* nothing after the end */
+	return chain_text(run, c, text ? text : "", len, final, out, passed);
 }
 
 static struct evbuffer *text_buffer(struct policy_run *run)
 {
 	if (run->text == NULL)
 		run->text = evbuffer_new();
-	else
+	else if (evbuffer_get_length(run->text) > 0)
 		evbuffer_drain(run->text, evbuffer_get_length(run->text));
 	return run->text;
+}
+
+struct evbuffer *policy_run_text_out(struct policy_run *run)
+{
+	return text_buffer(run);
+}
+
+struct evbuffer *policy_run_bytes_buffer(struct policy_run *run)
+{
+	if (run->bytes == NULL)
+		run->bytes = evbuffer_new();
+	else if (evbuffer_get_length(run->bytes) > 0)
+		evbuffer_drain(run->bytes, evbuffer_get_length(run->bytes));
+	return run->bytes;
+}
+
+void **policy_run_bytes_slot(struct policy_run *run)
+{
+	return &run->bytes_slot;
+}
+
+bool policy_run_withheld(const struct policy_run *run)
+{
+	for (size_t i = 0; i < run->n_choices; i++)
+		if (run->choices[i]->withheld)
+			return true;
+	return false;
 }
 
 enum policy_verdict policy_run_flush(struct policy_run *run, policy_flush_fn emit, void *arg)
@@ -511,7 +630,7 @@ enum policy_verdict policy_run_flush(struct policy_run *run, policy_flush_fn emi
 		struct evbuffer *out = text_buffer(run);
 		if (out == NULL)
 			return POLICY_REFUSE;
-		enum policy_verdict v = chain_text(run, c, "", 0, true, out);
+		enum policy_verdict v = chain_text(run, c, "", 0, true, out, NULL);
 		size_t n = evbuffer_get_length(out);
 		if (n > 0 && emit != NULL)
 			emit(arg, c->s.choice, (const char *)evbuffer_pullup(out, -1), n);
@@ -581,6 +700,13 @@ static void stream_stop(struct policy_stream *s, const char *policy, const char 
 	c->finish = finish_reason;
 	if (run->streaming && run->stop_reason == NULL)
 		run->stop_reason = finish_reason;
+}
+
+static void stream_note(struct policy_stream *s, const char *policy, const char *action,
+                        const char *rule)
+{
+	struct choice *c = s->pipeline;
+	record(c->run, policy, action, rule, NULL);
 }
 
 static void stream_resume(struct policy_stream *s)

@@ -20,6 +20,8 @@ struct decorator_conf {
 	size_t n_prepend;
 	struct prompt_message *append;
 	size_t n_append;
+	/* the same messages as chat JSON array members (policy_request.splice_*) */
+	char *chat_before, *chat_after;
 };
 
 static const char *const keys[] = {"prepend", "append", NULL};
@@ -44,6 +46,8 @@ static void decorator_free(void *conf)
 		return;
 	free_messages(d->prepend, d->n_prepend);
 	free_messages(d->append, d->n_append);
+	free(d->chat_before);
+	free(d->chat_after);
 	free(d);
 }
 
@@ -90,6 +94,27 @@ static void parse_messages(struct config_section *sec, const struct cnode *v, co
 	}
 }
 
+/* "{"role":...,"content":...},..." — what insert_chat (prompt.c) adds, serialised once. NULL
+ * for none (or out of memory: the body is then re-serialised). */
+static char *chat_members(const struct prompt_message *v, size_t n)
+{
+	json_t *a = n ? json_array() : NULL;
+	char *s = NULL;
+
+	for (size_t i = 0; a != NULL && i < n; i++)
+		json_array_append_new(a, json_pack("{s:s, s:s}", "role", prompt_role_names[v[i].role],
+		                                   "content", v[i].text));
+	if (a != NULL && json_array_size(a) == n)
+		s = json_dumps(a, JSON_COMPACT);
+	json_decref(a);
+	if (s != NULL) { /* without the brackets */
+		size_t len = strlen(s);
+		memmove(s, s + 1, len - 2);
+		s[len - 2] = '\0';
+	}
+	return s;
+}
+
 static void *decorator_parse(struct config_section *sec, const struct cnode *m, const char *path)
 {
 	char p[CSEC_PATH_LEN];
@@ -109,6 +134,8 @@ static void *decorator_parse(struct config_section *sec, const struct cnode *m, 
 		decorator_free(d);
 		return NULL;
 	}
+	d->chat_before = chat_members(d->prepend, d->n_prepend);
+	d->chat_after = chat_members(d->append, d->n_append);
 	return d;
 }
 
@@ -132,6 +159,11 @@ static enum policy_verdict decorator_request(const void *conf, struct policy_req
 		return POLICY_REFUSE;
 	}
 	req->changed = true;
+	if (req->proto == PROTO_CHAT && (d->n_prepend == 0 || d->chat_before != NULL) &&
+	    (d->n_append == 0 || d->chat_after != NULL)) {
+		req->splice_before = d->chat_before;
+		req->splice_after = d->chat_after;
+	}
 	req->action = "decorated";
 	snprintf(req->rule, sizeof req->rule, "prepend %zu, append %zu", d->n_prepend, d->n_append);
 	return POLICY_CONTINUE;

@@ -586,6 +586,7 @@ static enum policy_verdict rguard_text(void *state, struct policy_text *t)
 
 	if (st->stopped)
 		return POLICY_STOP;
+	bool held_none = st->len == st->ctx; /* then buf[ctx..) is exactly t->text */
 	if (!put(st, t->text, t->len))
 		goto fail;
 	if (st->len == st->ctx)
@@ -621,7 +622,10 @@ static enum policy_verdict rguard_text(void *state, struct policy_text *t)
 			continue;
 		}
 		size_t upto = partial != SIZE_MAX ? partial : end;
-		evbuffer_add(t->out, st->buf + pos, upto - pos);
+		if (masked == 0 && held_none && pos == st->ctx && upto == st->len)
+			t->passed = true; /* the whole text, unchanged, nothing held */
+		else
+			evbuffer_add(t->out, st->buf + pos, upto - pos);
 		pos = upto;
 		break;
 	}

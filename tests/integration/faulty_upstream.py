@@ -23,6 +23,9 @@ the connection? how many bytes did it take before giving up?). Modes:
   endless_headers     a status line, then header lines forever until the peer leaves
   slow                nothing for `delay` seconds (or until the peer leaves), then `ok`
   close_on_accept     close right after accept(), before reading anything
+  multiline           a valid stream whose events' JSON is pretty-printed over several
+                      `data:` lines (SSE joins them with newlines), the text of the two
+                      content events "card 41111111" and "11111111 ok"
 
 The request is read (head and Content-Length body) before any mode but close_on_accept acts,
 so `requests` counts what sluice sent. Every wait on the peer is bounded by a deadline
@@ -214,6 +217,16 @@ class FaultyUpstream:
             self._send(c, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
 
+    def _mode_multiline(self, c, stream):
+        self._send(c, SSE_HEAD)
+        for text in ("card 41111111", "11111111 ok"):
+            obj = {"id": "chatcmpl-faulty", "object": "chat.completion.chunk", "created": 0,
+                   "model": "faulty", "choices": [{"index": 0, "delta": {"content": text},
+                                                   "finish_reason": None}]}
+            lines = json.dumps(obj, indent=1).encode().split(b"\n")
+            self._send(c, chunk(b"".join(b"data: " + l + b"\n" for l in lines) + b"\n"))
+        self._send(c, chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
     def _mode_reset(self, c, stream):
         if stream:
             self._send(c, SSE_HEAD)
@@ -279,6 +292,9 @@ class FaultyUpstream:
         if self._wait_peer_gone(c, self.delay):
             return
         self._mode_ok(c, stream)
+
+
+MODES += ("multiline",)  # the response policies' test (test_policies.py)
 
 
 def main(argv):

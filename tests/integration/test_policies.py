@@ -25,6 +25,7 @@ import socket
 import threading
 import uuid
 
+import faulty_upstream
 import harness
 import quota_helpers
 from harness import Raw, wait_until
@@ -230,6 +231,38 @@ class RequestRewriteTest(PolicyCase):
         self.assertOpenAIError(r, 400)
         self.assertEqual(r.json()["error"]["code"], "param_denied")
 
+    def test_decorator_alone_splices_the_client_bytes(self):
+        # A decorator alone: its messages are spliced into the client's "messages" array
+        # (the rest of the client's bytes go as they were — "1.50" is not re-serialised
+        # as 1.5), the upstream sees valid JSON with every message in order, and the
+        # decorated prompt is what is estimated and charged.
+        pre = [{"role": "system", "content": 'Be "brief" \\ café 密'},
+               {"role": "developer", "content": "line\nbreak"}]
+        post = [{"role": "user", "content": "Thanks."}]
+        gw = self.gateway([{"prompt_decorator": {"prepend": pre, "append": post}}])
+        mark = marker()
+        raw = ('{ "model" : "m", "temperature" : 1.50, "mock": {"tokens": 2},\n'
+               ' "messages" : [ {"role":"user","content":"%s hi"} ] }' % mark).encode()
+        r = harness.http_request(gw.port, "POST", CHAT, body=raw)
+        self.assertEqual(r.status, 200, repr(r))
+        rec = self.mock.wait_request(mark)
+        self.assertIn('"temperature" : 1.50', rec["body"], "the client's bytes, spliced")
+        up = json.loads(rec["body"])
+        self.assertEqual(up["messages"], pre + [{"role": "user", "content": mark + " hi"}] + post)
+        self.assertEqual(up["model"], "up-model")
+        e = self.access(r.header("x-request-id"))
+        self.assertEqual(e["usage"]["prompt"], r.json()["usage"]["prompt_tokens"])
+        self.assertEqual(e["policy"], [{"policy": "prompt_decorator", "action": "decorated",
+                                        "count": 1}])
+        # a stream, whose body gets stream_options from the gateway as well
+        mark = marker()
+        head, events = self.stream(gw, chat(mark, stream=True))
+        up = self.upstream_body(mark)
+        self.assertEqual(up["messages"][:2], pre)
+        self.assertEqual(up["messages"][-1], post[0])
+        self.assertTrue(up["stream_options"]["include_usage"])
+        self.assertTrue(events[-1].is_done)
+
     def test_external_plugin_rewrites_the_request(self):
         path = redact_plugin()
         if not os.path.exists(path):
@@ -277,6 +310,41 @@ class ResponseGuardTest(PolicyCase):
         self.assertEqual(message_text(events), "card [redacted] ok")
         self.assertEqual(events[-1].event, "message_stop")
         self.assertEqual(self.actions("response_guard", "masked"), 3)
+
+    def test_mask_escaped_text(self):
+        # The guard sees the text decoded: a number after a "\n" escape starts at a word
+        # boundary (in the raw JSON it follows the letter n), and the mask — a quote and a
+        # backslash in it — goes back escaped, so every answer and event stays valid JSON.
+        mask = '"[x]\\'
+        gw = self.gateway([{"response_guard": {"deny": ["\\b\\d{16}\\b"], "mask": mask}}])
+        r = self.post(gw, chat(marker(), mock={"content": 'say "hi"\n%s\tend' % CARD}))
+        self.assertEqual(r.status, 200, repr(r))
+        self.assertEqual(r.json()["choices"][0]["message"]["content"],
+                         'say "hi"\n' + mask + "\tend")
+        head, events = self.stream(gw, chat(marker(), stream=True, mock={
+            "chunks": ['quote "a"\n41111111', '11111111\t"b" \\ done']}))
+        for e in events:  # every event the client gets is JSON
+            if e.data and e.data != "[DONE]":
+                json.loads(e.data)
+        self.assertEqual(content_of(events), 'quote "a"\n' + mask + '\t"b" \\ done')
+        self.assertEqual(finish_of(events)[-1:], ["stop"])
+        self.assertTrue(events[-1].is_done)
+        self.assertEqual(self.actions("response_guard", "masked"), 2)
+
+    def test_mask_events_of_several_data_lines(self):
+        # An upstream whose events' JSON spans several data: lines (SSE joins them with
+        # newlines): a masked event goes out as data lines too, each event still one JSON.
+        up = faulty_upstream.FaultyUpstream("multiline")
+        self.addCleanup(up.close)
+        inst = harness.instance("up", up.url(), model="up-model")
+        gw = self.gateway([{"response_guard": {"deny": ["\\b\\d{16}\\b"]}}],
+                          instances=[inst])
+        head, events = self.stream(gw, chat(marker(), stream=True))
+        for e in events:
+            if e.data and e.data != "[DONE]":
+                json.loads(e.data)
+        self.assertEqual(content_of(events), "card [redacted] ok")
+        self.assertTrue(events[-1].is_done)
 
     def test_mask_on_every_protocol(self):
         # Messages on an Anthropic instance (the identity request, the answer through the
@@ -425,9 +493,18 @@ class ModerationTest(PolicyCase):
                  "plugins": [{"moderation": {"endpoint": mod.url("/v1/moderations"),
                                              "timeout": Raw("300ms"),
                                              "on_error": Raw("allow")}}]}
+        # the response side alone, on streams: each window's failed call is a decision too
+        stream_allow = {"name": "lenient-stream", "paths": ["/v3/chat/completions"],
+                        "auth": Raw("none"), "targets": [{"instance": "up"}],
+                        "plugins": [{"moderation": {"endpoint": mod.url("/v1/moderations"),
+                                                    "on": [Raw("response")],
+                                                    "chunk_chars": 65,
+                                                    "timeout": Raw("300ms"),
+                                                    "on_error": Raw("allow")}}]}
         gw = self.gateway([{"moderation": {"endpoint": mod.url("/v1/moderations"),
                                            "timeout": Raw("300ms"),
-                                           "on_error": Raw("deny")}}], extra_routes=[allow])
+                                           "on_error": Raw("deny")}}],
+                          extra_routes=[allow, stream_allow])
         r = self.post(gw, chat(marker()))
         self.assertEqual(r.status, 503, repr(r))
         self.assertEqual(r.json()["error"]["code"], "moderation_unavailable")
@@ -437,9 +514,25 @@ class ModerationTest(PolicyCase):
         self.assertEqual(r.status, 200, repr(r))
         e = self.access(r.header("x-request-id"))
         self.assertEqual(e["policy"], [{"policy": "moderation", "action": "error_allowed",
-                                        "count": 1}], "the request side's timeout, allowed")
+                                        "count": 2}],
+                         "the request side's timeout and the response side's, both allowed "
+                         "and both recorded")
         self.assertEqual(r.json()["choices"][0]["finish_reason"], "stop",
                          "the response side's timeout, allowed too")
+        # a stream: the windows' calls time out while the text flows on; every one of those
+        # decisions is in the access log and the metric, none stops the stream
+        head, events = self.stream(gw, chat(marker(), stream=True,
+                                            mock={"chunks": ["calm words here "] * 12}),
+                                   path="/v3/chat/completions")
+        self.assertEqual(finish_of(events)[-1:], ["stop"])
+        self.assertEqual(content_of(events), "calm words here " * 12)
+        e = self.access(head.header("x-request-id"))
+        self.assertEqual([(p["policy"], p["action"]) for p in e["policy"]],
+                         [("moderation", "error_allowed")], e)
+        self.assertGreaterEqual(e["policy"][0]["count"], 1)
+        self.assertGreaterEqual(self.metrics().series("sluice_policy_actions_total").get(
+            tuple(sorted({"route": "lenient-stream", "policy": "moderation",
+                          "action": "error_allowed"}.items())), 0), 1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -189,6 +189,111 @@ static void on_flush(void *arg, unsigned choice, const char *text, size_t len)
 	f->calls++;
 }
 
+/* One document through policy_run_chat_bytes; expect: NULL = unchanged, else the bytes the
+ * client gets (exactly). */
+static enum policy_verdict bytes_through(struct policy_run *run, bool chunk, const char *doc,
+                                         const char *expect)
+{
+	struct evbuffer *out = evbuffer_new();
+	struct policy_chat_bytes res;
+	enum policy_verdict v = policy_run_chat_bytes(run, doc, strlen(doc), chunk, out, &res);
+
+	assert_true(res.read);
+	if (expect == NULL) {
+		assert_false(res.changed);
+		assert_int_equal(evbuffer_get_length(out), 0);
+	} else {
+		assert_true(res.changed);
+		evbuffer_add(out, "", 1);
+		assert_string_equal((const char *)evbuffer_pullup(out, -1), expect);
+	}
+	evbuffer_free(out);
+	return v;
+}
+
+static void test_chat_bytes(void **state)
+{
+	struct config *c = pt_load(CARD);
+	struct policy_run *run = policy_run_new(pt_route(c), &pt_env, true);
+
+	/* untouched text: the upstream's bytes stand, no copy */
+	assert_int_equal(bytes_through(run, true,
+	                               "{\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":"
+	                               "{\"content\":\"hello \\\"you\\\"\"}}]}",
+	                               NULL),
+	                 POLICY_CONTINUE);
+	/* escapes decoded for the guard (\u0031 is a digit, \n a word boundary), the held and
+	 * the masked text spliced back as JSON strings; the rest of the bytes as they were */
+	assert_int_equal(bytes_through(run, true,
+	                               "{\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":"
+	                               "{\"content\":\"x\\n\\u003123456\"} , \"n\":1}]}",
+	                               "{\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":"
+	                               "{\"content\":\"x\\n\"} , \"n\":1}]}"),
+	                 POLICY_CONTINUE);
+	/* the rest of the number: masked across the two events */
+	assert_int_equal(bytes_through(run, true,
+	                               "{\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+	                               "\"7890123456\\u002e\"}}]}",
+	                               "{\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+	                               "\"[redacted].\"}}]}"),
+	                 POLICY_CONTINUE);
+	policy_run_free(run);
+	/* the finish releases what is held: into a delta that had no content */
+	run = policy_run_new(pt_route(c), &pt_env, true);
+	assert_int_equal(bytes_through(run, true,
+	                               "{\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+	                               "\"a 12\"}}]}",
+	                               "{\"choices\":[{\"index\":0,\"delta\":{\"content\":"
+	                               "\"a \"}}]}"),
+	                 POLICY_CONTINUE);
+	assert_int_equal(bytes_through(run, true,
+	                               "{\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,"
+	                               "\"delta\":{\"role\":\"assistant\"}}]}",
+	                               "{\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,"
+	                               "\"delta\":{\"content\":\"12\",\"role\":\"assistant\"}}]}"),
+	                 POLICY_CONTINUE);
+	policy_run_free(run);
+
+	/* what the reader declines, having run nothing: the tree path decides */
+	run = policy_run_new(pt_route(c), &pt_env, true);
+	static const char *const declined[] = {
+	        "{\"choices\":[{\"delta\":{\"content\":\"1\",\"content\":\"2\"}}]}",
+	        "{\"choices\":[{\"delta\":{\"c\\u006fntent\":\"1234567812345678\"}}]}",
+	        "{\"choices\":[],\"choices\":[{\"delta\":{\"content\":\"x\"}}]}",
+	        "{\"error\":{\"message\":\"overloaded\"}}",
+	        "{\"object\":\"error\",\"message\":\"x\"}",
+	        "{\"choices\":[{\"delta\":{\"content\":\"\\ud800\"}}]}",
+	        "{\"choices\":[{\"delta\":{\"content\":\"\xc3\"}}]}",
+	        "{\"choices\":[{\"delta\":{\"content\":\"a\"}}]} x",
+	        "[1]",
+	};
+	for (size_t i = 0; i < sizeof declined / sizeof declined[0]; i++) {
+		struct evbuffer *out = evbuffer_new();
+		struct policy_chat_bytes res;
+		policy_run_chat_bytes(run, declined[i], strlen(declined[i]), true, out, &res);
+		assert_false(res.read);
+		assert_false(policy_chat_bytes_readable(declined[i], strlen(declined[i]), true));
+		evbuffer_free(out);
+	}
+	policy_run_free(run);
+	config_unref(c);
+
+	/* a non-stream answer cut by a block: the text before the match, the gateway's finish
+	 * reason replacing the upstream's */
+	c = pt_load("      - response_guard: { deny: [secret], action: block }\n");
+	run = policy_run_new(pt_route(c), &pt_env, false);
+	assert_int_equal(bytes_through(run, false,
+	                               "{\"choices\":[{\"index\":0,\"message\":{\"role\":"
+	                               "\"assistant\",\"content\":\"the \\\"s\\u0065cret\\\"\"},"
+	                               "\"finish_reason\":\"stop\"}]}",
+	                               "{\"choices\":[{\"index\":0,\"message\":{\"role\":"
+	                               "\"assistant\",\"content\":\"the \\\"\"},"
+	                               "\"finish_reason\":\"content_filter\"}]}"),
+	                 POLICY_STOP);
+	policy_run_free(run);
+	config_unref(c);
+}
+
 static void test_flush_and_limits(void **state)
 {
 	struct config *c = pt_load(CARD);
@@ -246,6 +351,7 @@ int main(void)
 	        cmocka_unit_test(test_text_through_the_chain),
 	        cmocka_unit_test(test_chat_chunks),
 	        cmocka_unit_test(test_chat_completion),
+	        cmocka_unit_test(test_chat_bytes),
 	        cmocka_unit_test(test_flush_and_limits),
 	        cmocka_unit_test(test_governance_example),
 	};
