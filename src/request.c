@@ -52,6 +52,7 @@
 #include "sluice/config.h"
 #include "sluice/health.h"
 #include "sluice/http.h"
+#include "sluice/json_scan.h"
 #include "sluice/log.h"
 #include "sluice/mcp.h"
 #include "sluice/metrics.h"
@@ -108,12 +109,20 @@ struct request {
 	struct request_record rec;
 
 	/* what the client asked */
-	enum proto proto;  /* the client's protocol, by the path */
-	json_t *body;      /* the parsed client body; request policies may rewrite it */
+	enum proto proto; /* the client's protocol, by the path */
+	/* The client's body, read by one validating scan (scanned): its members are spans
+	 * into the client's bytes, and no tree is built unless something needs one
+	 * (body_tree: request policies, translation, an instance's options). A body past
+	 * the scanner's bounds is parsed at once instead (scanned false, body set). */
+	struct json_scan scan;
+	bool scanned;
+	json_t *body;      /* the parsed client body, or NULL; request policies may rewrite it */
 	bool body_changed; /* ... and then it is re-serialised, never spliced */
 	json_t *pivot;     /* the chat form of body: built once, for the first
 	                      translated attempt (owned) */
-	const char *model; /* requested model, inside body; NULL if absent */
+	const char *model; /* requested model (model_buf or model_alloc); NULL if absent */
+	char model_buf[128];
+	char *model_alloc;
 	bool stream;
 	uint64_t start_us;     /* monotonic: the request's first byte */
 	bool hide_usage_chunk; /* we asked for include_usage; the client did not */
@@ -496,11 +505,29 @@ bool request_head_check(struct http_request *hr, void *arg)
 
 /* ---------------------------------------------------------------- read, route, authenticate */
 
+/* The requested model, decoded from the scan into memory the request owns. */
+static bool scanned_model(struct request *r, const struct json_scan_value *v)
+{
+	char *buf = r->model_buf;
+	size_t n = json_scan_string(v, buf, sizeof(r->model_buf) - 1);
+
+	if (n > sizeof(r->model_buf) - 1) {
+		if ((r->model_alloc = malloc(n + 1)) == NULL)
+			return false;
+		buf = r->model_alloc;
+		json_scan_string(v, buf, n);
+	}
+	buf[n] = '\0';
+	r->model = buf;
+	return true;
+}
+
 static bool read_body(struct request *r)
 {
 	struct http_request *hr = r->http;
 	const char *ct = http_request_header(hr, "content-type");
 	json_error_t jerr;
+	bool bad_model, bad_stream, model_nul = false;
 
 	if (ct == NULL || strncasecmp(ct, "application/json", 16) != 0 ||
 	    (ct[16] != '\0' && ct[16] != ';' && ct[16] != ' ')) {
@@ -513,36 +540,103 @@ static bool read_body(struct request *r)
 		            "the request body is empty; a JSON object is required");
 		return false;
 	}
-	r->body =
-	        json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
-	if (r->body == NULL) {
+	switch (json_scan_body(hr->body, hr->body_len, &r->scan)) {
+	case JSON_SCAN_OK:
+		r->scanned = true;
+		break;
+	case JSON_SCAN_INVALID:
 		reply_error(r, 400, "invalid_request_error", "invalid_json",
 		            "the request body is not valid JSON: %s at line %d column %d",
-		            jerr.text, jerr.line, jerr.column);
+		            r->scan.error, r->scan.line, r->scan.column);
 		return false;
-	}
-	if (!json_is_object(r->body)) {
+	case JSON_SCAN_NOT_OBJECT:
 		reply_error(r, 400, "invalid_request_error", "invalid_json",
 		            "the request body must be a JSON object");
 		return false;
+	case JSON_SCAN_TOO_COMPLEX:
+		break; /* past the scanner's bounds: jansson decides */
 	}
-	json_t *model = json_object_get(r->body, "model");
-	if (model != NULL && !json_is_string(model)) {
+	if (r->scanned) {
+		const struct json_scan_value *m = &r->scan.member[JSON_SCAN_MODEL];
+		const struct json_scan_value *st = &r->scan.member[JSON_SCAN_STREAM];
+		bad_model = m->type != JSON_SCAN_ABSENT && m->type != JSON_SCAN_STRING;
+		if (m->type == JSON_SCAN_STRING) {
+			if (!scanned_model(r, m)) {
+				reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+				return false;
+			}
+			model_nul = strlen(r->model) != m->str_len;
+		}
+		bad_stream = st->type != JSON_SCAN_ABSENT && st->type != JSON_SCAN_TRUE &&
+		             st->type != JSON_SCAN_FALSE && st->type != JSON_SCAN_NULL;
+		r->stream = st->type == JSON_SCAN_TRUE;
+	} else {
+		r->body = json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL,
+		                     &jerr);
+		if (r->body == NULL) {
+			reply_error(r, 400, "invalid_request_error", "invalid_json",
+			            "the request body is not valid JSON: %s at line %d column %d",
+			            jerr.text, jerr.line, jerr.column);
+			return false;
+		}
+		if (!json_is_object(r->body)) {
+			reply_error(r, 400, "invalid_request_error", "invalid_json",
+			            "the request body must be a JSON object");
+			return false;
+		}
+		r->reply.request = r->body;
+		json_t *model = json_object_get(r->body, "model");
+		json_t *stream = json_object_get(r->body, "stream");
+		bad_model = model != NULL && !json_is_string(model);
+		r->model = json_string_value(model);
+		model_nul = r->model != NULL && strlen(r->model) != json_string_length(model);
+		bad_stream = stream != NULL && !json_is_boolean(stream) && !json_is_null(stream);
+		r->stream = json_is_true(stream);
+	}
+	if (bad_model) {
 		reply_error(r, 400, "invalid_request_error", "invalid_model",
 		            "\"model\" must be a string");
 		return false;
 	}
-	r->model = model ? json_string_value(model) : NULL;
+	if (model_nul) { /* as a C string it would name another model */
+		r->model = NULL;
+		reply_error(r, 400, "invalid_request_error", "invalid_model",
+		            "\"model\" must not contain a NUL character");
+		return false;
+	}
 	r->rec.model_requested = r->model;
-	json_t *stream = json_object_get(r->body, "stream");
-	if (stream != NULL && !json_is_boolean(stream) && !json_is_null(stream)) {
+	if (bad_stream) {
 		reply_error(r, 400, "invalid_request_error", "invalid_stream",
 		            "\"stream\" must be true or false");
 		return false;
 	}
-	r->stream = json_is_true(stream);
 	r->rec.stream = r->stream;
 	return true;
+}
+
+/* The client's body as a tree, parsed on first need (request policies, translation, an
+ * instance's options, codecs that echo the request); NULL only when out of memory: the
+ * scan accepted these bytes, and it accepts nothing jansson refuses. */
+static json_t *body_tree(struct request *r)
+{
+	if (r->body == NULL && r->http != NULL) {
+		r->body = json_loadb(r->http->body, r->http->body_len,
+		                     JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, NULL);
+		if (!json_is_object(r->body)) {
+			json_decref(r->body);
+			r->body = NULL;
+		}
+		r->reply.request = r->body;
+	}
+	return r->body;
+}
+
+/* The quota's prompt estimate: of the tree when there is one (request policies may have
+ * rewritten it), else of the scan (the same number for the same bytes). */
+static uint64_t estimate_prompt(struct request *r)
+{
+	return r->body != NULL ? usage_estimate_prompt(r->body)
+	                       : json_scan_estimate_prompt(&r->scan);
 }
 
 static bool route(struct request *r)
@@ -627,9 +721,15 @@ static bool plan(struct request *r)
 	}
 	r->reply.request_id = r->id;
 	r->reply.created = (long long)(r->rec.start_unix_us / 1000000u);
-	r->reply.request = r->body;
-	r->reply.include_usage = json_is_true(
-	        json_object_get(json_object_get(r->body, "stream_options"), "include_usage"));
+	r->reply.include_usage =
+	        r->scanned ? r->scan.include_usage
+	                   : json_is_true(json_object_get(
+	                             json_object_get(r->body, "stream_options"), "include_usage"));
+	/* The route's policies read and may rewrite the tree. */
+	if (r->route->n_plugins > 0 && body_tree(r) == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return false;
+	}
 	return true;
 }
 
@@ -699,9 +799,12 @@ static void request_policies(struct request *r)
 static void start_attempts(struct request *r)
 {
 	if (r->proto != PROTO_COUNT_TOKENS) {
-		r->est_prompt = usage_estimate_prompt(r->body);
+		r->est_prompt = estimate_prompt(r);
 		r->est_completion =
-		        usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET);
+		        r->body != NULL
+		                ? usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET)
+		                : json_scan_completion_budget(&r->scan,
+		                                              USAGE_DEFAULT_COMPLETION_BUDGET);
 	}
 	next_attempt(r);
 }
@@ -962,7 +1065,7 @@ static void reply_quota_rejection(struct request *r, const struct quota_ticket *
  * estimate (the one quotas use), answered at once; no upstream, no tokens. */
 static void answer_count_tokens(struct request *r)
 {
-	json_t *o = json_pack("{s:I}", "input_tokens", (json_int_t)usage_estimate_prompt(r->body));
+	json_t *o = json_pack("{s:I}", "input_tokens", (json_int_t)estimate_prompt(r));
 
 	reply_json(r, o);
 	json_decref(o);
@@ -1016,9 +1119,14 @@ static bool splice_body(struct request *r, const char *model, bool want_usage)
 
 	if (brace == NULL)
 		return false;
-	if (model && r->model &&
-	    !usage_scan_member(body, r->http->body_len, "model", &val, &val_len))
+	if (model && r->model && r->scanned) {
+		/* the exact bytes of the value, whatever escapes spell the member's name */
+		val = r->scan.member[JSON_SCAN_MODEL].p;
+		val_len = r->scan.member[JSON_SCAN_MODEL].len;
+	} else if (model && r->model &&
+	           !usage_scan_member(body, r->http->body_len, "model", &val, &val_len)) {
 		return false;
+	}
 	char *out = malloc(r->http->body_len + (model ? strlen(model) * 6 + 16 : 0) +
 	                   sizeof(usage_member) + 1);
 	if (out == NULL)
@@ -1071,22 +1179,41 @@ static bool shape_body(struct request *r)
 	const char *model = upstream_model(r);
 	bool drop_model = ops->drop_model != NULL && ops->drop_model(in);
 	bool same_model = model == NULL || (r->model && strcmp(model, r->model) == 0);
-	json_t *so = json_object_get(r->body, "stream_options");
-	bool want_usage = r->stream && asks_stream_usage(r->proto) &&
-	                  !json_is_true(json_object_get(so, "include_usage"));
+	/* The scan describes the client's bytes; a body the policies rewrote is read from
+	 * its tree. */
+	bool from_scan = r->scanned && !r->body_changed;
+	bool have_so, client_usage;
+	size_t n_members;
+	json_t *so = NULL;
+
+	if (from_scan) {
+		have_so = r->scan.member[JSON_SCAN_STREAM_OPTIONS].type != JSON_SCAN_ABSENT;
+		client_usage = r->scan.include_usage;
+		n_members = r->scan.n_members;
+	} else {
+		so = json_object_get(r->body, "stream_options");
+		have_so = so != NULL;
+		client_usage = json_is_true(json_object_get(so, "include_usage"));
+		n_members = json_object_size(r->body);
+	}
+	bool want_usage = r->stream && asks_stream_usage(r->proto) && !client_usage;
 
 	r->hide_usage_chunk = want_usage;
 	bool no_options = in->options == NULL || json_object_size(in->options) == 0;
 	if (!r->body_changed && same_model && !drop_model && !want_usage && no_options)
 		return true;
-	/* The splice finds "model" in the raw bytes; a name written with escapes
-	 * ("mod\u0065l", which the parse understood) is not found there, and the body is
-	 * rebuilt below. */
-	if (!r->body_changed && no_options && !drop_model && so == NULL &&
-	    json_object_size(r->body) > 0 && splice_body(r, same_model ? NULL : model, want_usage))
+	/* On a body too complex for the scan, the splice finds "model" in the raw bytes; a
+	 * name written with escapes ("mod\u0065l", which the parse understood) is not found
+	 * there, and the body is rebuilt below. */
+	if (!r->body_changed && no_options && !drop_model && !have_so && n_members > 0 &&
+	    splice_body(r, same_model ? NULL : model, want_usage))
 		return true;
 
-	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
+	json_t *tree = body_tree(r);
+	if (tree == NULL)
+		return false;
+	so = json_object_get(tree, "stream_options");
+	json_t *b = json_copy(tree); /* shallow: only top-level keys change */
 	if (b == NULL)
 		return false;
 	if (drop_model)
@@ -1132,6 +1259,10 @@ static bool translate_body(struct request *r, struct proto_error *err)
 	json_t *up, *mock;
 
 	memset(err, 0, sizeof(*err));
+	if (body_tree(r) == NULL) {
+		proto_error_set(err, 500, "server_error", "internal_error", "out of memory");
+		return false;
+	}
 	if (r->pivot == NULL) {
 		r->pivot = proto_codec(r->proto)->request_to_chat(r->body, err);
 		if (r->pivot == NULL)
@@ -1271,6 +1402,11 @@ static void attempt_start(struct request *r)
 	attempt_reset(r);
 	r->up_proto = provider_upstream_proto(in, r->proto, &r->up_url);
 	r->pivot_answer = r->up_proto != r->proto || r->answer_policies;
+	/* The codecs may echo the client's request (Responses, Messages): they read its tree. */
+	if (r->pivot_answer && body_tree(r) == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return;
+	}
 	/* Synthesised objects carry the client's model name; an answer in the client's own
 	 * protocol keeps the upstream's, as on the identity path. */
 	r->reply.model = r->up_proto != r->proto ? r->model : NULL;
@@ -2410,6 +2546,7 @@ static void request_finish(struct request *r)
 	json_decref(r->answer);
 	json_decref(r->pivot);
 	json_decref(r->body);
+	free(r->model_alloc);
 	config_unref(r->config);
 	free(r);
 }

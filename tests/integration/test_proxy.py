@@ -276,6 +276,42 @@ class ModelsTest(harness.SluiceTestCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(self.mock.wait_request(m)["body"], raw.replace('"beta"', '"upstream-b"'))
 
+    def test_escaped_member_name_is_spliced(self):
+        """The body is read by a validating scan that decodes member names: "mod\\u0065l"
+        is the model, and its value is replaced in the client's bytes (no rebuild)."""
+        m = marker()
+        raw = '{"mod\\u0065l":"beta","messages":[{"role":"user","content":"%s"}]}' % m
+        r = http_request(self.port, "POST", CHAT, body=raw.encode())
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.mock.wait_request(m)["body"], raw.replace('"beta"', '"upstream-b"'))
+
+    def test_model_with_a_nul_is_refused(self):
+        """"beta\\u0000x" is not the model "beta" (a C string would stop at the NUL)."""
+        raw = b'{"model":"beta\\u0000x","messages":[{"role":"user","content":"x"}]}'
+        r = http_request(self.port, "POST", CHAT, body=raw)
+        self.assertOpenAIError(r, 400)
+        self.assertEqual(r.json()["error"]["code"], "invalid_model", r)
+        self.assertEqual(self.mock.stats()["requests"], 0, "the request reached the mock")
+
+    def test_bodies_past_the_scanners_bounds(self):
+        """A valid body the scanner cannot decide in its fixed memory (more keys open at
+        once than it keeps, objects nested deeper than it tracks) is parsed by jansson
+        instead, and served the same way; one with a duplicate key deep inside is still
+        refused."""
+        many = ",".join('"k%d":%d' % (i, i) for i in range(600))
+        deep = '{"a":' * 140 + "1" + "}" * 140
+        for extra in (many, '"deep":' + deep):
+            m = marker()
+            raw = '{"model":"beta","messages":[{"role":"user","content":"%s"}],%s}' % (m, extra)
+            r = http_request(self.port, "POST", CHAT, body=raw.encode())
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(self.mock.wait_request(m)["body"],
+                             raw.replace('"beta"', '"upstream-b"'))
+        bad = '{"model":"beta","x":%s}' % ('{"a":' * 140 + '{"b":1,"b":2}' + "}" * 140)
+        r = http_request(self.port, "POST", CHAT, body=bad.encode())
+        self.assertOpenAIError(r, 400)
+        self.assertEqual(r.json()["error"]["code"], "invalid_json", r)
+
     def test_model_retrieve(self):
         """GET /v1/models/{id} (the SDKs' models.retrieve) returns that entry, or 404."""
         r = http_request(self.port, "GET", "/v1/models/beta")
