@@ -1555,8 +1555,8 @@ static size_t text_bytes(const char *key, size_t key_len, const char *data, size
 {
 	size_t total = 0;
 	const char *p = data, *end = data + len;
-	/* Every key ends with '":"': candidates are found by memchr on its ':' (a dozen
-	 * in a chunk, against a byte-by-byte memmem). */
+	/* Every key ends with '":"': the search looks for its ':' word at a time, and
+	 * checks the key's ends before comparing it. */
 	while ((p = usage_find(p, (size_t)(end - p), key, key_len, key_len - 2)) != NULL) {
 		p += key_len;
 		const char *q = p;

@@ -418,17 +418,37 @@ bool usage_from_body(const char *body, size_t len, struct record_usage *out)
 
 const char *usage_find(const char *hay, size_t len, const char *needle, size_t n, size_t anchor)
 {
-	const char *e = hay + len, *q;
+	const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
 
-	if (n == 0 || anchor >= n || len < n)
-		return n == 0 ? hay : NULL;
-	for (q = hay + anchor; q < e && (q = memchr(q, needle[anchor], (size_t)(e - q))) != NULL;
-	     q++) {
-		const char *s = q - anchor;
-		if ((size_t)(e - s) < n)
-			return NULL;
-		if (memcmp(s, needle, n) == 0)
+	if (n == 0)
+		return hay;
+	if (anchor >= n || len < n)
+		return NULL;
+	const char a = needle[anchor], first = needle[0], lastc = needle[n - 1];
+	const uint64_t pat = ones * (unsigned char)a;
+	const char *p = hay + anchor, *last = hay + len - (n - anchor); /* last place for it */
+
+	/* The anchor byte word at a time (SWAR: the first flagged byte is exact), then the
+	 * needle's ends, then the rest. */
+	while (p <= last) {
+		if (last - p >= 8) {
+			uint64_t x;
+			memcpy(&x, p, 8);
+			x ^= pat;
+			uint64_t hit = (x - ones) & ~x & highs;
+			if (hit == 0) {
+				p += 8;
+				continue;
+			}
+			p += __builtin_ctzll(hit) / 8;
+		} else if (*p != a) {
+			p++;
+			continue;
+		}
+		const char *s = p - anchor;
+		if (s[0] == first && s[n - 1] == lastc && memcmp(s, needle, n) == 0)
 			return s;
+		p++;
 	}
 	return NULL;
 }

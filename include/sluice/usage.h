@@ -65,8 +65,8 @@ uint64_t usage_estimate_text(size_t text_bytes);
 /* An estimated usage record: present and estimated set, total = prompt + completion. */
 void usage_set_estimate(struct record_usage *out, uint64_t prompt, uint64_t completion);
 
-/* memmem(hay, len, needle, n), found by memchr on needle[anchor]: pick a byte rare in the
- * text searched (in JSON, not '"'). */
+/* memmem(hay, len, needle, n), by a word-at-a-time search for needle[anchor]: pick a byte
+ * rare in the text searched (in JSON, not '"'). */
 const char *usage_find(const char *hay, size_t len, const char *needle, size_t n, size_t anchor);
 
 /* The raw value of top-level member `name` in a JSON object text, found by the same
