@@ -1555,9 +1555,7 @@ static size_t text_bytes(const char *key, size_t key_len, const char *data, size
 {
 	size_t total = 0;
 	const char *p = data, *end = data + len;
-	/* Every key ends with '":"': the search looks for its ':' word at a time, and
-	 * checks the key's ends before comparing it. */
-	while ((p = usage_find(p, (size_t)(end - p), key, key_len, key_len - 2)) != NULL) {
+	while ((p = usage_find(p, (size_t)(end - p), key, key_len)) != NULL) {
 		p += key_len;
 		const char *q = p;
 		/* An escape takes two bytes, unless the data ends inside it. */

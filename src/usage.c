@@ -6,6 +6,10 @@
 
 #include "sluice/json_scan.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 /* A member's value inside the scanned text. */
 struct span {
 	const char *p;
@@ -416,40 +420,36 @@ bool usage_from_body(const char *body, size_t len, struct record_usage *out)
 	return true;
 }
 
-const char *usage_find(const char *hay, size_t len, const char *needle, size_t n, size_t anchor)
+const char *usage_find(const char *hay, size_t len, const char *needle, size_t n)
 {
-	const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+	const char *s = hay, *e = hay + len;
 
-	if (n == 0)
-		return hay;
-	if (anchor >= n || len < n)
-		return NULL;
-	const char a = needle[anchor], first = needle[0], lastc = needle[n - 1];
-	const uint64_t pat = ones * (unsigned char)a;
-	const char *p = hay + anchor, *last = hay + len - (n - anchor); /* last place for it */
-
-	/* The anchor byte word at a time (SWAR: the first flagged byte is exact), then the
-	 * needle's ends, then the rest. */
-	while (p <= last) {
-		if (last - p >= 8) {
-			uint64_t x;
-			memcpy(&x, p, 8);
-			x ^= pat;
-			uint64_t hit = (x - ones) & ~x & highs;
-			if (hit == 0) {
-				p += 8;
-				continue;
-			}
-			p += __builtin_ctzll(hit) / 8;
-		} else if (*p != a) {
-			p++;
-			continue;
+	if (n < 4 || len < n)
+		return memmem(hay, len, needle, n);
+#if defined(__SSE2__)
+	/* Sixteen starts at a time: those whose bytes 1 and 3 are the needle's (the letters
+	 * of a quoted key: rare together), then a compare of each (Muła's generic SIMD
+	 * substring search). Loads read s + 1 … s + 18. */
+	const __m128i b1 = _mm_set1_epi8(needle[1]), b3 = _mm_set1_epi8(needle[3]);
+	while (e - s >= 19) {
+		__m128i v1 = _mm_loadu_si128((const __m128i *)(const void *)(s + 1));
+		__m128i v3 = _mm_loadu_si128((const __m128i *)(const void *)(s + 3));
+		unsigned m = (unsigned)_mm_movemask_epi8(
+		        _mm_and_si128(_mm_cmpeq_epi8(v1, b1), _mm_cmpeq_epi8(v3, b3)));
+		while (m != 0) {
+			const char *c = s + __builtin_ctz(m);
+			if ((size_t)(e - c) < n)
+				return NULL;
+			if (c[0] == needle[0] && memcmp(c, needle, n) == 0)
+				return c;
+			m &= m - 1;
 		}
-		const char *s = p - anchor;
-		if (s[0] == first && s[n - 1] == lastc && memcmp(s, needle, n) == 0)
-			return s;
-		p++;
+		s += 16;
 	}
+#endif
+	for (; (size_t)(e - s) >= n; s++)
+		if (s[1] == needle[1] && s[3] == needle[3] && memcmp(s, needle, n) == 0)
+			return s;
 	return NULL;
 }
 
@@ -490,7 +490,7 @@ bool usage_from_sse_data(const char *data, size_t len, struct record_usage *out,
 		return false;
 	bool object = false;
 	for (const char *p = data, *end = data + len;
-	     !object && (p = usage_find(p, (size_t)(end - p), "\"usage\"", 7, 4)) != NULL;) {
+	     !object && (p = usage_find(p, (size_t)(end - p), "\"usage\"", 7)) != NULL;) {
 		p = skip_ws(p + 7, end);
 		if (p < end && *p == ':')
 			p = skip_ws(p + 1, end);
