@@ -1537,8 +1537,7 @@ void http_response_header(struct http_request *req, const char *name, const char
 	evbuffer_add(c->out_headers, "\r\n", 2);
 }
 
-/* v in decimal at o (at most 20 bytes); returns the length. */
-static size_t put_decimal(char *o, uint64_t v)
+size_t http_put_decimal(char *o, uint64_t v)
 {
 	char tmp[20];
 	size_t n = 0;
@@ -1583,7 +1582,7 @@ static void write_head(struct http_conn *c, int status, const char *content_type
 	size_t tl = strlen(text), n = 0;
 	memcpy(head, "HTTP/1.1 ", 9);
 	head[7] = c->req.minor ? '1' : '0';
-	n = 9 + put_decimal(head + 9, (uint64_t)(status >= 0 && status < 1000 ? status : 500));
+	n = 9 + http_put_decimal(head + 9, (uint64_t)(status >= 0 && status < 1000 ? status : 500));
 	head[n++] = ' ';
 	memcpy(head + n, text, tl); /* the longest status text is 31 bytes */
 	n += tl;
@@ -1610,7 +1609,7 @@ static void write_head(struct http_conn *c, int status, const char *content_type
 	}
 	if (content_length >= 0) {
 		memcpy(head + n, "Content-Length: ", 16);
-		n += 16 + put_decimal(head + n + 16, (uint64_t)content_length);
+		n += 16 + http_put_decimal(head + n + 16, (uint64_t)content_length);
 		memcpy(head + n, "\r\n", 2);
 		n += 2;
 	} else if (c->chunked) {

@@ -79,6 +79,9 @@
 #define RAW_CHOICES 4
 /* An upstream header line we build ("Name: value"). */
 #define HEADER_LINE_MAX 8192
+/* The request id: the client's when sane and shorter than ID_MAX, sent upstream as a line. */
+#define ID_HEADER "x-request-id: "
+#define ID_MAX    128
 
 /*
  * What the current attempt costs when it ends (docs/quotas.md §3): the upstream is charged
@@ -102,7 +105,10 @@ struct request {
 	struct config *config;     /* the snapshot this request runs on: one reference */
 	struct http_request *http; /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
-	char id[128];
+	/* "x-request-id: <id>": the upstream's header line, sent without a copy; id is the
+	 * id in it. */
+	char id_line[sizeof(ID_HEADER) - 1 + ID_MAX];
+	char *id;
 	/* Copies for the record: the client's buffers are recycled once the reply
 	 * is finished, before the record is written. */
 	char method[16], path[256], client_ip[48];
@@ -160,7 +166,7 @@ struct request {
 	enum attempt_cost cost;     /* of the current attempt, if it ended now */
 	bool quota_pending;         /* waiting on the store */
 	bool quota_denied;          /* some candidate was refused by a quota */
-	struct quota_ticket denial; /* the first refusal, for the 429 */
+	struct quota_ticket *denial; /* the refusal that clears soonest, for the 429 (owned) */
 
 	/* the last failure, for the answer when every candidate failed */
 	enum upstream_result last_res;
@@ -228,13 +234,35 @@ static uint64_t next_random(struct worker *w)
 	return x * 0x2545f4914f6cdd1dull;
 }
 
+/* v as 16 lower-case hex digits at o. */
+static char *put_hex16(char *o, uint64_t v)
+{
+	static const char digits[] = "0123456789abcdef";
+	for (int i = 15; i >= 0; i--, v >>= 4)
+		o[i] = digits[v & 15];
+	return o + 16;
+}
+
+/* src into dst[cap], cut to fit and terminated: snprintf's "%s" without the printf. */
+static void copy_cut(char *dst, size_t cap, const char *src)
+{
+	size_t n = strlen(src);
+	if (n >= cap)
+		n = cap - 1;
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 /* Keep the client's x-request-id when it is sane; otherwise make one. */
 static void assign_request_id(struct request *r)
 {
 	const char *given = http_request_header(r->http, "x-request-id");
+
+	memcpy(r->id_line, ID_HEADER, sizeof(ID_HEADER) - 1);
+	r->id = r->id_line + sizeof(ID_HEADER) - 1;
 	if (given != NULL) {
 		size_t n = strlen(given);
-		bool ok = n > 0 && n < sizeof(r->id);
+		bool ok = n > 0 && n < ID_MAX;
 		for (size_t i = 0; ok && i < n; i++)
 			ok = given[i] > 32 && given[i] < 127;
 		if (ok) {
@@ -242,8 +270,8 @@ static void assign_request_id(struct request *r)
 			return;
 		}
 	}
-	snprintf(r->id, sizeof(r->id), "%016" PRIx64 "%016" PRIx64, next_random(r->w),
-	         r->w->n_requests);
+	char *o = put_hex16(r->id, next_random(r->w));
+	*put_hex16(o, r->w->n_requests) = '\0';
 }
 
 /* A gateway-made JSON answer (obj borrowed), or 500 when it cannot be encoded. */
@@ -406,9 +434,9 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 	r->rec.request_id = r->id;
 	r->rec.start_unix_us = (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_usec -
 	                       (http_now_us() - r->start_us);
-	snprintf(r->method, sizeof(r->method), "%s", hr->method);
-	snprintf(r->path, sizeof(r->path), "%s", hr->path);
-	snprintf(r->client_ip, sizeof(r->client_ip), "%s", hr->client_ip);
+	copy_cut(r->method, sizeof(r->method), hr->method);
+	copy_cut(r->path, sizeof(r->path), hr->path);
+	copy_cut(r->client_ip, sizeof(r->client_ip), hr->client_ip);
 	r->rec.method = r->method;
 	r->rec.path = r->path;
 	r->rec.client_ip = r->client_ip;
@@ -972,9 +1000,13 @@ static void after_quota(struct request *r)
 			health_trial_abandon(r->state);
 		record_attempt(r, in, "quota", 0, 0);
 		/* Keep the refusal that clears soonest: that is when to retry. */
-		if (!r->quota_denied || t->retry_after_s < r->denial.retry_after_s) {
+		if (!r->quota_denied || t->retry_after_s < r->denial->retry_after_s) {
+			if (r->denial == NULL && (r->denial = malloc(sizeof(*r->denial))) == NULL) {
+				reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+				return;
+			}
 			r->quota_denied = true;
-			r->denial = *t;
+			*r->denial = *t;
 		}
 		if (r->route->fallback.on & FALLBACK_QUOTA) {
 			next_attempt(r);
@@ -1023,7 +1055,7 @@ static void fail_all(struct request *r)
 		return;
 	}
 	if (r->quota_denied) {
-		reply_quota_rejection(r, &r->denial);
+		reply_quota_rejection(r, r->denial);
 		return;
 	}
 	reply_error(r, 503, "service_unavailable", "no_available_instance",
@@ -1035,11 +1067,11 @@ static void add_ratelimit_headers(struct request *r, const struct quota_ticket *
 	char v[32];
 	if (!t->have_headers || r->http == NULL)
 		return;
-	snprintf(v, sizeof(v), "%" PRIu64, t->hdr_limit);
+	v[http_put_decimal(v, t->hdr_limit)] = '\0';
 	http_response_header(r->http, "x-ratelimit-limit-tokens", v);
-	snprintf(v, sizeof(v), "%" PRIu64, t->hdr_remaining);
+	v[http_put_decimal(v, t->hdr_remaining)] = '\0';
 	http_response_header(r->http, "x-ratelimit-remaining-tokens", v);
-	snprintf(v, sizeof(v), "%" PRIu64 "s", t->hdr_reset_s);
+	memcpy(v + http_put_decimal(v, t->hdr_reset_s), "s", 2);
 	http_response_header(r->http, "x-ratelimit-reset-tokens", v);
 }
 
@@ -1371,8 +1403,7 @@ static void add_upstream_headers(struct request *r)
 			continue;
 		upstream_xfer_header(&r->xfer, h);
 	}
-	snprintf(line, sizeof(line), "x-request-id: %s", r->id);
-	upstream_xfer_header(&r->xfer, line);
+	upstream_xfer_header_static(&r->xfer, r->id_line); /* r outlives its transfers */
 	if (r->stream)
 		upstream_xfer_header(&r->xfer, "Accept: text/event-stream");
 }
@@ -2547,6 +2578,7 @@ static void request_finish(struct request *r)
 	json_decref(r->pivot);
 	json_decref(r->body);
 	free(r->model_alloc);
+	free(r->denial);
 	config_unref(r->config);
 	free(r);
 }
