@@ -35,6 +35,7 @@
 
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,13 +106,7 @@ struct request {
 	struct config *config;     /* the snapshot this request runs on: one reference */
 	struct http_request *http; /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
-	/* "x-request-id: <id>": the upstream's header line, sent without a copy; id is the
-	 * id in it. */
-	char id_line[sizeof(ID_HEADER) - 1 + ID_MAX];
-	char *id;
-	/* Copies for the record: the client's buffers are recycled once the reply
-	 * is finished, before the record is written. */
-	char method[16], path[256], client_ip[48];
+	char *id; /* in id_line */
 	struct request_record rec;
 
 	/* what the client asked */
@@ -120,14 +115,12 @@ struct request {
 	 * into the client's bytes, and no tree is built unless something needs one
 	 * (body_tree: request policies, translation, an instance's options). A body past
 	 * the scanner's bounds is parsed at once instead (scanned false, body set). */
-	struct json_scan scan;
 	bool scanned;
 	json_t *body;      /* the parsed client body, or NULL; request policies may rewrite it */
 	bool body_changed; /* ... and then it is re-serialised, never spliced */
 	json_t *pivot;     /* the chat form of body: built once, for the first
 	                      translated attempt (owned) */
 	const char *model; /* requested model (model_buf or model_alloc); NULL if absent */
-	char model_buf[128];
 	char *model_alloc;
 	bool stream;
 	uint64_t start_us;     /* monotonic: the request's first byte */
@@ -171,7 +164,6 @@ struct request {
 	/* the last failure, for the answer when every candidate failed */
 	enum upstream_result last_res;
 	int last_status;
-	char last_detail[320];
 	bool unserved; /* a candidate could not express the request */
 	struct proto_error unserved_err;
 
@@ -205,6 +197,17 @@ struct request {
 	size_t output_text_bytes;        /* for an estimate when no usage comes */
 	char *prompt_payload;            /* log.payloads: the client's body */
 	struct evbuffer *output_payload; /* log.payloads: the answer's text */
+
+	/* From here on, members are written before they are read: request_new zeroes the
+	 * struct only up to scan (a third of its size is these buffers). */
+	struct json_scan scan; /* filled by json_scan_body */
+	/* "x-request-id: <id>": the upstream's header line, sent without a copy */
+	char id_line[sizeof(ID_HEADER) - 1 + ID_MAX];
+	/* Copies for the record: the client's buffers are recycled once the reply
+	 * is finished, before the record is written. */
+	char method[16], path[256], client_ip[48];
+	char model_buf[128];
+	char last_detail[320]; /* the last failure's */
 };
 
 static void request_finish(struct request *r);
@@ -413,13 +416,15 @@ static const char *get_client_header(void *arg, const char *name);
 /* A new request on hr, with its id and record; NULL (answered 503) when out of memory. */
 static struct request *request_new(struct http_request *hr, struct worker *w)
 {
-	struct request *r = calloc(1, sizeof(*r));
+	struct request *r = malloc(sizeof(*r));
 	struct timeval now;
 
 	if (r == NULL) {
 		http_reply_error(hr, 503, "server_error", "out_of_memory", "out of memory");
 		return NULL;
 	}
+	memset(r, 0, offsetof(struct request, scan));
+	r->last_detail[0] = r->model_buf[0] = '\0';
 	r->w = w;
 	r->http = hr;
 	r->config = config_ref(w->config);
