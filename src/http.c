@@ -1731,6 +1731,7 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 		char size[24];
 		size_t n = put_hex(size, len);
 		memcpy(size + n, "\r\n", 2);
+		evbuffer_expand(out, n + 2 + len + 2); /* one buffer for the three */
 		evbuffer_add(out, size, n + 2);
 		evbuffer_add(out, data, len);
 		evbuffer_add(out, "\r\n", 2);

@@ -1660,7 +1660,9 @@ static bool identity_event(struct request *r, const struct sse_event *ev)
 	}
 	start_client_stream(r);
 	r->rec.bytes_out += ev->raw_len;
-	evbuffer_add(r->events, ev->raw, ev->raw_len);
+	/* Straight into the client's output, as one chunk: an event through r->events cost
+	 * a buffer of its own (libcurl hands over one HTTP chunk, here one event, per call). */
+	http_reply_chunk(r->http, ev->raw, ev->raw_len);
 	return true;
 }
 
@@ -1825,8 +1827,9 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 			http_reply_on_drain(r->http, on_client_drained, r);
 			return UPSTREAM_PAUSE;
 		}
-		/* Whole events only, so an error event can always follow cleanly;
-		 * all the events of one read go out as one chunk. */
+		/* Whole events only, so an error event can always follow cleanly; on the
+		 * pivot path all the events of one read go out as one chunk (identity events
+		 * go to the client one by one, identity_event). */
 		if (r->events == NULL && (r->events = evbuffer_new()) == NULL)
 			return 0;
 		bool ok = sse_feed(&r->sse, data, len, on_stream_event, r);
