@@ -237,6 +237,29 @@ class ProxyTest(harness.SluiceTestCase):
         self.assertEqual(self.mock.stats()["completed"], 80)
 
 
+class UserAgentTest(harness.SluiceTestCase):
+    """Sluice names itself to upstreams (a header line of its own, not libcurl's), and an
+    instance that sets its own User-Agent sends that one alone."""
+
+    def test_user_agent(self):
+        mock = self.start_mock()
+        gw = self.start_sluice(
+            instances=[instance("plain", mock.url(CHAT)),
+                       instance("own", mock.url(CHAT), auth_header={"User-Agent": "custom/1"})],
+            routes=[route("plain", [CHAT], "plain", models=["p"]),
+                    route("own", [CHAT], "own", models=["o"])])
+        for model, want in (("p", None), ("o", "custom/1")):
+            m = marker()
+            r = http_request(gw.port, "POST", CHAT, json_body={
+                "model": model, "messages": [{"role": "user", "content": m}]})
+            self.assertEqual(r.status, 200, r)
+            ua = mock.wait_request(m)["headers"].get("user-agent", "")
+            if want is None:
+                self.assertTrue(ua.startswith("sluice/"), repr(ua))
+            else:  # ours would come after the instance's, and be the one recorded
+                self.assertEqual(ua, want)
+
+
 class ModelsTest(harness.SluiceTestCase):
     """GET /v1/models lists what the routes expose; route matching by model."""
 
