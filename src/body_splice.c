@@ -47,16 +47,17 @@ static bool is_string_literal(const char *p, size_t n)
 }
 
 bool body_splice(const char *body, size_t len, const char *model, bool named_model,
-                 bool want_usage, char **out_body, size_t *out_len)
+                 const char *model_val, size_t model_val_len, bool want_usage, char **out_body,
+                 size_t *out_len)
 {
 	static const char usage_member[] = "\"stream_options\":{\"include_usage\":true},";
 	const char *end = body + len;
-	const char *val = NULL, *brace = memchr(body, '{', len);
-	size_t val_len = 0;
+	const char *val = model_val, *brace = memchr(body, '{', len);
+	size_t val_len = model_val_len;
 
 	if (brace == NULL)
 		return false;
-	if (model && named_model &&
+	if (model && named_model && val == NULL &&
 	    (!usage_scan_member(body, len, "model", &val, &val_len) || !is_string_literal(val, val_len)))
 		return false;
 	char *out = malloc(len + (model ? strlen(model) * 6 + 16 : 0) + sizeof(usage_member) + 1);

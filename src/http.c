@@ -1636,8 +1636,7 @@ void http_response_header(struct http_request *req, const char *name, const char
 	evbuffer_add(c->out_headers, "\r\n", 2);
 }
 
-/* v in decimal at o (at most 20 bytes); returns the length. */
-static size_t put_decimal(char *o, uint64_t v)
+size_t http_put_decimal(char *o, uint64_t v)
 {
 	char tmp[20];
 	size_t n = 0;
@@ -1682,7 +1681,7 @@ static void write_head(struct http_conn *c, int status, const char *content_type
 	size_t tl = strlen(text), n = 0;
 	memcpy(head, "HTTP/1.1 ", 9);
 	head[7] = c->req.minor ? '1' : '0';
-	n = 9 + put_decimal(head + 9, (uint64_t)(status >= 0 && status < 1000 ? status : 500));
+	n = 9 + http_put_decimal(head + 9, (uint64_t)(status >= 0 && status < 1000 ? status : 500));
 	head[n++] = ' ';
 	memcpy(head + n, text, tl); /* the longest status text is 31 bytes */
 	n += tl;
@@ -1709,7 +1708,7 @@ static void write_head(struct http_conn *c, int status, const char *content_type
 	}
 	if (content_length >= 0) {
 		memcpy(head + n, "Content-Length: ", 16);
-		n += 16 + put_decimal(head + n + 16, (uint64_t)content_length);
+		n += 16 + http_put_decimal(head + n + 16, (uint64_t)content_length);
 		memcpy(head + n, "\r\n", 2);
 		n += 2;
 	} else if (c->chunked) {
@@ -1835,6 +1834,7 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 		char size[24];
 		size_t n = put_hex(size, len);
 		memcpy(size + n, "\r\n", 2);
+		evbuffer_expand(out, n + 2 + len + 2); /* one buffer for the three */
 		evbuffer_add(out, size, n + 2);
 		evbuffer_add(out, data, len);
 		evbuffer_add(out, "\r\n", 2);

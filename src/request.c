@@ -35,6 +35,7 @@
 
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +81,9 @@
 #define RAW_CHOICES 4
 /* An upstream header line we build ("Name: value"). */
 #define HEADER_LINE_MAX 8192
+/* The request id: the client's when sane and shorter than ID_MAX, sent upstream as a line. */
+#define ID_HEADER "x-request-id: "
+#define ID_MAX    128
 
 /*
  * What the current attempt costs when it ends (docs/quotas.md §3): the upstream is charged
@@ -103,19 +107,22 @@ struct request {
 	struct config *config;     /* the snapshot this request runs on: one reference */
 	struct http_request *http; /* NULL once the client side is finished */
 	TAILQ_ENTRY(request) link;
-	char id[128];
-	/* Copies for the record: the client's buffers are recycled once the reply
-	 * is finished, before the record is written. */
-	char method[16], path[256], client_ip[48];
+	char *id; /* in id_line */
 	struct request_record rec;
 
 	/* what the client asked */
-	enum proto proto;  /* the client's protocol, by the path */
-	json_t *body;      /* the parsed client body; request policies may rewrite it */
+	enum proto proto; /* the client's protocol, by the path */
+	/* The client's body, read by one validating scan (scanned): its members are spans
+	 * into the client's bytes, and no tree is built unless something needs one
+	 * (body_tree: request policies, translation, an instance's options). A body past
+	 * the scanner's bounds is parsed at once instead (scanned false, body set). */
+	bool scanned;
+	json_t *body;      /* the parsed client body, or NULL; request policies may rewrite it */
 	bool body_changed; /* ... and then it is re-serialised, never spliced */
 	json_t *pivot;     /* the chat form of body: built once, for the first
 	                      translated attempt (owned) */
-	const char *model; /* requested model, inside body; NULL if absent */
+	const char *model; /* requested model (model_buf or model_alloc); NULL if absent */
+	char *model_alloc;
 	bool stream;
 	uint64_t start_us;     /* monotonic: the request's first byte */
 	bool hide_usage_chunk; /* we asked for include_usage; the client did not */
@@ -158,12 +165,11 @@ struct request {
 	enum attempt_cost cost;     /* of the current attempt, if it ended now */
 	bool quota_pending;         /* waiting on the store */
 	bool quota_denied;          /* some candidate was refused by a quota */
-	struct quota_ticket denial; /* the first refusal, for the 429 */
+	struct quota_ticket *denial; /* the refusal that clears soonest, for the 429 (owned) */
 
 	/* the last failure, for the answer when every candidate failed */
 	enum upstream_result last_res;
 	int last_status;
-	char last_detail[320];
 	bool unserved; /* a candidate could not express the request */
 	struct proto_error unserved_err;
 
@@ -199,6 +205,17 @@ struct request {
 	size_t output_text_bytes;        /* for an estimate when no usage comes */
 	char *prompt_payload;            /* log.payloads: the client's body */
 	struct evbuffer *output_payload; /* log.payloads: the answer's text */
+
+	/* From here on, members are written before they are read: request_new zeroes the
+	 * struct only up to scan (a third of its size is these buffers). */
+	struct json_scan scan; /* filled by json_scan_body */
+	/* "x-request-id: <id>": the upstream's header line, sent without a copy */
+	char id_line[sizeof(ID_HEADER) - 1 + ID_MAX];
+	/* Copies for the record: the client's buffers are recycled once the reply
+	 * is finished, before the record is written. */
+	char method[16], path[256], client_ip[48];
+	char model_buf[128];
+	char last_detail[320]; /* the last failure's */
 };
 
 static void request_finish(struct request *r);
@@ -228,13 +245,35 @@ static uint64_t next_random(struct worker *w)
 	return x * 0x2545f4914f6cdd1dull;
 }
 
+/* v as 16 lower-case hex digits at o. */
+static char *put_hex16(char *o, uint64_t v)
+{
+	static const char digits[] = "0123456789abcdef";
+	for (int i = 15; i >= 0; i--, v >>= 4)
+		o[i] = digits[v & 15];
+	return o + 16;
+}
+
+/* src into dst[cap], cut to fit and terminated: snprintf's "%s" without the printf. */
+static void copy_cut(char *dst, size_t cap, const char *src)
+{
+	size_t n = strlen(src);
+	if (n >= cap)
+		n = cap - 1;
+	memcpy(dst, src, n);
+	dst[n] = '\0';
+}
+
 /* Keep the client's x-request-id when it is sane; otherwise make one. */
 static void assign_request_id(struct request *r)
 {
 	const char *given = http_request_header(r->http, "x-request-id");
+
+	memcpy(r->id_line, ID_HEADER, sizeof(ID_HEADER) - 1);
+	r->id = r->id_line + sizeof(ID_HEADER) - 1;
 	if (given != NULL) {
 		size_t n = strlen(given);
-		bool ok = n > 0 && n < sizeof(r->id);
+		bool ok = n > 0 && n < ID_MAX;
 		for (size_t i = 0; ok && i < n; i++)
 			ok = given[i] > 32 && given[i] < 127;
 		if (ok) {
@@ -242,8 +281,8 @@ static void assign_request_id(struct request *r)
 			return;
 		}
 	}
-	snprintf(r->id, sizeof(r->id), "%016" PRIx64 "%016" PRIx64, next_random(r->w),
-	         r->w->n_requests);
+	char *o = put_hex16(r->id, next_random(r->w));
+	*put_hex16(o, r->w->n_requests) = '\0';
 }
 
 /* A gateway-made JSON answer (obj borrowed), or 500 when it cannot be encoded. */
@@ -385,13 +424,15 @@ static const char *get_client_header(void *arg, const char *name);
 /* A new request on hr, with its id and record; NULL (answered 503) when out of memory. */
 static struct request *request_new(struct http_request *hr, struct worker *w)
 {
-	struct request *r = calloc(1, sizeof(*r));
+	struct request *r = malloc(sizeof(*r));
 	struct timeval now;
 
 	if (r == NULL) {
 		http_reply_error(hr, 503, "server_error", "out_of_memory", "out of memory");
 		return NULL;
 	}
+	memset(r, 0, offsetof(struct request, scan));
+	r->last_detail[0] = r->model_buf[0] = '\0';
 	r->w = w;
 	r->http = hr;
 	r->config = config_ref(w->config);
@@ -406,9 +447,9 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 	r->rec.request_id = r->id;
 	r->rec.start_unix_us = (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_usec -
 	                       (http_now_us() - r->start_us);
-	snprintf(r->method, sizeof(r->method), "%s", hr->method);
-	snprintf(r->path, sizeof(r->path), "%s", hr->path);
-	snprintf(r->client_ip, sizeof(r->client_ip), "%s", hr->client_ip);
+	copy_cut(r->method, sizeof(r->method), hr->method);
+	copy_cut(r->path, sizeof(r->path), hr->path);
+	copy_cut(r->client_ip, sizeof(r->client_ip), hr->client_ip);
 	r->rec.method = r->method;
 	r->rec.path = r->path;
 	r->rec.client_ip = r->client_ip;
@@ -505,11 +546,29 @@ bool request_head_check(struct http_request *hr, void *arg)
 
 /* ---------------------------------------------------------------- read, route, authenticate */
 
+/* The requested model, decoded from the scan into memory the request owns. */
+static bool scanned_model(struct request *r, const struct json_scan_value *v)
+{
+	char *buf = r->model_buf;
+	size_t n = json_scan_string(v, buf, sizeof(r->model_buf) - 1);
+
+	if (n > sizeof(r->model_buf) - 1) {
+		if ((r->model_alloc = malloc(n + 1)) == NULL)
+			return false;
+		buf = r->model_alloc;
+		json_scan_string(v, buf, n);
+	}
+	buf[n] = '\0';
+	r->model = buf;
+	return true;
+}
+
 static bool read_body(struct request *r)
 {
 	struct http_request *hr = r->http;
 	const char *ct = http_request_header(hr, "content-type");
 	json_error_t jerr;
+	bool bad_model, bad_stream, model_nul = false;
 
 	if (ct == NULL || strncasecmp(ct, "application/json", 16) != 0 ||
 	    (ct[16] != '\0' && ct[16] != ';' && ct[16] != ' ')) {
@@ -522,36 +581,103 @@ static bool read_body(struct request *r)
 		            "the request body is empty; a JSON object is required");
 		return false;
 	}
-	r->body =
-	        json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
-	if (r->body == NULL) {
+	switch (json_scan_body(hr->body, hr->body_len, &r->scan)) {
+	case JSON_SCAN_OK:
+		r->scanned = true;
+		break;
+	case JSON_SCAN_INVALID:
 		reply_error(r, 400, "invalid_request_error", "invalid_json",
 		            "the request body is not valid JSON: %s at line %d column %d",
-		            jerr.text, jerr.line, jerr.column);
+		            r->scan.error, r->scan.line, r->scan.column);
 		return false;
-	}
-	if (!json_is_object(r->body)) {
+	case JSON_SCAN_NOT_OBJECT:
 		reply_error(r, 400, "invalid_request_error", "invalid_json",
 		            "the request body must be a JSON object");
 		return false;
+	case JSON_SCAN_TOO_COMPLEX:
+		break; /* past the scanner's bounds: jansson decides */
 	}
-	json_t *model = json_object_get(r->body, "model");
-	if (model != NULL && !json_is_string(model)) {
+	if (r->scanned) {
+		const struct json_scan_value *m = &r->scan.member[JSON_SCAN_MODEL];
+		const struct json_scan_value *st = &r->scan.member[JSON_SCAN_STREAM];
+		bad_model = m->type != JSON_SCAN_ABSENT && m->type != JSON_SCAN_STRING;
+		if (m->type == JSON_SCAN_STRING) {
+			if (!scanned_model(r, m)) {
+				reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+				return false;
+			}
+			model_nul = strlen(r->model) != m->str_len;
+		}
+		bad_stream = st->type != JSON_SCAN_ABSENT && st->type != JSON_SCAN_TRUE &&
+		             st->type != JSON_SCAN_FALSE && st->type != JSON_SCAN_NULL;
+		r->stream = st->type == JSON_SCAN_TRUE;
+	} else {
+		r->body = json_loadb(hr->body, hr->body_len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL,
+		                     &jerr);
+		if (r->body == NULL) {
+			reply_error(r, 400, "invalid_request_error", "invalid_json",
+			            "the request body is not valid JSON: %s at line %d column %d",
+			            jerr.text, jerr.line, jerr.column);
+			return false;
+		}
+		if (!json_is_object(r->body)) {
+			reply_error(r, 400, "invalid_request_error", "invalid_json",
+			            "the request body must be a JSON object");
+			return false;
+		}
+		r->reply.request = r->body;
+		json_t *model = json_object_get(r->body, "model");
+		json_t *stream = json_object_get(r->body, "stream");
+		bad_model = model != NULL && !json_is_string(model);
+		r->model = json_string_value(model);
+		model_nul = r->model != NULL && strlen(r->model) != json_string_length(model);
+		bad_stream = stream != NULL && !json_is_boolean(stream) && !json_is_null(stream);
+		r->stream = json_is_true(stream);
+	}
+	if (bad_model) {
 		reply_error(r, 400, "invalid_request_error", "invalid_model",
 		            "\"model\" must be a string");
 		return false;
 	}
-	r->model = model ? json_string_value(model) : NULL;
+	if (model_nul) { /* as a C string it would name another model */
+		r->model = NULL;
+		reply_error(r, 400, "invalid_request_error", "invalid_model",
+		            "\"model\" must not contain a NUL character");
+		return false;
+	}
 	r->rec.model_requested = r->model;
-	json_t *stream = json_object_get(r->body, "stream");
-	if (stream != NULL && !json_is_boolean(stream) && !json_is_null(stream)) {
+	if (bad_stream) {
 		reply_error(r, 400, "invalid_request_error", "invalid_stream",
 		            "\"stream\" must be true or false");
 		return false;
 	}
-	r->stream = json_is_true(stream);
 	r->rec.stream = r->stream;
 	return true;
+}
+
+/* The client's body as a tree, parsed on first need (request policies, translation, an
+ * instance's options, codecs that echo the request); NULL only when out of memory: the
+ * scan accepted these bytes, and it accepts nothing jansson refuses. */
+static json_t *body_tree(struct request *r)
+{
+	if (r->body == NULL && r->http != NULL) {
+		r->body = json_loadb(r->http->body, r->http->body_len,
+		                     JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, NULL);
+		if (!json_is_object(r->body)) {
+			json_decref(r->body);
+			r->body = NULL;
+		}
+		r->reply.request = r->body;
+	}
+	return r->body;
+}
+
+/* The quota's prompt estimate: of the tree when there is one (request policies may have
+ * rewritten it), else of the scan (the same number for the same bytes). */
+static uint64_t estimate_prompt(struct request *r)
+{
+	return r->body != NULL ? usage_estimate_prompt(r->body)
+	                       : json_scan_estimate_prompt(&r->scan);
 }
 
 static bool route(struct request *r)
@@ -636,9 +762,15 @@ static bool plan(struct request *r)
 	}
 	r->reply.request_id = r->id;
 	r->reply.created = (long long)(r->rec.start_unix_us / 1000000u);
-	r->reply.request = r->body;
-	r->reply.include_usage = json_is_true(
-	        json_object_get(json_object_get(r->body, "stream_options"), "include_usage"));
+	r->reply.include_usage =
+	        r->scanned ? r->scan.include_usage
+	                   : json_is_true(json_object_get(
+	                             json_object_get(r->body, "stream_options"), "include_usage"));
+	/* The route's policies read and may rewrite the tree. */
+	if (r->route->n_plugins > 0 && body_tree(r) == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return false;
+	}
 	return true;
 }
 
@@ -698,6 +830,9 @@ static bool splice_request_body(struct request *r)
 	r->policy_body = buf;
 	hr->body = buf; /* owned by the request, which outlives every reader of hr->body */
 	hr->body_len = (size_t)(o - buf);
+	/* r->scan's spans pointed into the client's bytes: read them again from these */
+	if (r->scanned && json_scan_body(hr->body, hr->body_len, &r->scan) != JSON_SCAN_OK)
+		r->scanned = false;
 	return true;
 }
 
@@ -764,9 +899,12 @@ static void request_policies(struct request *r)
 static void start_attempts(struct request *r)
 {
 	if (r->proto != PROTO_COUNT_TOKENS) {
-		r->est_prompt = usage_estimate_prompt(r->body);
+		r->est_prompt = estimate_prompt(r);
 		r->est_completion =
-		        usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET);
+		        r->body != NULL
+		                ? usage_completion_budget(r->body, USAGE_DEFAULT_COMPLETION_BUDGET)
+		                : json_scan_completion_budget(&r->scan,
+		                                              USAGE_DEFAULT_COMPLETION_BUDGET);
 	}
 	next_attempt(r);
 }
@@ -934,9 +1072,13 @@ static void after_quota(struct request *r)
 			health_trial_abandon(r->state);
 		record_attempt(r, in, "quota", 0, 0);
 		/* Keep the refusal that clears soonest: that is when to retry. */
-		if (!r->quota_denied || t->retry_after_s < r->denial.retry_after_s) {
+		if (!r->quota_denied || t->retry_after_s < r->denial->retry_after_s) {
+			if (r->denial == NULL && (r->denial = malloc(sizeof(*r->denial))) == NULL) {
+				reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+				return;
+			}
 			r->quota_denied = true;
-			r->denial = *t;
+			*r->denial = *t;
 		}
 		if (r->route->fallback.on & FALLBACK_QUOTA) {
 			next_attempt(r);
@@ -985,7 +1127,7 @@ static void fail_all(struct request *r)
 		return;
 	}
 	if (r->quota_denied) {
-		reply_quota_rejection(r, &r->denial);
+		reply_quota_rejection(r, r->denial);
 		return;
 	}
 	reply_error(r, 503, "service_unavailable", "no_available_instance",
@@ -997,11 +1139,11 @@ static void add_ratelimit_headers(struct request *r, const struct quota_ticket *
 	char v[32];
 	if (!t->have_headers || r->http == NULL)
 		return;
-	snprintf(v, sizeof(v), "%" PRIu64, t->hdr_limit);
+	v[http_put_decimal(v, t->hdr_limit)] = '\0';
 	http_response_header(r->http, "x-ratelimit-limit-tokens", v);
-	snprintf(v, sizeof(v), "%" PRIu64, t->hdr_remaining);
+	v[http_put_decimal(v, t->hdr_remaining)] = '\0';
 	http_response_header(r->http, "x-ratelimit-remaining-tokens", v);
-	snprintf(v, sizeof(v), "%" PRIu64 "s", t->hdr_reset_s);
+	memcpy(v + http_put_decimal(v, t->hdr_reset_s), "s", 2);
 	http_response_header(r->http, "x-ratelimit-reset-tokens", v);
 }
 
@@ -1027,7 +1169,7 @@ static void reply_quota_rejection(struct request *r, const struct quota_ticket *
  * estimate (the one quotas use), answered at once; no upstream, no tokens. */
 static void answer_count_tokens(struct request *r)
 {
-	json_t *o = json_pack("{s:I}", "input_tokens", (json_int_t)usage_estimate_prompt(r->body));
+	json_t *o = json_pack("{s:I}", "input_tokens", (json_int_t)estimate_prompt(r));
 
 	reply_json(r, o);
 	json_decref(o);
@@ -1051,8 +1193,17 @@ static const char *upstream_model(const struct request *r)
  */
 static bool splice_body(struct request *r, const char *model, bool want_usage)
 {
-	return body_splice(r->http->body, r->http->body_len, model, r->model != NULL, want_usage,
-	                   &r->upstream_body, &r->upstream_len);
+	const char *val = NULL;
+	size_t val_len = 0;
+
+	if (model && r->model && r->scanned) {
+		/* the exact bytes of the value, whatever escapes spell the member's name; the
+		 * scanner validated the whole body */
+		val = r->scan.member[JSON_SCAN_MODEL].p;
+		val_len = r->scan.member[JSON_SCAN_MODEL].len;
+	}
+	return body_splice(r->http->body, r->http->body_len, model, r->model != NULL, val, val_len,
+	                   want_usage, &r->upstream_body, &r->upstream_len);
 }
 
 /* Stream usage is what quotas charge: the OpenAI protocols need asking for it. */
@@ -1077,22 +1228,41 @@ static bool shape_body(struct request *r)
 	const char *model = upstream_model(r);
 	bool drop_model = ops->drop_model != NULL && ops->drop_model(in);
 	bool same_model = model == NULL || (r->model && strcmp(model, r->model) == 0);
-	json_t *so = json_object_get(r->body, "stream_options");
-	bool want_usage = r->stream && asks_stream_usage(r->proto) &&
-	                  !json_is_true(json_object_get(so, "include_usage"));
+	/* The scan describes the client's bytes; a body the policies rewrote is read from
+	 * its tree. */
+	bool from_scan = r->scanned && !r->body_changed;
+	bool have_so, client_usage;
+	size_t n_members;
+	json_t *so = NULL;
+
+	if (from_scan) {
+		have_so = r->scan.member[JSON_SCAN_STREAM_OPTIONS].type != JSON_SCAN_ABSENT;
+		client_usage = r->scan.include_usage;
+		n_members = r->scan.n_members;
+	} else {
+		so = json_object_get(r->body, "stream_options");
+		have_so = so != NULL;
+		client_usage = json_is_true(json_object_get(so, "include_usage"));
+		n_members = json_object_size(r->body);
+	}
+	bool want_usage = r->stream && asks_stream_usage(r->proto) && !client_usage;
 
 	r->hide_usage_chunk = want_usage;
 	bool no_options = in->options == NULL || json_object_size(in->options) == 0;
 	if (!r->body_changed && same_model && !drop_model && !want_usage && no_options)
 		return true;
-	/* The splice finds "model" in the raw bytes; a name written with escapes
-	 * ("mod\u0065l", which the parse understood) is not found there, and the body is
-	 * rebuilt below. */
-	if (!r->body_changed && no_options && !drop_model && so == NULL &&
-	    json_object_size(r->body) > 0 && splice_body(r, same_model ? NULL : model, want_usage))
+	/* On a body too complex for the scan, the splice finds "model" in the raw bytes; a
+	 * name written with escapes ("mod\u0065l", which the parse understood) is not found
+	 * there, and the body is rebuilt below. */
+	if (!r->body_changed && no_options && !drop_model && !have_so && n_members > 0 &&
+	    splice_body(r, same_model ? NULL : model, want_usage))
 		return true;
 
-	json_t *b = json_copy(r->body); /* shallow: only top-level keys change */
+	json_t *tree = body_tree(r);
+	if (tree == NULL)
+		return false;
+	so = json_object_get(tree, "stream_options");
+	json_t *b = json_copy(tree); /* shallow: only top-level keys change */
 	if (b == NULL)
 		return false;
 	if (drop_model)
@@ -1138,6 +1308,10 @@ static bool translate_body(struct request *r, struct proto_error *err)
 	json_t *up, *mock;
 
 	memset(err, 0, sizeof(*err));
+	if (body_tree(r) == NULL) {
+		proto_error_set(err, 500, "server_error", "internal_error", "out of memory");
+		return false;
+	}
 	if (r->pivot == NULL) {
 		r->pivot = proto_codec(r->proto)->request_to_chat(r->body, err);
 		if (r->pivot == NULL)
@@ -1248,8 +1422,7 @@ static void add_upstream_headers(struct request *r)
 			continue;
 		upstream_xfer_header(&r->xfer, h);
 	}
-	snprintf(line, sizeof(line), "x-request-id: %s", r->id);
-	upstream_xfer_header(&r->xfer, line);
+	upstream_xfer_header_static(&r->xfer, r->id_line); /* r outlives its transfers */
 	if (r->stream)
 		upstream_xfer_header(&r->xfer, "Accept: text/event-stream");
 }
@@ -1279,6 +1452,11 @@ static void attempt_start(struct request *r)
 	attempt_reset(r);
 	r->up_proto = provider_upstream_proto(in, r->proto, &r->up_url);
 	r->pivot_answer = r->up_proto != r->proto || r->answer_policies;
+	/* The codecs may echo the client's request (Responses, Messages): they read its tree. */
+	if (r->pivot_answer && body_tree(r) == NULL) {
+		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+		return;
+	}
 	/* Synthesised objects carry the client's model name; an answer in the client's own
 	 * protocol keeps the upstream's, as on the identity path. */
 	r->reply.model = r->up_proto != r->proto ? r->model : NULL;
@@ -1429,7 +1607,7 @@ static size_t text_bytes(const char *key, size_t key_len, const char *data, size
 {
 	size_t total = 0;
 	const char *p = data, *end = data + len;
-	while ((p = memmem(p, (size_t)(end - p), key, key_len)) != NULL) {
+	while ((p = usage_find(p, (size_t)(end - p), key, key_len)) != NULL) {
 		p += key_len;
 		const char *q = p;
 		/* An escape takes two bytes, unless the data ends inside it. */
@@ -1498,7 +1676,9 @@ static bool identity_event(struct request *r, const struct sse_event *ev)
 	}
 	start_client_stream(r);
 	r->rec.bytes_out += ev->raw_len;
-	evbuffer_add(r->events, ev->raw, ev->raw_len);
+	/* Straight into the client's output, as one chunk: an event through r->events cost
+	 * a buffer of its own (libcurl hands over one HTTP chunk, here one event, per call). */
+	http_reply_chunk(r->http, ev->raw, ev->raw_len);
 	return true;
 }
 
@@ -1755,8 +1935,9 @@ static size_t on_upstream_body(void *arg, const char *data, size_t len)
 			http_reply_on_drain(r->http, on_client_drained, r);
 			return UPSTREAM_PAUSE;
 		}
-		/* Whole events only, so an error event can always follow cleanly;
-		 * all the events of one read go out as one chunk. */
+		/* Whole events only, so an error event can always follow cleanly; on the
+		 * pivot path all the events of one read go out as one chunk (identity events
+		 * go to the client one by one, identity_event). */
 		if (r->events == NULL && (r->events = evbuffer_new()) == NULL)
 			return 0;
 		bool ok = sse_feed(&r->sse, data, len, on_stream_event, r);
@@ -2597,6 +2778,8 @@ static void request_finish(struct request *r)
 	json_decref(r->answer);
 	json_decref(r->pivot);
 	json_decref(r->body);
+	free(r->model_alloc);
+	free(r->denial);
 	config_unref(r->config);
 	free(r);
 }

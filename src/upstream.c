@@ -689,7 +689,6 @@ static CURL *easy_new(struct upstream *up)
 	CURL *e = curl_easy_init();
 	if (e == NULL)
 		return NULL;
-	curl_easy_setopt(e, CURLOPT_USERAGENT, "sluice/" SLUICE_VERSION);
 	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
@@ -739,11 +738,16 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	/* libcurl sends "Expect: 100-continue" for large bodies and would wait a
 	 * second for it; an empty Expect: turns that off. */
 	upstream_xfer_header_static(x, "Expect:");
-	bool has_ct = false;
-	for (struct curl_slist *h = x->req_headers; h && !has_ct; h = h->next)
-		has_ct = strncasecmp(h->data, "content-type:", 13) == 0;
+	bool has_ct = false, has_ua = false;
+	for (struct curl_slist *h = x->req_headers; h && !(has_ct && has_ua); h = h->next) {
+		has_ct = has_ct || strncasecmp(h->data, "content-type:", 13) == 0;
+		has_ua = has_ua || strncasecmp(h->data, "user-agent:", 11) == 0;
+	}
 	if (body != NULL && !has_ct)
 		upstream_xfer_header_static(x, "Content-Type: application/json");
+	/* A line of ours, not CURLOPT_USERAGENT: libcurl formats that one per transfer. */
+	if (!has_ua)
+		upstream_xfer_header_static(x, "User-Agent: sluice/" SLUICE_VERSION);
 
 	CURL *e = x->easy;
 	/* A CURLU wins over CURLOPT_URL: set both, so a reused handle takes the right one. */

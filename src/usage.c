@@ -1,7 +1,14 @@
 /* usage.c — token usage: read "usage" without parsing whole responses; estimate it. */
 #include "sluice/usage.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+#include "sluice/json_scan.h"
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* A member's value inside the scanned text. */
 struct span {
@@ -27,10 +34,30 @@ static const char *skip_ws(const char *p, const char *e)
 	return p;
 }
 
+/* How many of the 8 bytes at p are neither '"' nor '\\' (SWAR: x ^ c turns c into a zero
+ * byte, and (y - 0x01…) & ~y & 0x80… flags the zero bytes; the first flag is exact). */
+static size_t quiet8(const char *p)
+{
+	const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+	uint64_t x;
+	memcpy(&x, p, 8);
+	uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
+	uint64_t hit = (((q - ones) & ~q) | ((b - ones) & ~b)) & highs;
+	return hit == 0 ? 8 : (size_t)__builtin_ctzll(hit) / 8;
+}
+
 /* p at the opening quote; returns just past the closing quote, NULL when unterminated. */
 static const char *skip_string(const char *p, const char *e)
 {
 	for (p++; p < e; p++) {
+		while (e - p >= 8) {
+			size_t n = quiet8(p);
+			p += n;
+			if (n < 8)
+				break;
+		}
+		if (p >= e)
+			break;
 		if (*p == '\\') {
 			if (++p == e)
 				break; /* the escape is cut: never step past the end */
@@ -133,74 +160,236 @@ static bool scan_members(const char *buf, size_t len, const char *const *names, 
 
 /* ------------------------------------------------------------ reading a usage object */
 
+/* The numbers fill_usage reads, wherever they come from (a tree, or the scan below). */
+enum usage_key {
+	UK_PROMPT,
+	UK_COMPLETION,
+	UK_INPUT,
+	UK_CACHE_READ,
+	UK_CACHE_CREATION,
+	UK_OUTPUT,
+	UK_TOTAL,
+	UK_N
+};
+static const char *const usage_key_names[UK_N] = {
+        [UK_PROMPT] = "prompt_tokens",
+        [UK_COMPLETION] = "completion_tokens",
+        [UK_INPUT] = "input_tokens",
+        [UK_CACHE_READ] = "cache_read_input_tokens",
+        [UK_CACHE_CREATION] = "cache_creation_input_tokens",
+        [UK_OUTPUT] = "output_tokens",
+        [UK_TOTAL] = "total_tokens",
+};
+/* The nested counts: details object, then the member in it. */
+enum usage_detail { UD_PROMPT_CACHED, UD_INPUT_CACHED, UD_COMPLETION_REASONING, UD_OUTPUT_REASONING, UD_N };
+static const char *const usage_detail_names[UD_N][2] = {
+        [UD_PROMPT_CACHED] = {"prompt_tokens_details", "cached_tokens"},
+        [UD_INPUT_CACHED] = {"input_tokens_details", "cached_tokens"},
+        [UD_COMPLETION_REASONING] = {"completion_tokens_details", "reasoning_tokens"},
+        [UD_OUTPUT_REASONING] = {"output_tokens_details", "reasoning_tokens"},
+};
+
+struct usage_counts {
+	bool have[UK_N]; /* the member is a number (integer or real) */
+	uint64_t v[UK_N];
+	uint64_t detail[UD_N]; /* 0 when absent or not a number */
+};
+
+/* A number's count: integers clamped at 0, reals truncated when in range, else 0. */
+static uint64_t integer_count(int64_t i)
+{
+	return i > 0 ? (uint64_t)i : 0;
+}
+
+static uint64_t real_count(double d)
+{
+	return d > 0 && d < 1.8e19 ? (uint64_t)d : 0;
+}
+
 static bool count_of(const json_t *obj, const char *key, uint64_t *out)
 {
 	const json_t *v = json_object_get(obj, key);
-	double d;
 
 	if (json_is_integer(v)) {
-		json_int_t i = json_integer_value(v);
-		*out = i > 0 ? (uint64_t)i : 0;
+		*out = integer_count(json_integer_value(v));
 		return true;
 	}
 	if (json_is_real(v)) {
-		d = json_real_value(v);
-		*out = d > 0 && d < 1.8e19 ? (uint64_t)d : 0;
+		*out = real_count(json_real_value(v));
 		return true;
 	}
 	return false;
 }
 
-static uint64_t detail_count(const json_t *usage, const char *details, const char *key)
+static void counts_from_tree(const json_t *u, struct usage_counts *c)
 {
-	uint64_t v = 0;
-	const json_t *d = json_object_get(usage, details);
-
-	if (json_is_object(d))
-		count_of(d, key, &v);
-	return v;
+	memset(c, 0, sizeof(*c));
+	for (int k = 0; k < UK_N; k++)
+		c->have[k] = count_of(u, usage_key_names[k], &c->v[k]);
+	for (int d = 0; d < UD_N; d++) {
+		const json_t *o = json_object_get(u, usage_detail_names[d][0]);
+		if (json_is_object(o))
+			count_of(o, usage_detail_names[d][1], &c->detail[d]);
+	}
 }
 
-static bool fill_usage(const json_t *u, struct record_usage *out)
+static bool fill_usage(const struct usage_counts *c, struct record_usage *out)
 {
-	uint64_t v;
 	bool have_prompt, have_completion, have_total;
 
 	memset(out, 0, sizeof(*out));
-	if (!json_is_object(u))
-		return false;
-
 	/* OpenAI chat / completions / embeddings */
-	have_prompt = count_of(u, "prompt_tokens", &out->prompt);
-	have_completion = count_of(u, "completion_tokens", &out->completion);
+	have_prompt = c->have[UK_PROMPT];
+	out->prompt = c->v[UK_PROMPT];
+	have_completion = c->have[UK_COMPLETION];
+	out->completion = c->v[UK_COMPLETION];
 	/* Anthropic and the Responses API: Anthropic's input_tokens leave out cache reads and
 	 * writes, which still count as prompt; the Responses API has neither field. */
-	if (!have_prompt && count_of(u, "input_tokens", &out->prompt)) {
+	if (!have_prompt && c->have[UK_INPUT]) {
 		have_prompt = true;
-		if (count_of(u, "cache_read_input_tokens", &v))
-			out->prompt += v;
-		if (count_of(u, "cache_creation_input_tokens", &v))
-			out->prompt += v;
+		out->prompt = c->v[UK_INPUT];
+		if (c->have[UK_CACHE_READ])
+			out->prompt += c->v[UK_CACHE_READ];
+		if (c->have[UK_CACHE_CREATION])
+			out->prompt += c->v[UK_CACHE_CREATION];
 	}
-	if (!have_completion)
-		have_completion = count_of(u, "output_tokens", &out->completion);
-	have_total = count_of(u, "total_tokens", &out->total);
+	if (!have_completion && c->have[UK_OUTPUT]) {
+		have_completion = true;
+		out->completion = c->v[UK_OUTPUT];
+	}
+	have_total = c->have[UK_TOTAL];
+	out->total = c->v[UK_TOTAL];
 	if (!have_prompt && !have_completion && !have_total)
 		return false;
 	if (!have_total)
 		out->total = out->prompt + out->completion;
 
-	out->cached = detail_count(u, "prompt_tokens_details", "cached_tokens");
+	out->cached = c->detail[UD_PROMPT_CACHED];
 	if (out->cached == 0)
-		out->cached = detail_count(u, "input_tokens_details", "cached_tokens");
-	if (out->cached == 0 && count_of(u, "cache_read_input_tokens", &v))
-		out->cached = v;
-	out->reasoning = detail_count(u, "completion_tokens_details", "reasoning_tokens");
+		out->cached = c->detail[UD_INPUT_CACHED];
+	if (out->cached == 0 && c->have[UK_CACHE_READ])
+		out->cached = c->v[UK_CACHE_READ];
+	out->reasoning = c->detail[UD_COMPLETION_REASONING];
 	if (out->reasoning == 0)
-		out->reasoning = detail_count(u, "output_tokens_details", "reasoning_tokens");
+		out->reasoning = c->detail[UD_OUTPUT_REASONING];
 	out->present = true;
 	out->estimated = false;
 	return true;
+}
+
+/*
+ * The same counts without a tree, over an object json_scan_body() accepted and in which no
+ * byte is a backslash: every key is its raw bytes, no key is repeated (the scan refuses
+ * duplicates), and every number is valid JSON that the scan checked against jansson's
+ * rules (an integer fits int64_t, a real does not overflow).
+ */
+static const char *number_count(const char *p, const char *e, bool *have, uint64_t *out)
+{
+	const char *q = p;
+	bool real = false;
+
+	while (q < e && (*q == '-' || *q == '+' || *q == '.' || *q == 'e' || *q == 'E' ||
+	                 (*q >= '0' && *q <= '9'))) {
+		real |= *q == '.' || *q == 'e' || *q == 'E';
+		q++;
+	}
+	*have = true;
+	if (real) {
+		char buf[64];
+		size_t n = (size_t)(q - p);
+		if (n < sizeof(buf)) {
+			memcpy(buf, p, n);
+			buf[n] = '\0';
+			*out = real_count(strtod(buf, NULL));
+		} else {
+			char *big = strndup(p, n);
+			*out = big ? real_count(strtod(big, NULL)) : 0;
+			free(big);
+		}
+	} else if (*p == '-') {
+		*out = 0;
+	} else {
+		uint64_t v = 0;
+		for (const char *d = p; d < q; d++)
+			v = v * 10 + (uint64_t)(*d - '0'); /* fits: the scan checked int64_t */
+		*out = v;
+	}
+	return q;
+}
+
+static bool key_is(const char *k, size_t n, const char *name)
+{
+	return strlen(name) == n && memcmp(k, name, n) == 0;
+}
+
+/* The members of the object at p (validated, no backslash). The top level (details NULL)
+ * fills c's counts and walks the details objects; a details object fills *detail from
+ * its member called detail_key. */
+static const char *walk_counts(const char *p, const char *e, struct usage_counts *c,
+                               const char *detail_key, uint64_t *detail)
+{
+	p = skip_ws(p + 1, e); /* past '{' */
+	while (p < e && *p == '"') {
+		const char *k = p + 1, *ke = memchr(k, '"', (size_t)(e - k));
+		if (ke == NULL)
+			return NULL;
+		size_t kn = (size_t)(ke - k);
+		p = skip_ws(ke + 1, e);
+		p = skip_ws(p + 1, e); /* past ':' */
+		if (p >= e)
+			return NULL;
+		bool is_number = *p == '-' || (*p >= '0' && *p <= '9');
+		const char *next = NULL;
+		if (detail_key == NULL) {
+			for (int i = 0; i < UK_N && is_number; i++)
+				if (key_is(k, kn, usage_key_names[i]))
+					next = number_count(p, e, &c->have[i], &c->v[i]);
+			for (int d = 0; d < UD_N && *p == '{' && next == NULL; d++)
+				if (key_is(k, kn, usage_detail_names[d][0]))
+					next = walk_counts(p, e, NULL, usage_detail_names[d][1],
+					                   &c->detail[d]);
+		} else if (is_number && key_is(k, kn, detail_key)) {
+			bool have;
+			next = number_count(p, e, &have, detail);
+		}
+		if (next == NULL)
+			next = skip_value(p, e);
+		if (next == NULL)
+			return NULL;
+		p = skip_ws(next, e);
+		if (p < e && *p == ',')
+			p = skip_ws(p + 1, e);
+	}
+	return p < e && *p == '}' ? p + 1 : NULL;
+}
+
+/* The usage object at s (a depth-1 member's raw value) → *out. It is read as jansson
+ * would read it (json_loadb, no flags: duplicate keys allowed, the last one wins; a
+ * "\u0000" refused): an object the scan accepts and without a backslash is walked in
+ * place; anything else — escapes, duplicates, invalid JSON — is handed to jansson. */
+static bool usage_from_span(const struct span *s, struct record_usage *out)
+{
+	struct usage_counts c;
+	struct json_scan js;
+
+	if (s->p == NULL || s->len == 0 || s->p[0] != '{')
+		return false;
+	if (memchr(s->p, '\\', s->len) == NULL &&
+	    json_scan_body(s->p, s->len, &js) == JSON_SCAN_OK) {
+		memset(&c, 0, sizeof(c));
+		if (walk_counts(s->p, s->p + s->len, &c, NULL, NULL) != NULL)
+			return fill_usage(&c, out);
+	}
+	json_t *u = json_loadb(s->p, s->len, JSON_DISABLE_EOF_CHECK, NULL);
+	bool ok = json_is_object(u);
+	if (ok) {
+		counts_from_tree(u, &c);
+		ok = fill_usage(&c, out);
+	}
+	json_decref(u);
+	if (!ok)
+		memset(out, 0, sizeof(*out));
+	return ok;
 }
 
 bool usage_scan_member(const char *buf, size_t len, const char *name, const char **val,
@@ -214,19 +403,6 @@ bool usage_scan_member(const char *buf, size_t len, const char *name, const char
 	*val = s.p;
 	*val_len = s.len;
 	return true;
-}
-
-static bool usage_from_span(const struct span *s, struct record_usage *out)
-{
-	json_t *u;
-	bool ok;
-
-	if (s->p == NULL || s->len == 0 || s->p[0] != '{')
-		return false;
-	u = json_loadb(s->p, s->len, JSON_DISABLE_EOF_CHECK, NULL);
-	ok = fill_usage(u, out);
-	json_decref(u);
-	return ok;
 }
 
 bool usage_from_body(const char *body, size_t len, struct record_usage *out)
@@ -244,6 +420,63 @@ bool usage_from_body(const char *body, size_t len, struct record_usage *out)
 	return true;
 }
 
+const char *usage_find(const char *hay, size_t len, const char *needle, size_t n)
+{
+	const char *s = hay, *e = hay + len;
+
+	if (n < 4 || len < n)
+		return memmem(hay, len, needle, n);
+#if defined(__SSE2__)
+	/* Sixteen starts at a time: those whose bytes 1 and 3 are the needle's (the letters
+	 * of a quoted key: rare together), then a compare of each (Muła's generic SIMD
+	 * substring search). Loads read s + 1 … s + 18. */
+	const __m128i b1 = _mm_set1_epi8(needle[1]), b3 = _mm_set1_epi8(needle[3]);
+	while (e - s >= 19) {
+		__m128i v1 = _mm_loadu_si128((const __m128i *)(const void *)(s + 1));
+		__m128i v3 = _mm_loadu_si128((const __m128i *)(const void *)(s + 3));
+		unsigned m = (unsigned)_mm_movemask_epi8(
+		        _mm_and_si128(_mm_cmpeq_epi8(v1, b1), _mm_cmpeq_epi8(v3, b3)));
+		while (m != 0) {
+			const char *c = s + __builtin_ctz(m);
+			if ((size_t)(e - c) < n)
+				return NULL;
+			if (c[0] == needle[0] && memcmp(c, needle, n) == 0)
+				return c;
+			m &= m - 1;
+		}
+		s += 16;
+	}
+#endif
+	for (; (size_t)(e - s) >= n; s++)
+		if (s[1] == needle[1] && s[3] == needle[3] && memcmp(s, needle, n) == 0)
+			return s;
+	return NULL;
+}
+
+/*
+ * Whether the data ends with a top-level "usage":null — the last member of every chunk but
+ * the usage chunk when include_usage is asked for (OpenAI, vLLM, the mock), checked from the
+ * end in a few bytes. The quote that opens "usage" follows '{' or ',' (whitespace between
+ * allowed), so it opens a string: in valid JSON that string is a key of the object the final
+ * '}' closes, the top-level one. In valid JSON the answer is the full scan's, but for a chunk
+ * that repeats the top-level key "usage" (an object first, null last): the last one counts.
+ */
+static bool ends_with_null_usage(const char *data, size_t len)
+{
+	static const char tail[] = "\"usage\":null}";
+	const size_t n = sizeof(tail) - 1;
+	const char *e = data + len;
+
+	while (e > data && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r'))
+		e--;
+	if ((size_t)(e - data) <= n || memcmp(e - n, tail, n) != 0)
+		return false;
+	const char *p = e - n;
+	while (p > data && (p[-1] == ' ' || p[-1] == '\t' || p[-1] == '\n' || p[-1] == '\r'))
+		p--;
+	return p > data && (p[-1] == ',' || p[-1] == '{');
+}
+
 bool usage_from_sse_data(const char *data, size_t len, struct record_usage *out, bool *usage_only)
 {
 	static const char *const names[] = {"usage", "choices"};
@@ -251,13 +484,13 @@ bool usage_from_sse_data(const char *data, size_t len, struct record_usage *out,
 
 	if (usage_only != NULL)
 		*usage_only = false;
-	/* The hot path: most chunks carry no usage at all, and with include_usage
-	 * every chunk says "usage":null — only an object is worth a scan. */
-	if (data == NULL)
+	/* The hot path: most chunks carry no usage at all, and with include_usage every chunk
+	 * says "usage":null, as its last member — only an object is worth a scan. */
+	if (data == NULL || ends_with_null_usage(data, len))
 		return false;
 	bool object = false;
 	for (const char *p = data, *end = data + len;
-	     !object && (p = memmem(p, (size_t)(end - p), "\"usage\"", 7)) != NULL;) {
+	     !object && (p = usage_find(p, (size_t)(end - p), "\"usage\"", 7)) != NULL;) {
 		p = skip_ws(p + 7, end);
 		if (p < end && *p == ':')
 			p = skip_ws(p + 1, end);

@@ -108,6 +108,8 @@ void http_request_abandon(struct http_request *req);
 
 /* Headers added before the reply starts. name and value are copied. */
 void http_response_header(struct http_request *req, const char *name, const char *value);
+/* v in decimal at o (at most 20 bytes, not terminated); returns the length. */
+size_t http_put_decimal(char *o, uint64_t v);
 
 /* A whole response with Content-Length. Finishes the request. */
 void http_reply(struct http_request *req, int status, const char *content_type, const char *body,

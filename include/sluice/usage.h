@@ -47,8 +47,10 @@ bool usage_from_body(const char *body, size_t len, struct record_usage *out);
  * One SSE event's data (one chunk's JSON). true when the chunk carries a non-null
  * top-level "usage"; *usage_only (may be NULL) is then whether "choices" is an empty
  * array — the extra chunk that stream_options.include_usage adds, which Sluice hides
- * from a client that did not ask for it. Data without the substring "usage" is refused
- * by one memmem, without parsing.
+ * from a client that did not ask for it. Data that ends with a top-level "usage":null (every
+ * chunk but the last under include_usage) is refused from its last bytes, data without the
+ * substring "usage" by one search, both without parsing; a chunk that repeats the top-level
+ * key "usage" is read by its last one when that is null.
  */
 bool usage_from_sse_data(const char *data, size_t len, struct record_usage *out, bool *usage_only);
 
@@ -62,6 +64,10 @@ uint64_t usage_estimate_text(size_t text_bytes);
 
 /* An estimated usage record: present and estimated set, total = prompt + completion. */
 void usage_set_estimate(struct record_usage *out, uint64_t prompt, uint64_t completion);
+
+/* memmem(hay, len, needle, n), sixteen bytes at a time where SSE2 is there: made for quoted
+ * keys ("\"content\":\""), whose bytes 1 and 3 are rarely both in place. */
+const char *usage_find(const char *hay, size_t len, const char *needle, size_t n);
 
 /* The raw value of top-level member `name` in a JSON object text, found by the same
  * depth-1 scan (nothing is built): *val points into buf. False when absent or when

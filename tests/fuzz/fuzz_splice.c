@@ -27,6 +27,7 @@
 #include <jansson.h>
 
 #include "sluice/body_splice.h"
+#include "sluice/json_scan.h"
 
 #include "fuzz.h"
 
@@ -152,7 +153,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (in == NULL) {
 		/* Bytes that are not JSON stay not JSON, whatever is put in. */
 		bool named = opt & 16;
-		if (body_splice(body, n, model, named, want_usage, &out, &out_n)) {
+		if (body_splice(body, n, model, named, NULL, 0, want_usage, &out, &out_n)) {
 			FUZZ_CHECK(out[out_n] == '\0');
 			json_t *o = parse(out, out_n);
 			FUZZ_CHECK(o == NULL);
@@ -167,9 +168,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	}
 	bool named = json_is_string(json_object_get(in, "model"));
-	if (!body_splice(body, n, model, named, want_usage, &out, &out_n)) {
+	/* As request.c calls it: the model's span from the validating scanner, when it has one. */
+	const char *span = NULL;
+	size_t span_len = 0;
+	struct json_scan scan;
+	if ((opt & 32) && json_scan_body(body, n, &scan) == JSON_SCAN_OK &&
+	    scan.member[JSON_SCAN_MODEL].type == JSON_SCAN_STRING) {
+		span = scan.member[JSON_SCAN_MODEL].p;
+		span_len = scan.member[JSON_SCAN_MODEL].len;
+	}
+	if (!body_splice(body, n, model, named, span, span_len, want_usage, &out, &out_n)) {
 		/* Only a named model not found in the bytes: its name was written with escapes. */
-		FUZZ_CHECK(model != NULL && named && memchr(body, '\\', n) != NULL);
+		FUZZ_CHECK(span == NULL && model != NULL && named && memchr(body, '\\', n) != NULL);
 		json_decref(in);
 		free(body);
 		return 0;

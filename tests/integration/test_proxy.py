@@ -237,6 +237,29 @@ class ProxyTest(harness.SluiceTestCase):
         self.assertEqual(self.mock.stats()["completed"], 80)
 
 
+class UserAgentTest(harness.SluiceTestCase):
+    """Sluice names itself to upstreams (a header line of its own, not libcurl's), and an
+    instance that sets its own User-Agent sends that one alone."""
+
+    def test_user_agent(self):
+        mock = self.start_mock()
+        gw = self.start_sluice(
+            instances=[instance("plain", mock.url(CHAT)),
+                       instance("own", mock.url(CHAT), auth_header={"User-Agent": "custom/1"})],
+            routes=[route("plain", [CHAT], "plain", models=["p"]),
+                    route("own", [CHAT], "own", models=["o"])])
+        for model, want in (("p", None), ("o", "custom/1")):
+            m = marker()
+            r = http_request(gw.port, "POST", CHAT, json_body={
+                "model": model, "messages": [{"role": "user", "content": m}]})
+            self.assertEqual(r.status, 200, r)
+            ua = mock.wait_request(m)["headers"].get("user-agent", "")
+            if want is None:
+                self.assertTrue(ua.startswith("sluice/"), repr(ua))
+            else:  # ours would come after the instance's, and be the one recorded
+                self.assertEqual(ua, want)
+
+
 class ModelsTest(harness.SluiceTestCase):
     """GET /v1/models lists what the routes expose; route matching by model."""
 
@@ -275,6 +298,42 @@ class ModelsTest(harness.SluiceTestCase):
         r = http_request(self.port, "POST", CHAT, body=raw.encode())
         self.assertEqual(r.status, 200, r)
         self.assertEqual(self.mock.wait_request(m)["body"], raw.replace('"beta"', '"upstream-b"'))
+
+    def test_escaped_member_name_is_spliced(self):
+        """The body is read by a validating scan that decodes member names: "mod\\u0065l"
+        is the model, and its value is replaced in the client's bytes (no rebuild)."""
+        m = marker()
+        raw = '{"mod\\u0065l":"beta","messages":[{"role":"user","content":"%s"}]}' % m
+        r = http_request(self.port, "POST", CHAT, body=raw.encode())
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.mock.wait_request(m)["body"], raw.replace('"beta"', '"upstream-b"'))
+
+    def test_model_with_a_nul_is_refused(self):
+        """"beta\\u0000x" is not the model "beta" (a C string would stop at the NUL)."""
+        raw = b'{"model":"beta\\u0000x","messages":[{"role":"user","content":"x"}]}'
+        r = http_request(self.port, "POST", CHAT, body=raw)
+        self.assertOpenAIError(r, 400)
+        self.assertEqual(r.json()["error"]["code"], "invalid_model", r)
+        self.assertEqual(self.mock.stats()["requests"], 0, "the request reached the mock")
+
+    def test_bodies_past_the_scanners_bounds(self):
+        """A valid body the scanner cannot decide in its fixed memory (more keys open at
+        once than it keeps, objects nested deeper than it tracks) is parsed by jansson
+        instead, and served the same way; one with a duplicate key deep inside is still
+        refused."""
+        many = ",".join('"k%d":%d' % (i, i) for i in range(600))
+        deep = '{"a":' * 140 + "1" + "}" * 140
+        for extra in (many, '"deep":' + deep):
+            m = marker()
+            raw = '{"model":"beta","messages":[{"role":"user","content":"%s"}],%s}' % (m, extra)
+            r = http_request(self.port, "POST", CHAT, body=raw.encode())
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(self.mock.wait_request(m)["body"],
+                             raw.replace('"beta"', '"upstream-b"'))
+        bad = '{"model":"beta","x":%s}' % ('{"a":' * 140 + '{"b":1,"b":2}' + "}" * 140)
+        r = http_request(self.port, "POST", CHAT, body=bad.encode())
+        self.assertOpenAIError(r, 400)
+        self.assertEqual(r.json()["error"]["code"], "invalid_json", r)
 
     def test_model_retrieve(self):
         """GET /v1/models/{id} (the SDKs' models.retrieve) returns that entry, or 404."""

@@ -158,6 +158,42 @@ static void test_sse_chunks(void **state)
 
 	/* usage_only may be NULL */
 	assert_true(sse("{\"choices\":[],\"usage\":{\"prompt_tokens\":1}}", &u, NULL));
+
+	/* A chunk that ends with a top-level "usage":null is refused from its last bytes:
+	 * also with whitespace, and whatever nested "usage" object it holds. */
+	assert_false(sse("{\"choices\":[{\"delta\":{\"usage\":{\"prompt_tokens\":1}}}] , "
+	                 "\"usage\" : null }\n",
+	                 &u, &only));
+	/* ... but only a member's: here "usage":null} is the tail of a string value. */
+	assert_true(sse("{\"usage\":{\"prompt_tokens\":3},\"x\":\"a\\\",\\\"usage\\\":null}\"}", &u,
+	                &only));
+	assert_int_equal(u.prompt, 3);
+	/* The documented difference: a repeated top-level "usage" that ends null is no usage. */
+	assert_false(sse("{\"usage\":{\"prompt_tokens\":3},\"choices\":[],\"usage\":null}", &u,
+	                 &only));
+}
+
+/* The usage object is read in place when it is plain, by jansson otherwise: the same counts. */
+static void test_usage_object_forms(void **state)
+{
+	struct record_usage u;
+
+	assert_true(body("{\"usage\":{\"prompt_tokens\":2.9,\"completion_tokens\":-4,"
+	                 "\"prompt_tokens_details\":{\"cached_tokens\":1e1},"
+	                 "\"completion_tokens_details\":{\"reasoning_tokens\":\"7\"}}}",
+	                 &u));
+	assert_int_equal(u.prompt, 2);
+	assert_int_equal(u.completion, 0);
+	assert_int_equal(u.total, 2);
+	assert_int_equal(u.cached, 10);
+	assert_int_equal(u.reasoning, 0);
+	/* escaped key, repeated key (jansson: the last wins), NUL in a string (jansson refuses) */
+	assert_true(body("{\"usage\":{\"prompt_\\u0074okens\":4}}", &u));
+	assert_int_equal(u.prompt, 4);
+	assert_true(body("{\"usage\":{\"prompt_tokens\":1,\"prompt_tokens\":2}}", &u));
+	assert_int_equal(u.prompt, 2);
+	assert_false(body("{\"usage\":{\"prompt_tokens\":1,\"x\":\"\\u0000\"}}", &u));
+	assert_false(body("{\"usage\":{\"prompt_tokens\":1,}}", &u));
 }
 
 static json_t *parse(const char *s)
@@ -282,6 +318,7 @@ int main(void)
 	        cmocka_unit_test(test_body_anthropic_and_responses),
 	        cmocka_unit_test(test_body_absent),
 	        cmocka_unit_test(test_sse_chunks),
+	        cmocka_unit_test(test_usage_object_forms),
 	        cmocka_unit_test(test_estimate_prompt),
 	        cmocka_unit_test(test_estimate_covers_mock),
 	        cmocka_unit_test(test_completion_budget),
