@@ -107,6 +107,7 @@ class LogDiskTest(FaultCase):
         path = os.path.join(mnt, "access.log")
         gw = self.gateway(path)
         self.wait_ids(path, self.tagged(gw, 3))
+        self.wait_no_clients(gw)  # the tagged requests' connections, closed by now on our side
         baseline = self.census(gw, (self.mock.port,))
 
         # Fill the disk to the last byte.
@@ -137,6 +138,7 @@ class LogDiskTest(FaultCase):
         path = os.path.join(self.workdir, "access.log")
         gw = self.gateway(path)
         self.wait_ids(path, self.tagged(gw, 2))
+        self.wait_no_clients(gw)  # the tagged requests' connections, closed by now on our side
         baseline = self.census(gw, (self.mock.port,))
         os.unlink(path)
         self.load(gw, per_thread=5)         # written to the deleted file, served
