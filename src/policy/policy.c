@@ -11,6 +11,7 @@
 #include "sluice/policy_chain.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 
 #include "sluice/alerts.h"
 #include "sluice/log.h"
+#include "sluice/policy_bytes.h"
 
 extern const struct policy_def policy_prompt_guard;
 extern const struct policy_def policy_prompt_decorator;
@@ -188,6 +190,12 @@ struct policy_run {
 	const char *splice_before, *splice_after;
 	policy_request_done_fn req_done;
 	void *req_done_arg;
+	/* a bytes chain (policy_run_request_bytes) */
+	struct json_scan scan;  /* of req.bytes */
+	char *spliced;          /* req.bytes when a policy spliced them (owned) */
+	bool bytes_changed;     /* a policy spliced them ... */
+	bool tree_changed;      /* ... a policy changed the tree */
+	json_t *tree;           /* parsed from req.bytes (owned until taken) */
 
 	/* response phases */
 	struct choice **choices;
@@ -282,6 +290,8 @@ void policy_run_free(struct policy_run *run)
 	if (run->bytes != NULL)
 		evbuffer_free(run->bytes);
 	free(run->bytes_slot);
+	json_decref(run->tree);
+	free(run->spliced);
 	free(run);
 }
 
@@ -302,7 +312,10 @@ static void request_after(struct policy_run *run)
 {
 	struct policy_request *req = &run->req;
 
-	if (req->changed) {
+	if (req->changed && req->body == NULL) {
+		run->bytes_changed = true; /* policy_request_splice did it */
+	} else if (req->changed) {
+		run->tree_changed = true;
 		run->req_changes++;
 		run->req_spliceable = req->proto == PROTO_CHAT &&
 		                      (req->splice_before != NULL || req->splice_after != NULL);
@@ -315,7 +328,7 @@ static void request_after(struct policy_run *run)
 bool policy_run_request_splice(const struct policy_run *run, const char **before,
                                const char **after)
 {
-	if (run->req_changes != 1 || !run->req_spliceable)
+	if (run->req_changes != 1 || !run->req_spliceable || run->bytes_changed)
 		return false;
 	*before = run->splice_before;
 	*after = run->splice_after;
@@ -337,6 +350,13 @@ static enum policy_verdict request_chain(struct policy_run *run)
 		req->resume = request_resumed;
 		req->resume_arg = run;
 		req->pending = NULL;
+		if (req->body == NULL && !pl->def->reads_bytes && policy_request_tree(req) == NULL) {
+			req->status = 503;
+			req->type = "server_error";
+			req->code = "out_of_memory";
+			snprintf(req->message, sizeof req->message, "out of memory");
+			return POLICY_REFUSE;
+		}
 		request_before(run);
 		enum policy_verdict v = pl->def->on_request(pl->conf, req);
 		if (v == POLICY_PENDING) {
@@ -385,6 +405,110 @@ enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto,
 	run->req_done = done;
 	run->req_done_arg = arg;
 	return request_chain(run);
+}
+
+enum policy_verdict policy_run_request_bytes(struct policy_run *run, enum proto proto,
+                                             const char *bytes, size_t len,
+                                             const struct json_scan *scan,
+                                             policy_request_done_fn done, void *arg)
+{
+	run->scan = *scan;
+	memset(&run->req, 0, sizeof run->req);
+	run->req.env = &run->env;
+	run->req.proto = proto;
+	run->req.bytes = bytes;
+	run->req.bytes_len = len;
+	run->req.scan = &run->scan;
+	run->req_next = 0;
+	run->req_changes = 0;
+	run->req_spliceable = false;
+	run->req_done = done;
+	run->req_done_arg = arg;
+	return request_chain(run);
+}
+
+json_t *policy_request_tree(struct policy_request *req)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+
+	if (req->body == NULL && req->bytes != NULL) {
+		run->tree = json_loadb(req->bytes, req->bytes_len,
+		                       JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, NULL);
+		if (!json_is_object(run->tree)) {
+			json_decref(run->tree);
+			run->tree = NULL;
+		}
+		req->body = run->tree;
+	}
+	return req->body;
+}
+
+static bool json_ws(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+bool policy_request_splice(struct policy_request *req, const char *before, const char *after)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+	const struct json_scan_value *m;
+
+	if (req->body != NULL || req->scan == NULL ||
+	    (m = &req->scan->member[JSON_SCAN_MESSAGES])->type != JSON_SCAN_ARRAY)
+		return false;
+	const char *body = req->bytes, *end = body + req->bytes_len;
+	const char *open = m->p, *close = open + m->len - 1; /* its ']' */
+	const char *q = open + 1;
+	while (q < close && json_ws(*q))
+		q++;
+	bool empty = q == close;
+	size_t bl = before ? strlen(before) : 0, al = after ? strlen(after) : 0;
+	char *buf = malloc(req->bytes_len + bl + al + 3);
+	if (buf == NULL)
+		return false;
+	char *o = buf;
+	size_t head = (size_t)(open + 1 - body), mid = (size_t)(close - (open + 1));
+	memcpy(o, body, head);
+	o += head;
+	memcpy(o, before ? before : "", bl);
+	o += bl;
+	if (bl > 0 && (!empty || al > 0))
+		*o++ = ',';
+	memcpy(o, open + 1, mid);
+	o += mid;
+	if (al > 0 && !empty)
+		*o++ = ',';
+	memcpy(o, after ? after : "", al);
+	o += al;
+	memcpy(o, close, (size_t)(end - close));
+	o += end - close;
+	*o = '\0';
+	free(run->spliced);
+	run->spliced = buf;
+	req->bytes = buf;
+	req->bytes_len = (size_t)(o - buf);
+	req->scan = json_scan_body(buf, req->bytes_len, &run->scan) == JSON_SCAN_OK ? &run->scan
+	                                                                           : NULL;
+	return true;
+}
+
+json_t *policy_run_request_take_tree(struct policy_run *run)
+{
+	json_t *t = run->tree;
+	run->tree = NULL;
+	return t;
+}
+
+bool policy_run_request_bytes_result(struct policy_run *run, char **bytes, size_t *len,
+                                     const struct json_scan **scan)
+{
+	if (!run->bytes_changed || run->tree_changed || run->spliced == NULL)
+		return false;
+	*bytes = run->spliced;
+	*len = run->req.bytes_len;
+	*scan = run->req.scan;
+	run->spliced = NULL;
+	return true;
 }
 
 const struct policy_request *policy_run_request_outcome(const struct policy_run *run)
