@@ -20,10 +20,15 @@
 /* The members of an object span or the elements of an array span, in order. */
 struct pb_iter {
 	const char *p, *e;
+	const struct json_scan *known; /* top-level spans already measured, or NULL */
 };
 
 /* v must be an OBJECT or ARRAY value json_scan handed back (or pb_next read). */
 void pb_begin(struct pb_iter *it, const struct json_scan_value *v);
+/* The top-level members of bytes[0, len), which scan describes (NULL: no scan): the
+ * containers it measured are not walked again. */
+void pb_begin_body(struct pb_iter *it, const char *bytes, size_t len,
+                   const struct json_scan *scan);
 /* The next member (key: its name, a STRING value; NULL for arrays) or element; false at the
  * end. val gets type, p, len; STRING also str_len and escaped; INTEGER also integer. */
 bool pb_next(struct pb_iter *it, struct json_scan_value *key, struct json_scan_value *val);

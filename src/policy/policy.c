@@ -483,12 +483,21 @@ bool policy_request_splice(struct policy_request *req, const char *before, const
 	memcpy(o, close, (size_t)(end - close));
 	o += end - close;
 	*o = '\0';
+	/* The scan of the new bytes without a second pass: what came before the array is
+	 * where it was, the array grew, and what came after it moved by as much. */
+	size_t grew = (size_t)(o - buf) - req->bytes_len;
+	for (size_t i = 0; i < JSON_SCAN_N_MEMBERS; i++) {
+		struct json_scan_value *v = &run->scan.member[i];
+		if (v->type == JSON_SCAN_ABSENT)
+			continue;
+		if (v->p == open)
+			v->len += grew;
+		v->p = buf + (v->p - body) + (v->p > open ? grew : 0);
+	}
 	free(run->spliced);
 	run->spliced = buf;
 	req->bytes = buf;
 	req->bytes_len = (size_t)(o - buf);
-	req->scan = json_scan_body(buf, req->bytes_len, &run->scan) == JSON_SCAN_OK ? &run->scan
-	                                                                           : NULL;
 	return true;
 }
 

@@ -114,6 +114,26 @@ void pb_begin(struct pb_iter *it, const struct json_scan_value *v)
 {
 	it->p = v->p + 1;
 	it->e = v->p + v->len - 1; /* its closing bracket */
+	it->known = NULL;
+}
+
+void pb_begin_body(struct pb_iter *it, const char *bytes, size_t len, const struct json_scan *scan)
+{
+	struct json_scan_value top = pb_body(bytes, len);
+	pb_begin(it, &top);
+	it->known = scan;
+}
+
+/* A top-level container the scan already measured. */
+static bool known_value(const struct json_scan *js, const char *p, struct json_scan_value *v)
+{
+	for (size_t i = 0; i < JSON_SCAN_N_MEMBERS; i++) {
+		if (js->member[i].p == p) {
+			*v = js->member[i];
+			return true;
+		}
+	}
+	return false;
 }
 
 bool pb_next(struct pb_iter *it, struct json_scan_value *key, struct json_scan_value *val)
@@ -127,6 +147,10 @@ bool pb_next(struct pb_iter *it, struct json_scan_value *key, struct json_scan_v
 		p = read_value(p, it->e, key);
 		p = ws(p, it->e) + 1; /* the colon */
 		p = ws(p, it->e);
+	}
+	if (it->known != NULL && (*p == '[' || *p == '{') && known_value(it->known, p, val)) {
+		it->p = p + val->len;
+		return true;
 	}
 	it->p = read_value(p, it->e, val);
 	return true;

@@ -191,12 +191,12 @@ static size_t span_list_size(const struct json_scan_value *v)
 /* The same checks, in the same order, over a chat body's bytes. */
 static enum policy_verdict limits_bytes(const struct limits_conf *l, struct policy_request *req)
 {
-	struct json_scan_value top = pb_body(req->bytes, req->bytes_len), k, v;
+	struct json_scan_value k, v;
 	struct json_scan_value tools = {0}, functions = {0}, stop = {0}, stop_seq = {0};
 	struct pb_iter it;
 	char key[256];
 
-	pb_begin(&it, &top);
+	pb_begin_body(&it, req->bytes, req->bytes_len, req->scan);
 	while (pb_next(&it, &k, &v)) {
 		pb_string_cstr(&k, key, sizeof key);
 		if (k.str_len >= sizeof key) { /* longer than any listed name */

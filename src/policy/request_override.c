@@ -241,13 +241,13 @@ static bool within(const struct json_scan_value *v, double cap)
  * One pass over the top-level members. */
 static bool nothing_to_do(const struct override_conf *o, const struct policy_request *req)
 {
-	struct json_scan_value top = pb_body(req->bytes, req->bytes_len), k, v;
+	struct json_scan_value k, v;
 	struct pb_iter it;
 	bool any_output = false;
 
 	if (o->set != NULL || o->defaults != NULL)
 		return false;
-	pb_begin(&it, &top);
+	pb_begin_body(&it, req->bytes, req->bytes_len, req->scan);
 	while (pb_next(&it, &k, &v)) {
 		for (size_t i = 0; i < o->n_remove; i++)
 			if (pb_string_is(&k, o->remove[i]))

@@ -173,10 +173,19 @@ static void check(const struct config *c, const char *doc, size_t len)
 		if (ob->changed && policy_run_request_bytes_result(b, &bytes, &blen, &bs)) {
 			body = json_loadb(bytes, blen, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, NULL);
 			struct json_scan again;
-			if (body == NULL || (bs != NULL && (json_scan_body(bytes, blen, &again) !=
-			                                            JSON_SCAN_OK ||
-			                                    again.n_members != bs->n_members)))
+			if (body == NULL || bs == NULL ||
+			    json_scan_body(bytes, blen, &again) != JSON_SCAN_OK ||
+			    again.n_members != bs->n_members || again.include_usage != bs->include_usage)
 				fail("the spliced bytes do not read back", bytes, blen);
+			/* the runner's scan of them, without a second pass, is the scanner's */
+			for (size_t m = 0; m < JSON_SCAN_N_MEMBERS; m++) {
+				const struct json_scan_value *x = &again.member[m], *y = &bs->member[m];
+				if (x->type != y->type ||
+				    (x->type != JSON_SCAN_ABSENT &&
+				     (x->p != y->p || x->len != y->len || x->str_len != y->str_len ||
+				      x->escaped != y->escaped || x->integer != y->integer)))
+					fail("the kept scan differs", bytes, blen);
+			}
 			free(bytes);
 		} else if (got != NULL) {
 			body = json_incref(got);
