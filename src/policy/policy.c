@@ -191,7 +191,6 @@ struct policy_run {
 	policy_request_done_fn req_done;
 	void *req_done_arg;
 	/* a bytes chain (policy_run_request_bytes) */
-	struct json_scan scan;  /* of req.bytes */
 	char *spliced;          /* req.bytes when a policy spliced them (owned) */
 	bool bytes_changed;     /* a policy spliced them ... */
 	bool tree_changed;      /* ... a policy changed the tree */
@@ -214,8 +213,11 @@ struct policy_run {
 	void *on_stop_arg;
 
 	/* decisions */
-	struct policy_action actions[POLICY_MAX_ACTIONS];
 	size_t n_actions, dropped;
+
+	/* Not cleared by policy_run_new: written before they are read. */
+	struct json_scan scan; /* of req.bytes (policy_run_request_bytes) */
+	struct policy_action actions[POLICY_MAX_ACTIONS]; /* the first n_actions */
 };
 
 static void record(struct policy_run *run, const char *policy, const char *action, const char *rule,
@@ -248,9 +250,10 @@ static void record(struct policy_run *run, const char *policy, const char *actio
 struct policy_run *policy_run_new(const struct config_route *route, const struct policy_env *env,
                                   bool streaming)
 {
-	struct policy_run *run = calloc(1, sizeof *run);
+	struct policy_run *run = malloc(sizeof *run);
 	if (run == NULL)
 		return NULL;
+	memset(run, 0, offsetof(struct policy_run, scan));
 	run->route = route;
 	run->env = *env;
 	run->streaming = streaming;

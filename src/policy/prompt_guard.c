@@ -230,6 +230,7 @@ struct span_walk {
 	size_t last;
 	bool found, stopped;
 	bool first_pass;
+	struct json_scan_value last_msg; /* first pass: message last's object */
 	char *tmp; /* an escaped string decoded (owned) */
 	size_t tmp_cap;
 };
@@ -266,50 +267,62 @@ static void span_visit(struct span_walk *w, enum prompt_role role, size_t messag
 		w->stopped = true;
 }
 
+/* Message i (an object): its role and content, then the content's pieces. */
+static void span_message(struct span_walk *w, const struct json_scan_value *m, size_t i)
+{
+	struct pb_iter mi, ci;
+	struct json_scan_value k, x, part, text;
+	struct json_scan_value role = {.type = JSON_SCAN_ABSENT}, content = {.type = JSON_SCAN_ABSENT};
+
+	pb_begin(&mi, m);
+	while (pb_next(&mi, &k, &x)) {
+		if (pb_string_is(&k, "role"))
+			role = x;
+		else if (pb_string_is(&k, "content"))
+			content = x;
+	}
+	enum prompt_role r = span_role(&role);
+	if (content.type == JSON_SCAN_STRING) {
+		span_visit(w, r, i, &content);
+		return;
+	}
+	if (content.type != JSON_SCAN_ARRAY)
+		return;
+	pb_begin(&ci, &content);
+	while (pb_next(&ci, NULL, &part)) {
+		if (part.type == JSON_SCAN_STRING) { /* legacy: a list of strings */
+			span_visit(w, r, i, &part);
+			continue;
+		}
+		if (part.type != JSON_SCAN_OBJECT)
+			continue;
+		struct pb_iter pi;
+		pb_begin(&pi, &part);
+		while (pb_next(&pi, &k, &text)) {
+			if (pb_string_is(&k, "text")) {
+				span_visit(w, r, i, &text);
+				break;
+			}
+		}
+	}
+}
+
 static void span_walk(struct span_walk *w, const struct json_scan_value *messages)
 {
-	struct pb_iter it, mi, ci;
-	struct json_scan_value m, k, x, role, content, part, text;
-	size_t i = 0;
+	struct pb_iter it;
+	struct json_scan_value m;
 
 	if (messages->type != JSON_SCAN_ARRAY)
 		return;
 	pb_begin(&it, messages);
-	for (; pb_next(&it, NULL, &m); i++) {
+	for (size_t i = 0; pb_next(&it, NULL, &m); i++) {
 		if (m.type != JSON_SCAN_OBJECT)
 			continue;
-		role.type = content.type = JSON_SCAN_ABSENT;
-		pb_begin(&mi, &m);
-		while (pb_next(&mi, &k, &x)) {
-			if (pb_string_is(&k, "role"))
-				role = x;
-			else if (pb_string_is(&k, "content"))
-				content = x;
-		}
-		enum prompt_role r = span_role(&role);
-		if (content.type == JSON_SCAN_STRING) {
-			span_visit(w, r, i, &content);
-			continue;
-		}
-		if (content.type != JSON_SCAN_ARRAY)
-			continue;
-		pb_begin(&ci, &content);
-		while (pb_next(&ci, NULL, &part)) {
-			if (part.type == JSON_SCAN_STRING) { /* legacy: a list of strings */
-				span_visit(w, r, i, &part);
-				continue;
-			}
-			if (part.type != JSON_SCAN_OBJECT)
-				continue;
-			struct pb_iter pi;
-			pb_begin(&pi, &part);
-			while (pb_next(&pi, &k, &text)) {
-				if (pb_string_is(&k, "text")) {
-					span_visit(w, r, i, &text);
-					break;
-				}
-			}
-		}
+		bool found = w->found;
+		size_t last = w->last;
+		span_message(w, &m, i);
+		if (w->first_pass && w->found && (!found || w->last != last))
+			w->last_msg = m; /* the last message with a selected piece so far */
 	}
 }
 
@@ -324,8 +337,10 @@ static void span_foreach(struct scan *sc, const struct json_scan_value *messages
 			return;
 		w.only = w.last;
 		w.first_pass = false;
+		span_message(&w, &w.last_msg, w.last); /* only that one */
+	} else {
+		span_walk(&w, messages);
 	}
-	span_walk(&w, messages);
 	free(w.tmp);
 }
 
