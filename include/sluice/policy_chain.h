@@ -8,6 +8,8 @@
  *
  *   run = policy_run_new(route, &env, streaming)         after authentication
  *   policy_run_request(run, proto, body, done, arg)      before any quota is reserved
+ *       (or policy_run_request_bytes over the client's scanned bytes: a tree only when a
+ *       policy needs one; then policy_run_request_take_tree / policy_run_request_bytes_result)
  *       CONTINUE: go on (policy_run_request_outcome(run)->changed: re-serialise body)
  *       REFUSE:   answer with ->status/->type/->code/->message
  *       PENDING:  done(arg, CONTINUE | REFUSE) comes later, once, from the loop
