@@ -676,6 +676,11 @@ static json_t *body_tree(struct request *r)
  * rewritten it), else of the scan (the same number for the same bytes). */
 static uint64_t estimate_prompt(struct request *r)
 {
+	uint64_t est;
+	/* a request policy took it of these very bytes already */
+	if (r->policies != NULL && r->scanned && !r->body_changed &&
+	    policy_run_request_estimate(r->policies, &est))
+		return est;
 	return r->body != NULL ? usage_estimate_prompt(r->body)
 	                       : json_scan_estimate_prompt(&r->scan);
 }

@@ -13,6 +13,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "sluice/json_scan.h"
 #include "sluice/policy.h"
@@ -45,6 +46,9 @@ struct json_scan_value pb_member(const char *bytes, size_t len, const char *key)
 /* Containers nested in bytes[0, len) at the deepest point (the body itself is 1). */
 size_t pb_depth(const char *bytes, size_t len);
 
+/* json_scan_estimate_prompt(req->scan) (req->scan must be set), computed once per version of
+ * the bytes: the pipeline's quota estimate reuses it (policy_run_request_estimate). */
+uint64_t policy_request_estimate(struct policy_request *req);
 /* The body as a tree, parsed from the current bytes on first call (then req->body is it,
  * and every later policy reads the tree); NULL when out of memory. */
 json_t *policy_request_tree(struct policy_request *req);

@@ -102,6 +102,10 @@ json_t *policy_run_request_take_tree(struct policy_run *run);
  * scanner could not read them (parse them instead). False: re-serialise the tree. */
 bool policy_run_request_bytes_result(struct policy_run *run, char **bytes, size_t *len,
                                      const struct json_scan **scan);
+/* After a bytes chain: the prompt estimate a policy took of the final bytes (the same number
+ * json_scan_estimate_prompt gives for them); false when none did, or when a tree was changed
+ * after it. */
+bool policy_run_request_estimate(const struct policy_run *run, uint64_t *est);
 /* After the chain: changed, and for a refusal status (0 = 400), type (NULL =
  * invalid_request_error), code and message. */
 const struct policy_request *policy_run_request_outcome(const struct policy_run *run);

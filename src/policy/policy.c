@@ -195,6 +195,8 @@ struct policy_run {
 	bool bytes_changed;     /* a policy spliced them ... */
 	bool tree_changed;      /* ... a policy changed the tree */
 	json_t *tree;           /* parsed from req.bytes (owned until taken) */
+	bool est_valid;         /* est is json_scan_estimate_prompt of the current scan */
+	uint64_t est;
 
 	/* response phases */
 	struct choice **choices;
@@ -497,10 +499,30 @@ bool policy_request_splice(struct policy_request *req, const char *before, const
 			v->len += grew;
 		v->p = buf + (v->p - body) + (v->p > open ? grew : 0);
 	}
+	run->est_valid = false;
 	free(run->spliced);
 	run->spliced = buf;
 	req->bytes = buf;
 	req->bytes_len = (size_t)(o - buf);
+	return true;
+}
+
+uint64_t policy_request_estimate(struct policy_request *req)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+
+	if (!run->est_valid) {
+		run->est = json_scan_estimate_prompt(req->scan);
+		run->est_valid = true;
+	}
+	return run->est;
+}
+
+bool policy_run_request_estimate(const struct policy_run *run, uint64_t *est)
+{
+	if (!run->est_valid || run->tree_changed || run->req.scan == NULL)
+		return false;
+	*est = run->est;
 	return true;
 }
 

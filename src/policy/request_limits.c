@@ -261,7 +261,7 @@ static enum policy_verdict limits_bytes(const struct limits_conf *l, struct poli
 			        (long long)n->integer, l->max_n);
 	}
 	if (l->max_prompt_tokens > 0) {
-		uint64_t t = json_scan_estimate_prompt(req->scan);
+		uint64_t t = policy_request_estimate(req);
 		if (t > (uint64_t)l->max_prompt_tokens)
 			return refuse(
 			        req, "max_prompt_tokens_exceeded",

@@ -186,12 +186,19 @@ static void check(const struct config *c, const char *doc, size_t len)
 				      x->escaped != y->escaped || x->integer != y->integer)))
 					fail("the kept scan differs", bytes, blen);
 			}
+			uint64_t est;
+			if (policy_run_request_estimate(b, &est) &&
+			    est != json_scan_estimate_prompt(&again))
+				fail("the kept estimate differs", bytes, blen);
 			free(bytes);
 		} else if (got != NULL) {
 			body = json_incref(got);
 		} else {
 			if (ob->changed)
 				fail("changed, but neither bytes nor a tree", doc, len);
+			uint64_t est;
+			if (policy_run_request_estimate(b, &est) && est != json_scan_estimate_prompt(&js))
+				fail("the kept estimate differs", doc, len);
 			body = json_loadb(doc, len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, NULL);
 		}
 		if (!json_equal(body, tree)) {
