@@ -676,6 +676,11 @@ static json_t *body_tree(struct request *r)
  * rewritten it), else of the scan (the same number for the same bytes). */
 static uint64_t estimate_prompt(struct request *r)
 {
+	uint64_t est;
+	/* a request policy took it of these very bytes already */
+	if (r->policies != NULL && r->scanned && !r->body_changed &&
+	    policy_run_request_estimate(r->policies, &est))
+		return est;
 	return r->body != NULL ? usage_estimate_prompt(r->body)
 	                       : json_scan_estimate_prompt(&r->scan);
 }
@@ -766,11 +771,6 @@ static bool plan(struct request *r)
 	        r->scanned ? r->scan.include_usage
 	                   : json_is_true(json_object_get(
 	                             json_object_get(r->body, "stream_options"), "include_usage"));
-	/* The route's policies read and may rewrite the tree. */
-	if (r->route->n_plugins > 0 && body_tree(r) == NULL) {
-		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
-		return false;
-	}
 	return true;
 }
 
@@ -841,7 +841,12 @@ static void after_request_policies(void *arg, enum policy_verdict v)
 {
 	struct request *r = arg;
 	const struct policy_request *out = policy_run_request_outcome(r->policies);
+	json_t *tree = policy_run_request_take_tree(r->policies);
 
+	if (tree != NULL) { /* a policy needed it: the body as the policies left it */
+		r->body = tree;
+		r->reply.request = tree;
+	}
 	if (v == POLICY_REFUSE) {
 		reply_error(r, out->status ? out->status : 400,
 		            out->type ? out->type : "invalid_request_error",
@@ -851,8 +856,25 @@ static void after_request_policies(void *arg, enum policy_verdict v)
 	}
 	/* A rewritten body goes out re-serialised (the client's bytes are not what it says
 	 * now), or spliced when all that changed were messages added around the client's. */
-	if (out->changed && !splice_request_body(r))
+	char *bytes;
+	size_t len;
+	const struct json_scan *scan;
+	if (out->changed && policy_run_request_bytes_result(r->policies, &bytes, &len, &scan)) {
+		/* spliced by the policies themselves: these are the client's bytes now */
+		free(r->policy_body);
+		r->policy_body = bytes;
+		r->http->body = bytes; /* owned by the request, which outlives every reader */
+		r->http->body_len = len;
+		if (scan != NULL)
+			r->scan = *scan;
+		r->scanned = scan != NULL;
+		if (!r->scanned && body_tree(r) == NULL) {
+			reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
+			return;
+		}
+	} else if (out->changed && !splice_request_body(r)) {
 		r->body_changed = true;
+	}
 	start_attempts(r);
 }
 
@@ -888,8 +910,14 @@ static void request_policies(struct request *r)
 		start_attempts(r);
 		return;
 	}
+	/* A scanned body goes to the policies as bytes: a tree is parsed only for one that needs
+	 * it (policy_bytes.h). */
 	enum policy_verdict v =
-	        policy_run_request(r->policies, r->proto, r->body, after_request_policies, r);
+	        r->body != NULL ? policy_run_request(r->policies, r->proto, r->body,
+	                                             after_request_policies, r)
+	                        : policy_run_request_bytes(r->policies, r->proto, r->http->body,
+	                                                   r->http->body_len, &r->scan,
+	                                                   after_request_policies, r);
 	if (v != POLICY_PENDING)
 		after_request_policies(r, v);
 }
@@ -1452,8 +1480,11 @@ static void attempt_start(struct request *r)
 	attempt_reset(r);
 	r->up_proto = provider_upstream_proto(in, r->proto, &r->up_url);
 	r->pivot_answer = r->up_proto != r->proto || r->answer_policies;
-	/* The codecs may echo the client's request (Responses, Messages): they read its tree. */
-	if (r->pivot_answer && body_tree(r) == NULL) {
+	/* The codecs may echo the client's request (Responses, Messages) or read its options
+	 * (Anthropic's thinking): they read its tree. The chat codec reads neither, so chat to
+	 * chat under response policies parses nothing. */
+	if (r->pivot_answer && !(r->proto == PROTO_CHAT && r->up_proto == PROTO_CHAT) &&
+	    body_tree(r) == NULL) {
 		reply_error(r, 503, "server_error", "out_of_memory", "out of memory");
 		return;
 	}

@@ -43,6 +43,7 @@ struct cnode;
 struct config_section;
 struct evbuffer;
 struct event_base;
+struct json_scan;
 struct upstream;
 
 enum policy_verdict {
@@ -99,6 +100,11 @@ struct policy_request {
 	 * then spliced instead of the body re-serialised. Reset before each policy runs. */
 	const char *splice_before;
 	const char *splice_after;
+	/* Policies with reads_bytes (policy_bytes.h): while body is NULL, the body is these
+	 * bytes, accepted by json_scan_body() into scan. */
+	const char *bytes;
+	size_t bytes_len;
+	const struct json_scan *scan;
 };
 
 /* ------------------------------------------------------------------ response phases */
@@ -174,6 +180,9 @@ struct policy_def {
 
 	/* on_request; NULL when the policy has no request phase. */
 	enum policy_verdict (*on_request)(const void *conf, struct policy_request *req);
+	/* on_request reads req->bytes when req->body is NULL (policy_bytes.h); without it the
+	 * runner parses the tree before calling on_request. */
+	bool reads_bytes;
 	/* The request went away while on_request was pending: stop the work, never call
 	 * resume. NULL when on_request never returns POLICY_PENDING. */
 	void (*request_cancel)(const void *conf, struct policy_request *req);

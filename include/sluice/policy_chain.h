@@ -8,6 +8,8 @@
  *
  *   run = policy_run_new(route, &env, streaming)         after authentication
  *   policy_run_request(run, proto, body, done, arg)      before any quota is reserved
+ *       (or policy_run_request_bytes over the client's scanned bytes: a tree only when a
+ *       policy needs one; then policy_run_request_take_tree / policy_run_request_bytes_result)
  *       CONTINUE: go on (policy_run_request_outcome(run)->changed: re-serialise body)
  *       REFUSE:   answer with ->status/->type/->code/->message
  *       PENDING:  done(arg, CONTINUE | REFUSE) comes later, once, from the loop
@@ -33,6 +35,7 @@
 #include <jansson.h>
 
 #include "sluice/config.h"
+#include "sluice/json_scan.h"
 #include "sluice/policy.h"
 
 #ifndef PCRE2_CODE_UNIT_WIDTH
@@ -82,6 +85,27 @@ typedef void (*policy_request_done_fn)(void *arg, enum policy_verdict v);
  * changed in place), in order; a refusal ends the chain. Once per request. */
 enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto, json_t *body,
                                        policy_request_done_fn done, void *arg);
+/* The same chain over the client's bytes, accepted by json_scan_body() into scan (both
+ * borrowed, living until the run is freed): the policies that read bytes (policy_bytes.h)
+ * read them, and a tree is parsed only when a policy needs one. After the chain, take the
+ * tree (policy_run_request_take_tree) and the spliced bytes (policy_run_request_bytes). */
+enum policy_verdict policy_run_request_bytes(struct policy_run *run, enum proto proto,
+                                             const char *bytes, size_t len,
+                                             const struct json_scan *scan,
+                                             policy_request_done_fn done, void *arg);
+/* The tree a bytes chain parsed (it is the body as the policies left it), handed to the
+ * caller (who then owns it); NULL when none was parsed. */
+json_t *policy_run_request_take_tree(struct policy_run *run);
+/* After a bytes chain that changed the body: true when the change is all in bytes (a
+ * decorator's splice, and no change to a tree after it): *bytes (malloc'd, NUL-terminated,
+ * now the caller's) with *len, and *scan their scan (the run's: copy it) — NULL when the
+ * scanner could not read them (parse them instead). False: re-serialise the tree. */
+bool policy_run_request_bytes_result(struct policy_run *run, char **bytes, size_t *len,
+                                     const struct json_scan **scan);
+/* After a bytes chain: the prompt estimate a policy took of the final bytes (the same number
+ * json_scan_estimate_prompt gives for them); false when none did, or when a tree was changed
+ * after it. */
+bool policy_run_request_estimate(const struct policy_run *run, uint64_t *est);
 /* After the chain: changed, and for a refusal status (0 = 400), type (NULL =
  * invalid_request_error), code and message. */
 const struct policy_request *policy_run_request_outcome(const struct policy_run *run);

@@ -201,6 +201,67 @@ static bool next_char(struct loop_state *st, const unsigned char *s, size_t len,
 	return false;
 }
 
+/* feed() over the ASCII bytes of s from *i up to lim, with the block in locals; stops after
+ * the character that completes a loop (true, *period its span) or at the first other byte. */
+static bool feed_ascii(struct loop_state *st, const unsigned char *s, size_t lim, size_t *i,
+                       size_t *period)
+{
+	const struct loop_conf *c = st->c;
+	uint32_t *text = st->text, *fail = st->fail;
+	const size_t max_period = c->max_period, min_period = c->min_period;
+	const size_t repeats = c->max_repeats, window = c->window;
+	size_t n = st->len, j = *i;
+
+	for (; j < lim && s[j] < 0x80; j++) {
+		uint32_t x = s[j];
+		if (n == 0) {
+			fail[0] = 0;
+		} else {
+			size_t k = fail[n - 1];
+			while (k > 0 && text[k] != x)
+				k = fail[k - 1];
+			if (text[k] == x)
+				k++;
+			fail[n] = (uint32_t)k;
+		}
+		text[n] = x;
+		n++;
+		size_t p = n - fail[n - 1];
+		if (p > max_period) {
+			text[0] = x;
+			fail[0] = 0;
+			n = 1;
+			continue;
+		}
+		if ((p >= min_period && n >= repeats * p) || n >= window) {
+			st->len = n;
+			*period = p;
+			*i = j + 1;
+			return true;
+		}
+	}
+	st->len = n;
+	*i = j;
+	return false;
+}
+
+/* The answer stops here: a loop (of span period), or the cap. */
+static enum policy_verdict cut(struct loop_state *st, struct policy_text *t, bool cap,
+                               size_t period)
+{
+	st->stopped = true;
+	t->finish_reason = "length";
+	t->action = "cut";
+	t->alert = "loop_detected";
+	if (cap)
+		snprintf(t->rule, sizeof t->rule, "max_output_chars %llu",
+		         (unsigned long long)st->c->max_output_chars);
+	else
+		snprintf(t->rule, sizeof t->rule, "a span of %zu characters repeated %zu times",
+		         period, st->len / period);
+	return POLICY_STOP;
+}
+
 static enum policy_verdict loop_text(void *state, struct policy_text *t)
 {
 	struct loop_state *st = state;
@@ -211,7 +272,29 @@ static enum policy_verdict loop_text(void *state, struct policy_text *t)
 
 	if (st->stopped)
 		return POLICY_STOP;
-	while (next_char(st, s, t->len, &i, &x, &start)) {
+	for (;;) {
+		/* A run of ASCII outside a sequence, the common case, in one tight loop (up to the
+		 * cap, whose crossing the general path below reports). */
+		if (st->need == 0 && i < t->len && s[i] < 0x80) {
+			size_t lim = t->len, from = i;
+			if (c->max_output_chars != 0) {
+				uint64_t room = c->max_output_chars > st->total
+				                        ? c->max_output_chars - st->total
+				                        : 0;
+				if (room < lim - i)
+					lim = i + (size_t)room;
+			}
+			bool loop = feed_ascii(st, s, lim, &i, &period);
+			st->total += i - from;
+			if (loop) {
+				evbuffer_add(t->out, t->text, i);
+				return cut(st, t, false, period);
+			}
+			if (i > from)
+				continue;
+		}
+		if (!next_char(st, s, t->len, &i, &x, &start))
+			break;
 		st->total++;
 		bool cap = c->max_output_chars != 0 && st->total > c->max_output_chars;
 		if (!cap && !feed(st, x, &period))
@@ -219,18 +302,7 @@ static enum policy_verdict loop_text(void *state, struct policy_text *t)
 		/* A loop is cut after the character that completes it; the cap before the
 		 * first character past it. */
 		evbuffer_add(t->out, t->text, cap ? start : i);
-		st->stopped = true;
-		t->finish_reason = "length";
-		t->action = "cut";
-		t->alert = "loop_detected";
-		if (cap)
-			snprintf(t->rule, sizeof t->rule, "max_output_chars %llu",
-			         (unsigned long long)c->max_output_chars);
-		else
-			snprintf(t->rule, sizeof t->rule,
-			         "a span of %zu characters repeated %zu times", period,
-			         st->len / period);
-		return POLICY_STOP;
+		return cut(st, t, cap, period);
 	}
 	t->passed = true; /* all of it, unchanged */
 	return POLICY_CONTINUE;

@@ -11,6 +11,7 @@
 #include "sluice/policy_chain.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 
 #include "sluice/alerts.h"
 #include "sluice/log.h"
+#include "sluice/policy_bytes.h"
 
 extern const struct policy_def policy_prompt_guard;
 extern const struct policy_def policy_prompt_decorator;
@@ -188,6 +190,13 @@ struct policy_run {
 	const char *splice_before, *splice_after;
 	policy_request_done_fn req_done;
 	void *req_done_arg;
+	/* a bytes chain (policy_run_request_bytes) */
+	char *spliced;          /* req.bytes when a policy spliced them (owned) */
+	bool bytes_changed;     /* a policy spliced them ... */
+	bool tree_changed;      /* ... a policy changed the tree */
+	json_t *tree;           /* parsed from req.bytes (owned until taken) */
+	bool est_valid;         /* est is json_scan_estimate_prompt of the current scan */
+	uint64_t est;
 
 	/* response phases */
 	struct choice **choices;
@@ -206,8 +215,11 @@ struct policy_run {
 	void *on_stop_arg;
 
 	/* decisions */
-	struct policy_action actions[POLICY_MAX_ACTIONS];
 	size_t n_actions, dropped;
+
+	/* Not cleared by policy_run_new: written before they are read. */
+	struct json_scan scan; /* of req.bytes (policy_run_request_bytes) */
+	struct policy_action actions[POLICY_MAX_ACTIONS]; /* the first n_actions */
 };
 
 static void record(struct policy_run *run, const char *policy, const char *action, const char *rule,
@@ -240,9 +252,10 @@ static void record(struct policy_run *run, const char *policy, const char *actio
 struct policy_run *policy_run_new(const struct config_route *route, const struct policy_env *env,
                                   bool streaming)
 {
-	struct policy_run *run = calloc(1, sizeof *run);
+	struct policy_run *run = malloc(sizeof *run);
 	if (run == NULL)
 		return NULL;
+	memset(run, 0, offsetof(struct policy_run, scan));
 	run->route = route;
 	run->env = *env;
 	run->streaming = streaming;
@@ -282,6 +295,8 @@ void policy_run_free(struct policy_run *run)
 	if (run->bytes != NULL)
 		evbuffer_free(run->bytes);
 	free(run->bytes_slot);
+	json_decref(run->tree);
+	free(run->spliced);
 	free(run);
 }
 
@@ -302,7 +317,10 @@ static void request_after(struct policy_run *run)
 {
 	struct policy_request *req = &run->req;
 
-	if (req->changed) {
+	if (req->changed && req->body == NULL) {
+		run->bytes_changed = true; /* policy_request_splice did it */
+	} else if (req->changed) {
+		run->tree_changed = true;
 		run->req_changes++;
 		run->req_spliceable = req->proto == PROTO_CHAT &&
 		                      (req->splice_before != NULL || req->splice_after != NULL);
@@ -315,7 +333,7 @@ static void request_after(struct policy_run *run)
 bool policy_run_request_splice(const struct policy_run *run, const char **before,
                                const char **after)
 {
-	if (run->req_changes != 1 || !run->req_spliceable)
+	if (run->req_changes != 1 || !run->req_spliceable || run->bytes_changed)
 		return false;
 	*before = run->splice_before;
 	*after = run->splice_after;
@@ -337,6 +355,13 @@ static enum policy_verdict request_chain(struct policy_run *run)
 		req->resume = request_resumed;
 		req->resume_arg = run;
 		req->pending = NULL;
+		if (req->body == NULL && !pl->def->reads_bytes && policy_request_tree(req) == NULL) {
+			req->status = 503;
+			req->type = "server_error";
+			req->code = "out_of_memory";
+			snprintf(req->message, sizeof req->message, "out of memory");
+			return POLICY_REFUSE;
+		}
 		request_before(run);
 		enum policy_verdict v = pl->def->on_request(pl->conf, req);
 		if (v == POLICY_PENDING) {
@@ -385,6 +410,139 @@ enum policy_verdict policy_run_request(struct policy_run *run, enum proto proto,
 	run->req_done = done;
 	run->req_done_arg = arg;
 	return request_chain(run);
+}
+
+enum policy_verdict policy_run_request_bytes(struct policy_run *run, enum proto proto,
+                                             const char *bytes, size_t len,
+                                             const struct json_scan *scan,
+                                             policy_request_done_fn done, void *arg)
+{
+	run->scan = *scan;
+	memset(&run->req, 0, sizeof run->req);
+	run->req.env = &run->env;
+	run->req.proto = proto;
+	run->req.bytes = bytes;
+	run->req.bytes_len = len;
+	run->req.scan = &run->scan;
+	run->req_next = 0;
+	run->req_changes = 0;
+	run->req_spliceable = false;
+	run->req_done = done;
+	run->req_done_arg = arg;
+	return request_chain(run);
+}
+
+json_t *policy_request_tree(struct policy_request *req)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+
+	if (req->body == NULL && req->bytes != NULL) {
+		run->tree = json_loadb(req->bytes, req->bytes_len,
+		                       JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, NULL);
+		if (!json_is_object(run->tree)) {
+			json_decref(run->tree);
+			run->tree = NULL;
+		}
+		req->body = run->tree;
+	}
+	return req->body;
+}
+
+static bool json_ws(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+bool policy_request_splice(struct policy_request *req, const char *before, const char *after)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+	const struct json_scan_value *m;
+
+	if (req->body != NULL || req->scan == NULL ||
+	    (m = &req->scan->member[JSON_SCAN_MESSAGES])->type != JSON_SCAN_ARRAY)
+		return false;
+	const char *body = req->bytes, *end = body + req->bytes_len;
+	const char *open = m->p, *close = open + m->len - 1; /* its ']' */
+	const char *q = open + 1;
+	while (q < close && json_ws(*q))
+		q++;
+	bool empty = q == close;
+	size_t bl = before ? strlen(before) : 0, al = after ? strlen(after) : 0;
+	char *buf = malloc(req->bytes_len + bl + al + 3);
+	if (buf == NULL)
+		return false;
+	char *o = buf;
+	size_t head = (size_t)(open + 1 - body), mid = (size_t)(close - (open + 1));
+	memcpy(o, body, head);
+	o += head;
+	memcpy(o, before ? before : "", bl);
+	o += bl;
+	if (bl > 0 && (!empty || al > 0))
+		*o++ = ',';
+	memcpy(o, open + 1, mid);
+	o += mid;
+	if (al > 0 && !empty)
+		*o++ = ',';
+	memcpy(o, after ? after : "", al);
+	o += al;
+	memcpy(o, close, (size_t)(end - close));
+	o += end - close;
+	*o = '\0';
+	/* The scan of the new bytes without a second pass: what came before the array is
+	 * where it was, the array grew, and what came after it moved by as much. */
+	size_t grew = (size_t)(o - buf) - req->bytes_len;
+	for (size_t i = 0; i < JSON_SCAN_N_MEMBERS; i++) {
+		struct json_scan_value *v = &run->scan.member[i];
+		if (v->type == JSON_SCAN_ABSENT)
+			continue;
+		if (v->p == open)
+			v->len += grew;
+		v->p = buf + (v->p - body) + (v->p > open ? grew : 0);
+	}
+	run->est_valid = false;
+	free(run->spliced);
+	run->spliced = buf;
+	req->bytes = buf;
+	req->bytes_len = (size_t)(o - buf);
+	return true;
+}
+
+uint64_t policy_request_estimate(struct policy_request *req)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+
+	if (!run->est_valid) {
+		run->est = json_scan_estimate_prompt(req->scan);
+		run->est_valid = true;
+	}
+	return run->est;
+}
+
+bool policy_run_request_estimate(const struct policy_run *run, uint64_t *est)
+{
+	if (!run->est_valid || run->tree_changed || run->req.scan == NULL)
+		return false;
+	*est = run->est;
+	return true;
+}
+
+json_t *policy_run_request_take_tree(struct policy_run *run)
+{
+	json_t *t = run->tree;
+	run->tree = NULL;
+	return t;
+}
+
+bool policy_run_request_bytes_result(struct policy_run *run, char **bytes, size_t *len,
+                                     const struct json_scan **scan)
+{
+	if (!run->bytes_changed || run->tree_changed || run->spliced == NULL)
+		return false;
+	*bytes = run->spliced;
+	*len = run->req.bytes_len;
+	*scan = run->req.scan;
+	run->spliced = NULL;
+	return true;
 }
 
 const struct policy_request *policy_run_request_outcome(const struct policy_run *run)

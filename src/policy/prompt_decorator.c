@@ -13,6 +13,7 @@
 
 #include "sluice/config_section.h"
 #include "sluice/policy.h"
+#include "sluice/policy_bytes.h"
 #include "sluice/prompt.h"
 
 struct decorator_conf {
@@ -146,6 +147,24 @@ static enum policy_verdict decorator_request(const void *conf, struct policy_req
 
 	if (d->n_prepend + d->n_append == 0)
 		return POLICY_CONTINUE;
+	/* The client's bytes, spliced: the chat messages were serialised once, at load. */
+	if (req->body == NULL && req->proto == PROTO_CHAT &&
+	    (d->n_prepend == 0 || d->chat_before != NULL) &&
+	    (d->n_append == 0 || d->chat_after != NULL) &&
+	    policy_request_splice(req, d->chat_before, d->chat_after)) {
+		req->changed = true;
+		req->action = "decorated";
+		snprintf(req->rule, sizeof req->rule, "prepend %zu, append %zu", d->n_prepend,
+		         d->n_append);
+		return POLICY_CONTINUE;
+	}
+	if (policy_request_tree(req) == NULL) {
+		req->status = 503;
+		req->type = "server_error";
+		req->code = "out_of_memory";
+		snprintf(req->message, sizeof req->message, "out of memory");
+		return POLICY_REFUSE;
+	}
 	if (!prompt_insert(req->body, req->proto, d->prepend, d->n_prepend, true, &why) ||
 	    !prompt_insert(req->body, req->proto, d->append, d->n_append, false, &why)) {
 		req->status = 400;
@@ -175,4 +194,5 @@ const struct policy_def policy_prompt_decorator = {
         .conf_parse = decorator_parse,
         .conf_free = decorator_free,
         .on_request = decorator_request,
+        .reads_bytes = true,
 };

@@ -10,12 +10,14 @@
  * a deny pattern is refused — 400, code prompt_blocked — unless it also matches an allow
  * pattern: allow lists exceptions to deny. The answer never quotes a pattern or the text.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "sluice/config_section.h"
 #include "sluice/policy.h"
+#include "sluice/policy_bytes.h"
 #include "sluice/policy_chain.h"
 #include "sluice/prompt.h"
 
@@ -100,7 +102,8 @@ struct scan {
 	pcre2_match_context *mc;
 	size_t message;       /* the message being collected */
 	bool have;            /* it has text */
-	const json_t *single; /* its only piece, matched in place */
+	const char *single;   /* its only piece, matched in place (NULL: in buf) */
+	size_t single_len;
 	char *buf;            /* its pieces joined, when more than one (owned) */
 	size_t len, cap;
 	enum scan_result result;
@@ -120,8 +123,8 @@ static int matches(const struct scan *sc, const pcre2_code *re, const char *s, s
 
 static void check_message(struct scan *sc)
 {
-	const char *s = sc->single ? json_string_value(sc->single) : sc->buf;
-	size_t len = sc->single ? json_string_length(sc->single) : sc->len;
+	const char *s = sc->single ? sc->single : sc->buf;
+	size_t len = sc->single ? sc->single_len : sc->len;
 
 	if (!sc->have || sc->result != SCAN_OK)
 		return;
@@ -156,37 +159,189 @@ static bool append(struct scan *sc, const char *s, size_t n)
 	return true;
 }
 
-static bool on_text(void *arg, const struct prompt_text *t)
+/* One piece of text: s[0, len) of message (of role); transient: s does not outlive the call. */
+static bool piece(struct scan *sc, enum prompt_role role, size_t message, const char *s,
+                  size_t len, bool transient)
 {
-	struct scan *sc = arg;
-
-	if (sc->have && t->message != sc->message) {
+	if (sc->have && message != sc->message) {
 		check_message(sc);
 		if (sc->result != SCAN_OK)
 			return false;
 		sc->have = false;
 	}
+	bool ok = true;
 	if (!sc->have) {
 		sc->have = true;
-		sc->message = t->message;
-		sc->role = t->role;
-		sc->single = t->str;
+		sc->message = message;
+		sc->role = role;
 		sc->len = 0;
-		return true;
+		sc->single = transient ? NULL : s;
+		sc->single_len = len;
+		if (transient && !append(sc, s, len))
+			ok = false;
+	} else {
+		/* A second piece of the same message: join them. */
+		if (sc->single != NULL) {
+			ok = append(sc, sc->single, sc->single_len);
+			sc->single = NULL;
+		}
+		ok = ok && append(sc, "\n", 1) && append(sc, s, len);
 	}
-	/* A second piece of the same message: join them. */
-	bool ok = true;
-	if (sc->single != NULL) {
-		ok = append(sc, json_string_value(sc->single), json_string_length(sc->single));
-		sc->single = NULL;
-	}
-	ok = ok && append(sc, "\n", 1) &&
-	     append(sc, json_string_value(t->str), json_string_length(t->str));
 	if (!ok) {
 		sc->result = SCAN_ERROR;
 		return false;
 	}
 	return true;
+}
+
+static bool on_text(void *arg, const struct prompt_text *t)
+{
+	return piece(arg, t->role, t->message, json_string_value(t->str),
+	             json_string_length(t->str), false);
+}
+
+/* ---------------------------------------------------------------- chat bytes
+ *
+ * prompt.c's walk of a chat body (messages[]: role, content a string or parts) over the
+ * spans: the same pieces in the same order. */
+
+static enum prompt_role span_role(const struct json_scan_value *v)
+{
+	char r[16];
+
+	if (v->type != JSON_SCAN_STRING)
+		return PROMPT_USER;
+	pb_string_cstr(v, r, sizeof r);
+	if (v->str_len >= sizeof r && strlen(r) == sizeof r - 1)
+		return PROMPT_USER; /* longer than any role name */
+	for (int i = 0; i < PROMPT__ROLES; i++) {
+		if (strcmp(prompt_role_names[i], r) == 0)
+			return (enum prompt_role)i;
+	}
+	if (strcmp(r, "function") == 0)
+		return PROMPT_TOOL;
+	return PROMPT_USER;
+}
+
+struct span_walk {
+	struct scan *sc;
+	unsigned roles;
+	size_t only; /* SIZE_MAX: every message */
+	size_t last;
+	bool found, stopped;
+	bool first_pass;
+	struct json_scan_value last_msg; /* first pass: message last's object */
+	char *tmp; /* an escaped string decoded (owned) */
+	size_t tmp_cap;
+};
+
+static void span_visit(struct span_walk *w, enum prompt_role role, size_t message,
+                       const struct json_scan_value *v)
+{
+	if (w->stopped || v->type != JSON_SCAN_STRING || !(w->roles & PROMPT_ROLE_BIT(role)))
+		return;
+	if (w->first_pass) {
+		w->last = message;
+		w->found = true;
+		return;
+	}
+	if (w->only != SIZE_MAX && message != w->only)
+		return;
+	if (!v->escaped) {
+		if (!piece(w->sc, role, message, v->p + 1, v->str_len, false))
+			w->stopped = true;
+		return;
+	}
+	if (v->str_len + 1 > w->tmp_cap) {
+		char *p = realloc(w->tmp, v->str_len + 1);
+		if (p == NULL) {
+			w->sc->result = SCAN_ERROR;
+			w->stopped = true;
+			return;
+		}
+		w->tmp = p;
+		w->tmp_cap = v->str_len + 1;
+	}
+	json_scan_string(v, w->tmp, w->tmp_cap);
+	if (!piece(w->sc, role, message, w->tmp, v->str_len, true))
+		w->stopped = true;
+}
+
+/* Message i (an object): its role and content, then the content's pieces. */
+static void span_message(struct span_walk *w, const struct json_scan_value *m, size_t i)
+{
+	struct pb_iter mi, ci;
+	struct json_scan_value k, x, part, text;
+	struct json_scan_value role = {.type = JSON_SCAN_ABSENT}, content = {.type = JSON_SCAN_ABSENT};
+
+	pb_begin(&mi, m);
+	while (pb_next(&mi, &k, &x)) {
+		if (pb_string_is(&k, "role"))
+			role = x;
+		else if (pb_string_is(&k, "content"))
+			content = x;
+	}
+	enum prompt_role r = span_role(&role);
+	if (content.type == JSON_SCAN_STRING) {
+		span_visit(w, r, i, &content);
+		return;
+	}
+	if (content.type != JSON_SCAN_ARRAY)
+		return;
+	pb_begin(&ci, &content);
+	while (pb_next(&ci, NULL, &part)) {
+		if (part.type == JSON_SCAN_STRING) { /* legacy: a list of strings */
+			span_visit(w, r, i, &part);
+			continue;
+		}
+		if (part.type != JSON_SCAN_OBJECT)
+			continue;
+		struct pb_iter pi;
+		pb_begin(&pi, &part);
+		while (pb_next(&pi, &k, &text)) {
+			if (pb_string_is(&k, "text")) {
+				span_visit(w, r, i, &text);
+				break;
+			}
+		}
+	}
+}
+
+static void span_walk(struct span_walk *w, const struct json_scan_value *messages)
+{
+	struct pb_iter it;
+	struct json_scan_value m;
+
+	if (messages->type != JSON_SCAN_ARRAY)
+		return;
+	pb_begin(&it, messages);
+	for (size_t i = 0; pb_next(&it, NULL, &m); i++) {
+		if (m.type != JSON_SCAN_OBJECT)
+			continue;
+		bool found = w->found;
+		size_t last = w->last;
+		span_message(w, &m, i);
+		if (w->first_pass && w->found && (!found || w->last != last))
+			w->last_msg = m; /* the last message with a selected piece so far */
+	}
+}
+
+static void span_foreach(struct scan *sc, const struct json_scan_value *messages)
+{
+	struct span_walk w = {.sc = sc, .roles = sc->g->roles, .only = SIZE_MAX};
+
+	if (sc->g->last_only) {
+		w.first_pass = true;
+		span_walk(&w, messages);
+		if (!w.found)
+			return;
+		w.only = w.last;
+		w.first_pass = false;
+		span_message(&w, &w.last_msg, w.last); /* only that one */
+	} else {
+		span_walk(&w, messages);
+	}
+	free(w.tmp);
 }
 
 static enum policy_verdict guard_request(const void *conf, struct policy_request *req)
@@ -199,7 +354,16 @@ static enum policy_verdict guard_request(const void *conf, struct policy_request
 	if (sc.md == NULL || sc.mc == NULL) {
 		sc.result = SCAN_ERROR;
 	} else {
-		prompt_foreach(req->body, req->proto, g->roles, g->last_only, on_text, &sc);
+		if (req->body == NULL && req->proto == PROTO_CHAT && req->scan != NULL) {
+			span_foreach(&sc, &req->scan->member[JSON_SCAN_MESSAGES]);
+		} else {
+			json_t *body = policy_request_tree(req);
+			if (body == NULL)
+				sc.result = SCAN_ERROR;
+			else
+				prompt_foreach(body, req->proto, g->roles, g->last_only, on_text,
+				               &sc);
+		}
 		check_message(&sc);
 	}
 	free(sc.buf);
@@ -229,4 +393,5 @@ const struct policy_def policy_prompt_guard = {
         .conf_parse = guard_parse,
         .conf_free = guard_free,
         .on_request = guard_request,
+        .reads_bytes = true,
 };

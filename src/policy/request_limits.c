@@ -17,6 +17,7 @@
 
 #include "sluice/config_section.h"
 #include "sluice/policy.h"
+#include "sluice/policy_bytes.h"
 #include "sluice/prompt.h"
 #include "sluice/usage.h"
 
@@ -173,12 +174,122 @@ static size_t list_size(const json_t *v)
 	return json_is_array(v) ? json_array_size(v) : v != NULL && !json_is_null(v) ? 1 : 0;
 }
 
+static size_t span_list_size(const struct json_scan_value *v)
+{
+	size_t n = 0;
+	struct json_scan_value x;
+	struct pb_iter it;
+
+	if (v->type != JSON_SCAN_ARRAY)
+		return v->type != JSON_SCAN_ABSENT && v->type != JSON_SCAN_NULL ? 1 : 0;
+	pb_begin(&it, v);
+	while (pb_next(&it, NULL, &x))
+		n++;
+	return n;
+}
+
+/* The same checks, in the same order, over a chat body's bytes. */
+static enum policy_verdict limits_bytes(const struct limits_conf *l, struct policy_request *req)
+{
+	struct json_scan_value k, v;
+	struct json_scan_value tools = {0}, functions = {0}, stop = {0}, stop_seq = {0};
+	struct pb_iter it;
+	char key[256];
+
+	pb_begin_body(&it, req->bytes, req->bytes_len, req->scan);
+	while (pb_next(&it, &k, &v)) {
+		pb_string_cstr(&k, key, sizeof key);
+		if (k.str_len >= sizeof key) { /* longer than any listed name */
+			if (l->n_deny == 0 && l->allow == NULL)
+				continue;
+			return POLICY_PENDING; /* the tree decides */
+		}
+		if (listed(l->deny, l->n_deny, key))
+			return refuse(req, "param_denied",
+			              "the parameter \"%s\" is not allowed on this "
+			              "route",
+			              key);
+		if (l->allow != NULL && !listed(l->allow, l->n_allow, key) && !basic(key))
+			return refuse(req, "param_not_allowed",
+			              "the parameter \"%s\" is not allowed on this route", key);
+		if (strcmp(key, "tools") == 0)
+			tools = v;
+		else if (strcmp(key, "functions") == 0)
+			functions = v;
+		else if (strcmp(key, "stop") == 0)
+			stop = v;
+		else if (strcmp(key, "stop_sequences") == 0)
+			stop_seq = v;
+	}
+	if (l->max_body_depth > 0 &&
+	    pb_depth(req->bytes, req->bytes_len) > (unsigned long long)l->max_body_depth)
+		return refuse(req, "max_body_depth_exceeded",
+		              "the request body is nested more than %lld levels deep",
+		              l->max_body_depth);
+	if (l->max_messages > 0) {
+		const struct json_scan_value *m = &req->scan->member[JSON_SCAN_MESSAGES];
+		size_t n = m->type == JSON_SCAN_ARRAY ? span_list_size(m) : 0;
+		if (n > (unsigned long long)l->max_messages)
+			return refuse(
+			        req, "max_messages_exceeded",
+			        "the request has %zu messages; this route allows at most %lld", n,
+			        l->max_messages);
+	}
+	if (l->max_tools >= 0) {
+		size_t n = span_list_size(&tools) + span_list_size(&functions);
+		if (n > (unsigned long long)l->max_tools)
+			return refuse(
+			        req, "max_tools_exceeded",
+			        "the request declares %zu tools; this route allows at most %lld", n,
+			        l->max_tools);
+	}
+	if (l->max_stop >= 0) {
+		size_t n = span_list_size(&stop) + span_list_size(&stop_seq);
+		if (n > (unsigned long long)l->max_stop)
+			return refuse(
+			        req, "max_stop_exceeded",
+			        "the request has %zu stop sequences; this route allows at most "
+			        "%lld",
+			        n, l->max_stop);
+	}
+	if (l->max_n > 0) {
+		const struct json_scan_value *n = &req->scan->member[JSON_SCAN_N];
+		if (n->type == JSON_SCAN_INTEGER && n->integer > l->max_n)
+			return refuse(
+			        req, "max_n_exceeded",
+			        "the request asks for %lld choices; this route allows at most %lld",
+			        (long long)n->integer, l->max_n);
+	}
+	if (l->max_prompt_tokens > 0) {
+		uint64_t t = policy_request_estimate(req);
+		if (t > (uint64_t)l->max_prompt_tokens)
+			return refuse(
+			        req, "max_prompt_tokens_exceeded",
+			        "the prompt is about %llu tokens; this route allows at most %lld",
+			        (unsigned long long)t, l->max_prompt_tokens);
+	}
+	return POLICY_CONTINUE;
+}
+
 static enum policy_verdict limits_request(const void *conf, struct policy_request *req)
 {
 	const struct limits_conf *l = conf;
-	json_t *body = req->body;
 	const char *k;
 	json_t *v;
+
+	if (req->body == NULL && req->proto == PROTO_CHAT && req->scan != NULL) {
+		enum policy_verdict r = limits_bytes(l, req);
+		if (r != POLICY_PENDING)
+			return r;
+	}
+	json_t *body = policy_request_tree(req);
+	if (body == NULL) {
+		req->status = 503;
+		req->type = "server_error";
+		req->code = "out_of_memory";
+		snprintf(req->message, sizeof req->message, "out of memory");
+		return POLICY_REFUSE;
+	}
 
 	json_object_foreach(body, k, v)
 	{
@@ -247,4 +358,5 @@ const struct policy_def policy_request_limits = {
         .conf_parse = limits_parse,
         .conf_free = limits_free,
         .on_request = limits_request,
+        .reads_bytes = true,
 };

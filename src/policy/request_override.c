@@ -22,6 +22,7 @@
 
 #include "sluice/config_section.h"
 #include "sluice/policy.h"
+#include "sluice/policy_bytes.h"
 
 struct cap {
 	char *key;
@@ -225,10 +226,63 @@ static enum policy_verdict refuse_param(struct policy_request *req, const char *
 	return POLICY_REFUSE;
 }
 
+static bool absent(const struct json_scan_value *v)
+{
+	return v->type == JSON_SCAN_ABSENT || v->type == JSON_SCAN_NULL;
+}
+
+static bool within(const struct json_scan_value *v, double cap)
+{
+	return (v->type == JSON_SCAN_INTEGER || v->type == JSON_SCAN_REAL) && pb_number(v) <= cap;
+}
+
+/* Whether the rewrite leaves these bytes as they are: nothing to remove, set or default, every
+ * capped number within its cap, and a client output cap present when the cap would add one.
+ * One pass over the top-level members. */
+static bool nothing_to_do(const struct override_conf *o, const struct policy_request *req)
+{
+	struct json_scan_value k, v;
+	struct pb_iter it;
+	bool any_output = false;
+
+	if (o->set != NULL || o->defaults != NULL)
+		return false;
+	pb_begin_body(&it, req->bytes, req->bytes_len, req->scan);
+	while (pb_next(&it, &k, &v)) {
+		for (size_t i = 0; i < o->n_remove; i++)
+			if (pb_string_is(&k, o->remove[i]))
+				return false;
+		if (absent(&v))
+			continue;
+		for (size_t i = 0; i < o->n_caps; i++) {
+			const struct cap *c = &o->caps[i];
+			if (!pb_string_is(&k, c->key))
+				continue;
+			double cap = in_list(output_keys, c->key) ? fmin(c->value, o->output_cap)
+			                                          : c->value;
+			if (!within(&v, cap))
+				return false;
+		}
+		for (size_t i = 0; o->has_output_cap && output_keys[i] != NULL; i++) {
+			if (!pb_string_is(&k, output_keys[i]))
+				continue;
+			any_output = true;
+			if (!within(&v, o->output_cap))
+				return false;
+		}
+	}
+	return !o->has_output_cap || any_output || own_output_key(o, req->proto) == NULL;
+}
+
 static enum policy_verdict override_request(const void *conf, struct policy_request *req)
 {
 	const struct override_conf *o = conf;
-	json_t *body = req->body;
+
+	if (req->body == NULL && nothing_to_do(o, req))
+		return POLICY_CONTINUE;
+	json_t *body = policy_request_tree(req);
+	if (body == NULL)
+		goto oom;
 	bool changed = false, capped = false, any_output = false;
 	const char *first_capped = NULL;
 
@@ -303,4 +357,5 @@ const struct policy_def policy_request_override = {
         .conf_parse = override_parse,
         .conf_free = override_free,
         .on_request = override_request,
+        .reads_bytes = true,
 };
