@@ -101,13 +101,16 @@ static const struct config_consumer *cache_find(const struct config *c, const ch
 
 	if (c->generation == 0 || len > AUTH_CACHE_KEY_MAX)
 		return NULL;
-	memset(probe, 0, sizeof(probe));
+	/* How much to compare depends on the presented length only: a key of ≤ 64 bytes is
+	 * compared over 64 (an entry longer than that differs in length anyway). */
+	size_t span = len <= AUTH_CACHE_KEY_MAX / 2 ? AUTH_CACHE_KEY_MAX / 2 : AUTH_CACHE_KEY_MAX;
+	memset(probe, 0, span);
 	memcpy(probe, key, len);
 	/* Both sides zero past their lengths: equal bytes and equal lengths, in one pass; the
 	 * entry's snapshot is folded in too, so a miss costs the same whatever the slot holds. */
-	int diff = CRYPTO_memcmp(probe, e->key, sizeof(probe)) | (int)(e->len != len) |
+	int diff = CRYPTO_memcmp(probe, e->key, span) | (int)(e->len != len) |
 	           (int)(e->config != c) | (int)(e->generation != c->generation);
-	OPENSSL_cleanse(probe, sizeof(probe));
+	OPENSSL_cleanse(probe, span);
 	if (diff != 0)
 		return NULL;
 	memcpy(fp, e->fingerprint, 13);

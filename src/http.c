@@ -1831,13 +1831,25 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 		return;
 	struct evbuffer *out = c->out;
 	if (c->chunked) {
+		/* Size line, data and CRLF written in place into one reserved extent: one call
+		 * into the buffer per chunk, not four (a stream calls this once per event). */
 		char size[24];
 		size_t n = put_hex(size, len);
-		memcpy(size + n, "\r\n", 2);
-		evbuffer_expand(out, n + 2 + len + 2); /* one buffer for the three */
-		evbuffer_add(out, size, n + 2);
-		evbuffer_add(out, data, len);
-		evbuffer_add(out, "\r\n", 2);
+		struct evbuffer_iovec v;
+		if (len <= SIZE_MAX - 32 && evbuffer_reserve_space(out, n + 2 + len + 2, &v, 1) == 1) {
+			char *p = v.iov_base;
+			memcpy(p, size, n);
+			memcpy(p + n, "\r\n", 2);
+			memcpy(p + n + 2, data, len);
+			memcpy(p + n + 2 + len, "\r\n", 2);
+			v.iov_len = n + 2 + len + 2;
+			evbuffer_commit_space(out, &v, 1);
+		} else {
+			memcpy(size + n, "\r\n", 2);
+			evbuffer_add(out, size, n + 2);
+			evbuffer_add(out, data, len);
+			evbuffer_add(out, "\r\n", 2);
+		}
 	} else {
 		evbuffer_add(out, data, len);
 	}
