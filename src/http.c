@@ -1614,44 +1614,25 @@ static bool header_name_ok(const char *n)
 void http_response_header(struct http_request *req, const char *name, const char *value)
 {
 	struct http_conn *c = req->conn;
-	char line[HTTP_HEADER_LINE_BUF];
-	size_t n = 0;
-	bool ok = name[0] != '\0';
-
-	if (c->out_headers == NULL && (c->out_headers = evbuffer_new()) == NULL)
-		return;
-	/* The usual short header: checked and copied into one line in the same pass, one add. */
-	const char *p = name;
-	for (; *p && n < sizeof(line) - 4; p++) {
-		ok = ok && is_tchar((unsigned char)*p);
-		line[n++] = *p;
-	}
-	if (*p == '\0') {
-		line[n++] = ':';
-		line[n++] = ' ';
-		for (p = value; *p && n < sizeof(line) - 2; p++) {
-			ok = ok && is_field_byte((unsigned char)*p);
-			line[n++] = *p;
-		}
-	}
-	if (*p == '\0') {
-		if (!ok) {
-			log_warn("dropped a response header with a control byte or a malformed name");
-			return;
-		}
-		line[n++] = '\r';
-		line[n++] = '\n';
-		evbuffer_add(c->out_headers, line, n);
-		return;
-	}
-	/* A long one: checked, then added in parts. */
 	if (!header_name_ok(name) || !header_value_ok(value)) {
 		log_warn("dropped a response header with a control byte or a malformed name");
 		return;
 	}
-	evbuffer_add(c->out_headers, name, strlen(name));
+	if (c->out_headers == NULL && (c->out_headers = evbuffer_new()) == NULL)
+		return;
+	size_t nl = strlen(name), vl = strlen(value);
+	char line[HTTP_HEADER_LINE_BUF];
+	if (nl + vl + 4 <= sizeof(line)) { /* the usual short header: one copy, one add */
+		memcpy(line, name, nl);
+		memcpy(line + nl, ": ", 2);
+		memcpy(line + nl + 2, value, vl);
+		memcpy(line + nl + 2 + vl, "\r\n", 2);
+		evbuffer_add(c->out_headers, line, nl + vl + 4);
+		return;
+	}
+	evbuffer_add(c->out_headers, name, nl);
 	evbuffer_add(c->out_headers, ": ", 2);
-	evbuffer_add(c->out_headers, value, strlen(value));
+	evbuffer_add(c->out_headers, value, vl);
 	evbuffer_add(c->out_headers, "\r\n", 2);
 }
 
