@@ -60,6 +60,8 @@ enum conn_state {
 
 /* Response header lines and the reply head are put together in a stack buffer this big. */
 #define HTTP_HEADER_LINE_BUF 512
+/* A reply chunk up to about this size is framed on the stack and added in one call. */
+#define HTTP_CHUNK_FRAME_BUF 1024
 /* One read takes at most this much (a whole typical request); a larger one takes more reads. */
 #define HTTP_READ_SIZE 4096
 
@@ -1831,22 +1833,18 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 		return;
 	struct evbuffer *out = c->out;
 	if (c->chunked) {
-		/* Size line, data and CRLF written in place into one reserved extent: one call
-		 * into the buffer per chunk, not four (a stream calls this once per event). */
-		char size[24];
-		size_t n = put_hex(size, len);
-		struct evbuffer_iovec v;
-		if (len <= SIZE_MAX - 32 && evbuffer_reserve_space(out, n + 2 + len + 2, &v, 1) == 1) {
-			char *p = v.iov_base;
-			memcpy(p, size, n);
-			memcpy(p + n, "\r\n", 2);
-			memcpy(p + n + 2, data, len);
-			memcpy(p + n + 2 + len, "\r\n", 2);
-			v.iov_len = n + 2 + len + 2;
-			evbuffer_commit_space(out, &v, 1);
+		/* Size line, data and CRLF in one add: framed in a stack buffer when the chunk is
+		 * small (a stream calls this once per event), else added in three parts. */
+		char frame[HTTP_CHUNK_FRAME_BUF];
+		size_t n = put_hex(frame, len);
+		memcpy(frame + n, "\r\n", 2);
+		if (len <= sizeof(frame) - n - 4) {
+			memcpy(frame + n + 2, data, len);
+			memcpy(frame + n + 2 + len, "\r\n", 2);
+			evbuffer_add(out, frame, n + 2 + len + 2);
 		} else {
-			memcpy(size + n, "\r\n", 2);
-			evbuffer_add(out, size, n + 2);
+			evbuffer_expand(out, n + 2 + len + 2); /* one buffer for the three */
+			evbuffer_add(out, frame, n + 2);
 			evbuffer_add(out, data, len);
 			evbuffer_add(out, "\r\n", 2);
 		}
