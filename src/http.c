@@ -1640,15 +1640,29 @@ void http_response_header(struct http_request *req, const char *name, const char
 
 size_t http_put_decimal(char *o, uint64_t v)
 {
+	/* Two digits per division, written from the end of a scratch buffer. */
+	static const char pairs[] = "00010203040506070809101112131415161718192021222324"
+	                            "25262728293031323334353637383940414243444546474849"
+	                            "50515253545556575859606162636465666768697071727374"
+	                            "75767778798081828384858687888990919293949596979899";
 	char tmp[20];
-	size_t n = 0;
-	do {
-		tmp[n++] = (char)('0' + v % 10);
-		v /= 10;
-	} while (v != 0);
-	for (size_t i = 0; i < n; i++)
-		o[i] = tmp[n - 1 - i];
-	return n;
+	size_t i = sizeof(tmp);
+
+	while (v >= 100) {
+		unsigned d = (unsigned)(v % 100) * 2;
+		v /= 100;
+		tmp[--i] = pairs[d + 1];
+		tmp[--i] = pairs[d];
+	}
+	if (v >= 10) {
+		unsigned d = (unsigned)v * 2;
+		tmp[--i] = pairs[d + 1];
+		tmp[--i] = pairs[d];
+	} else {
+		tmp[--i] = (char)('0' + v);
+	}
+	memcpy(o, tmp + i, sizeof(tmp) - i);
+	return sizeof(tmp) - i;
 }
 
 /* v in lower-case hex at o (at most 16 bytes); returns the length. */
