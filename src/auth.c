@@ -1,4 +1,5 @@
-/* auth.c — key-auth: hash the presented key, compare it with every key in constant time. */
+/* auth.c — key-auth: hash the presented key, compare it with every key in constant time;
+ * a per-thread cache of the keys that matched spares the hash for a key seen before. */
 #include "sluice/auth.h"
 
 #include <stdint.h>
@@ -52,6 +53,87 @@ void auth_hash_key(const char *key, size_t len, unsigned char sha256[32], char f
 	fingerprint[12] = '\0';
 }
 
+/*
+ * The cache of keys that matched: per thread (one per worker), direct-mapped by a cheap hash
+ * of the key's bytes. An entry holds the key, the snapshot it matched in (pointer and
+ * generation: a reload publishes a new generation, so every entry of the old one misses and
+ * a key the reload removed goes through the full check, and fails), the consumer and the
+ * fingerprint. Only keys that matched are stored, so an unknown key always takes the full
+ * path; the entry is compared over its whole fixed size with CRYPTO_memcmp and the length
+ * folded in without a branch, so a miss takes the same time whatever the entry holds.
+ * Snapshots with generation 0 (never published: tests, tools) are not cached.
+ */
+#define AUTH_CACHE_SLOTS 64
+#define AUTH_CACHE_KEY_MAX 128
+
+struct auth_cache_entry {
+	const struct config *config; /* NULL: empty */
+	uint64_t generation;
+	const struct config_consumer *consumer;
+	size_t len;
+	unsigned char key[AUTH_CACHE_KEY_MAX]; /* zero past len */
+	char fingerprint[13];
+};
+
+static _Thread_local struct auth_cache_entry auth_cache[AUTH_CACHE_SLOTS];
+static _Thread_local size_t auth_cache_hit_count;
+
+size_t auth_cache_hits(void)
+{
+	return auth_cache_hit_count;
+}
+
+static unsigned cache_slot(const char *key, size_t len)
+{
+	uint32_t h = 2166136261u;
+
+	for (size_t i = 0; i < len; i++)
+		h = (h ^ (unsigned char)key[i]) * 16777619u;
+	return (unsigned)((h ^ (h >> 16)) % AUTH_CACHE_SLOTS);
+}
+
+/* The consumer KEY matched in C earlier on this thread (and its fingerprint), or NULL. */
+static const struct config_consumer *cache_find(const struct config *c, const char *key,
+                                                size_t len, unsigned slot, char fp[13])
+{
+	const struct auth_cache_entry *e = &auth_cache[slot];
+	unsigned char probe[AUTH_CACHE_KEY_MAX];
+
+	if (c->generation == 0 || len > AUTH_CACHE_KEY_MAX)
+		return NULL;
+	/* How much to compare depends on the presented length only: a key of ≤ 64 bytes is
+	 * compared over 64 (an entry longer than that differs in length anyway). */
+	size_t span = len <= AUTH_CACHE_KEY_MAX / 2 ? AUTH_CACHE_KEY_MAX / 2 : AUTH_CACHE_KEY_MAX;
+	memset(probe, 0, span);
+	memcpy(probe, key, len);
+	/* Both sides zero past their lengths: equal bytes and equal lengths, in one pass; the
+	 * entry's snapshot is folded in too, so a miss costs the same whatever the slot holds. */
+	int diff = CRYPTO_memcmp(probe, e->key, span) | (int)(e->len != len) |
+	           (int)(e->config != c) | (int)(e->generation != c->generation);
+	OPENSSL_cleanse(probe, span);
+	if (diff != 0)
+		return NULL;
+	memcpy(fp, e->fingerprint, 13);
+	auth_cache_hit_count++;
+	return e->consumer;
+}
+
+static void cache_store(const struct config *c, const char *key, size_t len, unsigned slot,
+                        const struct config_consumer *cons, const char fp[13])
+{
+	struct auth_cache_entry *e = &auth_cache[slot];
+
+	if (c->generation == 0 || len > AUTH_CACHE_KEY_MAX)
+		return;
+	OPENSSL_cleanse(e->key, sizeof(e->key));
+	memcpy(e->key, key, len);
+	e->len = len;
+	e->config = c;
+	e->generation = c->generation;
+	e->consumer = cons;
+	memcpy(e->fingerprint, fp, 13);
+}
+
 static bool route_allowed(const struct config_consumer *cons, const struct config_route *route)
 {
 	if (cons->n_routes == 0)
@@ -63,6 +145,34 @@ static bool route_allowed(const struct config_consumer *cons, const struct confi
 	return false;
 }
 
+/* The consumer holding KEY (hashed into fp), or NULL. */
+static const struct config_consumer *match_key(const struct config *c, const char *key,
+                                               size_t len, char fp[13])
+{
+	unsigned char digest[32];
+	const struct config_consumer *found = NULL;
+
+	auth_hash_key(key, len, digest, fp);
+	/*
+	 * Every key of every consumer is compared, and the match is recorded without a
+	 * branch that depends on the secret: the loop's duration tells nothing about which
+	 * key matched or how many bytes of it did. The first consumer that matches wins
+	 * (the loader refuses a key shared by two consumers).
+	 */
+	for (size_t i = 0; i < c->n_consumers; i++) {
+		const struct config_consumer *cons = &c->consumers[i];
+		for (size_t k = 0; k < cons->n_keys; k++) {
+			uintptr_t hit =
+			        (uintptr_t)(CRYPTO_memcmp(digest, cons->keys[k].sha256, 32) == 0);
+			uintptr_t take = (uintptr_t)0 - (hit & (uintptr_t)(found == NULL));
+			found = (const struct config_consumer *)(((uintptr_t)cons & take) |
+			                                         ((uintptr_t)found & ~take));
+		}
+	}
+	OPENSSL_cleanse(digest, sizeof(digest));
+	return found;
+}
+
 enum auth_result auth_check(const struct config *c, const struct config_route *route,
                             auth_get_header_fn get_header, void *arg,
                             const struct config_consumer **consumer_out, char fingerprint_out[13])
@@ -71,9 +181,8 @@ enum auth_result auth_check(const struct config *c, const struct config_route *r
 	size_t n_headers = route->n_key_headers;
 	const char *key = NULL;
 	size_t key_len = 0;
-	unsigned char digest[32];
 	char fp[13];
-	const struct config_consumer *found = NULL;
+	const struct config_consumer *found;
 
 	if (consumer_out != NULL)
 		*consumer_out = NULL;
@@ -94,28 +203,15 @@ enum auth_result auth_check(const struct config *c, const struct config_route *r
 	if (key == NULL)
 		return AUTH_MISSING;
 
-	auth_hash_key(key, key_len, digest, fp);
+	unsigned slot = cache_slot(key, key_len);
+	found = cache_find(c, key, key_len, slot, fp);
+	if (found == NULL) {
+		found = match_key(c, key, key_len, fp);
+		if (found != NULL)
+			cache_store(c, key, key_len, slot, found, fp);
+	}
 	if (fingerprint_out != NULL)
 		memcpy(fingerprint_out, fp, sizeof(fp));
-
-	/*
-	 * Every key of every consumer is compared, and the match is recorded without a
-	 * branch that depends on the secret: the loop's duration tells nothing about which
-	 * key matched or how many bytes of it did. The first consumer that matches wins
-	 * (the loader refuses a key shared by two consumers).
-	 */
-	for (size_t i = 0; i < c->n_consumers; i++) {
-		const struct config_consumer *cons = &c->consumers[i];
-		for (size_t k = 0; k < cons->n_keys; k++) {
-			uintptr_t hit =
-			        (uintptr_t)(CRYPTO_memcmp(digest, cons->keys[k].sha256, 32) == 0);
-			uintptr_t take = (uintptr_t)0 - (hit & (uintptr_t)(found == NULL));
-			found = (const struct config_consumer *)(((uintptr_t)cons & take) |
-			                                         ((uintptr_t)found & ~take));
-		}
-	}
-	OPENSSL_cleanse(digest, sizeof(digest));
-
 	if (found == NULL)
 		return AUTH_UNKNOWN;
 	if (consumer_out != NULL)

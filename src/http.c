@@ -60,6 +60,8 @@ enum conn_state {
 
 /* Response header lines and the reply head are put together in a stack buffer this big. */
 #define HTTP_HEADER_LINE_BUF 512
+/* A reply chunk up to about this size is framed on the stack and added in one call. */
+#define HTTP_CHUNK_FRAME_BUF 1024
 /* One read takes at most this much (a whole typical request); a larger one takes more reads. */
 #define HTTP_READ_SIZE 4096
 
@@ -1638,15 +1640,29 @@ void http_response_header(struct http_request *req, const char *name, const char
 
 size_t http_put_decimal(char *o, uint64_t v)
 {
+	/* Two digits per division, written from the end of a scratch buffer. */
+	static const char pairs[] = "00010203040506070809101112131415161718192021222324"
+	                            "25262728293031323334353637383940414243444546474849"
+	                            "50515253545556575859606162636465666768697071727374"
+	                            "75767778798081828384858687888990919293949596979899";
 	char tmp[20];
-	size_t n = 0;
-	do {
-		tmp[n++] = (char)('0' + v % 10);
-		v /= 10;
-	} while (v != 0);
-	for (size_t i = 0; i < n; i++)
-		o[i] = tmp[n - 1 - i];
-	return n;
+	size_t i = sizeof(tmp);
+
+	while (v >= 100) {
+		unsigned d = (unsigned)(v % 100) * 2;
+		v /= 100;
+		tmp[--i] = pairs[d + 1];
+		tmp[--i] = pairs[d];
+	}
+	if (v >= 10) {
+		unsigned d = (unsigned)v * 2;
+		tmp[--i] = pairs[d + 1];
+		tmp[--i] = pairs[d];
+	} else {
+		tmp[--i] = (char)('0' + v);
+	}
+	memcpy(o, tmp + i, sizeof(tmp) - i);
+	return sizeof(tmp) - i;
 }
 
 /* v in lower-case hex at o (at most 16 bytes); returns the length. */
@@ -1831,13 +1847,21 @@ void http_reply_chunk(struct http_request *req, const void *data, size_t len)
 		return;
 	struct evbuffer *out = c->out;
 	if (c->chunked) {
-		char size[24];
-		size_t n = put_hex(size, len);
-		memcpy(size + n, "\r\n", 2);
-		evbuffer_expand(out, n + 2 + len + 2); /* one buffer for the three */
-		evbuffer_add(out, size, n + 2);
-		evbuffer_add(out, data, len);
-		evbuffer_add(out, "\r\n", 2);
+		/* Size line, data and CRLF in one add: framed in a stack buffer when the chunk is
+		 * small (a stream calls this once per event), else added in three parts. */
+		char frame[HTTP_CHUNK_FRAME_BUF];
+		size_t n = put_hex(frame, len);
+		memcpy(frame + n, "\r\n", 2);
+		if (len <= sizeof(frame) - n - 4) {
+			memcpy(frame + n + 2, data, len);
+			memcpy(frame + n + 2 + len, "\r\n", 2);
+			evbuffer_add(out, frame, n + 2 + len + 2);
+		} else {
+			evbuffer_expand(out, n + 2 + len + 2); /* one buffer for the three */
+			evbuffer_add(out, frame, n + 2);
+			evbuffer_add(out, data, len);
+			evbuffer_add(out, "\r\n", 2);
+		}
 	} else {
 		evbuffer_add(out, data, len);
 	}

@@ -682,6 +682,33 @@ static void headers_release(struct upstream_xfer *x)
 	x->hdr_used = 0;
 }
 
+/* An environment variable as libcurl reads it: unset and empty are the same. */
+static const char *env_value(const char *name)
+{
+	const char *v = getenv(name);
+	return v != NULL && v[0] != '\0' ? v : NULL;
+}
+
+/*
+ * Proxies from the environment, read when the handle is made rather than by libcurl on every
+ * transfer (five getenv calls each, about 1.6k instructions). The same rules: no_proxy, else
+ * NO_PROXY; <scheme>_proxy (HTTPS_PROXY too, never HTTP_PROXY), else all_proxy / ALL_PROXY.
+ * With none of the proxy variables set, an empty CURLOPT_PROXY says "no proxy" and libcurl
+ * looks no further; with one set, libcurl still picks it per scheme as before.
+ */
+static void easy_env_proxy(CURL *e)
+{
+	const char *np = env_value("no_proxy");
+
+	if (np == NULL)
+		np = env_value("NO_PROXY");
+	curl_easy_setopt(e, CURLOPT_NOPROXY, np != NULL ? np : "");
+	if (env_value("http_proxy") == NULL && env_value("https_proxy") == NULL &&
+	    env_value("HTTPS_PROXY") == NULL && env_value("all_proxy") == NULL &&
+	    env_value("ALL_PROXY") == NULL)
+		curl_easy_setopt(e, CURLOPT_PROXY, "");
+}
+
 /* The options every transfer of this file has: set once when the handle is made, kept by
  * the pool (curl_easy_reset is never called). */
 static CURL *easy_new(struct upstream *up)
@@ -689,6 +716,7 @@ static CURL *easy_new(struct upstream *up)
 	CURL *e = curl_easy_init();
 	if (e == NULL)
 		return NULL;
+	easy_env_proxy(e);
 	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);

@@ -33,10 +33,18 @@ typedef const char *(*auth_get_header_fn)(void *arg, const char *name);
  * presented (also for AUTH_UNKNOWN and AUTH_FORBIDDEN), "" otherwise. It is the only form
  * of a key that may be logged. consumer_out (may be NULL) gets the consumer for AUTH_OK and
  * AUTH_FORBIDDEN, NULL otherwise.
+ *
+ * A key that matched is remembered per thread with the snapshot it matched in (up to 64
+ * keys of ≤ 128 bytes, snapshots with a nonzero generation only): the same key on the same
+ * snapshot again skips the hash. Unknown keys are never remembered, and a new generation
+ * (a reload) misses every entry of the old one.
  */
 enum auth_result auth_check(const struct config *c, const struct config_route *route,
                             auth_get_header_fn get_header, void *arg,
                             const struct config_consumer **consumer_out, char fingerprint_out[13]);
+
+/* How many checks on this thread were answered from the cache (for tests). */
+size_t auth_cache_hits(void);
 
 /* Status and OpenAI error "code" for a refusal: 401 invalid_api_key / missing_api_key,
  * 403 consumer_not_allowed; 0 and NULL for AUTH_OK and AUTH_NONE_REQUIRED. */

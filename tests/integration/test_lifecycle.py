@@ -230,6 +230,48 @@ class ReloadTest(harness.SluiceTestCase):
             self.assertEqual(r.status, 200, "keep-alive connection broken by a reload: %r" % r)
 
 
+class KeyReloadTest(harness.SluiceTestCase):
+    """A key a reload removes stops working at once, also on a keep-alive connection whose
+    earlier requests were answered with it (auth remembers keys that matched, per snapshot)."""
+
+    KEEP, DROP = "sk-kept-0123456789", "sk-dropped-0123456789"
+
+    def config(self, keys):
+        text = gateway_config(
+            self.port, instances=[instance("mock", self.mock.url(CHAT))],
+            routes=[route("chat", [CHAT], "mock", auth=harness.Raw("key-auth"))],
+            server={"workers": 1}, log_level="info")
+        return text + "consumers:\n  - name: alice\n    keys: [%s]\n" % ", ".join(keys)
+
+    def setUp(self):
+        super().setUp()
+        self.mock = self.start_mock()
+        self.port = harness.free_port()
+        self.sluice = self.start_sluice(self.config([self.KEEP, self.DROP]), port=self.port)
+
+    def ask(self, conn, key):
+        return conn.request("POST", CHAT, headers={"Authorization": "Bearer " + key},
+                            json_body={"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                       "mock": {"tokens": 1}})
+
+    def test_removed_key_refused_on_open_connection(self):
+        with HTTPConn(self.port) as c:
+            for _ in range(3):
+                self.assertEqual(self.ask(c, self.DROP).status, 200)
+            self.assertEqual(self.ask(c, self.KEEP).status, 200)
+            off = self.sluice.reload(self.config([self.KEEP]))
+            self.sluice.wait_log(r"reloaded .*: generation 2", since=off,
+                                 message="the reload that removes a key")
+            r = self.ask(c, self.DROP)
+            self.assertEqual(r.status, 401, "a removed key still served on a kept-alive "
+                                            "connection: %r" % r)
+            self.assertEqual(self.ask(c, self.KEEP).status, 200)
+            self.assertEqual(self.ask(c, self.DROP).status, 401)
+        with HTTPConn(self.port) as c:
+            self.assertEqual(self.ask(c, self.DROP).status, 401)
+            self.assertEqual(self.ask(c, self.KEEP).status, 200)
+
+
 def connect_refused(port):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(2)

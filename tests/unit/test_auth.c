@@ -259,6 +259,78 @@ static void test_loader_agrees(void **state)
 	assert_string_equal(fp, alice->keys[0].fingerprint);
 }
 
+/* A published snapshot (generation ≠ 0) remembers the keys that matched, and only those;
+ * the answer from the cache is the full check's; a new generation misses every old entry. */
+static void test_cache(void **state)
+{
+	struct config *c = *state;
+	const struct config_consumer *who;
+	char fp[13], want[13];
+	unsigned char sha[32];
+	size_t hits;
+
+	c->generation = 7;
+	struct headers h = {{"apikey"}, {"alice-key-2"}, 1, 0};
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_OK);
+	hits = auth_cache_hits();
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_OK);
+	assert_int_equal(auth_cache_hits(), hits + 1);
+	assert_string_equal(who->name, "alice");
+	auth_hash_key("alice-key-2", 11, sha, want);
+	assert_string_equal(fp, want);
+
+	/* a prefix, an extension, a one-byte change: never from the cache, never OK */
+	const char *near[] = {"alice-key-", "alice-key-22", "alice-key-3", "Alice-key-2", ""};
+	for (size_t i = 0; i < sizeof(near) / sizeof(near[0]); i++) {
+		h.values[0] = near[i];
+		hits = auth_cache_hits();
+		enum auth_result r = check(c, "chat", &h, &who, fp);
+		assert_true(r == AUTH_UNKNOWN || r == AUTH_MISSING);
+		assert_null(who);
+		assert_int_equal(auth_cache_hits(), hits);
+	}
+	/* unknown keys are not remembered: the second try is the full check again */
+	h.values[0] = "nobody-key";
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_UNKNOWN);
+	hits = auth_cache_hits();
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_UNKNOWN);
+	assert_int_equal(auth_cache_hits(), hits);
+
+	/* the route rule still applies to a remembered key */
+	h.values[0] = "carol-key";
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_OK);
+	hits = auth_cache_hits();
+	assert_int_equal(check(c, "emb", &h, &who, fp), AUTH_FORBIDDEN);
+	assert_int_equal(auth_cache_hits(), hits + 1);
+	assert_string_equal(who->name, "carol");
+
+	/* a reload without alice-key-2: the new snapshot refuses it */
+	static const char reloaded[] =
+	        "instances: [{ name: a, provider: openai }]\n"
+	        "consumers: [{ name: alice, keys: [alice-key-1] }]\n"
+	        "routes: [{ name: chat, paths: [/v1/chat/completions], targets: [{ instance: a }] }]\n";
+	struct config_errors e;
+	struct config *c2 = config_load_string(reloaded, strlen(reloaded), "t2.yaml", &e);
+	assert_non_null(c2);
+	c2->generation = 8;
+	h.values[0] = "alice-key-2";
+	hits = auth_cache_hits();
+	assert_int_equal(check(c2, "chat", &h, &who, fp), AUTH_UNKNOWN);
+	assert_null(who);
+	assert_int_equal(auth_cache_hits(), hits);
+	/* and the old snapshot, still held by requests in flight, still knows it */
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_OK);
+	assert_int_equal(auth_cache_hits(), hits + 1);
+	config_unref(c2);
+
+	/* an unpublished snapshot (generation 0) is never cached */
+	c->generation = 0;
+	hits = auth_cache_hits();
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_OK);
+	assert_int_equal(check(c, "chat", &h, &who, fp), AUTH_OK);
+	assert_int_equal(auth_cache_hits(), hits);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -270,6 +342,7 @@ int main(void)
 	        cmocka_unit_test_setup_teardown(test_auth_none, setup, teardown),
 	        cmocka_unit_test_setup_teardown(test_fingerprint_never_the_key, setup, teardown),
 	        cmocka_unit_test_setup_teardown(test_loader_agrees, setup, teardown),
+	        cmocka_unit_test_setup_teardown(test_cache, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

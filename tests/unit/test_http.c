@@ -555,10 +555,31 @@ static void test_chunked_limits(void **state)
 	assert_int_equal(d.res, HTTP_CHUNKED_TRAILER_TOO_LARGE);
 }
 
+/* http_put_decimal agrees with printf for every digit count, at both ends of each. */
+static void test_put_decimal(void **state)
+{
+	(void)state;
+	uint64_t v = 1;
+	char got[24], want[24];
+
+	for (int digits = 1; digits <= 20; digits++) {
+		uint64_t cases[] = {v, v - 1, v + 7, v * 9 + (v - 1), UINT64_MAX};
+		for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+			size_t n = http_put_decimal(got, cases[i]);
+			got[n] = '\0';
+			snprintf(want, sizeof(want), "%llu", (unsigned long long)cases[i]);
+			assert_string_equal(got, want);
+		}
+		if (digits < 20)
+			v *= 10;
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	        cmocka_unit_test(test_parse_good),
+	        cmocka_unit_test(test_put_decimal),
 	        cmocka_unit_test(test_parse_minimal_and_http10),
 	        cmocka_unit_test(test_parse_nul_anywhere),
 	        cmocka_unit_test(test_parse_request_line),
