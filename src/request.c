@@ -778,11 +778,6 @@ static bool plan(struct request *r)
 
 static void start_attempts(struct request *r);
 
-static bool json_ws(char c)
-{
-	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
-
 /*
  * A chain whose whole change was chat messages added around the client's (a decorator)
  * says so in bytes: they are spliced into the client's "messages" array, and the body is
@@ -799,37 +794,15 @@ static bool splice_request_body(struct request *r)
 	    json_scan_body(hr->body, hr->body_len, &js) != JSON_SCAN_OK ||
 	    js.member[JSON_SCAN_MESSAGES].type != JSON_SCAN_ARRAY)
 		return false;
-	const char *open = js.member[JSON_SCAN_MESSAGES].p;
-	const char *close = open + js.member[JSON_SCAN_MESSAGES].len - 1; /* its ']' */
-	const char *q = open + 1, *end = hr->body + hr->body_len;
-	while (q < close && json_ws(*q))
-		q++;
-	bool empty = q == close;
-	size_t bl = before ? strlen(before) : 0, al = after ? strlen(after) : 0;
-	char *buf = malloc(hr->body_len + bl + al + 3);
+	size_t len;
+	char *buf = policy_splice_messages(hr->body, hr->body_len, &js.member[JSON_SCAN_MESSAGES],
+	                                   before, after, &len);
 	if (buf == NULL)
 		return false;
-	char *o = buf;
-	size_t head = (size_t)(open + 1 - hr->body), mid = (size_t)(close - (open + 1));
-	memcpy(o, hr->body, head);
-	o += head;
-	memcpy(o, before ? before : "", bl);
-	o += bl;
-	if (bl > 0 && (!empty || al > 0))
-		*o++ = ',';
-	memcpy(o, open + 1, mid);
-	o += mid;
-	if (al > 0 && !empty)
-		*o++ = ',';
-	memcpy(o, after ? after : "", al);
-	o += al;
-	memcpy(o, close, (size_t)(end - close));
-	o += end - close;
-	*o = '\0';
 	free(r->policy_body);
 	r->policy_body = buf;
 	hr->body = buf; /* owned by the request, which outlives every reader of hr->body */
-	hr->body_len = (size_t)(o - buf);
+	hr->body_len = len;
 	/* r->scan's spans pointed into the client's bytes: read them again from these */
 	if (r->scanned && json_scan_body(hr->body, hr->body_len, &r->scan) != JSON_SCAN_OK)
 		r->scanned = false;

@@ -114,6 +114,12 @@ const struct policy_request *policy_run_request_outcome(const struct policy_run 
  * splice_before / splice_after, either may be NULL): the client's bytes can be spliced. */
 bool policy_run_request_splice(const struct policy_run *run, const char **before,
                                const char **after);
+/* body (len bytes) with before / after (chat messages as JSON, either may be NULL) spliced
+ * into its "messages" array, the span messages (a scan of body) gives: a new malloc'd,
+ * NUL-terminated buffer of *out_len bytes, NULL when out of memory. Used by the chain on the
+ * byte path and by request.c when the chain ran on a tree. */
+char *policy_splice_messages(const char *body, size_t len, const struct json_scan_value *messages,
+                             const char *before, const char *after, size_t *out_len);
 
 /* ---- response phases ------------------------------------------------------------------ */
 

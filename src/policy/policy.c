@@ -453,24 +453,19 @@ static bool json_ws(char c)
 	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
 }
 
-bool policy_request_splice(struct policy_request *req, const char *before, const char *after)
+char *policy_splice_messages(const char *body, size_t len, const struct json_scan_value *messages,
+                             const char *before, const char *after, size_t *out_len)
 {
-	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
-	const struct json_scan_value *m;
-
-	if (req->body != NULL || req->scan == NULL ||
-	    (m = &req->scan->member[JSON_SCAN_MESSAGES])->type != JSON_SCAN_ARRAY)
-		return false;
-	const char *body = req->bytes, *end = body + req->bytes_len;
-	const char *open = m->p, *close = open + m->len - 1; /* its ']' */
+	const char *end = body + len;
+	const char *open = messages->p, *close = open + messages->len - 1; /* its ']' */
 	const char *q = open + 1;
 	while (q < close && json_ws(*q))
 		q++;
 	bool empty = q == close;
 	size_t bl = before ? strlen(before) : 0, al = after ? strlen(after) : 0;
-	char *buf = malloc(req->bytes_len + bl + al + 3);
+	char *buf = malloc(len + bl + al + 3);
 	if (buf == NULL)
-		return false;
+		return NULL;
 	char *o = buf;
 	size_t head = (size_t)(open + 1 - body), mid = (size_t)(close - (open + 1));
 	memcpy(o, body, head);
@@ -488,9 +483,26 @@ bool policy_request_splice(struct policy_request *req, const char *before, const
 	memcpy(o, close, (size_t)(end - close));
 	o += end - close;
 	*o = '\0';
+	*out_len = (size_t)(o - buf);
+	return buf;
+}
+
+bool policy_request_splice(struct policy_request *req, const char *before, const char *after)
+{
+	struct policy_run *run = (struct policy_run *)((char *)req - offsetof(struct policy_run, req));
+	const struct json_scan_value *m;
+	size_t out_len;
+
+	if (req->body != NULL || req->scan == NULL ||
+	    (m = &req->scan->member[JSON_SCAN_MESSAGES])->type != JSON_SCAN_ARRAY)
+		return false;
+	const char *body = req->bytes, *open = m->p;
+	char *buf = policy_splice_messages(body, req->bytes_len, m, before, after, &out_len);
+	if (buf == NULL)
+		return false;
 	/* The scan of the new bytes without a second pass: what came before the array is
 	 * where it was, the array grew, and what came after it moved by as much. */
-	size_t grew = (size_t)(o - buf) - req->bytes_len;
+	size_t grew = out_len - req->bytes_len;
 	for (size_t i = 0; i < JSON_SCAN_N_MEMBERS; i++) {
 		struct json_scan_value *v = &run->scan.member[i];
 		if (v->type == JSON_SCAN_ABSENT)
@@ -503,7 +515,7 @@ bool policy_request_splice(struct policy_request *req, const char *before, const
 	free(run->spliced);
 	run->spliced = buf;
 	req->bytes = buf;
-	req->bytes_len = (size_t)(o - buf);
+	req->bytes_len = out_len;
 	return true;
 }
 
