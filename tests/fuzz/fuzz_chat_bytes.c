@@ -25,6 +25,8 @@
 #include "sluice/policy.h"
 #include "sluice/policy_chain.h"
 
+#include "fuzz_policy.h"
+
 static const char *const configs[] = {
         "      - response_guard: { deny: [\"\\\\b\\\\d{16}\\\\b\", \"\\\\d{3}\"] }\n",
         "      - response_guard: { deny: [\"\\\\d{2}\"], action: block }\n",
@@ -69,24 +71,8 @@ static struct config *loaded[N_CONFIGS];
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-	for (size_t i = 0; i < N_CONFIGS; i++) {
-		char yaml[1024];
-		struct config_errors e;
-		snprintf(yaml, sizeof yaml,
-		         "instances: [{ name: a, provider: openai }]\n"
-		         "routes:\n"
-		         "  - name: chat\n"
-		         "    paths: [/v1/chat/completions]\n"
-		         "    targets: [{ instance: a }]\n"
-		         "    plugins:\n%s",
-		         configs[i]);
-		loaded[i] = config_load_string(yaml, strlen(yaml), "fuzz.yaml", &e);
-		if (loaded[i] == NULL) {
-			for (size_t k = 0; k < e.n; k++)
-				fprintf(stderr, "%s\n", e.msgs[k]);
-			abort();
-		}
-	}
+	for (size_t i = 0; i < N_CONFIGS; i++)
+		loaded[i] = fuzz_chat_route(configs[i]);
 	return 0;
 }
 

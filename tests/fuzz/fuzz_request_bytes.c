@@ -25,6 +25,8 @@
 #include "sluice/policy.h"
 #include "sluice/policy_chain.h"
 
+#include "fuzz_policy.h"
+
 static const char *const configs[] = {
         /* the bench's chain (bench/pipeline.sh) */
         ("      - prompt_guard: { deny: [\"(?i)ignore (all )?previous instructions\"] }\n"
@@ -91,24 +93,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	(void)argc;
 	(void)argv;
-	for (size_t i = 0; i < N_CONFIGS; i++) {
-		char yaml[2048];
-		struct config_errors e;
-		snprintf(yaml, sizeof yaml,
-		         "instances: [{ name: a, provider: openai }]\n"
-		         "routes:\n"
-		         "  - name: chat\n"
-		         "    paths: [/v1/chat/completions]\n"
-		         "    targets: [{ instance: a }]\n"
-		         "    plugins:\n%s",
-		         configs[i]);
-		loaded[i] = config_load_string(yaml, strlen(yaml), "fuzz.yaml", &e);
-		if (loaded[i] == NULL) {
-			for (size_t k = 0; k < e.n; k++)
-				fprintf(stderr, "%s\n", e.msgs[k]);
-			abort();
-		}
-	}
+	for (size_t i = 0; i < N_CONFIGS; i++)
+		loaded[i] = fuzz_chat_route(configs[i]);
 	return 0;
 }
 
