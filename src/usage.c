@@ -438,11 +438,14 @@ static const char *plain_object(const char *p, const char *e, int depth, struct 
 			return NULL;
 		int key = -1; /* 0..UK_N-1 a count, UK_N + d a details object, UK_N + UD_N the detail */
 		if (c != NULL) {
+			/* the names' lengths, not strlen per key (usage_key_names, usage_detail_names) */
+			static const unsigned char key_len[UK_N] = {13, 17, 12, 23, 27, 13, 12};
+			static const unsigned char detail_len[UD_N] = {21, 20, 25, 21};
 			for (int i = 0; i < UK_N && key < 0; i++)
-				if (key_is(k, kn, usage_key_names[i]))
+				if (kn == key_len[i] && memcmp(k, usage_key_names[i], kn) == 0)
 					key = i;
 			for (int d = 0; d < UD_N && key < 0; d++)
-				if (key_is(k, kn, usage_detail_names[d][0]))
+				if (kn == detail_len[d] && memcmp(k, usage_detail_names[d][0], kn) == 0)
 					key = UK_N + d;
 		} else if (detail_key != NULL && key_is(k, kn, detail_key)) {
 			key = UK_N + UD_N;
