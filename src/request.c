@@ -439,7 +439,14 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 	w->n_requests++;
 	TAILQ_INSERT_TAIL(&w->requests, r, link);
 	assign_request_id(r);
-	http_response_header(hr, "x-request-id", r->id);
+	{
+		/* The id is printable ASCII without spaces (assign_request_id): no checks. */
+		char line[sizeof(r->id_line) + 2];
+		size_t n = strlen(r->id_line);
+		memcpy(line, r->id_line, n);
+		memcpy(line + n, "\r\n", 2);
+		http_response_header_lines(hr, line, n + 2);
+	}
 	http_request_on_abort(hr, on_client_abort, r);
 
 	r->start_us = hr->start_us ? hr->start_us : http_now_us();
@@ -1687,7 +1694,7 @@ static void start_client_stream(struct request *r)
 	r->stream_started = true;
 	r->rec.ttft_us = http_now_us() - r->start_us;
 	add_response_headers(r);
-	http_response_header(r->http, "Cache-Control", "no-cache");
+	http_response_header_lines(r->http, "Cache-Control: no-cache\r\n", 25);
 	http_reply_start(r->http, (int)r->xfer.status,
 	                 r->pivot_answer ? "text/event-stream" : r->xfer.content_type);
 }
