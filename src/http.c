@@ -1638,6 +1638,14 @@ void http_response_header(struct http_request *req, const char *name, const char
 	evbuffer_add(c->out_headers, "\r\n", 2);
 }
 
+void http_response_header_lines(struct http_request *req, const char *lines, size_t len)
+{
+	struct http_conn *c = req->conn;
+	if (c->out_headers == NULL && (c->out_headers = evbuffer_new()) == NULL)
+		return;
+	evbuffer_add(c->out_headers, lines, len);
+}
+
 size_t http_put_decimal(char *o, uint64_t v)
 {
 	/* Two digits per division, written from the end of a scratch buffer. */

@@ -227,8 +227,20 @@ struct series {
 	_Atomic uint64_t bucket[]; /* histograms: n_bounds + 1 (the last is +Inf); not cumulative */
 };
 
+/* The last series found for a family, code and label pointers (the same route, consumer and
+ * instance strings come back request after request): the hash over the label bytes is
+ * skipped on a hit, which is still checked by comparing the labels' bytes — a pointer may be
+ * reused for other bytes after a reload. Only the shard's writer reads or writes it. */
+#define MEMO_SLOTS 64
+struct series_memo {
+	struct series *p;
+	const char *l[MAX_LABELS];
+	int fam, code;
+};
+
 struct metrics_shard {
 	struct series *_Atomic heads[SHARD_SLOTS];
+	struct series_memo memo[MEMO_SLOTS];
 };
 
 static struct metrics_shard **shards; /* [n_shards], owned; one per worker */
@@ -308,6 +320,18 @@ static struct series *series_get(struct metrics_shard *s, enum family f,
 	size_t n = family_n_labels(d);
 	for (size_t i = 0; i < MAX_LABELS; i++)
 		l[i] = in[i] ? in[i] : "";
+	uint64_t mh = (uint64_t)f * 0x9e3779b97f4a7c15ull ^ (uint64_t)(unsigned)code;
+	for (size_t i = 0; i < n; i++)
+		mh = (mh ^ (uint64_t)(uintptr_t)l[i]) * 0x100000001b3ull;
+	struct series_memo *m = &s->memo[(mh ^ (mh >> 32)) % MEMO_SLOTS];
+	if (m->p != NULL && m->fam == (int)f && m->code == code) {
+		size_t i = 0;
+		while (i < n && m->l[i] == l[i] && strcmp(m->p->label[i], l[i]) == 0)
+			i++;
+		if (i == n)
+			return m->p;
+	}
+
 	uint64_t h = series_hash(f, l, n, code);
 	_Atomic(struct series *) *head = &s->heads[h % SHARD_SLOTS];
 
@@ -317,8 +341,11 @@ static struct series *series_get(struct metrics_shard *s, enum family f,
 		size_t i = 0;
 		while (i < n && strcmp(p->label[i], l[i]) == 0)
 			i++;
-		if (i == n)
+		if (i == n) {
+			*m = (struct series_memo){.p = p, .fam = (int)f, .code = code};
+			memcpy(m->l, l, n * sizeof(l[0]));
 			return p;
+		}
 	}
 
 	size_t nb = d->histogram ? d->n_bounds + 1 : 0;
@@ -402,6 +429,7 @@ static void shard_clear(struct metrics_shard *s)
 		}
 		atomic_store_explicit(&s->heads[i], NULL, memory_order_relaxed);
 	}
+	memset(s->memo, 0, sizeof(s->memo));
 }
 
 /* ---------------------------------------------------------------- public: recording */

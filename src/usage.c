@@ -363,6 +363,136 @@ static const char *walk_counts(const char *p, const char *e, struct usage_counts
 	return p < e && *p == '}' ? p + 1 : NULL;
 }
 
+/*
+ * The common shape checked and read in one pass: keys and strings of printable ASCII
+ * without escapes, integers of up to 18 digits, true/false/null, objects nested at most
+ * twice. Anything else — a real, an array, an escape, a byte outside 0x20–0x7e in a
+ * string, a repeated key that a count depends on, invalid JSON — returns NULL and the
+ * caller takes the general path below, so whatever this accepts is valid JSON that
+ * jansson reads to the same counts (fuzz_usage compares them for any bytes).
+ */
+static const char *plain_string(const char *p, const char *e)
+{
+	for (p++; p < e; p++) {
+		unsigned char ch = (unsigned char)*p;
+		if (ch == '"')
+			return p + 1;
+		if (ch < 0x20 || ch > 0x7e || ch == '\\')
+			return NULL;
+	}
+	return NULL;
+}
+
+static const char *plain_integer(const char *p, const char *e, uint64_t *out)
+{
+	bool neg = p < e && *p == '-';
+	uint64_t v = 0;
+
+	p += neg;
+	const char *d = p;
+	if (p >= e || *p < '0' || *p > '9')
+		return NULL;
+	if (*p == '0')
+		p++;
+	else
+		for (; p < e && *p >= '0' && *p <= '9'; p++)
+			v = v * 10 + (uint64_t)(*p - '0');
+	if (p - d > 18 || (p < e && (*p == '.' || *p == 'e' || *p == 'E')))
+		return NULL; /* may not fit int64_t, or a real: the general path */
+	*out = neg ? 0 : v;
+	return p;
+}
+
+static const char *plain_literal(const char *p, const char *e)
+{
+	static const char *const lit[] = {"true", "false", "null"};
+	for (size_t i = 0; i < 3; i++) {
+		size_t n = strlen(lit[i]);
+		if ((size_t)(e - p) >= n && memcmp(p, lit[i], n) == 0)
+			return p + n;
+	}
+	return NULL;
+}
+
+/* The object at p ('{'). Top level: c != NULL (counts, details walked); a details object:
+ * *detail from its member detail_key; anything else: validated only (c, detail_key NULL). */
+static const char *plain_object(const char *p, const char *e, int depth, struct usage_counts *c,
+                                const char *detail_key, uint64_t *detail)
+{
+	unsigned seen = 0;
+
+	p = skip_ws(p + 1, e);
+	if (p < e && *p == '}')
+		return p + 1;
+	while (p < e && *p == '"') {
+		const char *k = p + 1;
+		p = plain_string(p, e);
+		if (p == NULL)
+			return NULL;
+		size_t kn = (size_t)(p - 1 - k);
+		p = skip_ws(p, e);
+		if (p >= e || *p != ':')
+			return NULL;
+		p = skip_ws(p + 1, e);
+		if (p >= e)
+			return NULL;
+		int key = -1; /* 0..UK_N-1 a count, UK_N + d a details object, UK_N + UD_N the detail */
+		if (c != NULL) {
+			/* the names' lengths, not strlen per key (usage_key_names, usage_detail_names) */
+			static const unsigned char key_len[UK_N] = {13, 17, 12, 23, 27, 13, 12};
+			static const unsigned char detail_len[UD_N] = {21, 20, 25, 21};
+			for (int i = 0; i < UK_N && key < 0; i++)
+				if (kn == key_len[i] && memcmp(k, usage_key_names[i], kn) == 0)
+					key = i;
+			for (int d = 0; d < UD_N && key < 0; d++)
+				if (kn == detail_len[d] && memcmp(k, usage_detail_names[d][0], kn) == 0)
+					key = UK_N + d;
+		} else if (detail_key != NULL && key_is(k, kn, detail_key)) {
+			key = UK_N + UD_N;
+		}
+		if (key >= 0) {
+			if (seen & (1u << key))
+				return NULL; /* repeated: jansson's last one wins — the general path */
+			seen |= 1u << key;
+		}
+		if (*p == '-' || (*p >= '0' && *p <= '9')) {
+			uint64_t v;
+			p = plain_integer(p, e, &v);
+			if (p == NULL)
+				return NULL;
+			if (key >= 0 && key < UK_N) {
+				c->have[key] = true;
+				c->v[key] = v;
+			} else if (key == UK_N + UD_N) {
+				*detail = v;
+			}
+		} else if (*p == '{') {
+			if (depth >= 2)
+				return NULL;
+			if (key >= UK_N && key < UK_N + UD_N)
+				p = plain_object(p, e, depth + 1, NULL, usage_detail_names[key - UK_N][1],
+				                 &c->detail[key - UK_N]);
+			else
+				p = plain_object(p, e, depth + 1, NULL, NULL, NULL);
+		} else if (*p == '"') {
+			p = plain_string(p, e);
+		} else {
+			p = plain_literal(p, e);
+		}
+		if (p == NULL)
+			return NULL;
+		p = skip_ws(p, e);
+		if (p < e && *p == ',') {
+			p = skip_ws(p + 1, e);
+			if (p >= e || *p != '"')
+				return NULL;
+			continue;
+		}
+		return p < e && *p == '}' ? p + 1 : NULL;
+	}
+	return NULL;
+}
+
 /* The usage object at s (a depth-1 member's raw value) → *out. It is read as jansson
  * would read it (json_loadb, no flags: duplicate keys allowed, the last one wins; a
  * "\u0000" refused): an object the scan accepts and without a backslash is walked in
@@ -374,6 +504,9 @@ static bool usage_from_span(const struct span *s, struct record_usage *out)
 
 	if (s->p == NULL || s->len == 0 || s->p[0] != '{')
 		return false;
+	memset(&c, 0, sizeof(c));
+	if (plain_object(s->p, s->p + s->len, 0, &c, NULL, NULL) == s->p + s->len)
+		return fill_usage(&c, out);
 	if (memchr(s->p, '\\', s->len) == NULL &&
 	    json_scan_body(s->p, s->len, &js) == JSON_SCAN_OK) {
 		memset(&c, 0, sizeof(c));

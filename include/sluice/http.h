@@ -108,6 +108,9 @@ void http_request_abandon(struct http_request *req);
 
 /* Headers added before the reply starts. name and value are copied. */
 void http_response_header(struct http_request *req, const char *name, const char *value);
+/* Whole header lines ("Name: value\r\n" …, len bytes) that the caller wrote from fixed
+ * names and digits: added as they are, without http_response_header()'s byte checks. */
+void http_response_header_lines(struct http_request *req, const char *lines, size_t len);
 /* v in decimal at o (at most 20 bytes, not terminated); returns the length. */
 size_t http_put_decimal(char *o, uint64_t v);
 

@@ -65,6 +65,7 @@ class StreamTest(harness.SluiceTestCase):
         self.assertTrue(head.header("content-type", "").startswith("text/event-stream"), head)
         self.assertEqual(head.header("x-sluice-instance"), "mock")
         self.assertTrue(head.header("x-request-id"))
+        self.assertEqual(head.header("cache-control"), "no-cache", head)
         self.assertEqual(len(content_events(events)), 12, events)
         self.assertTrue(any(e.is_usage_only() for e in events),
                         "include_usage was asked for but no usage chunk arrived")

@@ -239,6 +239,28 @@ static void test_counters_summed(void **state)
 	free(t);
 }
 
+/* The series memo is keyed by the label pointers: the same pointer holding other bytes (a
+ * reload frees a route's name and another takes its place) must land in another series. */
+static void test_label_pointer_reused(void **state)
+{
+	char route[8] = "one", consumer[8] = "ca";
+	struct request_record r = base_record();
+	r.route = route;
+	r.consumer = consumer;
+	metrics_record_request(metrics_shard(0), &r);
+	metrics_record_request(metrics_shard(0), &r);
+	memcpy(route, "two", 4);
+	metrics_record_request(metrics_shard(0), &r);
+	memcpy(consumer, "cb", 3);
+	metrics_record_request(metrics_shard(0), &r);
+	char *t = render();
+	expect_line(t, "sluice_requests_total{route=\"one\",consumer=\"ca\",code=\"200\"} 2");
+	expect_line(t, "sluice_requests_total{route=\"two\",consumer=\"ca\",code=\"200\"} 1");
+	expect_line(t, "sluice_requests_total{route=\"two\",consumer=\"cb\",code=\"200\"} 1");
+	assert_int_equal(count_samples(t, "sluice_requests_total"), 3);
+	free(t);
+}
+
 static void test_histograms(void **state)
 {
 	record_mix();
@@ -972,6 +994,8 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 	        cmocka_unit_test_setup_teardown(test_counters_summed, setup_metrics,
+	                                        teardown_metrics),
+	        cmocka_unit_test_setup_teardown(test_label_pointer_reused, setup_metrics,
 	                                        teardown_metrics),
 	        cmocka_unit_test_setup_teardown(test_histograms, setup_metrics, teardown_metrics),
 	        cmocka_unit_test_setup_teardown(test_help_type_once, setup_metrics,
