@@ -255,13 +255,14 @@ static bool plan_add(struct quota_ticket *t, const struct config_limit *l, bool 
 }
 
 /* The applicable limits in check order: the consumer's for this instance, the consumer's
- * for all instances, the consumer's request rates, then the instance's own. */
+ * for all instances, the consumer's request rates, then the instance's own. requests_only
+ * keeps the request rates alone (quota_admit_requests). */
 static void plan_build(struct quota_ticket *t, const struct config_consumer *cons,
                        const struct config_instance *in, uint64_t prompt, uint64_t completion,
-                       uint64_t now)
+                       uint64_t now, bool requests_only)
 {
 	t->consumer_name = cons != NULL ? cons->name : "*";
-	if (cons != NULL) {
+	if (cons != NULL && !requests_only) {
 		for (size_t i = 0; i < cons->n_limits; i++) {
 			const struct config_limit *l = &cons->limits[i];
 			if (counts_usage(l) && l->instance != NULL && l->instance == in)
@@ -273,6 +274,8 @@ static void plan_build(struct quota_ticket *t, const struct config_consumer *con
 			if (counts_usage(l) && l->instance == NULL && limit_applies(l, in))
 				plan_add(t, l, true, in, prompt, completion, now);
 		}
+	}
+	if (cons != NULL) {
 		for (size_t i = 0; i < cons->n_limits; i++) {
 			const struct config_limit *l = &cons->limits[i];
 			if (!counts_usage(l) && (l->instance == NULL || l->instance == in))
@@ -281,7 +284,8 @@ static void plan_build(struct quota_ticket *t, const struct config_consumer *con
 	}
 	if (in != NULL)
 		for (size_t i = 0; i < in->n_limits; i++)
-			plan_add(t, &in->limits[i], false, in, prompt, completion, now);
+			if (!requests_only || !counts_usage(&in->limits[i]))
+				plan_add(t, &in->limits[i], false, in, prompt, completion, now);
 }
 
 static const char *series_consumer(const struct quota_ticket *t, const struct quota_reservation *r)
@@ -1033,10 +1037,11 @@ size_t quota_inflight(const struct quota *q)
 
 /* ---------------------------------------------------------------- public: admission */
 
-enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const struct config *c,
-                              const struct config_consumer *consumer,
-                              const struct config_instance *in, uint64_t est_prompt,
-                              uint64_t est_completion, quota_cb cb, void *arg)
+static enum quota_status admit(struct quota *q, struct quota_ticket *t,
+                               const struct config_consumer *consumer,
+                               const struct config_instance *in, uint64_t est_prompt,
+                               uint64_t est_completion, bool requests_only, quota_cb cb,
+                               void *arg)
 {
 	if (t->pending != NULL || t->holds)
 		quota_cancel(q, t);
@@ -1048,7 +1053,7 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	if (in != NULL && est_completion > in->max_reservation)
 		est_completion = in->max_reservation;
 	plan_build(t, consumer, in, clamp_amount(est_prompt), clamp_amount(est_completion),
-	           now_ms());
+	           now_ms(), requests_only);
 	if (atomic_load_explicit(&posthoc_for_bench, memory_order_relaxed) == 1)
 		for (unsigned i = 0; i < t->n_res; i++) /* benchmark only, see quota_new */
 			if (counts_usage(t->res[i].limit))
@@ -1068,6 +1073,22 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
 	}
 	memory_admit(t);
 	return QUOTA_DONE;
+}
+
+enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const struct config *c,
+                              const struct config_consumer *consumer,
+                              const struct config_instance *in, uint64_t est_prompt,
+                              uint64_t est_completion, quota_cb cb, void *arg)
+{
+	return admit(q, t, consumer, in, est_prompt, est_completion, false, cb, arg);
+}
+
+enum quota_status quota_admit_requests(struct quota *q, struct quota_ticket *t,
+                                       const struct config *c,
+                                       const struct config_consumer *consumer,
+                                       const struct config_instance *in, quota_cb cb, void *arg)
+{
+	return admit(q, t, consumer, in, 0, 0, true, cb, arg);
 }
 
 /* Replace t's reservation on counter i with charges[i]. */

@@ -156,6 +156,7 @@ struct request {
 	struct instance_state *state;
 	bool inflight_held;
 	bool trial;   /* this attempt is a half-open health trial */
+	bool estimate; /* count_tokens on an instance without the endpoint: answered here */
 	int attempts; /* started upstream transfers */
 	uint64_t attempt_start_us;
 
@@ -1033,13 +1034,11 @@ static void next_attempt(struct request *r)
 		const struct config_instance *in = rt->targets[idx].instance;
 		const char *url;
 		r->excluded[idx] = true; /* whatever happens, not again for this request */
-		/* count_tokens on an instance that has no such endpoint: the gateway's estimate. */
-		if (r->proto == PROTO_COUNT_TOKENS &&
-		    provider_upstream_proto(in, PROTO_COUNT_TOKENS, &url) == PROTO__COUNT) {
-			answer_count_tokens(r);
-			return;
-		}
-		enum health_gate gate = health_admit(in->state, in, now);
+		/* count_tokens on an instance that has no such endpoint: the gateway's estimate,
+		 * whatever the instance's health (after_quota answers it). */
+		r->estimate = r->proto == PROTO_COUNT_TOKENS &&
+		              provider_upstream_proto(in, PROTO_COUNT_TOKENS, &url) == PROTO__COUNT;
+		enum health_gate gate = r->estimate ? HEALTH_PASS : health_admit(in->state, in, now);
 		if ((gate == HEALTH_DOWN || gate == HEALTH_COOLING) &&
 		    (rt->fallback.on & FALLBACK_UNHEALTHY)) {
 			record_attempt(r, in, "unhealthy", 0, 0);
@@ -1050,8 +1049,14 @@ static void next_attempt(struct request *r)
 		r->state = in->state;
 		r->trial = gate == HEALTH_TRIAL;
 		memset(&r->ticket, 0, sizeof(r->ticket));
-		if (quota_admit(r->w->quota, &r->ticket, r->config, r->consumer, in, r->est_prompt,
-		                r->est_completion, on_quota, r) == QUOTA_PENDING) {
+		/* count_tokens costs no tokens: request rates alone admit it, passed through or
+		 * estimated; a spent token or cost budget does not refuse it. */
+		if ((r->proto == PROTO_COUNT_TOKENS
+		             ? quota_admit_requests(r->w->quota, &r->ticket, r->config, r->consumer,
+		                                    in, on_quota, r)
+		             : quota_admit(r->w->quota, &r->ticket, r->config, r->consumer, in,
+		                           r->est_prompt, r->est_completion, on_quota,
+		                           r)) == QUOTA_PENDING) {
 			r->quota_pending = true;
 			return;
 		}
@@ -1096,6 +1101,11 @@ static void after_quota(struct request *r)
 		return;
 	}
 	r->ticket_held = true;
+	if (r->estimate) {
+		r->cost = COST_REQUEST; /* the request counts, no tokens */
+		answer_count_tokens(r);
+		return;
+	}
 	attempt_start(r);
 }
 

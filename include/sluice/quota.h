@@ -136,6 +136,14 @@ enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const str
                               const struct config_consumer *consumer,
                               const struct config_instance *in, uint64_t est_prompt,
                               uint64_t est_completion, quota_cb cb, void *arg);
+/* The same for a request that costs no tokens (count_tokens): only the request-rate limits
+ * (requests:) that quota_admit would check apply — token and cost limits neither refuse it
+ * nor are charged, whether or not they are spent. Settle or release it the same way (a
+ * settlement charges the request, 1, on each request counter). */
+enum quota_status quota_admit_requests(struct quota *q, struct quota_ticket *t,
+                                       const struct config *c,
+                                       const struct config_consumer *consumer,
+                                       const struct config_instance *in, quota_cb cb, void *arg);
 /* Replace the reservation with the real usage (as reported, or estimated): u's prompt
  * (which includes its cached tokens), cached and completion. Fire and forget: one round trip
  * with Redis. No-op when t holds nothing. */

@@ -14,8 +14,10 @@ Checked: the answer is the mock's count; the upstream saw the count_tokens path 
 api.anthropic.com with the instance's key and the client's anthropic-version (and neither
 the client's key nor the Authorization header); the model is the instance's; an upstream
 error is relayed in the Messages shape; no tokens are charged (a consumer token limit of
-1 stays untouched); chat on the same instance still goes to /v1/messages; and the known
-limitation that a spent token budget refuses a passed-through count.
+1 stays untouched); chat on the same instance still goes to /v1/messages; a count costs no
+tokens, so spent token budgets — the consumer's and the instance's own — do not refuse it,
+passed through or answered by the gateway's estimate (qwen, a chat instance), and it charges
+none; but it is a request, and request rates (requests:) still count and refuse it.
 """
 
 import json
@@ -27,6 +29,7 @@ import threading
 
 import harness
 import ops_helpers as ops
+import quota_helpers as qh
 from harness import Raw, wait_until
 
 COUNT = "/v1/messages/count_tokens"
@@ -125,21 +128,45 @@ class CountTokensPassThroughTest(harness.SluiceTestCase):
                 "tls_verify": False,
                 "auth": {"header": {"x-api-key": "sk-ant-instance"}},
                 "checks": {"passive": {"enabled": False}},
-                "limits": [{"limit": 1000000, "window": Raw("1h")}]}
-        routes = [{"name": "messages", "paths": [MESSAGES, COUNT, CHAT], "auth": Raw("key-auth"),
-                   "targets": [{"instance": "claude"}]}]
+                "limits": [{"limit": 1, "window": Raw("1h")}]}
+        # a chat instance: count_tokens there is the gateway's estimate
+        qwen = harness.instance("qwen", self.mock.url(CHAT), model="qwen-up",
+                                checks={"passive": {"enabled": False}})
+        routes = [{"name": "messages", "paths": [MESSAGES, COUNT, CHAT], "models": ["claude"],
+                   "auth": Raw("key-auth"), "targets": [{"instance": "claude"}]},
+                  {"name": "estimate", "paths": [COUNT], "models": ["qwen"],
+                   "auth": Raw("key-auth"), "targets": [{"instance": "qwen"}]}]
+        # app: a token budget of 1; rated: no token budget of its own, 3 requests an hour
         consumers = [ops.consumer("app", ["app-key"],
-                                  limits=[{"limit": 1, "window": Raw("1h")}])]
-        cfg = ops.ops_config(self.port, [inst], routes, consumers=consumers,
+                                  limits=[{"limit": 1, "window": Raw("1h")}]),
+                     ops.consumer("rated", ["rated-key"],
+                                  limits=[{"requests": 3, "window": Raw("1h")}])]
+        cfg = ops.ops_config(self.port, [inst, qwen], routes, consumers=consumers,
                              admin_port=self.admin_port, access_log=self.access_log)
         env = {"https_proxy": "http://127.0.0.1:%d" % self.proxy.port,
                "HTTPS_PROXY": "http://127.0.0.1:%d" % self.proxy.port, "no_proxy": ""}
         self.gw = ops.start_gateway(self, cfg, self.port, self.admin_port, env=env)
 
-    def count(self, body, headers=None):
-        h = {"x-api-key": "app-key"}
+    def count(self, body, headers=None, key="app-key"):
+        h = {"x-api-key": key}
         h.update(VERSION if headers is None else headers)
         return harness.http_request(self.port, "POST", COUNT, headers=h, json_body=body)
+
+    def chat(self, key="app-key"):
+        return harness.http_request(
+            self.port, "POST", CHAT, headers={"x-api-key": key},
+            json_body={"model": "claude", "max_tokens": 5, "mock": {"tokens": 2},
+                       "messages": [{"role": "user", "content": "hi"}]})
+
+    def used(self):
+        """Every limit's use: the consumers' and the claude instance's own."""
+        u = {}
+        for name in ("app", "rated"):
+            u.update({k: v["used"] for k, v in qh.consumer_limits(
+                self.admin_port, name, ops.ADMIN_KEY).items()})
+        u.update({k: v["used"] for k, v in qh.instance_limits(
+            self.admin_port, "claude", ops.ADMIN_KEY).items()})
+        return u
 
     def test_passed_through_to_the_default_endpoint(self):
         body = {"model": "claude", "system": "be brief",
@@ -184,21 +211,58 @@ class CountTokensPassThroughTest(harness.SluiceTestCase):
         self.assertEqual(len(self.mock.requests(COUNT)), 1)
 
     def test_chat_on_the_same_instance_goes_to_messages(self):
-        def chat():
-            return harness.http_request(
-                self.port, "POST", CHAT, headers={"x-api-key": "app-key"},
-                json_body={"model": "claude", "max_tokens": 5, "mock": {"tokens": 2},
-                           "messages": [{"role": "user", "content": "hi"}]})
-        r = chat()
+        r = self.chat()
         self.assertEqual(r.status, 200, r)
         self.assertEqual(len(self.mock.requests(MESSAGES)), 1)
         self.assertEqual(self.mock.requests(COUNT), [])
-        # Known limitation (docs/providers.md): once a completion has spent the consumer's
-        # token budget, a passed-through count is refused by it too (429), although it costs
-        # nothing and the gateway's estimate on a chat instance would still be answered.
-        r = self.count({"model": "claude", "messages": [{"role": "user", "content": "hi"}]})
+
+    def test_spent_token_budgets_do_not_refuse_a_count(self):
+        # A completion spends the consumer's token budget and the instance's own (1 each).
+        self.assertEqual(self.chat().status, 200)
+        r = self.chat()
         self.assertEqual((r.status, r.json()["error"]["code"]), (429, "quota_exceeded"), r)
-        self.assertEqual(self.mock.requests(COUNT), [])
+        self.assertIn("consumer:app:*:total_tokens:1h", r.json()["error"]["message"])
+        spent = self.used()
+        self.assertGreater(spent["consumer:app:*:total_tokens:1h"], 1, spent)
+        self.assertGreater(spent["instance:claude:total_tokens:1h"], 1, spent)
+        # A count costs no tokens: passed through to the instance, and estimated on qwen,
+        # both are answered, and neither charges anything.
+        body = {"model": "claude", "messages": [{"role": "user", "content": "hi"}]}
+        r = self.count(body)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(len(self.mock.requests(COUNT)), 1, "passed through")
+        r = self.count(dict(body, model="qwen"))
+        self.assertEqual(r.status, 200, r)
+        self.assertGreater(r.json()["input_tokens"], 0, r)
+        self.assertEqual(len(self.mock.requests(COUNT)), 1, "the estimate: no upstream call")
+        self.assertEqual(self.used(), spent, "a count charges no tokens")
+        # the budget is still spent for completions
+        r = self.chat()
+        self.assertEqual((r.status, r.json()["error"]["code"]), (429, "quota_exceeded"), r)
+
+    def test_request_rate_still_refuses_a_count(self):
+        # rated has no token budget; its chat spends the instance's own (1 token).
+        self.assertEqual(self.chat("rated-key").status, 200)
+        r = self.chat("rated-key")
+        self.assertEqual((r.status, r.json()["error"]["code"]), (429, "quota_exceeded"), r)
+        self.assertIn("instance:claude:total_tokens:1h", r.json()["error"]["message"])
+        rate = "consumer:rated:*:requests:1h"
+        self.assertEqual(self.used()[rate], 1, "the refused chat did not count")
+        # Counts are requests: each counts on the request rate, passed through or estimated,
+        # the instance's spent token budget notwithstanding ...
+        body = {"model": "claude", "messages": [{"role": "user", "content": "hi"}]}
+        self.assertEqual(self.count(body, key="rated-key").status, 200)
+        self.assertEqual(self.count(dict(body, model="qwen"), key="rated-key").status, 200)
+        self.assertEqual(self.used()[rate], 3)
+        # ... and the spent rate refuses both, the estimate too, before any upstream call.
+        for model in ("claude", "qwen"):
+            r = self.count(dict(body, model=model), key="rated-key")
+            self.assertEqual((r.status, r.json()["error"]["code"]), (429, "quota_exceeded"),
+                             (model, r))
+            self.assertIn(rate, r.json()["error"]["message"])
+            self.assertTrue(r.header("retry-after"), r)
+        self.assertEqual(len(self.mock.requests(COUNT)), 1)
+        self.assertEqual(self.used()[rate], 3)
 
 
 if __name__ == "__main__":

@@ -672,6 +672,77 @@ static void test_request_rate(void **state)
 	fixture_free(f);
 }
 
+/* count_tokens: request rates alone admit it; spent token and cost budgets, the consumer's
+ * and the instance's own, neither refuse it nor are charged. */
+static const char requests_only_yaml[] =
+        "instances:\n"
+        "  - name: claude\n"
+        "    provider: anthropic\n"
+        "    price: { input: 3, output: 15 }\n"
+        "    limits:\n"
+        "      - { limit: 100, window: 1h }\n"
+        "      - { strategy: cost, limit: 0.0001, window: 1h }\n"
+        "      - { requests: 10, window: 1m }\n"
+        "consumers:\n"
+        "  - name: team\n"
+        "    keys: [k]\n"
+        "    limits:\n"
+        "      - { limit: 50, window: 1h }\n"
+        "      - { instance: claude, strategy: prompt_tokens, limit: 40, window: 1h }\n"
+        "      - { strategy: cost, limit: 0.001, window: 1h }\n"
+        "      - { requests: 3, window: 1m }\n";
+
+static bool admit_requests(struct fixture *f, struct quota_ticket *t, const char *cons,
+                           const char *inst)
+{
+	enum quota_status st = quota_admit_requests(f->q, t, f->c, cons ? consumer(f, cons) : NULL,
+	                                            instance(f, inst), NULL, NULL);
+	assert_int_equal(st, QUOTA_DONE);
+	assert_false(t->store_error);
+	return t->admitted;
+}
+
+static void test_admit_requests(void **state)
+{
+	struct fixture *f = fixture_new(requests_only_yaml);
+	const struct config_consumer *team = consumer(f, "team");
+	struct quota_ticket t = {0};
+
+	quota_set_clock_for_tests(fake_clock);
+	atomic_store(&fake_now, utc(2025, 1, 1, 0, 0, 30));
+	/* one completion spends every token and cost budget (1800 micro-units) */
+	assert_true(admit(f, &t, "team", "claude", 100, 100));
+	quota_settle(f->q, &t, 100, 100);
+	assert_false(admit(f, &t, "team", "claude", 1, 1));
+	assert_ptr_equal(t.denied_by, &team->limits[1]);
+	assert_false(admit(f, &t, NULL, "claude", 1, 1)); /* the instance's own, too */
+	/* a count is admitted on the request rates alone: the consumer's and the instance's */
+	for (int i = 0; i < 2; i++) {
+		assert_true(admit_requests(f, &t, "team", "claude"));
+		assert_int_equal(t.n_res, 2);
+		assert_false(t.have_headers); /* no token limit took part */
+		quota_settle(f->q, &t, 0, 0);
+	}
+	/* it counted as a request and charged nothing else */
+	assert_int_equal(used_of(f, "team", NULL, 0), 200);
+	assert_int_equal(used_of(f, "team", NULL, 1), 100);
+	assert_int_equal(used_of(f, "team", NULL, 2), 1800);
+	assert_int_equal(used_of(f, "team", NULL, 3), 3);
+	assert_int_equal(used_of(f, NULL, "claude", 0), 200);
+	assert_int_equal(used_of(f, NULL, "claude", 1), 1800);
+	assert_int_equal(used_of(f, NULL, "claude", 2), 3);
+	/* the request rate still refuses it, and says when to retry */
+	assert_false(admit_requests(f, &t, "team", "claude"));
+	assert_ptr_equal(t.denied_by, &team->limits[3]);
+	assert_int_equal(t.retry_after_s, 30);
+	/* without a consumer (auth: none) only the instance's request rate applies */
+	assert_true(admit_requests(f, &t, NULL, "claude"));
+	assert_int_equal(t.n_res, 1);
+	quota_release(f->q, &t);
+	assert_int_equal(used_of(f, NULL, "claude", 2), 3);
+	fixture_free(f);
+}
+
 static void test_max_concurrent(void **state)
 {
 	struct fixture *f = fixture_new(rate_yaml);
@@ -1000,6 +1071,7 @@ int main(void)
 	        cmocka_unit_test(test_release_and_settle),
 	        cmocka_unit_test(test_reservation_size),
 	        cmocka_unit_test(test_request_rate),
+	        cmocka_unit_test(test_admit_requests),
 	        cmocka_unit_test(test_max_concurrent),
 	        cmocka_unit_test(test_max_concurrent_threads),
 	        cmocka_unit_test(test_counters_survive_reload),
