@@ -13,7 +13,7 @@ import unittest
 
 import harness
 from harness import Raw, free_port, closed_port, http_request, stream_request
-from sched_support import (CHAT, SANITIZED, FixedUpstream, WebhookReceiver, active_checks,
+from sched_support import (CHAT, FixedUpstream, WebhookReceiver, active_checks,
                            admin_instances, body, chat, config, inst, kill_mock, marker,
                            restart_mock, rte, wait_health)
 
@@ -242,7 +242,8 @@ class FallbackTest(SchedTestCase):
                         "sluice to drop the slow attempt")
 
     def test_429_with_retry_after_takes_the_instance_out_of_rotation(self):
-        limited = self.start_mock("--status", "429", "--retry-after", "2", name="limited")
+        # 5 s: room for three requests on a loaded machine inside the period
+        limited = self.start_mock("--status", "429", "--retry-after", "5", name="limited")
         good = self.start_mock(name="good")
         gw = self.gateway([inst("limited", limited), inst("good", good)],
                           [rte("chat", [CHAT], [("limited", 10), ("good", 1)])])
@@ -250,11 +251,12 @@ class FallbackTest(SchedTestCase):
         r = chat(gw.port)
         self.assertInstance(r, "good")
         self.assertEqual(limited.stats()["requests"], 1)
-        for _ in range(3):   # within the 2 s: not even tried
+        for _ in range(3):   # within the 5 s: not even tried
             self.assertInstance(chat(gw.port), "good")
-        self.assertEqual(limited.stats()["requests"], 1,
-                         "an instance cooling down after 429 + Retry-After was tried again")
-        gw.wait_log(r"instance limited: 429 with Retry-After 2 s")
+        if time.monotonic() - t0 < 5:   # a starved run may be past the period already
+            self.assertEqual(limited.stats()["requests"], 1,
+                             "an instance cooling down after 429 + Retry-After was tried again")
+        gw.wait_log(r"instance limited: 429 with Retry-After 5 s")
 
         def back():
             self.assertInstance(chat(gw.port), "good")
@@ -264,7 +266,7 @@ class FallbackTest(SchedTestCase):
                            "passed", interval=0.1)
         elapsed = time.monotonic() - t0
         harness.note("back in rotation after %.2f s" % elapsed)
-        self.assertGreaterEqual(elapsed, 1.5, "tried again before Retry-After: 2 passed")
+        self.assertGreaterEqual(elapsed, 4.9, "tried again before Retry-After: 5 passed")
 
     # Sluice bug: on_upstream_done (src/request.c) looks for Retry-After with strcasestr()
     # over the upstream's response headers, an evbuffer that is not NUL-terminated. With any
@@ -379,7 +381,7 @@ class ProbeTest(SchedTestCase):
         t0 = time.monotonic()
         probed.wait_stats(lambda s: s["all_requests"] >= probes + 2,
                           "2 more probes within 2 intervals + slack",
-                          timeout=2 * interval + (10 if SANITIZED else 4))
+                          timeout=2 * interval + 20)
         harness.note("2 probes in %.2f s (interval %.1f s)" % (time.monotonic() - t0, interval))
         reqs = probed.requests()
         for q in reqs:
@@ -392,8 +394,15 @@ class ProbeTest(SchedTestCase):
             self.assertEqual(h.get("host"), "127.0.0.1:%d" % probed.port, q)
         gaps = [b["time"] - a["time"] for a, b in zip(reqs, reqs[1:])]
         harness.note("gaps: %s" % ", ".join("%.3f" % g for g in gaps))
-        self.assertGreaterEqual(min(gaps), interval - 0.05,
+        # The mock stamps a probe when it reads it: one read late (a loaded machine) makes
+        # one gap short and the next long, so the span of n gaps is what the interval
+        # bounds (only its two ends' delays enter it); no gap is near zero (two routes
+        # on one instance still probe it once per interval).
+        span = reqs[-1]["time"] - reqs[0]["time"]
+        self.assertGreaterEqual(span, len(gaps) * interval - 0.05,
                                 "probes closer together than the interval: %s" % gaps)
+        self.assertGreaterEqual(min(gaps), interval / 3,
+                                "two probes for one interval: %s" % gaps)
         lq = lazy.requests()
         self.assertEqual([(q["method"], q["path"]) for q in lq], [("GET", "/health")], lq)
         self.assertLess(time.monotonic() - t_ready, 30)
@@ -500,17 +509,19 @@ class PassiveHealthTest(SchedTestCase):
         good = self.start_mock(name="good")
         gw = self.gateway(
             [inst("sick", sick, checks={"passive": {"unhealthy": {"http_failures": 2},
-                                                    "cooldown": Raw("1s")}}),
+                                                    "cooldown": Raw("3s")}}),
              inst("good", good)],
             [rte("chat", [CHAT], [("sick", 10), ("good", 1)])])
-        for _ in range(2):
-            self.assertInstance(chat(gw.port), "good")
+        self.assertInstance(chat(gw.port), "good")
+        # before the failure that starts the cooldown: elapsed below is never short of it
         t_down = time.monotonic()
+        self.assertInstance(chat(gw.port), "good")
         gw.wait_log(r"instance sick: healthy -> unhealthy \(passive: 2 consecutive http 503\)")
         self.assertEqual(sick.stats()["requests"], 2)
         self.assertInstance(chat(gw.port), "good")
-        self.assertEqual(sick.stats()["requests"], 2, "an unhealthy instance was tried "
-                         "during its cooldown")
+        if time.monotonic() - t_down < 3:   # 3 s of room for these on a loaded machine
+            self.assertEqual(sick.stats()["requests"], 2, "an unhealthy instance was tried "
+                             "during its cooldown")
         kill_mock(sick)
         healed = restart_mock(self, sick)
 
@@ -522,8 +533,8 @@ class PassiveHealthTest(SchedTestCase):
         harness.wait_until(served_by_sick, message="a half-open trial to bring 'sick' back",
                            interval=0.05)
         elapsed = time.monotonic() - t_down
-        harness.note("back after %.2f s (cooldown 1 s)" % elapsed)
-        self.assertGreaterEqual(elapsed, 0.9, "trial before the cooldown passed")
+        harness.note("back after %.2f s (cooldown 3 s)" % elapsed)
+        self.assertGreaterEqual(elapsed, 2.99, "trial before the cooldown passed")
         self.assertEqual(healed.stats()["requests"], 1, "more than one trial request")
         gw.wait_log(r"instance sick: unhealthy -> healthy \(trial: ")
         self.assertEqual(gw.log().count("instance sick: unhealthy -> healthy"), 1)
