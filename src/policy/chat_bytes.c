@@ -10,31 +10,18 @@
  * imposes replaces or joins the choice's. Everything else is the upstream's bytes, as they
  * came. An answer the policies leave alone is not copied at all.
  *
- * What the pass reads, it reads exactly as a JSON parser would (RFC 8259): the structure of
- * the objects and arrays on the way to the texts (the top object, choices, each choice, its
- * delta / message), the texts themselves (strings with their escapes and UTF-8), the indexes
- * (numbers), the object and finish_reason values. What it does not read — every other
- * member's value — it only delimits, as the identity path passes it: strings to their closing
- * quote (an escape skips the byte after the backslash), objects and arrays to their matching
- * bracket (nesting and the brackets' kinds tracked, strings inside skipped), a scalar as a
- * run of the bytes numbers and literals are made of. So in any document a client's JSON
- * parser accepts, the policies see exactly the text the client would; a document that is
- * invalid only inside a member the pass does not read goes out as the upstream sent it (as on
- * a route without policies), its texts policed all the same (docs/configuration.md, "Response
- * policies and invalid JSON"). The pass declines — returns false, having run nothing, so the
- * caller takes the tree path (json_loadb and policy_run_chat_chunk), which then decides —
- * whatever it cannot read with certainty the way a JSON parser would:
- *   - any key written with an escape (it might be one of the keys it reads), or a key it
- *     reads (choices, index, delta/message, content, finish_reason, error, object) repeated
- *     in its object (parsers differ on which duplicate wins; the tree path takes jansson's);
+ * What the pass accepts is JSON (RFC 8259: structure, strings with their escapes and UTF-8,
+ * numbers, literals, at most CB_MAX_DEPTH deep). It declines — returns false, having run
+ * nothing, so the caller takes the tree path (json_loadb and policy_run_chat_chunk), which
+ * then decides — whatever it cannot read with certainty the way a JSON parser would:
+ *   - a key it looks at (choices, index, delta/message, content, finish_reason, error,
+ *     object) written with an escape, or repeated in its object (parsers differ on which
+ *     duplicate wins; the tree path takes jansson's answer);
  *   - an error event ("error" at the top, or "object": "error");
  *   - more than CB_MAX_CHOICES choices, an index too large to be an int64;
- *   - a member it reads that is not valid JSON, a structure it cannot delimit (an unclosed
- *     string, a bracket of the wrong kind, more than CB_MAX_DEPTH levels), not an object at
- *     the top, or bytes after it.
- * What jansson refuses and this pass does not look at — a duplicate key elsewhere, a number
- * beyond a double's range, invalid JSON inside a member it skips — does not change what the
- * policies read.
+ *   - anything that is not valid JSON, or not an object at the top.
+ * Two things jansson refuses and this pass does not look at, because they do not change
+ * what the policies read: a duplicate key elsewhere, and a number beyond a double's range.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -273,128 +260,71 @@ static bool literal(struct cb *s, const char *w, size_t n)
 	return true;
 }
 
-/* ---------------------------------------------------------------- delimiting what is not read */
+static bool value(struct cb *s);
 
-/* Past the bytes from p (up to e) that are neither '"' nor '\\', eight at a time (the
- * zero-byte test of skip_plain, for those two only). */
-CB_INLINE const unsigned char *skip_to_quote(const unsigned char *p, const unsigned char *e)
+/* An object or an array, generic: every member validated, nothing recorded. */
+static bool container(struct cb *s)
 {
-	const uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+	char close = *s->p == '{' ? '}' : ']';
+	bool obj = close == '}';
 
-	while (e - p >= 8) {
-		uint64_t x;
-		memcpy(&x, p, 8);
-		uint64_t q = x ^ (ones * '"'), b = x ^ (ones * '\\');
-		uint64_t hit = (((q - ones) & ~q) | ((b - ones) & ~b)) & highs;
-		if (hit != 0) {
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-			return p + __builtin_ctzll(hit) / 8;
-#else
-			break;
-#endif
-		}
-		p += 8;
+	if (++s->depth > CB_MAX_DEPTH)
+		return false;
+	s->p++;
+	ws(s);
+	if (s->p < s->e && *s->p == close) {
+		s->p++;
+		s->depth--;
+		return true;
 	}
-	while (p < e && *p != '"' && *p != '\\')
-		p++;
-	return p;
-}
-
-/* A string at s->p ('"') delimited, not validated: s->p after its closing quote; *escaped:
- * it holds a backslash. */
-CB_INLINE bool skip_string(struct cb *s, bool *escaped)
-{
-	const unsigned char *p = (const unsigned char *)s->p + 1, *e = (const unsigned char *)s->e;
-	bool esc = false;
-
 	for (;;) {
-		p = skip_to_quote(p, e);
-		if (p >= e)
-			return false;
-		if (*p == '"')
-			break;
-		esc = true;
-		if (e - p < 2)
-			return false;
-		p += 2; /* the backslash and the byte it escapes */
-	}
-	*escaped = esc;
-	s->p = (const char *)p + 1;
-	return true;
-}
-
-/* An object or an array at s->p delimited: to its matching bracket, the kinds of the
- * brackets on the way checked (bit d of open: level d is an object), strings skipped. */
-static bool skip_container(struct cb *s)
-{
-	const char *p = s->p, *e = s->e;
-	uint64_t open = 0;
-	int d = 0;
-	bool esc;
-
-	while (p < e) {
-		switch (*p) {
-		case '{':
-		case '[':
-			if (s->depth + d >= CB_MAX_DEPTH)
+		if (obj) {
+			if (s->p >= s->e || *s->p != '"' || !string(s, NULL))
 				return false;
-			if (*p == '{')
-				open |= 1ull << d;
-			else
-				open &= ~(1ull << d);
-			d++;
-			p++;
-			break;
-		case '}':
-		case ']':
-			d--;
-			if (((open >> d) & 1) != (*p == '}'))
+			ws(s);
+			if (s->p >= s->e || *s->p != ':')
 				return false;
-			p++;
-			if (d == 0) {
-				s->p = p;
-				return true;
-			}
-			break;
-		case '"':
-			s->p = p;
-			if (!skip_string(s, &esc))
-				return false;
-			p = s->p;
-			break;
-		default:
-			p++;
+			s->p++;
+			ws(s);
 		}
+		if (!value(s))
+			return false;
+		ws(s);
+		if (s->p >= s->e)
+			return false;
+		if (*s->p == ',') {
+			s->p++;
+			ws(s);
+			continue;
+		}
+		if (*s->p != close)
+			return false;
+		s->p++;
+		s->depth--;
+		return true;
 	}
-	return false;
 }
 
-/* Whether c may be part of a number or a literal (what a scalar is delimited by). */
-CB_INLINE bool scalar_byte(unsigned char c)
+static bool value(struct cb *s)
 {
-	return (unsigned)(c - '0') < 10 || (unsigned)((c | 0x20) - 'a') < 26 || c == '-' ||
-	       c == '+' || c == '.';
-}
-
-/* A value the pass does not read, delimited. */
-CB_INLINE bool value(struct cb *s)
-{
-	bool esc;
+	bool integer;
 
 	if (s->p >= s->e)
 		return false;
 	switch (*s->p) {
 	case '"':
-		return skip_string(s, &esc);
+		return string(s, NULL);
 	case '{':
 	case '[':
-		return skip_container(s);
-	default: {
-		const char *q = s->p;
-		while (s->p < s->e && scalar_byte((unsigned char)*s->p))
-			s->p++;
-		return s->p > q;
-	}
+		return container(s);
+	case 't':
+		return literal(s, "true", 4);
+	case 'f':
+		return literal(s, "false", 5);
+	case 'n':
+		return literal(s, "null", 4);
+	default:
+		return number(s, &integer);
 	}
 }
 
@@ -431,7 +361,7 @@ CB_INLINE int member(struct cb *s, bool *first, const char **key, size_t *klen, 
 	if (s->p >= s->e || *s->p != '"')
 		return -1;
 	*key = s->p + 1;
-	if (!skip_string(s, kesc))
+	if (!string(s, kesc))
 		return -1;
 	*klen = (size_t)(s->p - 1 - *key);
 	ws(s);
@@ -465,7 +395,7 @@ static inline int watched(const char *k, size_t n, bool esc, const struct key *n
 	if (esc)
 		return -1;
 	for (unsigned i = 0; names[i].name != NULL; i++) {
-		if (n == names[i].len && k[0] == names[i].name[0] && same_bytes(k, names[i].name, n)) {
+		if (n == names[i].len && same_bytes(k, names[i].name, n)) {
 			if (*seen & (1u << i))
 				return -1;
 			*seen |= 1u << i;
@@ -546,12 +476,7 @@ static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 				return false;
 			continue;
 		}
-		/* finish_reason is read: a string or null, validated; another value delimited */
-		bool ok = w != 4 ? value(s)
-		          : *v == '"' ? string(s, &esc)
-		          : *v == 'n' ? literal(s, "null", 4)
-		                      : value(s);
-		if (!ok)
+		if (!value(s))
 			return false;
 		if (w == 4) {
 			c->finish.p = v;

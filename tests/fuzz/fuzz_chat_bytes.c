@@ -1,17 +1,12 @@
 /* fuzz_chat_bytes.c — the response policies over a chat answer's bytes (chat_bytes.c) against the
  * same policies over jansson's tree (policy_run_chat_chunk / policy_run_chat_completion).
  *
- * For any input the byte reader takes (res.read) that jansson parses too: the verdicts are
- * the same, and the document the client gets — the input when nothing changed, else the
- * spliced output, which must itself be valid JSON — is equal, as JSON, to the tree the tree
- * path rewrote. So a mask can never break the JSON or its escaping, and the policies see
- * decoded text (a digit written \u0031 is masked as a digit).
- *
- * The reader only delimits the members it does not read, so it also takes documents jansson
- * refuses (invalid JSON outside the texts, which go out as the upstream sent them). For
- * those: what goes out is read again by the reader (a splice never breaks what it could
- * delimit), and under a masking configuration (the first) an answer read again changes
- * nothing: no text the reader of the sent bytes would see still holds a match.
+ * For any input the byte reader takes (res.read): jansson parses it too (the reader accepts
+ * nothing jansson refuses, but for the two documented differences: a number beyond jansson's
+ * range), the verdicts are the same, and the document the client gets — the input when
+ * nothing changed, else the spliced output, which must itself be valid JSON — is equal, as
+ * JSON, to the tree the tree path rewrote. So a mask can never break the JSON or its
+ * escaping, and the policies see decoded text (a digit written \u0031 is masked as a digit).
  *
  * Input: byte 0 picks the configuration and the shape (chunk or answer); with byte 1 '{' the
  * rest is taken as the document itself; otherwise the rest builds one from a template (one
@@ -97,7 +92,6 @@ static void texts(const uint8_t *p, size_t n, struct evbuffer *a, struct evbuffe
 }
 
 static void check_exact(const struct config *c, bool chunk, const char *doc, size_t len);
-static void check_sent(const struct config *c, const char *got, size_t n);
 
 /* The document in a buffer of exactly its size, so that a read past its end is caught (by
  * ASan under libFuzzer, by valgrind on the replay). */
@@ -111,29 +105,9 @@ static void check(const struct config *c, bool chunk, const char *doc, size_t le
 	free(copy);
 }
 
-static const struct policy_env env = {.request_id = "fuzz", .route = "chat"};
-
-/* An answer the masking configuration sent, read again by a fresh run: nothing to mask. */
-static void check_sent(const struct config *c, const char *got, size_t n)
-{
-	struct policy_run *r2 = policy_run_new(&c->routes[0], &env, false);
-	struct evbuffer *o2 = evbuffer_new();
-	struct policy_chat_bytes res2;
-	char *copy = malloc(n ? n : 1);
-
-	if (r2 == NULL || o2 == NULL || copy == NULL)
-		abort();
-	memcpy(copy, got, n);
-	enum policy_verdict v2 = policy_run_chat_bytes(r2, copy, n, false, o2, &res2);
-	if (!res2.read || v2 != POLICY_CONTINUE || res2.changed)
-		fail("a text in the sent answer still holds a match", copy, n);
-	free(copy);
-	evbuffer_free(o2);
-	policy_run_free(r2);
-}
-
 static void check_exact(const struct config *c, bool chunk, const char *doc, size_t len)
 {
+	static const struct policy_env env = {.request_id = "fuzz", .route = "chat"};
 	struct policy_run *rb = policy_run_new(&c->routes[0], &env, chunk);
 	struct policy_run *rt = policy_run_new(&c->routes[0], &env, chunk);
 	struct evbuffer *out = evbuffer_new();
@@ -150,17 +124,10 @@ static void check_exact(const struct config *c, bool chunk, const char *doc, siz
 	if (res.read != policy_chat_bytes_readable(doc, len, chunk) || (kept && readable != res.read))
 		fail("policy_chat_bytes_readable disagrees", doc, len);
 	json_t *tree = json_loadb(doc, len, JSON_ALLOW_NUL, &err);
-	if (res.read && tree == NULL && vb != POLICY_REFUSE) {
-		size_t n = res.changed ? evbuffer_get_length(out) : len;
-		const char *got = res.changed ? (const char *)evbuffer_pullup(out, -1) : doc;
-		if (got == NULL)
-			got = "";
-		if (!policy_chat_bytes_readable(got, n, chunk))
-			fail("the reader does not read what it sent", got, n);
-		if (c == loaded[0] && !chunk)
-			check_sent(c, got, n);
-	}
-	if (res.read && !chunk && tree != NULL && !json_is_array(json_object_get(tree, "choices")))
+	if (res.read && tree == NULL && strstr(err.text, "too big") == NULL &&
+	    strstr(err.text, "overflow") == NULL)
+		fail("read by the bytes, refused by jansson", doc, len);
+	if (res.read && !chunk && !json_is_array(json_object_get(tree, "choices")))
 		fail("an answer without choices was read", doc, len);
 	if (res.read && json_is_object(tree)) {
 		enum policy_verdict vt = chunk ? policy_run_chat_chunk(rt, tree)
