@@ -372,43 +372,47 @@ CB_INLINE int member(struct cb *s, bool *first, const char **key, size_t *klen, 
 	return s->p < s->e ? 1 : -1; /* the callers look at the value's first byte */
 }
 
-struct key {
-	const char *name;
-	size_t len;
-};
+/* Whether the key k[0..n) is the literal name: a comparison of known length, which the
+ * compiler turns into a few integer compares. */
+#define IS_KEY(k, n, name) ((n) == sizeof(name) - 1 && memcmp((k), (name), sizeof(name) - 1) == 0)
 
-#define KEY(s) {s, sizeof(s) - 1}
-
-/* 1 + i: the key is names[i] (its bit in *seen set), 0: another key, -1: decline (an escaped
- * key, which might be one of them, or one of them twice). */
-static bool same_bytes(const char *a, const char *b, size_t n)
+/* The keys each level reads, as 1 + their position (0: another key). */
+CB_INLINE int part_key(const char *k, size_t n)
 {
-	for (size_t i = 0; i < n; i++) /* short keys: no call */
-		if (a[i] != b[i])
-			return false;
-	return true;
+	return IS_KEY(k, n, "content") ? 1 : 0;
 }
 
-static inline int watched(const char *k, size_t n, bool esc, const struct key *names,
-                          unsigned *seen)
+CB_INLINE int choice_key(const char *k, size_t n)
+{
+	return IS_KEY(k, n, "index")           ? 1
+	       : IS_KEY(k, n, "delta")         ? 2
+	       : IS_KEY(k, n, "message")       ? 3
+	       : IS_KEY(k, n, "finish_reason") ? 4
+	                                       : 0;
+}
+
+CB_INLINE int top_key(const char *k, size_t n)
+{
+	return IS_KEY(k, n, "choices") ? 1 : IS_KEY(k, n, "error") ? 2 : IS_KEY(k, n, "object") ? 3 : 0;
+}
+
+/* w: what the level's *_key said. w, or -1: decline (an escaped key, which might be one of
+ * them, or one of them twice; *seen has a bit per key read so far). */
+CB_INLINE int watched(int w, bool esc, unsigned *seen)
 {
 	if (esc)
 		return -1;
-	for (unsigned i = 0; names[i].name != NULL; i++) {
-		if (n == names[i].len && same_bytes(k, names[i].name, n)) {
-			if (*seen & (1u << i))
-				return -1;
-			*seen |= 1u << i;
-			return (int)i + 1;
-		}
+	if (w > 0) {
+		if (*seen & (1u << w))
+			return -1;
+		*seen |= 1u << w;
 	}
-	return 0;
+	return w;
 }
 
 /* delta / message: content. */
 static bool part(struct cb *s, struct cb_choice *c)
 {
-	static const struct key names[] = {KEY("content"), {NULL, 0}};
 	bool first = true, esc;
 	const char *k;
 	size_t kn;
@@ -420,7 +424,7 @@ static bool part(struct cb *s, struct cb_choice *c)
 	c->part_empty = true;
 	while ((m = member(s, &first, &k, &kn, &esc)) == 1) {
 		c->part_empty = false;
-		if ((w = watched(k, kn, esc, names, &seen)) < 0)
+		if ((w = watched(part_key(k, kn), esc, &seen)) < 0)
 			return false;
 		const char *v = s->p;
 		if (w == 1 && *v == '"') {
@@ -440,8 +444,6 @@ static bool part(struct cb *s, struct cb_choice *c)
 
 static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 {
-	static const struct key names[] = {KEY("index"), KEY("delta"), KEY("message"),
-	                                   KEY("finish_reason"), {NULL, 0}};
 	bool first = true, esc;
 	const char *k;
 	size_t kn;
@@ -452,7 +454,7 @@ static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 	c->index = (unsigned)pos;
 	c->obj = s->p;
 	while ((m = member(s, &first, &k, &kn, &esc)) == 1) {
-		if ((w = watched(k, kn, esc, names, &seen)) < 0)
+		if ((w = watched(choice_key(k, kn), esc, &seen)) < 0)
 			return false;
 		const char *v = s->p;
 		if (w == 1 && (*v == '-' || (*v >= '0' && *v <= '9'))) {
@@ -489,7 +491,6 @@ static bool choice(struct cb *s, struct cb_choice *c, size_t pos, bool chunk)
 
 static bool doc_scan(const char *data, size_t len, bool chunk, struct cb_doc *d)
 {
-	static const struct key names[] = {KEY("choices"), KEY("error"), KEY("object"), {NULL, 0}};
 	struct cb s = {data, data + len, 0};
 	bool first = true, esc;
 	const char *k;
@@ -503,7 +504,7 @@ static bool doc_scan(const char *data, size_t len, bool chunk, struct cb_doc *d)
 	if (s.p >= s.e || *s.p != '{')
 		return false;
 	while ((m = member(&s, &first, &k, &kn, &esc)) == 1) {
-		if ((w = watched(k, kn, esc, names, &seen)) < 0 || w == 2)
+		if ((w = watched(top_key(k, kn), esc, &seen)) < 0 || w == 2)
 			return false;
 		const char *v = s.p;
 		if (w == 3 && *v == '"') {

@@ -210,30 +210,35 @@ static bool feed_ascii(struct loop_state *st, const unsigned char *s, size_t lim
 	uint32_t *text = st->text, *fail = st->fail;
 	const size_t max_period = c->max_period, min_period = c->min_period;
 	const size_t repeats = c->max_repeats, window = c->window;
+	/* Both ways of detecting need a block of at least repeats × min_period characters
+	 * (p >= min_period, n >= repeats × p; or n >= window, which loop_parse keeps at least
+	 * that): shorter blocks, all of ordinary text's, skip the test. */
+	const size_t least = repeats * min_period;
 	size_t n = st->len, j = *i;
 
+	if (n == 0 && j < lim && s[j] < 0x80) { /* a block's first character: no border */
+		text[0] = s[j];
+		fail[0] = 0;
+		n = 1;
+		j++; /* p = 1, and least >= 2: neither a reset nor a loop */
+	}
 	for (; j < lim && s[j] < 0x80; j++) {
 		uint32_t x = s[j];
-		if (n == 0) {
-			fail[0] = 0;
-		} else {
-			size_t k = fail[n - 1];
-			while (k > 0 && text[k] != x)
-				k = fail[k - 1];
-			if (text[k] == x)
-				k++;
-			fail[n] = (uint32_t)k;
-		}
+		size_t k = fail[n - 1];
+		while (k > 0 && text[k] != x)
+			k = fail[k - 1];
+		k += text[k] == x;
+		fail[n] = (uint32_t)k;
 		text[n] = x;
 		n++;
-		size_t p = n - fail[n - 1];
+		size_t p = n - k;
 		if (p > max_period) {
 			text[0] = x;
 			fail[0] = 0;
 			n = 1;
 			continue;
 		}
-		if ((p >= min_period && n >= repeats * p) || n >= window) {
+		if (n >= least && ((p >= min_period && n >= repeats * p) || n >= window)) {
 			st->len = n;
 			*period = p;
 			*i = j + 1;
