@@ -490,6 +490,13 @@ static bool is_tchar(unsigned char ch)
 	return tchar[ch >> 5] >> (ch & 31) & 1;
 }
 
+const char *http_token_end(const char *p, const char *e)
+{
+	while (p < e && is_tchar((unsigned char)*p))
+		p++;
+	return p;
+}
+
 /* A header name byte lower-cased, or 0 for a byte that is not a tchar (0x00–0x1f and
  * 0x80–0xff are all 0): one load per byte of every header name. */
 static const unsigned char tchar_lower[256] = {
@@ -516,7 +523,7 @@ static bool is_field_byte(unsigned char ch)
 /* The first byte in [b, e) a field value may not hold, or e. Sixteen at a time where SSE2 is
  * there: as signed bytes, obs-text is negative, so a bad byte is one in [0, 0x20) but HTAB,
  * or DEL. */
-static const char *field_bytes_end(const char *b, const char *e)
+const char *http_field_value_end(const char *b, const char *e)
 {
 #if defined(__SSE2__)
 	const __m128i sp = _mm_set1_epi8(0x20), neg = _mm_set1_epi8(-1), tab = _mm_set1_epi8('\t'),
@@ -681,7 +688,7 @@ static enum http_head_result parse_field(char *p, char *cr, struct http_request 
 		v++;
 	while (e > v && is_ows(e[-1]))
 		e--;
-	if (field_bytes_end(v, e) != e) {
+	if (http_field_value_end(v, e) != e) {
 		*why = "invalid byte in a header value";
 		return HTTP_HEAD_BAD;
 	}

@@ -442,24 +442,23 @@ void upstream_url_release(struct upstream_url *u)
 
 static bool header_passed_through(const char *name, size_t len)
 {
-	static const char *const hop[] = {
-		"connection", "keep-alive", "transfer-encoding", "content-length", "date",
-		"server", "proxy-connection", "upgrade", "te", "trailer", "content-type",
-		"x-request-id", "set-cookie", "alt-svc", "strict-transport-security",
-		"content-encoding", "x-sluice-instance",
+#define HOP(s) {s, sizeof(s) - 1}
+	static const struct {
+		const char *s;
+		size_t len;
+	} hop[] = {
+	        HOP("connection"),        HOP("keep-alive"),       HOP("transfer-encoding"),
+	        HOP("content-length"),    HOP("date"),             HOP("server"),
+	        HOP("proxy-connection"),  HOP("upgrade"),          HOP("te"),
+	        HOP("trailer"),           HOP("content-type"),     HOP("x-request-id"),
+	        HOP("set-cookie"),        HOP("alt-svc"),          HOP("strict-transport-security"),
+	        HOP("content-encoding"),  HOP("x-sluice-instance"),
 	};
+#undef HOP
 	for (size_t i = 0; i < sizeof(hop) / sizeof(hop[0]); i++)
-		if (strlen(hop[i]) == len && strncasecmp(hop[i], name, len) == 0)
+		if (hop[i].len == len && strncasecmp(hop[i].s, name, len) == 0)
 			return false;
 	return true;
-}
-
-/* RFC 9110 §5.6.2 tchar. */
-static bool is_tchar(unsigned char c)
-{
-	if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
-		return true;
-	return c != '\0' && memchr("!#$%&'*+-.^_`|~", c, 15) != NULL;
 }
 
 /*
@@ -475,27 +474,17 @@ static bool is_tchar(unsigned char c)
 static bool header_split(const char *line, size_t len, const char **name, size_t *name_len,
                          const char **val, size_t *val_len)
 {
-	const char *end = line + len, *colon = NULL;
+	const char *end = line + len, *colon;
 
 	if (end > line && end[-1] == '\n')
 		end--;
 	if (end > line && end[-1] == '\r')
 		end--;
-	for (const char *p = line; p < end; p++) {
-		if (*p == ':') {
-			colon = p;
-			break;
-		}
-		if (!is_tchar((unsigned char)*p))
-			return false;
-	}
-	if (colon == NULL || colon == line)
+	colon = http_token_end(line, end);
+	if (colon == end || *colon != ':' || colon == line)
 		return false;
-	for (const char *p = colon + 1; p < end; p++) {
-		unsigned char c = (unsigned char)*p;
-		if ((c < 0x20 && c != '\t') || c == 0x7f)
-			return false;
-	}
+	if (http_field_value_end(colon + 1, end) != end)
+		return false;
 	const char *v = colon + 1;
 	while (v < end && (*v == ' ' || *v == '\t'))
 		v++;
