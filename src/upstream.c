@@ -996,7 +996,10 @@ static void check_done(struct upstream_shard *sh)
 		const char *detail;
 		char detail_copy[CURL_ERROR_SIZE];
 		enum upstream_result res = classify(x, msg->data.result, &detail);
-		snprintf(detail_copy, sizeof(detail_copy), "%s", detail);
+		/* A copy: detail may point into the handle's error buffer (no printf for it). */
+		size_t dn = strnlen(detail, sizeof(detail_copy) - 1);
+		memcpy(detail_copy, detail, dn);
+		detail_copy[dn] = '\0';
 		xfer_release_handle(x);
 		x->ops->on_done(x->arg, res, detail_copy);
 	}
