@@ -137,6 +137,8 @@ static bool is_ws(char c)
 
 static const char *skip_ws(const char *p, const char *e)
 {
+	if (p < e && (unsigned char)*p > ' ')
+		return p; /* the usual case: no whitespace at all */
 	while (p < e && is_ws(*p))
 		p++;
 	return p;

@@ -29,6 +29,8 @@ struct span {
 
 static const char *skip_ws(const char *p, const char *e)
 {
+	if (p < e && (unsigned char)*p > ' ')
+		return p; /* the usual case: no whitespace at all */
 	while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
 		p++;
 	return p;
