@@ -1608,7 +1608,7 @@ static bool on_upstream_head(void *arg, long status)
 	}
 	r->mode = REPLY_BUFFERED;
 	if (r->buffered == NULL)
-		r->buffered = evbuffer_new();
+		r->buffered = upstream_buf_get(r->w->upstream);
 	return r->buffered != NULL;
 }
 
@@ -2782,8 +2782,7 @@ static void request_finish(struct request *r)
 	policy_run_free(r->policies);
 	attempt_reset(r);
 	TAILQ_REMOVE(&w->requests, r, link);
-	if (r->buffered)
-		evbuffer_free(r->buffered);
+	upstream_buf_put(w->upstream, r->buffered); /* drained, back to the worker's pool */
 	if (r->events)
 		evbuffer_free(r->events);
 	if (r->own_balancer)

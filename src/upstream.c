@@ -728,7 +728,7 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	/* The header buffer and the timer come from the pools when they can (a fallback
 	 * attempt, or the next request, gets those of the one before). */
 	if (x->headers == NULL)
-		x->headers = up->n_buf_pool ? up->buf_pool[--up->n_buf_pool] : evbuffer_new();
+		x->headers = upstream_buf_get(up);
 	if (x->timer == NULL) {
 		if (up->n_timer_pool) {
 			x->timer = up->timer_pool[--up->n_timer_pool];
@@ -883,6 +883,22 @@ void upstream_xfer_cancel(struct upstream_xfer *x)
 		xfer_release_handle(x);
 }
 
+struct evbuffer *upstream_buf_get(struct upstream *up)
+{
+	return up && up->n_buf_pool ? up->buf_pool[--up->n_buf_pool] : evbuffer_new();
+}
+
+void upstream_buf_put(struct upstream *up, struct evbuffer *b)
+{
+	if (b == NULL)
+		return;
+	evbuffer_drain(b, evbuffer_get_length(b));
+	if (up && up->n_buf_pool < EASY_POOL_MAX)
+		up->buf_pool[up->n_buf_pool++] = b;
+	else
+		evbuffer_free(b);
+}
+
 void upstream_xfer_cleanup(struct upstream_xfer *x)
 {
 	struct upstream *up = x->up;
@@ -890,11 +906,7 @@ void upstream_xfer_cleanup(struct upstream_xfer *x)
 	upstream_xfer_cancel(x);
 	headers_release(x);
 	if (x->headers) {
-		evbuffer_drain(x->headers, evbuffer_get_length(x->headers));
-		if (up && up->n_buf_pool < EASY_POOL_MAX)
-			up->buf_pool[up->n_buf_pool++] = x->headers;
-		else
-			evbuffer_free(x->headers);
+		upstream_buf_put(up, x->headers);
 		x->headers = NULL;
 	}
 	if (x->timer) {
