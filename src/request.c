@@ -159,8 +159,7 @@ struct request {
 	int attempts; /* started upstream transfers */
 	uint64_t attempt_start_us;
 
-	/* quota: the current attempt's reservation */
-	struct quota_ticket ticket;
+	/* quota: the current attempt's reservation (the ticket itself is past scan) */
 	bool ticket_held;           /* admitted and not yet settled or released */
 	enum attempt_cost cost;     /* of the current attempt, if it ended now */
 	bool quota_pending;         /* waiting on the store */
@@ -209,6 +208,9 @@ struct request {
 	/* From here on, members are written before they are read: request_new zeroes the
 	 * struct only up to scan (a third of its size is these buffers). */
 	struct json_scan scan; /* filled by json_scan_body */
+	/* the current attempt's reservation: quota_ticket_reset in request_new and before
+	 * each admission (its reservations past n_res are never read) */
+	struct quota_ticket ticket;
 	/* "x-request-id: <id>": the upstream's header line, sent without a copy */
 	char id_line[sizeof(ID_HEADER) - 1 + ID_MAX];
 	/* Copies for the record: the client's buffers are recycled once the reply
@@ -432,6 +434,7 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 		return NULL;
 	}
 	memset(r, 0, offsetof(struct request, scan));
+	quota_ticket_reset(&r->ticket);
 	r->last_detail[0] = r->model_buf[0] = '\0';
 	r->w = w;
 	r->http = hr;
@@ -1049,7 +1052,7 @@ static void next_attempt(struct request *r)
 		r->instance = in;
 		r->state = in->state;
 		r->trial = gate == HEALTH_TRIAL;
-		memset(&r->ticket, 0, sizeof(r->ticket));
+		quota_ticket_reset(&r->ticket);
 		if (quota_admit(r->w->quota, &r->ticket, r->config, r->consumer, in, r->est_prompt,
 		                r->est_completion, on_quota, r) == QUOTA_PENDING) {
 			r->quota_pending = true;
