@@ -25,7 +25,6 @@
 #include "sluice/http.h"
 
 #include <arpa/inet.h>
-#include <ctype.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -47,6 +46,10 @@
 #include <openssl/ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "sluice/log.h"
 
@@ -487,10 +490,58 @@ static bool is_tchar(unsigned char ch)
 	return tchar[ch >> 5] >> (ch & 31) & 1;
 }
 
+const char *http_token_end(const char *p, const char *e)
+{
+	while (p < e && is_tchar((unsigned char)*p))
+		p++;
+	return p;
+}
+
+/* A header name byte lower-cased, or 0 for a byte that is not a tchar (0x00–0x1f and
+ * 0x80–0xff are all 0): one load per byte of every header name. */
+static const unsigned char tchar_lower[256] = {
+        /* 0x20 */ [0x20] = 0x00, 0x21, 0x00, 0x23, 0x24, 0x25, 0x26, 0x27,
+        /* 0x28 */ 0x00, 0x00, 0x2a, 0x2b, 0x00, 0x2d, 0x2e, 0x00,
+        /* 0x30 */ 0x30, 0x31, 0x32, 0x33, 0x34, 0x35, 0x36, 0x37,
+        /* 0x38 */ 0x38, 0x39, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        /* 0x40 */ 0x00, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67,
+        /* 0x48 */ 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d, 0x6e, 0x6f,
+        /* 0x50 */ 0x70, 0x71, 0x72, 0x73, 0x74, 0x75, 0x76, 0x77,
+        /* 0x58 */ 0x78, 0x79, 0x7a, 0x00, 0x00, 0x00, 0x5e, 0x5f,
+        /* 0x60 */ 0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67,
+        /* 0x68 */ 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d, 0x6e, 0x6f,
+        /* 0x70 */ 0x70, 0x71, 0x72, 0x73, 0x74, 0x75, 0x76, 0x77,
+        /* 0x78 */ 0x78, 0x79, 0x7a, 0x00, 0x7c, 0x00, 0x7e, 0x00,
+};
+
 /* A byte a field value may hold (RFC 9110 §5.5: VCHAR, SP, HTAB, obs-text). */
 static bool is_field_byte(unsigned char ch)
 {
 	return ch == '\t' || (ch >= 0x20 && ch != 0x7f);
+}
+
+/* The first byte in [b, e) a field value may not hold, or e. Sixteen at a time where SSE2 is
+ * there: as signed bytes, obs-text is negative, so a bad byte is one in [0, 0x20) but HTAB,
+ * or DEL. */
+const char *http_field_value_end(const char *b, const char *e)
+{
+#if defined(__SSE2__)
+	const __m128i sp = _mm_set1_epi8(0x20), neg = _mm_set1_epi8(-1), tab = _mm_set1_epi8('\t'),
+	              del = _mm_set1_epi8(0x7f);
+	while (e - b >= 16) {
+		__m128i v = _mm_loadu_si128((const __m128i *)(const void *)b);
+		__m128i ctl = _mm_and_si128(_mm_cmplt_epi8(v, sp), _mm_cmpgt_epi8(v, neg));
+		__m128i bad = _mm_or_si128(_mm_andnot_si128(_mm_cmpeq_epi8(v, tab), ctl),
+		                           _mm_cmpeq_epi8(v, del));
+		unsigned m = (unsigned)_mm_movemask_epi8(bad);
+		if (m != 0)
+			return b + __builtin_ctz(m);
+		b += 16;
+	}
+#endif
+	while (b < e && is_field_byte((unsigned char)*b))
+		b++;
+	return b;
 }
 
 static bool is_ows(char ch)
@@ -618,10 +669,8 @@ static enum http_head_result parse_field(char *p, char *cr, struct http_request 
 		*why = "obsolete line folding in the request head";
 		return HTTP_HEAD_BAD;
 	}
-	while (n < cr && is_tchar((unsigned char)*n)) {
-		*n = (char)tolower((unsigned char)*n);
-		n++;
-	}
+	for (unsigned char lc; n < cr && (lc = tchar_lower[(unsigned char)*n]) != 0; n++)
+		*n = (char)lc;
 	if (n == cr || *n != ':') {
 		char *w = n;
 		while (w < cr && is_ows(*w))
@@ -639,11 +688,10 @@ static enum http_head_result parse_field(char *p, char *cr, struct http_request 
 		v++;
 	while (e > v && is_ows(e[-1]))
 		e--;
-	for (char *b = v; b < e; b++)
-		if (!is_field_byte((unsigned char)*b)) {
-			*why = "invalid byte in a header value";
-			return HTTP_HEAD_BAD;
-		}
+	if (http_field_value_end(v, e) != e) {
+		*why = "invalid byte in a header value";
+		return HTTP_HEAD_BAD;
+	}
 	if (r->n_headers == HTTP_MAX_HEADERS) {
 		*why = "too many header fields";
 		return HTTP_HEAD_TOO_LARGE;
@@ -681,6 +729,8 @@ static enum http_head_result check_framing(struct http_request *r, const char **
 
 	for (size_t i = 0; i < r->n_headers; i++) {
 		const char *name = r->headers[i].name, *value = r->headers[i].value;
+		if (name[0] != 'c' && name[0] != 't' && name[0] != 'h')
+			continue; /* none of the three: no compare */
 		if (strcmp(name, "content-length") == 0) {
 			/* Repeated with the same digits (a client or proxy adding it twice) is
 			 * one value; different ones are a smuggling attempt. A list in one
@@ -958,9 +1008,14 @@ static void conn_reset_request(struct http_conn *c)
 const char *http_request_header(const struct http_request *req, const char *lower_name)
 {
 	/* Names are stored lower-cased; the lookup name may come from configuration
-	 * as the user wrote it (X-Session-Id), hence strcasecmp. */
+	 * as the user wrote it (X-Session-Id), hence strcasecmp. Its first byte, lower-cased
+	 * as the C locale's strcasecmp does, rules out most names without a call. */
+	unsigned char first = (unsigned char)lower_name[0];
+	if (first >= 'A' && first <= 'Z')
+		first = (unsigned char)(first | 0x20);
 	for (size_t i = 0; i < req->n_headers; i++)
-		if (strcasecmp(req->headers[i].name, lower_name) == 0)
+		if ((unsigned char)req->headers[i].name[0] == first &&
+		    strcasecmp(req->headers[i].name, lower_name) == 0)
 			return req->headers[i].value;
 	return NULL;
 }

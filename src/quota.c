@@ -1155,6 +1155,13 @@ void quota_release(struct quota *q, struct quota_ticket *t)
 	apply_charges(q, t, none);
 }
 
+void quota_ticket_reset(struct quota_ticket *t)
+{
+	const size_t tail = offsetof(struct quota_ticket, n_res);
+	memset(t, 0, offsetof(struct quota_ticket, res));
+	memset((char *)t + tail, 0, sizeof(*t) - tail);
+}
+
 void quota_cancel(struct quota *q, struct quota_ticket *t)
 {
 	if (t->pending != NULL) {

@@ -160,8 +160,7 @@ struct request {
 	int attempts; /* started upstream transfers */
 	uint64_t attempt_start_us;
 
-	/* quota: the current attempt's reservation */
-	struct quota_ticket ticket;
+	/* quota: the current attempt's reservation (the ticket itself is past scan) */
 	bool ticket_held;           /* admitted and not yet settled or released */
 	enum attempt_cost cost;     /* of the current attempt, if it ended now */
 	bool quota_pending;         /* waiting on the store */
@@ -210,6 +209,9 @@ struct request {
 	/* From here on, members are written before they are read: request_new zeroes the
 	 * struct only up to scan (a third of its size is these buffers). */
 	struct json_scan scan; /* filled by json_scan_body */
+	/* the current attempt's reservation: quota_ticket_reset in request_new and before
+	 * each admission (its reservations past n_res are never read) */
+	struct quota_ticket ticket;
 	/* "x-request-id: <id>": the upstream's header line, sent without a copy */
 	char id_line[sizeof(ID_HEADER) - 1 + ID_MAX];
 	/* Copies for the record: the client's buffers are recycled once the reply
@@ -433,6 +435,7 @@ static struct request *request_new(struct http_request *hr, struct worker *w)
 		return NULL;
 	}
 	memset(r, 0, offsetof(struct request, scan));
+	quota_ticket_reset(&r->ticket);
 	r->last_detail[0] = r->model_buf[0] = '\0';
 	r->w = w;
 	r->http = hr;
@@ -1048,7 +1051,7 @@ static void next_attempt(struct request *r)
 		r->instance = in;
 		r->state = in->state;
 		r->trial = gate == HEALTH_TRIAL;
-		memset(&r->ticket, 0, sizeof(r->ticket));
+		quota_ticket_reset(&r->ticket);
 		/* count_tokens costs no tokens: request rates alone admit it, passed through or
 		 * estimated; a spent token or cost budget does not refuse it. */
 		if ((r->proto == PROTO_COUNT_TOKENS
@@ -1618,7 +1621,7 @@ static bool on_upstream_head(void *arg, long status)
 	}
 	r->mode = REPLY_BUFFERED;
 	if (r->buffered == NULL)
-		r->buffered = evbuffer_new();
+		r->buffered = upstream_buf_get(r->w->upstream);
 	return r->buffered != NULL;
 }
 
@@ -2792,8 +2795,7 @@ static void request_finish(struct request *r)
 	policy_run_free(r->policies);
 	attempt_reset(r);
 	TAILQ_REMOVE(&w->requests, r, link);
-	if (r->buffered)
-		evbuffer_free(r->buffered);
+	upstream_buf_put(w->upstream, r->buffered); /* drained, back to the worker's pool */
 	if (r->events)
 		evbuffer_free(r->events);
 	if (r->own_balancer)

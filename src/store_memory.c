@@ -42,9 +42,17 @@ static void shards_init(void)
 
 uint64_t store_hash(const char *s, size_t len)
 {
-	/* FNV-1a, then a final mix so that the high bits (the shard) depend on every byte. */
-	uint64_t h = 1469598103934665603ull;
-	for (size_t i = 0; i < len; i++) {
+	/* Eight bytes a step (multiply and fold), FNV-1a over the tail, then a final mix so
+	 * that the high bits (the shard) depend on every byte. Only this process uses it. */
+	uint64_t h = 1469598103934665603ull ^ len;
+	size_t i = 0;
+	for (; len - i >= 8; i += 8) {
+		uint64_t w;
+		memcpy(&w, s + i, 8);
+		h = (h ^ w) * 0x9e3779b97f4a7c15ull;
+		h ^= h >> 29;
+	}
+	for (; i < len; i++) {
 		h ^= (unsigned char)s[i];
 		h *= 1099511628211ull;
 	}

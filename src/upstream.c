@@ -442,24 +442,23 @@ void upstream_url_release(struct upstream_url *u)
 
 static bool header_passed_through(const char *name, size_t len)
 {
-	static const char *const hop[] = {
-		"connection", "keep-alive", "transfer-encoding", "content-length", "date",
-		"server", "proxy-connection", "upgrade", "te", "trailer", "content-type",
-		"x-request-id", "set-cookie", "alt-svc", "strict-transport-security",
-		"content-encoding", "x-sluice-instance",
+#define HOP(s) {s, sizeof(s) - 1}
+	static const struct {
+		const char *s;
+		size_t len;
+	} hop[] = {
+	        HOP("connection"),        HOP("keep-alive"),       HOP("transfer-encoding"),
+	        HOP("content-length"),    HOP("date"),             HOP("server"),
+	        HOP("proxy-connection"),  HOP("upgrade"),          HOP("te"),
+	        HOP("trailer"),           HOP("content-type"),     HOP("x-request-id"),
+	        HOP("set-cookie"),        HOP("alt-svc"),          HOP("strict-transport-security"),
+	        HOP("content-encoding"),  HOP("x-sluice-instance"),
 	};
+#undef HOP
 	for (size_t i = 0; i < sizeof(hop) / sizeof(hop[0]); i++)
-		if (strlen(hop[i]) == len && strncasecmp(hop[i], name, len) == 0)
+		if (hop[i].len == len && strncasecmp(hop[i].s, name, len) == 0)
 			return false;
 	return true;
-}
-
-/* RFC 9110 §5.6.2 tchar. */
-static bool is_tchar(unsigned char c)
-{
-	if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
-		return true;
-	return c != '\0' && memchr("!#$%&'*+-.^_`|~", c, 15) != NULL;
 }
 
 /*
@@ -475,27 +474,17 @@ static bool is_tchar(unsigned char c)
 static bool header_split(const char *line, size_t len, const char **name, size_t *name_len,
                          const char **val, size_t *val_len)
 {
-	const char *end = line + len, *colon = NULL;
+	const char *end = line + len, *colon;
 
 	if (end > line && end[-1] == '\n')
 		end--;
 	if (end > line && end[-1] == '\r')
 		end--;
-	for (const char *p = line; p < end; p++) {
-		if (*p == ':') {
-			colon = p;
-			break;
-		}
-		if (!is_tchar((unsigned char)*p))
-			return false;
-	}
-	if (colon == NULL || colon == line)
+	colon = http_token_end(line, end);
+	if (colon == end || *colon != ':' || colon == line)
 		return false;
-	for (const char *p = colon + 1; p < end; p++) {
-		unsigned char c = (unsigned char)*p;
-		if ((c < 0x20 && c != '\t') || c == 0x7f)
-			return false;
-	}
+	if (http_field_value_end(colon + 1, end) != end)
+		return false;
 	const char *v = colon + 1;
 	while (v < end && (*v == ' ' || *v == '\t'))
 		v++;
@@ -739,7 +728,7 @@ bool upstream_xfer_start(struct upstream_xfer *x, const char *method, const char
 	/* The header buffer and the timer come from the pools when they can (a fallback
 	 * attempt, or the next request, gets those of the one before). */
 	if (x->headers == NULL)
-		x->headers = up->n_buf_pool ? up->buf_pool[--up->n_buf_pool] : evbuffer_new();
+		x->headers = upstream_buf_get(up);
 	if (x->timer == NULL) {
 		if (up->n_timer_pool) {
 			x->timer = up->timer_pool[--up->n_timer_pool];
@@ -894,6 +883,22 @@ void upstream_xfer_cancel(struct upstream_xfer *x)
 		xfer_release_handle(x);
 }
 
+struct evbuffer *upstream_buf_get(struct upstream *up)
+{
+	return up && up->n_buf_pool ? up->buf_pool[--up->n_buf_pool] : evbuffer_new();
+}
+
+void upstream_buf_put(struct upstream *up, struct evbuffer *b)
+{
+	if (b == NULL)
+		return;
+	evbuffer_drain(b, evbuffer_get_length(b));
+	if (up && up->n_buf_pool < EASY_POOL_MAX)
+		up->buf_pool[up->n_buf_pool++] = b;
+	else
+		evbuffer_free(b);
+}
+
 void upstream_xfer_cleanup(struct upstream_xfer *x)
 {
 	struct upstream *up = x->up;
@@ -901,11 +906,7 @@ void upstream_xfer_cleanup(struct upstream_xfer *x)
 	upstream_xfer_cancel(x);
 	headers_release(x);
 	if (x->headers) {
-		evbuffer_drain(x->headers, evbuffer_get_length(x->headers));
-		if (up && up->n_buf_pool < EASY_POOL_MAX)
-			up->buf_pool[up->n_buf_pool++] = x->headers;
-		else
-			evbuffer_free(x->headers);
+		upstream_buf_put(up, x->headers);
 		x->headers = NULL;
 	}
 	if (x->timer) {
@@ -1007,7 +1008,10 @@ static void check_done(struct upstream_shard *sh)
 		const char *detail;
 		char detail_copy[CURL_ERROR_SIZE];
 		enum upstream_result res = classify(x, msg->data.result, &detail);
-		snprintf(detail_copy, sizeof(detail_copy), "%s", detail);
+		/* A copy: detail may point into the handle's error buffer (no printf for it). */
+		size_t dn = strnlen(detail, sizeof(detail_copy) - 1);
+		memcpy(detail_copy, detail, dn);
+		detail_copy[dn] = '\0';
 		xfer_release_handle(x);
 		x->ops->on_done(x->arg, res, detail_copy);
 	}

@@ -29,6 +29,8 @@ struct span {
 
 static const char *skip_ws(const char *p, const char *e)
 {
+	if (p < e && (unsigned char)*p > ' ')
+		return p; /* the usual case: no whitespace at all */
 	while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r'))
 		p++;
 	return p;
@@ -46,26 +48,46 @@ static size_t quiet8(const char *p)
 	return hit == 0 ? 8 : (size_t)__builtin_ctzll(hit) / 8;
 }
 
+/* The first '"' or '\\' in [p, e), or e: sixteen bytes at a time where SSE2 is there (a
+ * 654-byte answer is mostly one content string), then eight (SWAR), then one. */
+static const char *quiet_run(const char *p, const char *e)
+{
+#if defined(__SSE2__)
+	const __m128i dq = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\');
+	while (e - p >= 16) {
+		__m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+		unsigned m = (unsigned)_mm_movemask_epi8(
+		        _mm_or_si128(_mm_cmpeq_epi8(v, dq), _mm_cmpeq_epi8(v, bs)));
+		if (m != 0)
+			return p + __builtin_ctz(m);
+		p += 16;
+	}
+#endif
+	while (e - p >= 8) {
+		size_t n = quiet8(p);
+		p += n;
+		if (n < 8)
+			return p;
+	}
+	while (p < e && *p != '"' && *p != '\\')
+		p++;
+	return p;
+}
+
 /* p at the opening quote; returns just past the closing quote, NULL when unterminated. */
 static const char *skip_string(const char *p, const char *e)
 {
-	for (p++; p < e; p++) {
-		while (e - p >= 8) {
-			size_t n = quiet8(p);
-			p += n;
-			if (n < 8)
-				break;
-		}
+	for (p++;;) {
+		p = quiet_run(p, e);
 		if (p >= e)
-			break;
-		if (*p == '\\') {
-			if (++p == e)
-				break; /* the escape is cut: never step past the end */
-		} else if (*p == '"') {
+			return NULL;
+		if (*p == '"')
 			return p + 1;
-		}
+		/* a backslash: the byte after it is escaped (a cut escape leaves p past e) */
+		if (e - p < 2)
+			return NULL;
+		p += 2;
 	}
-	return NULL;
 }
 
 /* Returns just past the value starting at p, NULL when truncated. */
@@ -114,9 +136,14 @@ static bool scan_members(const char *buf, size_t len, const char *const *names, 
                          struct span *found)
 {
 	const char *p = buf, *e = buf + len;
+	size_t name_lens[4];
 
-	for (size_t i = 0; i < n; i++)
+	if (n > sizeof(name_lens) / sizeof(name_lens[0]))
+		return false;
+	for (size_t i = 0; i < n; i++) {
 		found[i] = (struct span){NULL, 0};
+		name_lens[i] = strlen(names[i]);
+	}
 	p = skip_ws(p, e);
 	if (p >= e || *p != '{')
 		return false;
@@ -142,7 +169,7 @@ static bool scan_members(const char *buf, size_t len, const char *const *names, 
 		if (p == NULL)
 			return false;
 		for (size_t i = 0; i < n; i++) {
-			if (found[i].p == NULL && strlen(names[i]) == name_len &&
+			if (found[i].p == NULL && name_lens[i] == name_len &&
 			    memcmp(names[i], name, name_len) == 0) {
 				found[i].p = v;
 				found[i].len = (size_t)(p - v);
@@ -373,7 +400,26 @@ static const char *walk_counts(const char *p, const char *e, struct usage_counts
  */
 static const char *plain_string(const char *p, const char *e)
 {
-	for (p++; p < e; p++) {
+	p++;
+#if defined(__SSE2__)
+	/* Sixteen at a time: the first byte that is '"', or not printable ASCII, or '\\' (as
+	 * signed bytes, 0x80 and over are under 0x20 too); the bytewise loop below decides. */
+	const __m128i sp = _mm_set1_epi8(0x20), del = _mm_set1_epi8(0x7f),
+	              dq = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\');
+	while (e - p >= 16) {
+		__m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+		__m128i stop = _mm_or_si128(
+		        _mm_or_si128(_mm_cmplt_epi8(v, sp), _mm_cmpeq_epi8(v, del)),
+		        _mm_or_si128(_mm_cmpeq_epi8(v, dq), _mm_cmpeq_epi8(v, bs)));
+		unsigned m = (unsigned)_mm_movemask_epi8(stop);
+		if (m != 0) {
+			p += __builtin_ctz(m);
+			break;
+		}
+		p += 16;
+	}
+#endif
+	for (; p < e; p++) {
 		unsigned char ch = (unsigned char)*p;
 		if (ch == '"')
 			return p + 1;

@@ -111,6 +111,11 @@ void http_response_header(struct http_request *req, const char *name, const char
 /* Whole header lines ("Name: value\r\n" …, len bytes) that the caller wrote from fixed
  * names and digits: added as they are, without http_response_header()'s byte checks. */
 void http_response_header_lines(struct http_request *req, const char *lines, size_t len);
+/* RFC 9110 byte classes, for bytes from elsewhere: the first byte in [p, e) that is not a
+ * tchar (a header name byte), or e; the first a field value may not hold (a control byte but
+ * HTAB, or DEL; SP and obs-text are lawful), or e. */
+const char *http_token_end(const char *p, const char *e);
+const char *http_field_value_end(const char *p, const char *e);
 /* v in decimal at o (at most 20 bytes, not terminated); returns the length. */
 size_t http_put_decimal(char *o, uint64_t v);
 

@@ -132,6 +132,9 @@ void quota_global_free(void);
  * this call; one EVALSHA round trip, bounded by store.redis.timeout. c is the request's
  * snapshot (the pointers in the ticket point into it: keep it referenced until settled).
  */
+/* A ticket as zeroed, but for the reservations past n_res (now 0), which nothing reads:
+ * plan_add zeroes each one it takes. ~200 bytes written instead of sizeof (1.3 KiB). */
+void quota_ticket_reset(struct quota_ticket *t);
 enum quota_status quota_admit(struct quota *q, struct quota_ticket *t, const struct config *c,
                               const struct config_consumer *consumer,
                               const struct config_instance *in, uint64_t est_prompt,

@@ -82,6 +82,10 @@ struct upstream *upstream_new(struct event_base *base);
 /* Cap on cached connections (sum of the instances' keepalive pools). */
 void upstream_set_maxconnects(struct upstream *up, long n);
 void upstream_free(struct upstream *up);
+/* An empty evbuffer from the worker's pool of transfer buffers, else a new one (NULL when out
+ * of memory); and one handed back: drained, kept while the pool has room, else freed. */
+struct evbuffer *upstream_buf_get(struct upstream *up);
+void upstream_buf_put(struct upstream *up, struct evbuffer *b);
 
 void upstream_xfer_init(struct upstream_xfer *x, struct upstream *up, const struct upstream_ops *ops,
                         void *arg);
